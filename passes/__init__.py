@@ -1,0 +1,18 @@
+"""Graph passes on onnx_ir models (installed as ``qonnx.passes``)."""
+
+from __future__ import annotations
+
+from qonnx.passes.convert import DequantizeToMatMulNBitsPass, MatMulNBitsToDequantizePass
+from qonnx.passes.opset import UpgradeOpsetPass
+from qonnx.passes.weight_only import LayerRecord, QuantizeWeightsPass
+from qonnx.passes.weights import WeightCandidate, find_weight_candidates
+
+__all__ = [
+    "DequantizeToMatMulNBitsPass",
+    "LayerRecord",
+    "MatMulNBitsToDequantizePass",
+    "QuantizeWeightsPass",
+    "UpgradeOpsetPass",
+    "WeightCandidate",
+    "find_weight_candidates",
+]

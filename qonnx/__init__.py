@@ -1,0 +1,33 @@
+"""qonnx: quantize ONNX models into smaller, faster ONNX models that run well on ONNX Runtime.
+
+Example::
+
+    import qonnx
+    summary = qonnx.quantize("model.onnx", qonnx.W4A16(block_size=128), output="model-w4.onnx")
+"""
+
+from __future__ import annotations
+
+from qonnx.api import QuantizeSummary, quantize
+from qonnx.config import W4A16, W8A16, Targets, WeightOnlyConfig
+from qonnx.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError, QonnxError
+from qonnx.modelfile import load, save
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "W4A16",
+    "W8A16",
+    "ConfigError",
+    "ModelLoadError",
+    "NothingToQuantizeError",
+    "OutputPathError",
+    "QonnxError",
+    "QuantizeSummary",
+    "Targets",
+    "WeightOnlyConfig",
+    "__version__",
+    "load",
+    "quantize",
+    "save",
+]

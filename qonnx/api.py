@@ -1,0 +1,208 @@
+"""The public verb: ``qonnx.quantize(model, W4A16(...), output=...)``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from qonnx import modelfile
+from qonnx.config import Targets, W4A16, WeightOnlyConfig
+from qonnx.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError
+from qonnx.passes.opset import OpsetConversionError, UpgradeOpsetPass
+from qonnx.passes.weight_only import QDQ_OPSET, LayerRecord, QuantizeWeightsPass
+
+__all__ = ["QuantizeSummary", "quantize"]
+
+ModelLike = str | os.PathLike | ir.Model | onnx.ModelProto
+
+
+@dataclasses.dataclass
+class QuantizeSummary:
+    """What :func:`quantize` did.
+
+    Attributes:
+        config: the default scheme config, as a dict.
+        layers: every MatMul/Gemm node, quantized or skipped with the reason.
+        bytes_before: size of the input model (files on disk, or weight bytes in memory).
+        bytes_after: size of the output model, measured the same way.
+        outputs: files written (empty when no output path was given).
+        seconds: wall time.
+        model: the quantized model (onnx_ir).
+    """
+
+    config: dict[str, Any]
+    layers: list[LayerRecord]
+    bytes_before: int
+    bytes_after: int
+    outputs: list[Path]
+    seconds: float
+    model: ir.Model = dataclasses.field(repr=False)
+
+    @property
+    def quantized(self) -> list[LayerRecord]:
+        """Layers that were quantized."""
+        return [r for r in self.layers if r.quantized]
+
+    @property
+    def skipped(self) -> list[LayerRecord]:
+        """Layers left in floating point, with their reasons."""
+        return [r for r in self.layers if not r.quantized]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (without the model)."""
+        from qonnx import __version__
+
+        return {
+            "qonnx_version": __version__,
+            "config": self.config,
+            "quantized": len(self.quantized),
+            "skipped": len(self.skipped),
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "compression": round(self.bytes_before / self.bytes_after, 3) if self.bytes_after else None,
+            "seconds": round(self.seconds, 3),
+            "outputs": [str(p) for p in self.outputs],
+            "layers": [r.to_dict() for r in self.layers],
+        }
+
+
+def _load(model: ModelLike) -> tuple[ir.Model, Path | None]:
+    if isinstance(model, ir.Model):
+        return model, None
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model), None
+    if isinstance(model, (str, os.PathLike)):
+        path = modelfile.resolve_model_path(model)
+        return modelfile.load(path), path
+    raise ConfigError(f"model must be a path, an onnx.ModelProto or an onnx_ir.Model, not {type(model).__name__}")
+
+
+def _output_model_path(output: str | os.PathLike, source: Path | None, source_arg: Any) -> tuple[Path, Path | None]:
+    """(.onnx path to write, folder to mirror other files from, if any)."""
+    out = Path(output)
+    src_is_dir = isinstance(source_arg, (str, os.PathLike)) and Path(source_arg).is_dir()
+    if src_is_dir:
+        if out.suffix == ".onnx":
+            return out, None
+        return out / modelfile.MODEL_FILENAME, Path(source_arg)
+    if out.is_dir() or out.suffix != ".onnx":
+        name = source.name if source is not None else modelfile.MODEL_FILENAME
+        return out / name, None
+    return out, None
+
+
+def _mirror_folder(src: Path, dst: Path, skip: set[Path]) -> None:
+    """Copy the files beside the model (tokenizer, config) into the output folder."""
+    for item in sorted(src.iterdir()):
+        if item.resolve() in skip or item.name.startswith("."):
+            continue
+        target = dst / item.name
+        if item.is_dir():
+            shutil.copytree(item, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, target)
+
+
+def quantize(
+    model: ModelLike,
+    config: WeightOnlyConfig | None = None,
+    *,
+    output: str | os.PathLike | None = None,
+    targets: Mapping[str, WeightOnlyConfig | None] | None = None,
+    progress: bool = False,
+    external_data: bool | None = None,
+    workers: int | None = None,
+) -> QuantizeSummary:
+    """Quantize a model's weights.
+
+    Args:
+        model: a .onnx path, a folder holding model.onnx, an ``onnx.ModelProto`` or an ``onnx_ir.Model``
+            (changed in place).
+        config: the scheme for every layer not named in ``targets`` (default ``W4A16()``).
+        output: where to write: a .onnx path, or a folder (a folder input is mirrored there, tokenizer
+            and config files included). Nothing is written when None.
+        targets: per-layer overrides by exact node/weight name, ``re:`` regex or op type; ``None`` keeps
+            a layer in floating point, e.g. ``{"re:lm_head": None}``.
+        progress: show a progress bar on stderr.
+        external_data: see :func:`qonnx.modelfile.save`.
+        workers: threads that quantize weights (default: up to 4, by CPU count).
+
+    Returns:
+        A :class:`QuantizeSummary`.
+
+    Raises:
+        QonnxError: bad input model, bad option, nothing to quantize, unusable output path.
+    """
+    start = time.perf_counter()
+    config = W4A16() if config is None else config
+    if not isinstance(config, WeightOnlyConfig):
+        raise ConfigError(f"config must be a scheme config such as W4A16(), not {type(config).__name__}")
+    resolved = Targets(config, targets)
+    ir_model, source = _load(model)
+    protect = modelfile.model_files(ir_model, source) if source is not None else []
+    out_path, mirror = (None, None) if output is None else _output_model_path(output, source, model)
+    if out_path is not None:
+        for p in protect:
+            if out_path.exists() and os.path.samefile(out_path, p):
+                raise OutputPathError(f"{out_path}: output would overwrite the input file {p}")
+        if mirror is not None and out_path.parent.resolve() == mirror.resolve():
+            raise OutputPathError(f"{out_path.parent}: output folder is the input folder")
+    bytes_before = sum(p.stat().st_size for p in protect) if protect else _weight_bytes(ir_model)
+
+    qpass = QuantizeWeightsPass(resolved, workers=workers)
+    plan = qpass.plan(ir_model)
+    todo = [cfg for _, cfg, _ in plan if cfg is not None]
+    if not todo:
+        reasons = sorted({r for _, cfg, r in plan if cfg is None})
+        detail = f" ({'; '.join(reasons[:3])})" if reasons else " (no MatMul or Gemm nodes)"
+        raise NothingToQuantizeError(f"nothing to quantize in the model{detail}")
+    if any(c.format == "qdq" for c in todo) and ir_model.opset_imports.get("", 1) < QDQ_OPSET:
+        try:
+            UpgradeOpsetPass(QDQ_OPSET)(ir_model)
+        except OpsetConversionError as e:
+            raise ModelLoadError(f"{source or 'model'}: {e}; use format='matmulnbits' instead") from None
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), unit="layer", desc="quantizing", leave=False)
+        qpass.progress = lambda record: bar.update()  # type: ignore[union-attr]
+    try:
+        qpass(ir_model)
+    finally:
+        if bar is not None:
+            bar.close()
+    RemoveUnusedNodesPass()(ir_model)
+
+    outputs: list[Path] = []
+    if out_path is not None:
+        if mirror is not None:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            _mirror_folder(mirror, out_path.parent, skip=set(protect))
+        outputs = modelfile.save(ir_model, out_path, protect=protect, external_data=external_data)
+        bytes_after = sum(p.stat().st_size for p in outputs)
+    else:
+        bytes_after = _weight_bytes(ir_model)
+    return QuantizeSummary(
+        config=config.to_dict(),
+        layers=qpass.records,
+        bytes_before=bytes_before,
+        bytes_after=bytes_after,
+        outputs=outputs,
+        seconds=time.perf_counter() - start,
+        model=ir_model,
+    )
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    return sum(int(t.nbytes) for _, t in modelfile.iter_tensors(model))

@@ -1,0 +1,143 @@
+"""Scheme configurations: one frozen dataclass per scheme, validated on construction.
+
+A config says *how* to quantize a layer. *Which* layers get which config is a :class:`Targets` map
+from exact node/weight name, ``re:`` regular expression or op type to a config (or ``None`` to keep
+the layer in floating point), in the spirit of torchao's ``FqnToConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+from qonnx.errors import ConfigError
+
+__all__ = ["WeightOnlyConfig", "W4A16", "W8A16", "Targets", "scheme_from_name", "SCHEMES"]
+
+Format = Literal["matmulnbits", "qdq"]
+
+#: Block sizes that ONNX Runtime's MatMulNBits kernels accept.
+MATMULNBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WeightOnlyConfig:
+    """Weight-only quantization: weights stored in ``bits`` bits, activations stay floating point.
+
+    Attributes:
+        bits: code width (4 or 8).
+        block_size: weights per scale along the reduction axis K; ``None`` means one scale per output
+            channel (only with ``format="qdq"``; MatMulNBits needs blocks of 16..256).
+        symmetric: signed codes and no zero point; otherwise unsigned codes with a zero point per block.
+        format: ``"matmulnbits"`` (ONNX Runtime's com.microsoft MatMulNBits, fastest there) or ``"qdq"``
+            (standard opset-21 blocked DequantizeLinear + MatMul, portable to any runtime).
+        accuracy_level: MatMulNBits compute type hint (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).
+    """
+
+    name: ClassVar[str] = "weight-only"
+    bits: int = 4
+    block_size: int | None = 128
+    symmetric: bool = False
+    format: Format = "matmulnbits"
+    accuracy_level: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ConfigError(f"{self.name}: bits must be 4 or 8, got {self.bits}")
+        if self.format not in ("matmulnbits", "qdq"):
+            raise ConfigError(f"{self.name}: format must be 'matmulnbits' or 'qdq', got {self.format!r}")
+        if self.block_size is not None:
+            if not isinstance(self.block_size, int) or self.block_size < 2:
+                raise ConfigError(f"{self.name}: block_size must be an integer >= 2, got {self.block_size!r}")
+            if self.format == "matmulnbits" and self.block_size not in MATMULNBITS_BLOCK_SIZES:
+                raise ConfigError(
+                    f"{self.name}: MatMulNBits needs block_size in {MATMULNBITS_BLOCK_SIZES}, "
+                    f"got {self.block_size}"
+                )
+        elif self.format == "matmulnbits":
+            raise ConfigError(
+                f"{self.name}: per-channel weights (block_size=None) need format='qdq'; MatMulNBits is blocked"
+            )
+        if self.accuracy_level is not None:
+            if self.format != "matmulnbits":
+                raise ConfigError(f"{self.name}: accuracy_level applies to format='matmulnbits' only")
+            if self.accuracy_level not in (0, 1, 2, 3, 4):
+                raise ConfigError(f"{self.name}: accuracy_level must be 0..4, got {self.accuracy_level}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description, with the scheme name."""
+        return {"scheme": self.name, **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class W4A16(WeightOnlyConfig):
+    """4-bit weights in blocks along K, floating-point activations."""
+
+    name: ClassVar[str] = "w4a16"
+    bits: int = 4
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class W8A16(WeightOnlyConfig):
+    """8-bit weights in blocks along K, floating-point activations."""
+
+    name: ClassVar[str] = "w8a16"
+    bits: int = 8
+
+
+SCHEMES: dict[str, type[WeightOnlyConfig]] = {"w4a16": W4A16, "w8a16": W8A16}
+
+
+def scheme_from_name(name: str, **options: Any) -> WeightOnlyConfig:
+    """Build a scheme config from its CLI name and options (``None`` options take the defaults)."""
+    try:
+        cls = SCHEMES[name.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown scheme {name!r}; choose one of {', '.join(SCHEMES)}") from None
+    try:
+        return cls(**{k: v for k, v in options.items() if v is not None})
+    except TypeError as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
+class Targets:
+    """Which config each layer gets: exact name, then ``re:`` regex (in order), then op type, then default.
+
+    Keys are matched against the node name and the weight's name. A value of ``None`` keeps the layer
+    in floating point. Example: ``Targets(W4A16(), {"lm_head": None, "re:.*mlp.*": W8A16()})``.
+    """
+
+    def __init__(
+        self, default: WeightOnlyConfig | None, overrides: Mapping[str, WeightOnlyConfig | None] | None = None
+    ) -> None:
+        self.default = default
+        self.exact: dict[str, WeightOnlyConfig | None] = {}
+        self.patterns: list[tuple[str, re.Pattern[str], WeightOnlyConfig | None]] = []
+        self.op_types: dict[str, WeightOnlyConfig | None] = {}
+        for key, cfg in (overrides or {}).items():
+            if cfg is not None and not isinstance(cfg, WeightOnlyConfig):
+                raise ConfigError(f"target {key!r}: expected a scheme config or None, got {type(cfg).__name__}")
+            if key.startswith("re:"):
+                try:
+                    self.patterns.append((key, re.compile(key[3:]), cfg))
+                except re.error as e:
+                    raise ConfigError(f"target {key!r}: bad regular expression: {e}") from None
+            elif key in ("MatMul", "Gemm"):
+                self.op_types[key] = cfg
+            else:
+                self.exact[key] = cfg
+
+    def resolve(self, op_type: str, names: tuple[str, ...]) -> tuple[WeightOnlyConfig | None, str]:
+        """Return (config or None, the rule that chose it)."""
+        for n in names:
+            if n in self.exact:
+                return self.exact[n], f"name {n!r}"
+        for key, pattern, cfg in self.patterns:
+            for n in names:
+                if pattern.search(n):
+                    return cfg, f"pattern {key!r}"
+        if op_type in self.op_types:
+            return self.op_types[op_type], f"op type {op_type}"
+        return self.default, "default"

@@ -1,0 +1,244 @@
+"""Load and save ONNX models: lazy external data, runtime-compatible versions, atomic writes.
+
+Loading never reads weights: external tensors are memory-mapped by onnx_ir on first access and can be
+released after use. Saving always goes through :func:`save`, which writes to temporary files beside
+the destination and renames them into place, so a reader never sees a half-written model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from qonnx.errors import ModelLoadError, OutputPathError
+
+__all__ = [
+    "MODEL_FILENAME",
+    "MAX_RUNTIME_IR_VERSION",
+    "resolve_model_path",
+    "load",
+    "save",
+    "model_files",
+    "iter_tensors",
+    "make_runtime_compatible",
+]
+
+#: The file name of the model inside a model folder (the layout Hugging Face Optimum uses).
+MODEL_FILENAME = "model.onnx"
+#: The newest IR version that the ONNX Runtime releases we target accept (1.31 refuses 14).
+MAX_RUNTIME_IR_VERSION = 13
+#: Above this many bytes of weights, a model is always saved with external data.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+_SUB_BYTE = {ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.FLOAT4E2M1}
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """Return the .onnx file that ``path`` names: the file itself or ``<dir>/model.onnx``."""
+    p = Path(path)
+    if p.is_dir():
+        candidate = p / MODEL_FILENAME
+        if not candidate.is_file():
+            raise ModelLoadError(f"{p}: folder holds no {MODEL_FILENAME}")
+        return candidate
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file")
+    if not p.is_file():
+        raise ModelLoadError(f"{p}: not a regular file")
+    return p
+
+
+def iter_tensors(model: ir.Model) -> Iterator[tuple[ir.Value, ir.TensorProtocol]]:
+    """Yield (value, tensor) for every initializer of every graph, subgraphs included."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value, value.const_value
+
+
+def _check_external_data(model: ir.Model, model_path: Path) -> None:
+    base = model_path.parent.resolve()
+    for value, tensor in iter_tensors(model):
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        location = tensor.location
+        target = (base / location).resolve()
+        if os.path.isabs(location) or not target.is_relative_to(base):
+            raise ModelLoadError(
+                f"{model_path}: external data path '{location}' of tensor '{value.name}' points outside "
+                "the model's folder; refusing to read it"
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"{model_path}: external data file '{location}' of tensor '{value.name}' is missing "
+                f"(expected at {target})"
+            )
+        end = (tensor.offset or 0) + (tensor.length or tensor.nbytes)
+        size = target.stat().st_size
+        if size < end:
+            raise ModelLoadError(
+                f"{model_path}: external data file '{location}' is truncated: tensor '{value.name}' "
+                f"needs bytes up to {end}, the file has {size}"
+            )
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load a model lazily: structure now, weights on first access (memory-mapped).
+
+    Args:
+        path: a .onnx file, or a folder holding ``model.onnx``.
+
+    Raises:
+        ModelLoadError: missing file, not ONNX, truncated, or unusable external data.
+    """
+    model_path = resolve_model_path(path)
+    try:
+        proto = onnx.load(os.fspath(model_path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError, RuntimeError or ValueError by version
+        raise ModelLoadError(
+            f"{model_path}: not a readable ONNX model (truncated or not ONNX): {_first_line(e)}"
+        ) from None
+    if not proto.HasField("graph") or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
+        raise ModelLoadError(f"{model_path}: not a readable ONNX model (no graph; truncated or not ONNX)")
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as e:
+        raise ModelLoadError(f"{model_path}: invalid ONNX model: {_first_line(e)}") from None
+    model = ir.serde.deserialize_model(proto)
+    del proto
+    ir.external_data.set_base_dir(model.graph, os.fspath(model_path.parent))
+    _check_external_data(model, model_path)
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def model_files(model: ir.Model, model_path: str | os.PathLike) -> list[Path]:
+    """The files a loaded model reads: the .onnx file and every external data file."""
+    files = [Path(model_path).resolve()]
+    for _, tensor in iter_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            p = Path(tensor.path).resolve()
+            if p not in files:
+                files.append(p)
+    return files
+
+
+def _uses_dtypes(model: ir.Model) -> set[ir.DataType]:
+    dtypes = {t.dtype for _, t in iter_tensors(model)}
+    for graph in model.graphs():
+        for v in [*graph.inputs, *graph.outputs]:
+            if v.dtype is not None:
+                dtypes.add(v.dtype)
+    return dtypes
+
+
+def make_runtime_compatible(model: ir.Model) -> None:
+    """Set the IR version to one ONNX Runtime accepts and that covers the model's opsets and types.
+
+    The version is the smallest that holds what the model uses, but never lower than the input's
+    own (capped at :data:`MAX_RUNTIME_IR_VERSION`).
+
+    Raises:
+        ModelLoadError: the model needs an IR version newer than ONNX Runtime accepts.
+    """
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    needed = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    if _uses_dtypes(model) & _SUB_BYTE:
+        needed = max(needed, 10)
+    version = max(needed, min(model.ir_version or needed, MAX_RUNTIME_IR_VERSION))
+    if version > MAX_RUNTIME_IR_VERSION:
+        raise ModelLoadError(
+            f"the model needs ONNX IR version {version}, newer than ONNX Runtime accepts "
+            f"({MAX_RUNTIME_IR_VERSION}); lower its opset first"
+        )
+    model.ir_version = version
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    return sum(t.nbytes for _, t in iter_tensors(model))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    protect: Iterable[str | os.PathLike] = (),
+    external_data: bool | None = None,
+) -> list[Path]:
+    """Save ``model`` to ``path`` atomically, with versions ONNX Runtime accepts.
+
+    Files are first written to a temporary folder beside ``path`` and then renamed into place, the
+    external data file before the model file, so a reader never sees a partial model. The same model
+    and options always give the same bytes.
+
+    Args:
+        model: the model; it is not changed, except its IR version (see make_runtime_compatible).
+        path: the .onnx file to write; external data goes to ``<name>.data`` beside it.
+        protect: files that must not be overwritten (the input model and its data files).
+        external_data: True to always write weights to a separate file, False never, None (default)
+            when the weights exceed 1 GiB. The protobuf itself cannot exceed 2 GB.
+
+    Returns:
+        The files written.
+
+    Raises:
+        OutputPathError: the output would overwrite a protected file, or cannot be written.
+    """
+    out = Path(path)
+    if out.suffix != ".onnx":
+        raise OutputPathError(f"{out}: output model file must end in .onnx")
+    data_name = out.name + ".data"
+    data_path = out.with_name(data_name)
+    for p in protect:
+        pp = Path(p)
+        for candidate in (out, data_path):
+            if _same_file(candidate, pp):
+                raise OutputPathError(f"{candidate}: output would overwrite the input file {pp}")
+    if out.is_dir():
+        raise OutputPathError(f"{out}: is a folder")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputPathError(f"{parent}: cannot create output folder: {e.strerror}") from None
+    make_runtime_compatible(model)
+    if external_data is None:
+        external_data = _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp-"))
+    except OSError as e:
+        raise OutputPathError(f"{parent}: cannot write there: {e.strerror}") from None
+    try:
+        tmp_model = tmp / out.name
+        if external_data:
+            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
+        else:
+            ir.save(model, tmp_model)
+        written = []
+        if (tmp / data_name).exists():
+            os.replace(tmp / data_name, data_path)
+            written.append(data_path)
+        elif data_path.exists() and not any(_same_file(data_path, Path(p)) for p in protect):
+            data_path.unlink()  # a stale data file from an earlier run would confuse readers
+        os.replace(tmp_model, out)
+        written.insert(0, out)
+        return written
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
