@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import onnx_ir as ir
 from onnxscript import version_converter
 
@@ -24,6 +26,9 @@ class UpgradeOpsetPass(ir.passes.InPlacePass):
         current = model.opset_imports.get("", 1)
         if current >= self.version:
             return ir.passes.PassResult(model, modified=False)
+        log = logging.getLogger(version_converter.__name__)
+        level = log.level
+        log.setLevel(logging.ERROR)  # it warns when it hands over to the onnx C converter: not news to a user
         try:
             version_converter.convert_version(model, self.version, fallback=True)
         except Exception as e:
@@ -31,6 +36,8 @@ class UpgradeOpsetPass(ir.passes.InPlacePass):
             raise OpsetConversionError(
                 f"cannot convert the model from opset {current} to {self.version}: {msg}"
             ) from None
+        finally:
+            log.setLevel(level)
         if model.opset_imports.get("", 1) < self.version:
             raise OpsetConversionError(f"cannot convert the model from opset {current} to {self.version}")
         return ir.passes.PassResult(model, modified=True)

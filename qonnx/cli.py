@@ -1,0 +1,133 @@
+"""Command line: ``qonnx quantize`` and ``qonnx inspect``.
+
+Every problem with the user's input prints one line on stderr and exits with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from qonnx import __version__
+from qonnx.config import SCHEMES, scheme_from_name
+from qonnx.errors import QonnxError
+
+__all__ = ["main", "cli"]
+
+EXIT_USAGE = 2
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{n} B"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qonnx")
+def cli() -> None:
+    """Quantize ONNX models into smaller, faster ONNX models for ONNX Runtime."""
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str),
+              help="Output .onnx file, or folder (a folder input is mirrored there).")
+@click.option("--scheme", type=click.Choice(sorted(SCHEMES), case_sensitive=False), default="w4a16",
+              show_default=True, help="Quantization scheme.")
+@click.option("--block-size", type=click.IntRange(min=0), default=None,
+              help="Weights per scale along K (default 128); 0 for one scale per output channel (qdq only).")
+@click.option("--symmetric", is_flag=True, help="Signed codes without zero points (default: asymmetric).")
+@click.option("--format", "fmt", type=click.Choice(["matmulnbits", "qdq"]), default="matmulnbits",
+              show_default=True, help="MatMulNBits (ONNX Runtime) or opset-21 DequantizeLinear + MatMul.")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="MatMulNBits compute hint: 1 fp32, 2 fp16, 3 bf16, 4 int8 activations.")
+@click.option("--exclude", multiple=True, metavar="REGEX",
+              help="Keep layers whose node or weight name matches REGEX in floating point (repeatable).")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Force weights into a separate .data file, or into the .onnx file (default: above 1 GiB).")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+def quantize(
+    model: str, output: str, scheme: str, block_size: int | None, symmetric: bool, fmt: str,
+    accuracy_level: int | None, exclude: tuple[str, ...], external_data: bool | None, as_json: bool,
+    progress: bool | None,
+) -> None:
+    """Quantize MODEL (a .onnx file or a folder holding model.onnx) into OUTPUT."""
+    from qonnx.api import quantize as run_quantize
+
+    options: dict[str, Any] = {"symmetric": symmetric, "format": fmt, "accuracy_level": accuracy_level}
+    if block_size is not None:
+        options["block_size"] = None if block_size == 0 else block_size
+    config = scheme_from_name(scheme, **options)
+    targets = {f"re:{r}": None for r in exclude}
+    show = sys.stderr.isatty() if progress is None else progress
+    summary = run_quantize(model, config, output=output, targets=targets, progress=show, external_data=external_data)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+        return
+    ratio = summary.bytes_before / summary.bytes_after if summary.bytes_after else float("nan")
+    click.echo(f"{config.name}: quantized {len(summary.quantized)} layers, skipped {len(summary.skipped)} "
+               f"in {summary.seconds:.1f} s")
+    for r in summary.skipped:
+        click.echo(f"  skipped {r.node or r.weight}: {r.reason}")
+    click.echo(f"size: {_human_bytes(summary.bytes_before)} -> {_human_bytes(summary.bytes_after)} ({ratio:.2f}x smaller)")
+    click.echo(f"wrote {', '.join(str(p) for p in summary.outputs)}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable description on stdout.")
+def inspect(model: str, as_json: bool) -> None:
+    """Describe MODEL: opsets, op histogram, weights, quantizable layers."""
+    from qonnx.inspection import inspect_model
+
+    info = inspect_model(model)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['path']}: IR {info['ir_version']}, opsets {info['opsets']}, {info['nodes']} nodes, "
+               f"{_human_bytes(info['file_bytes'])} on disk")
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            click.echo(f"  {kind[:-1]} {v['name']}: {v['dtype']} {v['shape']}")
+    click.echo("ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
+    click.echo("weights: " + ", ".join(f"{k} {_human_bytes(v)}" for k, v in info["weight_bytes_by_type"].items()))
+    layers = info["layers"]
+    click.echo(f"quantizable layers: {info['quantizable_layers']} of {len(layers)} MatMul/Gemm")
+    for layer in layers:
+        if not layer["quantizable"]:
+            click.echo(f"  not quantizable {layer['node'] or layer['weight']}: {layer['reason']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors print one line on stderr and return 2."""
+    try:
+        cli.main(args=argv, prog_name="qonnx", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:  # type: ignore[attr-defined]
+        click.echo(e.ctx.get_help() if e.ctx else str(e), err=True)
+        return EXIT_USAGE
+    except click.UsageError as e:
+        click.echo(f"qonnx: error: {e.format_message()}", err=True)
+        return EXIT_USAGE
+    except (QonnxError, click.ClickException) as e:
+        msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
+        click.echo(f"qonnx: error: {msg}", err=True)
+        return EXIT_USAGE
+    except click.Abort:
+        click.echo("qonnx: aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("qonnx: interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

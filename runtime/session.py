@@ -1,0 +1,80 @@
+"""ONNX Runtime sessions with a provider that really works on this machine.
+
+onnxruntime-gpu lists CUDAExecutionProvider even where no GPU exists, and asking for it there logs a
+loud load error before falling back to CPU. We look for a GPU first and only then ask for CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import sys
+
+import onnxruntime as ort
+
+__all__ = ["cuda_usable", "resolve_device", "make_session", "PRECISE_QDQ"]
+
+#: ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits and, by default, computes it with
+#: activations quantized to int8 (accuracy level 4). That changes the numbers a QDQ model stands for;
+#: sessions made here keep the model's own precision unless asked otherwise.
+PRECISE_QDQ = "0"
+
+
+@functools.cache
+def cuda_usable() -> bool:
+    """True when the CUDA provider is installed and an NVIDIA GPU is present."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    if not (glob.glob("/dev/nvidia[0-9]*") or os.path.isdir("/proc/driver/nvidia/gpus")):
+        return False
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()  # CUDA libraries that come with torch's wheels
+        except Exception:  # noqa: BLE001 - older or CPU-only layouts: the provider may still load
+            pass
+    return True
+
+
+def resolve_device(device: str = "auto", *, quiet: bool = False) -> str:
+    """Map "auto" / "cpu" / "cuda" to the device to use, falling back to CPU with a one-line note."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    if device == "cpu":
+        return "cpu"
+    if cuda_usable():
+        return "cuda"
+    if device == "cuda" and not quiet:
+        print("qonnx: CUDA is not usable here (no GPU or no CUDA provider); running on CPU", file=sys.stderr)
+    return "cpu"
+
+
+def make_session(
+    model_path: str | os.PathLike,
+    device: str = "cpu",
+    *,
+    threads: int | None = None,
+    qdq_accuracy_level: str | None = PRECISE_QDQ,
+    optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+) -> ort.InferenceSession:
+    """An InferenceSession on ``device`` ("cpu", "cuda" or "auto").
+
+    Args:
+        model_path: the .onnx file.
+        device: where to run; CUDA falls back to CPU when no GPU is usable.
+        threads: intra-op threads (default: ONNX Runtime's choice).
+        qdq_accuracy_level: value for ``session.qdq_matmulnbits_accuracy_level`` (see PRECISE_QDQ);
+            None leaves ONNX Runtime's default.
+        optimization: graph optimization level.
+    """
+    device = resolve_device(device)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = optimization
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if qdq_accuracy_level is not None:
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", qdq_accuracy_level)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    return ort.InferenceSession(os.fspath(model_path), so, providers=providers)
