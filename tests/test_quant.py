@@ -1,0 +1,110 @@
+"""Quantization math against a plain numpy reference, packing round trips and ONNX Runtime's layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from qonnx import quant
+
+
+def reference_blocked(w, bits, block, symmetric):
+    """Element-by-element reference of the documented conventions (slow, obvious)."""
+    c, k = w.shape
+    block = k if block is None else block
+    out = np.zeros_like(w, dtype=np.float32)
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    for i in range(c):
+        for s in range(0, k, block):
+            b = w[i, s : s + block].astype(np.float32)
+            if symmetric:
+                v = b.min() if abs(b.min()) >= abs(b.max()) else b.max()
+                scale = np.float32(v / qmin)
+                zp = 0
+            else:
+                lo, hi = min(b.min(), 0.0), max(b.max(), 0.0)
+                scale = np.float32((hi - lo) / (qmax - qmin))
+                zp = int(np.clip(np.round(qmin - lo / scale), qmin, qmax)) if scale != 0 else 0
+            q = np.clip(np.round(b * (np.float32(1) / scale if scale != 0 else 0)) + zp, qmin, qmax)
+            out[i, s : s + block] = (q - zp) * scale
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("block", [16, 32, 128, None])
+def test_blocked_matches_reference(rng, bits, symmetric, block):
+    w = rng.standard_normal((6, 200)).astype(np.float32)  # 200: ragged for 16, 32 and 128
+    qb = quant.quantize_blocked(w, bits, block, symmetric)
+    np.testing.assert_allclose(qb.dequantize(), reference_blocked(w, bits, block, symmetric), rtol=0, atol=1e-6)
+    nb = quant.num_blocks(200, block)
+    assert qb.scale.shape == (6, nb) and qb.q.shape[:2] == (6, nb)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    w=hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=40),
+                 elements=st.floats(-1e3, 1e3, width=32)),
+    bits=st.sampled_from([4, 8]),
+    symmetric=st.booleans(),
+    block=st.sampled_from([2, 4, 16, None]),
+)
+def test_error_is_at_most_half_a_step(w, bits, symmetric, block):
+    qb = quant.quantize_blocked(w, bits, block, symmetric)
+    err = np.abs(qb.dequantize() - w)
+    step = np.repeat(np.abs(qb.scale).astype(np.float32), qb.block_size, axis=1)[:, : w.shape[1]]
+    assert np.all(err <= 0.5 * step * (1 + 1e-5) + 1e-30)
+    assert np.all(np.isfinite(qb.dequantize()))
+
+
+def test_fp16_scales_reproduce_codes(rng):
+    w = rng.standard_normal((8, 64)).astype(np.float16)
+    qb = quant.quantize_blocked(w.astype(np.float32), 4, 32, False, scale_dtype=np.float16)
+    assert qb.scale.dtype == np.float16
+    # codes computed with the rounded fp16 scale: dequantizing in fp16 gives back the same values
+    deq16 = ((qb.q.astype(np.float16) - qb.zero_point[..., None].astype(np.float16)) * qb.scale[..., None]).reshape(8, 64)
+    np.testing.assert_allclose(deq16.astype(np.float32), qb.dequantize(), rtol=1e-3, atol=1e-3)
+
+
+def test_zero_block_is_exact():
+    w = np.zeros((2, 32), np.float32)
+    for sym in (False, True):
+        assert np.all(quant.quantize_blocked(w, 4, 16, sym).dequantize() == 0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_unpack_roundtrip(rng, bits):
+    w = rng.standard_normal((5, 96)).astype(np.float32)
+    qb = quant.quantize_blocked(w, bits, 32, False)
+    packed = quant.pack_nbits_matmulnbits(qb)
+    assert packed.shape == (5, 3, 32 * bits // 8) and packed.dtype == np.uint8
+    codes = quant.unpack_nbits_matmulnbits(packed, bits, 32)
+    np.testing.assert_array_equal(codes, qb.q)
+    zp = quant.pack_zero_points(qb.zero_point, bits)
+    np.testing.assert_array_equal(quant.unpack_zero_points(zp, bits, 5, 3), qb.zero_point)
+
+
+def test_int4_low_nibble_first():
+    qb = quant.QuantizedBlocks(np.array([[[1, 2] + [0] * 14]], np.uint8), np.ones((1, 1), np.float32),
+                               np.zeros((1, 1), np.int32), 16, 16, 4, False)
+    assert quant.pack_nbits_matmulnbits(qb)[0, 0, 0] == 0x21
+
+
+def test_ragged_tail_packs_zero_and_zero_points_pad_with_default(rng):
+    w = rng.standard_normal((3, 40)).astype(np.float32)
+    qb = quant.quantize_blocked(w, 4, 32, False)
+    codes = quant.unpack_nbits_matmulnbits(quant.pack_nbits_matmulnbits(qb), 4, 32).reshape(3, -1)
+    assert np.all(codes[:, 40:] == 0)
+    assert quant.pack_zero_points(qb.zero_point, 4).shape == (3, 1)  # 2 blocks fill one byte
+    qb3 = quant.quantize_blocked(rng.standard_normal((2, 80)).astype(np.float32), 4, 32, False)
+    assert np.all(quant.pack_zero_points(qb3.zero_point, 4)[:, 1] >> 4 == 8)  # 3 blocks: pad nibble = 8
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        quant.quantize_blocked(np.zeros((2, 2, 2), np.float32), 4, 2, False)
+    with pytest.raises(ValueError):
+        quant.qrange(5, False)
