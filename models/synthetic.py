@@ -58,28 +58,40 @@ def build_decoder_stack(
         shapes += [(f"{p}.ln1.weight", (hidden,)), (f"{p}.ln1.bias", (hidden,))]
         shapes += [(f"{p}.attn.qkv.weight", (hidden, 3 * hidden)), (f"{p}.attn.o_proj.weight", (hidden, hidden))]
         shapes += [(f"{p}.ln2.weight", (hidden,)), (f"{p}.ln2.bias", (hidden,))]
-        shapes += [(f"{p}.mlp.gate_proj.weight", (hidden, intermediate)),
-                   (f"{p}.mlp.up_proj.weight", (hidden, intermediate)),
-                   (f"{p}.mlp.down_proj.weight", (intermediate, hidden))]
+        shapes += [
+            (f"{p}.mlp.gate_proj.weight", (hidden, intermediate)),
+            (f"{p}.mlp.up_proj.weight", (hidden, intermediate)),
+            (f"{p}.mlp.down_proj.weight", (intermediate, hidden)),
+        ]
         nodes += [
-            helper.make_node("LayerNormalization", [x, f"{p}.ln1.weight", f"{p}.ln1.bias"], [f"{p}.h1"],
-                             axis=-1, name=f"{p}.ln1"),
+            helper.make_node(
+                "LayerNormalization", [x, f"{p}.ln1.weight", f"{p}.ln1.bias"], [f"{p}.h1"], axis=-1, name=f"{p}.ln1"
+            ),
             helper.make_node("MatMul", [f"{p}.h1", f"{p}.attn.qkv.weight"], [f"{p}.qkv"], name=f"{p}.attn.qkv"),
-            helper.make_node("Slice", [f"{p}.qkv", "zero", "hidden_end", "minus_one"], [f"{p}.v"],
-                             name=f"{p}.attn.slice"),
-            helper.make_node("MatMul", [f"{p}.v", f"{p}.attn.o_proj.weight"], [f"{p}.attn_out"],
-                             name=f"{p}.attn.o_proj"),
+            helper.make_node(
+                "Slice", [f"{p}.qkv", "zero", "hidden_end", "minus_one"], [f"{p}.v"], name=f"{p}.attn.slice"
+            ),
+            helper.make_node(
+                "MatMul", [f"{p}.v", f"{p}.attn.o_proj.weight"], [f"{p}.attn_out"], name=f"{p}.attn.o_proj"
+            ),
             helper.make_node("Add", [x, f"{p}.attn_out"], [f"{p}.x1"], name=f"{p}.add1"),
-            helper.make_node("LayerNormalization", [f"{p}.x1", f"{p}.ln2.weight", f"{p}.ln2.bias"], [f"{p}.h2"],
-                             axis=-1, name=f"{p}.ln2"),
-            helper.make_node("MatMul", [f"{p}.h2", f"{p}.mlp.gate_proj.weight"], [f"{p}.gate"],
-                             name=f"{p}.mlp.gate_proj"),
+            helper.make_node(
+                "LayerNormalization",
+                [f"{p}.x1", f"{p}.ln2.weight", f"{p}.ln2.bias"],
+                [f"{p}.h2"],
+                axis=-1,
+                name=f"{p}.ln2",
+            ),
+            helper.make_node(
+                "MatMul", [f"{p}.h2", f"{p}.mlp.gate_proj.weight"], [f"{p}.gate"], name=f"{p}.mlp.gate_proj"
+            ),
             helper.make_node("Sigmoid", [f"{p}.gate"], [f"{p}.gate_sig"], name=f"{p}.mlp.sigmoid"),
             helper.make_node("Mul", [f"{p}.gate", f"{p}.gate_sig"], [f"{p}.act"], name=f"{p}.mlp.silu"),
             helper.make_node("MatMul", [f"{p}.h2", f"{p}.mlp.up_proj.weight"], [f"{p}.up"], name=f"{p}.mlp.up_proj"),
             helper.make_node("Mul", [f"{p}.act", f"{p}.up"], [f"{p}.inner"], name=f"{p}.mlp.mul"),
-            helper.make_node("MatMul", [f"{p}.inner", f"{p}.mlp.down_proj.weight"], [f"{p}.mlp_out"],
-                             name=f"{p}.mlp.down_proj"),
+            helper.make_node(
+                "MatMul", [f"{p}.inner", f"{p}.mlp.down_proj.weight"], [f"{p}.mlp_out"], name=f"{p}.mlp.down_proj"
+            ),
             helper.make_node("Add", [f"{p}.x1", f"{p}.mlp_out"], [f"{p}.out"], name=f"{p}.add2"),
         ]
         x = f"{p}.out"
@@ -103,7 +115,7 @@ def build_decoder_stack(
         onnx.numpy_helper.from_array(np.array([hidden], np.int64), "hidden_end"),
         onnx.numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
     ]
-    data_file = open(path.with_name(data_name), "wb") if external_data else None  # noqa: SIM115
+    data_file = open(path.with_name(data_name), "wb") if external_data else None
     try:
         for name, shape in shapes:
             if name.endswith(".bias"):
@@ -129,7 +141,8 @@ def build_decoder_stack(
         if data_file is not None:
             data_file.close()
     graph = helper.make_graph(
-        nodes, "decoder_stack",
+        nodes,
+        "decoder_stack",
         [helper.make_tensor_value_info("x", elem, ["batch", "seq", hidden])],
         [helper.make_tensor_value_info("y", elem, ["batch", "seq", out_dim])],
         initializers,

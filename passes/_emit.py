@@ -95,7 +95,9 @@ def _unique_name(graph: ir.Graph, base: str) -> str:
 def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as a new initializer of ``graph`` (name made unique) and return its value."""
     tensor = ir.tensor(array, name=_unique_name(graph, name))
-    value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+    value = ir.Value(
+        name=tensor.name, shape=ir.Shape(tensor.shape.numpy()), type=ir.TensorType(tensor.dtype), const_value=tensor
+    )
     graph.register_initializer(value)
     return value
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+from qonnx.passes import _emit
 
 from qonnx import quant
 from qonnx.config import MATMULNBITS_BLOCK_SIZES
-from qonnx.passes import _emit
 
 __all__ = ["DequantizeToMatMulNBitsPass", "MatMulNBitsToDequantizePass"]
 
@@ -31,7 +31,7 @@ def _blocks_from_dequantize(dq: ir.Node) -> quant.QuantizedBlocks | None:
     x = _const(dq.inputs[0])
     scale = _const(dq.inputs[1])
     zp = _const(dq.inputs[2]) if len(dq.inputs) > 2 else None
-    x_type = dq.inputs[0].dtype
+    x_type = dq.inputs[0].dtype if dq.inputs[0] is not None else None
     if x is None or scale is None or x_type not in _CODE_BITS or x.ndim != 2:
         return None
     if len(dq.inputs) > 2 and dq.inputs[2] is not None and zp is None:
@@ -44,7 +44,7 @@ def _blocks_from_dequantize(dq: ir.Node) -> quant.QuantizedBlocks | None:
         return None
     nb = scale.shape[0]
     codes = x.astype(np.int32).T  # [N, K]
-    zps = (zp.astype(np.int32).T if zp is not None else np.zeros((n, nb), np.int32))
+    zps = zp.astype(np.int32).T if zp is not None else np.zeros((n, nb), np.int32)
     if x_type in _SIGNED:  # shift to the unsigned codes MatMulNBits stores
         off = 1 << (bits - 1)
         codes, zps = codes + off, zps + off
@@ -81,12 +81,13 @@ class DequantizeToMatMulNBitsPass(ir.passes.InPlacePass):
             graph = node.graph
             assert isinstance(graph, ir.Graph)
             qw = _emit.matmulnbits_arrays(qb, dtype)
-            base = dq.inputs[0].name or "weight"
+            base = (dq.inputs[0].name if dq.inputs[0] is not None else None) or "weight"
             inputs = [_emit.initializer(graph, f"{base}_{k}", a) for k, a in qw.arrays.items()]
             if len(inputs) == 2:
                 inputs.append(None)  # type: ignore[arg-type]
-            new = _emit.matmulnbits_node(node.inputs[0], inputs, qw.attrs, name=f"{node.name}_Q{qb.bits}",
-                                         accuracy_level=self.accuracy_level)
+            new = _emit.matmulnbits_node(
+                node.inputs[0], inputs, qw.attrs, name=f"{node.name}_Q{qb.bits}", accuracy_level=self.accuracy_level
+            )
             ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]])
             count += 1
         if count:
@@ -128,11 +129,14 @@ class MatMulNBitsToDequantizePass(ir.passes.InPlacePass):
             nb = quant.num_blocks(k, bs)
             codes = quant.unpack_nbits_matmulnbits(b.reshape(n, nb, -1), bits, bs).reshape(n, nb * bs)[:, :k]
             default = 1 << (bits - 1)
-            zps = (quant.unpack_zero_points(zp_arr, bits, n, nb) if zp_arr is not None
-                   else np.full((n, nb), default, np.uint8))
+            zps = (
+                quant.unpack_zero_points(zp_arr, bits, n, nb)
+                if zp_arr is not None
+                else np.full((n, nb), default, np.uint8)
+            )
             graph = node.graph
             assert isinstance(graph, ir.Graph)
-            base = b_v.name or "weight"
+            base = (b_v.name if b_v is not None else None) or "weight"
             if zp_arr is None:
                 code_dtype = ml_dtypes.int4 if bits == 4 else np.int8
                 x = (codes.astype(np.int16) - default).T.astype(code_dtype)
@@ -141,8 +145,10 @@ class MatMulNBitsToDequantizePass(ir.passes.InPlacePass):
                 code_dtype = ml_dtypes.uint4 if bits == 4 else np.uint8
                 dq_inputs = [codes.T.astype(code_dtype), scales.reshape(n, nb).T, zps.T.astype(code_dtype)]
             names = ("q", "scale", "zero_point")
-            values = [_emit.initializer(graph, f"{base}_{nm}", np.ascontiguousarray(arr))
-                      for nm, arr in zip(names, dq_inputs, strict=False)]
+            values = [
+                _emit.initializer(graph, f"{base}_{nm}", np.ascontiguousarray(arr))
+                for nm, arr in zip(names, dq_inputs, strict=False)
+            ]
             dq = _emit.dequantize_node(values, {"axis": 0, "block_size": bs}, name=f"{node.name}_DequantizeLinear")
             mm = ir.node("MatMul", [a, dq.outputs[0]], name=f"{node.name}_MatMul")
             new_nodes = [dq, mm]

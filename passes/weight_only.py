@@ -13,11 +13,11 @@ import os
 from collections.abc import Callable, Iterator
 
 import onnx_ir as ir
+from qonnx.passes import _emit
+from qonnx.passes.weights import WeightCandidate, find_weight_candidates
 
 from qonnx import quant
 from qonnx.config import Targets, WeightOnlyConfig
-from qonnx.passes import _emit
-from qonnx.passes.weights import WeightCandidate, find_weight_candidates
 
 __all__ = ["LayerRecord", "QuantizeWeightsPass", "quantize_weight"]
 
@@ -77,7 +77,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def plan(self, model: ir.Model) -> list[tuple[WeightCandidate, WeightOnlyConfig | None, str]]:
         """Every candidate with the config chosen for it (None: skipped) and the reason."""
-        planned = []
+        planned: list[tuple[WeightCandidate, WeightOnlyConfig | None, str]] = []
         for cand in find_weight_candidates(model):
             if cand.reason is not None:
                 planned.append((cand, None, cand.reason))
@@ -123,13 +123,20 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         for cand, cfg, reason in plan:
             if cfg is None:
                 shape = (cand.k, cand.n) if cand.k else None
-                self.records.append(LayerRecord(cand.node.name or "", cand.node.op_type, cand.weight_name, shape,
-                                                False, reason))
+                self.records.append(
+                    LayerRecord(cand.node.name or "", cand.node.op_type, cand.weight_name, shape, False, reason)
+                )
         emitted: dict[tuple, tuple[list[ir.Value | None], _emit.QuantizedWeight, str]] = {}
         count = 0
         for cand, cfg, qw in self._quantized(todo, emitted):
-            record = LayerRecord(cand.node.name or "", cand.node.op_type, cand.weight_name, (cand.k, cand.n),
-                                 True, reasons[id(cand.node)])
+            record = LayerRecord(
+                cand.node.name or "",
+                cand.node.op_type,
+                cand.weight_name,
+                (cand.k, cand.n),
+                True,
+                reasons[id(cand.node)],
+            )
             self._rewrite(cand, cfg, qw, emitted, record)
             self.records.append(record)
             count += 1
@@ -207,17 +214,20 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         graph, node = cand.graph, cand.node
         dtype = _act_dtype(cand)
         bias_value = None
-        extra: list[ir.Node] = []
-        if node.op_type == "Gemm":
-            bias, has_c = _emit.bias_vector(node, cand.n)
-            if bias is not None:
-                bias_value = _emit.initializer(graph, f"{node.name or cand.weight_name}_bias", bias.astype(dtype.numpy()))
+        bias, has_c = _emit.bias_vector(node, cand.n) if node.op_type == "Gemm" else (None, False)
+        if bias is not None:
+            bias_value = _emit.initializer(graph, f"{node.name or cand.weight_name}_bias", bias.astype(dtype.numpy()))
         new = _emit.matmulnbits_node(
-            node.inputs[0], weight_inputs, qw.attrs, name=f"{node.name}_Q{qw.bits}" if node.name else "",
-            bias=bias_value, accuracy_level=cfg.accuracy_level,
+            node.inputs[0],
+            weight_inputs,
+            qw.attrs,
+            name=f"{node.name}_Q{qw.bits}" if node.name else "",
+            bias=bias_value,
+            accuracy_level=cfg.accuracy_level,
         )
         out = new.outputs[0]
-        if node.op_type == "Gemm" and bias_value is None and _emit.bias_vector(node, cand.n)[1]:
+        extra: list[ir.Node] = []
+        if has_c and bias_value is None:  # C computed at run time (beta == 1, checked in plan): add it
             out.name = f"{node.outputs[0].name}_nobias"
             add = ir.node("Add", [out, node.inputs[2]], name=f"{node.name}_bias")
             extra.append(add)

@@ -54,7 +54,9 @@ class WeightCandidate:
         attrs: tuple = ()
         if self.node.op_type == "Gemm":
             attrs = (self.node.attributes.get_float("alpha", 1.0), self.node.attributes.get_int("transB", 0))
-        chain = tuple((n.op_type, tuple(sorted((k, str(a.value)) for k, a in n.attributes.items()))) for n in self.chain)
+        chain = tuple(
+            (n.op_type, tuple(sorted((k, str(a.value)) for k, a in n.attributes.items()))) for n in self.chain
+        )
         return (id(self.source), chain, attrs)
 
     def tensor(self) -> ir.TensorProtocol:
@@ -114,7 +116,7 @@ def _shape_of(value: ir.Value, chain: list[ir.Node] | tuple[ir.Node, ...]) -> tu
     t = ir.convenience.get_const_tensor(value)
     if t is None:
         return None
-    shape = tuple(int(d) for d in t.shape)
+    shape = tuple(int(d) for d in t.shape.numpy())
     for node in chain:
         if node.op_type == "Transpose":
             perm = node.attributes.get_ints("perm", None)
@@ -137,7 +139,7 @@ def _candidate(node: ir.Node, graph: ir.Graph) -> WeightCandidate:
     if len(inputs) < 2 or inputs[1] is None or inputs[0] is None:
         cand.reason = "node has no weight input"
         return cand
-    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0) != 0:
         cand.reason = "Gemm with transA=1 is not supported"
         return cand
     source, chain, reason = _trace_constant(inputs[1], graph)
@@ -158,7 +160,7 @@ def _candidate(node: ir.Node, graph: ir.Graph) -> WeightCandidate:
     if shape is None or len(shape) != 2:
         cand.reason = f"weight has shape {shape}; only 2-D weights are quantized"
         return cand
-    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) != 0:
         shape = shape[::-1]
     a_shape = inputs[0].shape
     if a_shape is not None and len(a_shape) < 2:

@@ -15,7 +15,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qonnx import modelfile
-from qonnx.config import Targets, W4A16, WeightOnlyConfig
+from qonnx.config import W4A16, Targets, WeightOnlyConfig
 from qonnx.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError
 from qonnx.passes.opset import OpsetConversionError, UpgradeOpsetPass
 from qonnx.passes.weight_only import QDQ_OPSET, LayerRecord, QuantizeWeightsPass

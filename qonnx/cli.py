@@ -37,26 +37,65 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=str))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=str),
-              help="Output .onnx file, or folder (a folder input is mirrored there).")
-@click.option("--scheme", type=click.Choice(sorted(SCHEMES), case_sensitive=False), default="w4a16",
-              show_default=True, help="Quantization scheme.")
-@click.option("--block-size", type=click.IntRange(min=0), default=None,
-              help="Weights per scale along K (default 128); 0 for one scale per output channel (qdq only).")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=str),
+    help="Output .onnx file, or folder (a folder input is mirrored there).",
+)
+@click.option(
+    "--scheme",
+    type=click.Choice(sorted(SCHEMES), case_sensitive=False),
+    default="w4a16",
+    show_default=True,
+    help="Quantization scheme.",
+)
+@click.option(
+    "--block-size",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Weights per scale along K (default 128); 0 for one scale per output channel (qdq only).",
+)
 @click.option("--symmetric", is_flag=True, help="Signed codes without zero points (default: asymmetric).")
-@click.option("--format", "fmt", type=click.Choice(["matmulnbits", "qdq"]), default="matmulnbits",
-              show_default=True, help="MatMulNBits (ONNX Runtime) or opset-21 DequantizeLinear + MatMul.")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
-              help="MatMulNBits compute hint: 1 fp32, 2 fp16, 3 bf16, 4 int8 activations.")
-@click.option("--exclude", multiple=True, metavar="REGEX",
-              help="Keep layers whose node or weight name matches REGEX in floating point (repeatable).")
-@click.option("--external-data/--no-external-data", default=None,
-              help="Force weights into a separate .data file, or into the .onnx file (default: above 1 GiB).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["matmulnbits", "qdq"]),
+    default="matmulnbits",
+    show_default=True,
+    help="MatMulNBits (ONNX Runtime) or opset-21 DequantizeLinear + MatMul.",
+)
+@click.option(
+    "--accuracy-level",
+    type=click.IntRange(0, 4),
+    default=None,
+    help="MatMulNBits compute hint: 1 fp32, 2 fp16, 3 bf16, 4 int8 activations.",
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="REGEX",
+    help="Keep layers whose node or weight name matches REGEX in floating point (repeatable).",
+)
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="Force weights into a separate .data file, or into the .onnx file (default: above 1 GiB).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def quantize(
-    model: str, output: str, scheme: str, block_size: int | None, symmetric: bool, fmt: str,
-    accuracy_level: int | None, exclude: tuple[str, ...], external_data: bool | None, as_json: bool,
+    model: str,
+    output: str,
+    scheme: str,
+    block_size: int | None,
+    symmetric: bool,
+    fmt: str,
+    accuracy_level: int | None,
+    exclude: tuple[str, ...],
+    external_data: bool | None,
+    as_json: bool,
     progress: bool | None,
 ) -> None:
     """Quantize MODEL (a .onnx file or a folder holding model.onnx) into OUTPUT."""
@@ -73,11 +112,15 @@ def quantize(
         click.echo(json.dumps(summary.to_dict(), indent=2))
         return
     ratio = summary.bytes_before / summary.bytes_after if summary.bytes_after else float("nan")
-    click.echo(f"{config.name}: quantized {len(summary.quantized)} layers, skipped {len(summary.skipped)} "
-               f"in {summary.seconds:.1f} s")
+    click.echo(
+        f"{config.name}: quantized {len(summary.quantized)} layers, skipped {len(summary.skipped)} "
+        f"in {summary.seconds:.1f} s"
+    )
     for r in summary.skipped:
         click.echo(f"  skipped {r.node or r.weight}: {r.reason}")
-    click.echo(f"size: {_human_bytes(summary.bytes_before)} -> {_human_bytes(summary.bytes_after)} ({ratio:.2f}x smaller)")
+    click.echo(
+        f"size: {_human_bytes(summary.bytes_before)} -> {_human_bytes(summary.bytes_after)} ({ratio:.2f}x smaller)"
+    )
     click.echo(f"wrote {', '.join(str(p) for p in summary.outputs)}")
 
 
@@ -92,8 +135,10 @@ def inspect(model: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(f"{info['path']}: IR {info['ir_version']}, opsets {info['opsets']}, {info['nodes']} nodes, "
-               f"{_human_bytes(info['file_bytes'])} on disk")
+    click.echo(
+        f"{info['path']}: IR {info['ir_version']}, opsets {info['opsets']}, {info['nodes']} nodes, "
+        f"{_human_bytes(info['file_bytes'])} on disk"
+    )
     for kind in ("inputs", "outputs"):
         for v in info[kind]:
             click.echo(f"  {kind[:-1]} {v['name']}: {v['dtype']} {v['shape']}")

@@ -53,8 +53,7 @@ class WeightOnlyConfig:
                 raise ConfigError(f"{self.name}: block_size must be an integer >= 2, got {self.block_size!r}")
             if self.format == "matmulnbits" and self.block_size not in MATMULNBITS_BLOCK_SIZES:
                 raise ConfigError(
-                    f"{self.name}: MatMulNBits needs block_size in {MATMULNBITS_BLOCK_SIZES}, "
-                    f"got {self.block_size}"
+                    f"{self.name}: MatMulNBits needs block_size in {MATMULNBITS_BLOCK_SIZES}, got {self.block_size}"
                 )
         elif self.format == "matmulnbits":
             raise ConfigError(
@@ -91,13 +90,13 @@ SCHEMES: dict[str, type[WeightOnlyConfig]] = {"w4a16": W4A16, "w8a16": W8A16}
 
 
 def scheme_from_name(name: str, **options: Any) -> WeightOnlyConfig:
-    """Build a scheme config from its CLI name and options (``None`` options take the defaults)."""
+    """Build a scheme config from its CLI name and options."""
     try:
         cls = SCHEMES[name.lower()]
     except KeyError:
         raise ConfigError(f"unknown scheme {name!r}; choose one of {', '.join(SCHEMES)}") from None
     try:
-        return cls(**{k: v for k, v in options.items() if v is not None})
+        return cls(**options)
     except TypeError as e:
         raise ConfigError(f"{name}: {e}") from None
 

@@ -28,14 +28,16 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
         count += 1
     layers = []
     for cand in find_weight_candidates(model):
-        layers.append({
-            "node": cand.node.name or "",
-            "op_type": cand.node.op_type,
-            "weight": cand.weight_name,
-            "shape": [cand.k, cand.n] if cand.k else None,
-            "quantizable": cand.reason is None,
-            "reason": cand.reason,
-        })
+        layers.append(
+            {
+                "node": cand.node.name or "",
+                "op_type": cand.node.op_type,
+                "weight": cand.weight_name,
+                "shape": [cand.k, cand.n] if cand.k else None,
+                "quantizable": cand.reason is None,
+                "reason": cand.reason,
+            }
+        )
     files = modelfile.model_files(model, model_path)
     return {
         "path": str(model_path),

@@ -36,6 +36,8 @@ MODEL_FILENAME = "model.onnx"
 MAX_RUNTIME_IR_VERSION = 13
 #: Above this many bytes of weights, a model is always saved with external data.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
+#: Tensors up to this size stay inside the protobuf even when weights go to external data.
+_INLINE_BYTES = 1024
 
 _SUB_BYTE = {ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.FLOAT4E2M1}
 
@@ -108,13 +110,16 @@ def load(path: str | os.PathLike) -> ir.Model:
     if not proto.HasField("graph") or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
         raise ModelLoadError(f"{model_path}: not a readable ONNX model (no graph; truncated or not ONNX)")
     try:
-        onnx.checker.check_model(proto)
+        model = ir.serde.deserialize_model(proto)
     except Exception as e:
         raise ModelLoadError(f"{model_path}: invalid ONNX model: {_first_line(e)}") from None
-    model = ir.serde.deserialize_model(proto)
     del proto
     ir.external_data.set_base_dir(model.graph, os.fspath(model_path.parent))
     _check_external_data(model, model_path)
+    try:
+        onnx.checker.check_model(os.fspath(model_path))  # from the path: external data resolves beside it
+    except Exception as e:
+        raise ModelLoadError(f"{model_path}: invalid ONNX model: {_first_line(e)}") from None
     return model
 
 
@@ -225,10 +230,19 @@ def save(
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp-"))
     except OSError as e:
         raise OutputPathError(f"{parent}: cannot write there: {e.strerror}") from None
+    # Tensors that stay inside the protobuf but still live in the input's data file must be read in,
+    # or the output would point at the input's file. Restored afterwards: the model is not changed.
+    inline = [
+        (v, t)
+        for v, t in iter_tensors(model)
+        if isinstance(t, ir.ExternalTensor) and (not external_data or t.nbytes <= _INLINE_BYTES)
+    ]
     try:
+        for v, t in inline:
+            v.const_value = ir.Tensor(t.numpy(), name=t.name)
         tmp_model = tmp / out.name
         if external_data:
-            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
+            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=_INLINE_BYTES)
         else:
             ir.save(model, tmp_model)
         written = []
@@ -241,4 +255,6 @@ def save(
         written.insert(0, out)
         return written
     finally:
+        for v, t in inline:
+            v.const_value = t
         shutil.rmtree(tmp, ignore_errors=True)

@@ -101,13 +101,13 @@ def choose_qparams(
     return scale.astype(scale_dtype), zp
 
 
-def quantize(
-    blocks: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int, symmetric: bool
-) -> np.ndarray:
+def quantize(blocks: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
     """Quantize blocks [..., block] with per-block scale/zero point [...] to int codes (int8 / uint8)."""
     qmin, qmax = qrange(bits, symmetric)
     s = scale.astype(np.float32)[..., None]
     inv = np.divide(1.0, s, out=np.zeros_like(s), where=s != 0)
+    fmax = np.finfo(np.float32).max
+    np.clip(inv, -fmax, fmax, out=inv)  # a subnormal scale: keep 0 * inv finite
     q = np.round(blocks.astype(np.float32, copy=False) * inv)
     q += zero_point[..., None].astype(np.float32)
     np.clip(q, qmin, qmax, out=q)
@@ -116,9 +116,7 @@ def quantize(
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
     """Dequantize codes [..., block] with per-block scale/zero point [...] to float32."""
-    return (q.astype(np.float32) - zero_point[..., None].astype(np.float32)) * scale.astype(np.float32)[
-        ..., None
-    ]
+    return (q.astype(np.float32) - zero_point[..., None].astype(np.float32)) * scale.astype(np.float32)[..., None]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ def cuda_usable() -> bool:
     if preload is not None:
         try:
             preload()  # CUDA libraries that come with torch's wheels
-        except Exception:  # noqa: BLE001 - older or CPU-only layouts: the provider may still load
+        except Exception:
             pass
     return True
 

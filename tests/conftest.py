@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
 from qonnx.models import build_decoder_stack
 from qonnx.runtime import make_session
 
@@ -22,14 +21,29 @@ def sqnr_db(ref: np.ndarray, y: np.ndarray) -> float:
     return float("inf") if err == 0 else float(10 * np.log10((ref**2).sum() / err))
 
 
-def matmul_model(path: Path, w: np.ndarray, *, opset: int = 17, elem=TensorProto.FLOAT, nodes=None,
-                 initializers=None, inputs=None, k=None, weight_name="w") -> Path:
+def matmul_model(
+    path: Path,
+    w: np.ndarray,
+    *,
+    opset: int = 17,
+    elem=TensorProto.FLOAT,
+    nodes=None,
+    initializers=None,
+    inputs=None,
+    k=None,
+    weight_name="w",
+) -> Path:
     """x [batch, K] @ w -> y, or a custom node list."""
     k = k if k is not None else w.shape[0]
     inits = [numpy_helper.from_array(w, weight_name)] if initializers is None else initializers
     nodes = nodes or [helper.make_node("MatMul", ["x", weight_name], ["y"], name="mm")]
-    g = helper.make_graph(nodes, "g", inputs or [helper.make_tensor_value_info("x", elem, ["batch", k])],
-                          [helper.make_tensor_value_info("y", elem, ["batch", "n"])], inits)
+    g = helper.make_graph(
+        nodes,
+        "g",
+        inputs or [helper.make_tensor_value_info("x", elem, ["batch", k])],
+        [helper.make_tensor_value_info("y", elem, ["batch", "n"])],
+        inits,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     onnx.save(m, path)

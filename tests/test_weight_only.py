@@ -10,10 +10,10 @@ import onnx_ir as ir
 import pytest
 from conftest import matmul_model, run, sqnr_db
 from onnx import TensorProto, helper, numpy_helper
+from qonnx.passes import DequantizeToMatMulNBitsPass, MatMulNBitsToDequantizePass, UpgradeOpsetPass
 
 import qonnx
 from qonnx import quant
-from qonnx.passes import DequantizeToMatMulNBitsPass, MatMulNBitsToDequantizePass, UpgradeOpsetPass
 
 CASES = [  # (config, SQNR bound in dB on the tiny decoder)
     (qonnx.W4A16(block_size=32), 12),
@@ -77,12 +77,15 @@ def test_same_codes_as_onnxruntime_quantizer(tmp_path, rng):
     w = rng.standard_normal((576, 40)).astype(np.float32)  # K=576: ragged last block of 64
     src = matmul_model(tmp_path / "m.onnx", w)
     for sym in (False, True):
-        ort_q = MatMulNBitsQuantizer(onnx.load(src), algo_config=DefaultWeightOnlyQuantConfig(
-            block_size=128, is_symmetric=sym))
+        ort_q = MatMulNBitsQuantizer(
+            onnx.load(src), algo_config=DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=sym)
+        )
         ort_q.process()
         theirs = {i.name.split("_")[-1]: numpy_helper.to_array(i) for i in ort_q.model.model.graph.initializer}
         qonnx.quantize(src, qonnx.W4A16(block_size=128, symmetric=sym), output=tmp_path / "q.onnx")
-        ours = {i.name.split("_")[-1]: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "q.onnx").graph.initializer}
+        ours = {
+            i.name.split("_")[-1]: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "q.onnx").graph.initializer
+        }
         np.testing.assert_array_equal(ours["B"], theirs["Q4"])
         np.testing.assert_array_equal(ours["scales"], theirs["scales"])
         if not sym:
@@ -106,9 +109,15 @@ def _gemm_model(tmp_path, rng, *, trans_b, alpha, beta, c_kind):
 
 
 @pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
-@pytest.mark.parametrize(("trans_b", "alpha", "beta", "c_kind"), [
-    (True, 1.0, 1.0, "vector"), (False, 0.5, 2.0, "vector"), (True, 1.0, 1.0, None), (True, 1.0, 1.0, "input"),
-])
+@pytest.mark.parametrize(
+    ("trans_b", "alpha", "beta", "c_kind"),
+    [
+        (True, 1.0, 1.0, "vector"),
+        (False, 0.5, 2.0, "vector"),
+        (True, 1.0, 1.0, None),
+        (True, 1.0, 1.0, "input"),
+    ],
+)
 def test_gemm(tmp_path, rng, fmt, trans_b, alpha, beta, c_kind):
     src = _gemm_model(tmp_path, rng, trans_b=trans_b, alpha=alpha, beta=beta, c_kind=c_kind)
     feeds = {"x": rng.standard_normal((3, 48)).astype(np.float32)}
@@ -127,8 +136,13 @@ def test_weight_behind_cast_and_transpose_and_constant(tmp_path, rng):
         helper.make_node("Cast", ["w16"], ["w32"], to=TensorProto.FLOAT, name="cast"),
         helper.make_node("Transpose", ["w32"], ["wt"], perm=[1, 0], name="tr"),
         helper.make_node("MatMul", ["x", "wt"], ["h"], name="mm1"),
-        helper.make_node("Constant", [], ["wc"], value=numpy_helper.from_array(
-            rng.standard_normal((n, n)).astype(np.float32), "wc"), name="const"),
+        helper.make_node(
+            "Constant",
+            [],
+            ["wc"],
+            value=numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "wc"),
+            name="const",
+        ),
         helper.make_node("MatMul", ["h", "wc"], ["y"], name="mm2"),
     ]
     src = matmul_model(tmp_path / "m.onnx", w16, nodes=nodes, initializers=[numpy_helper.from_array(w16, "w16")], k=k)
@@ -142,7 +156,10 @@ def test_weight_behind_cast_and_transpose_and_constant(tmp_path, rng):
 
 def test_shared_weight_is_quantized_once(tmp_path, rng):
     w = rng.standard_normal((32, 32)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="a"), helper.make_node("MatMul", ["h", "w"], ["y"], name="b")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="a"),
+        helper.make_node("MatMul", ["h", "w"], ["y"], name="b"),
+    ]
     src = matmul_model(tmp_path / "m.onnx", w, nodes=nodes)
     s = qonnx.quantize(src, qonnx.W4A16(block_size=16), output=tmp_path / "q.onnx")
     assert [r.shared_with for r in s.layers] == [None, "a"]
@@ -159,17 +176,26 @@ def test_skips_with_reasons(tmp_path, rng):
         helper.make_node("MatMul", ["h", "dyn"], ["h2"], name="dynamic"),
         helper.make_node("MatMul", ["h2", "w2"], ["y"], name="lm_head"),
     ]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32]),
-              helper.make_tensor_value_info("dyn", TensorProto.FLOAT, [32, 32])]
-    src = matmul_model(tmp_path / "m.onnx", w, nodes=nodes, inputs=inputs,
-                       initializers=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(w, "w2")])
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32]),
+        helper.make_tensor_value_info("dyn", TensorProto.FLOAT, [32, 32]),
+    ]
+    src = matmul_model(
+        tmp_path / "m.onnx",
+        w,
+        nodes=nodes,
+        inputs=inputs,
+        initializers=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(w, "w2")],
+    )
     s = qonnx.quantize(src, qonnx.W4A16(block_size=16), output=tmp_path / "q.onnx", targets={"re:^lm_": None})
     reasons = {r.node: (r.quantized, r.reason) for r in s.layers}
     assert reasons["keep"][0] and not reasons["dynamic"][0] and not reasons["lm_head"][0]
     assert "graph input" in reasons["dynamic"][1] and "excluded by pattern" in reasons["lm_head"][1]
     # exact names and op types choose configs too
     s2 = qonnx.quantize(src, qonnx.W4A16(block_size=16), targets={"keep": qonnx.W8A16(block_size=16), "MatMul": None})
-    assert [(r.node, r.quantized, r.reason.split(" by ")[0]) for r in s2.layers if r.quantized] == [("keep", True, "w8a16")]
+    assert [(r.node, r.quantized, r.reason.split(" by ")[0]) for r in s2.layers if r.quantized] == [
+        ("keep", True, "w8a16")
+    ]
 
 
 @pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
@@ -185,7 +211,9 @@ def test_fp16_model(tmp_path, rng, fmt):
     assert scales and all(i.data_type == TensorProto.FLOAT16 for i in scales)
 
 
-@pytest.mark.parametrize("cfg", [qonnx.W4A16(block_size=32, format="qdq"), qonnx.W8A16(block_size=16, format="qdq", symmetric=True)])
+@pytest.mark.parametrize(
+    "cfg", [qonnx.W4A16(block_size=32, format="qdq"), qonnx.W8A16(block_size=16, format="qdq", symmetric=True)]
+)
 def test_convert_between_forms_is_exact(tmp_path, tiny_model, tiny_input, cfg):
     s = qonnx.quantize(tiny_model, cfg)
     model = s.model
@@ -194,8 +222,11 @@ def test_convert_between_forms_is_exact(tmp_path, tiny_model, tiny_input, cfg):
     y_qdq = run(qdq_path, tiny_input)[0]
     DequantizeToMatMulNBitsPass()(model)
     from onnx_ir.passes.common import RemoveUnusedNodesPass
+
     RemoveUnusedNodesPass()(model)
-    assert {n.op_type for n in model.graph} >= {"MatMulNBits"} and "DequantizeLinear" not in {n.op_type for n in model.graph}
+    assert {n.op_type for n in model.graph} >= {"MatMulNBits"} and "DequantizeLinear" not in {
+        n.op_type for n in model.graph
+    }
     qonnx.save(model, tmp_path / "nbits.onnx")
     y_nbits = run(tmp_path / "nbits.onnx", tiny_input)[0]
     np.testing.assert_allclose(y_nbits, y_qdq, rtol=1e-4, atol=1e-4 * np.abs(y_qdq).max())
@@ -205,7 +236,9 @@ def test_convert_between_forms_is_exact(tmp_path, tiny_model, tiny_input, cfg):
     RemoveUnusedNodesPass()(back_model)
     assert "MatMulNBits" not in {n.op_type for n in back_model.graph}
     qonnx.save(back_model, tmp_path / "back.onnx")
-    np.testing.assert_allclose(run(tmp_path / "back.onnx", tiny_input)[0], y_qdq, rtol=1e-4, atol=1e-4 * np.abs(y_qdq).max())
+    np.testing.assert_allclose(
+        run(tmp_path / "back.onnx", tiny_input)[0], y_qdq, rtol=1e-4, atol=1e-4 * np.abs(y_qdq).max()
+    )
 
 
 def test_opset_upgrade(tmp_path, tiny_model):

@@ -1,0 +1,135 @@
+"""The CLI: real subprocesses, one-line errors with exit code 2, JSON on stdout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import onnx
+import pytest
+from qonnx.models import build_decoder_stack
+
+
+def qonnx_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "qonnx.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+def assert_one_line_error(res, *fragments):
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qonnx: error: "), res.stderr
+    assert "Traceback" not in res.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_quantize_json_and_inspect(tmp_path, tiny_model):
+    res = qonnx_cli(
+        "quantize", tiny_model, "-o", tmp_path / "q.onnx", "--block-size", "32", "--json", "--exclude", "lm_head"
+    )
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["quantized"] == 10 and summary["skipped"] == 1
+    assert summary["config"]["block_size"] == 32 and summary["bytes_after"] < summary["bytes_before"]
+    assert [r["reason"] for r in summary["layers"] if not r["quantized"]] == ["excluded by pattern 're:lm_head'"]
+    info = json.loads(qonnx_cli("inspect", tmp_path / "q.onnx", "--json").stdout)
+    assert info["ops"]["com.microsoft::MatMulNBits"] == 10 and info["quantizable_layers"] == 1
+    human = qonnx_cli("inspect", tiny_model)
+    assert human.returncode == 0 and "quantizable layers: 11 of 11" in human.stdout
+
+
+def test_quantize_human_output_qdq_w8(tmp_path, tiny_model):
+    res = qonnx_cli(
+        "quantize",
+        tiny_model,
+        "-o",
+        tmp_path / "q.onnx",
+        "--scheme",
+        "w8a16",
+        "--format",
+        "qdq",
+        "--block-size",
+        "0",
+        "--symmetric",
+    )
+    assert res.returncode == 0, res.stderr
+    assert "w8a16: quantized 11 layers" in res.stdout and "smaller" in res.stdout
+    assert onnx.load(tmp_path / "q.onnx").opset_import[0].version >= 21
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, tiny_model):
+    (tmp_path / "text.onnx").write_text("not a model at all")
+    data = tiny_model.read_bytes()
+    (tmp_path / "trunc.onnx").write_bytes(data[: len(data) // 2])
+    ext = build_decoder_stack(tmp_path / "ext" / "m.onnx", hidden=32, intermediate=64, layers=1, external_data=True)
+    missing = build_decoder_stack(
+        tmp_path / "missing" / "m.onnx", hidden=32, intermediate=64, layers=1, external_data=True
+    )
+    os.remove(missing.with_name("m.onnx.data"))
+    outside = tmp_path / "outside" / "m.onnx"
+    outside.parent.mkdir()
+    proto = onnx.load(ext, load_external_data=False)
+    for t in proto.graph.initializer:
+        for kv in t.external_data:
+            if kv.key == "location":
+                kv.value = "../ext/m.onnx.data"
+    onnx.save(proto, outside)
+    nomm = tmp_path / "nomm.onnx"
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", 1, [2])],
+        [onnx.helper.make_tensor_value_info("y", 1, [2])],
+    )
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, nomm)
+    return {
+        "tiny": tiny_model,
+        "text": tmp_path / "text.onnx",
+        "trunc": tmp_path / "trunc.onnx",
+        "missing": missing,
+        "outside": outside,
+        "nomm": nomm,
+        "tmp": tmp_path,
+    }
+
+
+@pytest.mark.parametrize(
+    ("case", "extra", "fragments"),
+    [
+        ("nofile", [], ["no such file"]),
+        ("text", [], ["not a readable ONNX model"]),
+        ("trunc", [], ["ONNX model"]),
+        ("missing", [], ["external data file", "missing"]),
+        ("outside", [], ["points outside the model's folder"]),
+        ("nomm", [], ["nothing to quantize"]),
+        ("same", [], ["overwrite the input"]),
+        ("tiny", ["--block-size", "100"], ["block_size"]),
+        ("tiny", ["--block-size", "0"], ["per-channel"]),
+        ("tiny", ["--scheme", "w3a16"], ["--scheme"]),
+        ("tiny", ["--bogus"], ["--bogus"]),
+        ("tiny", ["--exclude", "("], ["regular expression"]),
+        ("tiny", ["--accuracy-level", "9"], ["--accuracy-level"]),
+    ],
+)
+def test_errors_are_one_line(bad_inputs, case, extra, fragments):
+    tmp = bad_inputs["tmp"]
+    src = tmp / "does-not-exist.onnx" if case == "nofile" else bad_inputs["tiny" if case == "same" else case]
+    out = src if case == "same" else tmp / "out.onnx"
+    res = qonnx_cli("quantize", src, "-o", out, *extra)
+    assert_one_line_error(res, *fragments)
+    assert not (tmp / "out.onnx").exists()
+
+
+def test_inspect_error(tmp_path):
+    assert_one_line_error(qonnx_cli("inspect", tmp_path / "nope.onnx"), "no such file")
+
+
+def test_input_folder_without_model(tmp_path):
+    assert_one_line_error(qonnx_cli("quantize", tmp_path, "-o", tmp_path / "o"), "holds no model.onnx")
