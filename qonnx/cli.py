@@ -151,6 +151,18 @@ def inspect(model: str, as_json: bool) -> None:
             click.echo(f"  not quantizable {layer['node'] or layer['weight']}: {layer['reason']}")
 
 
+@cli.command()
+@click.option("--work-dir", default="qonnx-demo", show_default=True, type=click.Path(path_type=str),
+              help="Folder for the models the demo writes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON on stdout.")
+def demo(work_dir: str, as_json: bool) -> None:
+    """Quantize an embedded default model (offline) and compare it with the original."""
+    from qonnx.demo import format_table, run_demo
+
+    result = run_demo(work_dir)
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line on stderr and return 2."""
     try:
