@@ -48,7 +48,6 @@ def quantize_weight(cand: WeightCandidate, cfg: WeightOnlyConfig, dtype: ir.Data
     w_nk = cand.matrix().T  # [N, K]: blocks run along K
     qb = quant.quantize_blocked(w_nk, cfg.bits, cfg.block_size, cfg.symmetric, scale_dtype=dtype.numpy())
     del w_nk
-    cand.release()
     if cfg.format == "matmulnbits":
         return _emit.matmulnbits_arrays(qb, dtype)
     return _emit.dequantize_arrays(qb, dtype)
@@ -159,6 +158,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             seen.add(key)
             return pool.submit(quantize_weight, cand, cfg, _act_dtype(cand))
 
+        # A stored tensor is unmapped after its last user is done, never while a worker may read it.
+        last_use = {id(c.source): i for i, (c, _) in enumerate(todo)}
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
             window = 2 * self.workers
             futures = [submit(pool, c, cfg) for c, cfg in todo[:window]]
@@ -167,7 +168,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     futures.append(submit(pool, *todo[i + window]))
                 fut = futures[i]
                 futures[i] = None  # drop the reference: arrays are freed once emitted
-                yield cand, cfg, fut.result() if fut is not None else None
+                result = fut.result() if fut is not None else None
+                if last_use[id(cand.source)] == i:
+                    cand.release()
+                yield cand, cfg, result
 
     def _rewrite(
         self,

@@ -133,3 +133,11 @@ def test_inspect_error(tmp_path):
 
 def test_input_folder_without_model(tmp_path):
     assert_one_line_error(qonnx_cli("quantize", tmp_path, "-o", tmp_path / "o"), "holds no model.onnx")
+
+
+def test_demo_runs_offline(tmp_path):
+    res = qonnx_cli("demo", "--work-dir", tmp_path / "demo", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = {r["model"]: r for r in json.loads(res.stdout)["rows"]}
+    assert rows["w4a16"]["bytes"] * 4 < rows["fp32"]["bytes"]
+    assert 8 < rows["w4a16"]["sqnr_db"] < 40 and rows["w4a16"]["top1_agreement"] > 0.3
