@@ -8,10 +8,10 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-from qonnx.passes import _emit
 
 from qonnx import quant
 from qonnx.config import MATMULNBITS_BLOCK_SIZES
+from qonnx.passes import _emit
 
 __all__ = ["DequantizeToMatMulNBitsPass", "MatMulNBitsToDequantizePass"]
 

@@ -13,11 +13,11 @@ import os
 from collections.abc import Callable, Iterator
 
 import onnx_ir as ir
-from qonnx.passes import _emit
-from qonnx.passes.weights import WeightCandidate, find_weight_candidates
 
 from qonnx import quant
 from qonnx.config import Targets, WeightOnlyConfig
+from qonnx.passes import _emit
+from qonnx.passes.weights import WeightCandidate, find_weight_candidates
 
 __all__ = ["LayerRecord", "QuantizeWeightsPass", "quantize_weight"]
 

@@ -19,6 +19,9 @@ from qonnx.config import W4A16, Targets, WeightOnlyConfig
 from qonnx.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError
 from qonnx.passes.opset import OpsetConversionError, UpgradeOpsetPass
 from qonnx.passes.weight_only import QDQ_OPSET, LayerRecord, QuantizeWeightsPass
+from qonnx.verification import Verification, VerifyOptions
+from qonnx.verification import metadata as verification_metadata
+from qonnx.verification import verify as run_verify
 
 __all__ = ["QuantizeSummary", "quantize"]
 
@@ -37,6 +40,7 @@ class QuantizeSummary:
         outputs: files written (empty when no output path was given).
         seconds: wall time.
         model: the quantized model (onnx_ir).
+        verification: the comparison of the output with the original (see :class:`VerifyOptions`).
     """
 
     config: dict[str, Any]
@@ -46,6 +50,7 @@ class QuantizeSummary:
     outputs: list[Path]
     seconds: float
     model: ir.Model = dataclasses.field(repr=False)
+    verification: Verification = dataclasses.field(default_factory=lambda: Verification(False))
 
     @property
     def quantized(self) -> list[LayerRecord]:
@@ -71,6 +76,7 @@ class QuantizeSummary:
             "compression": round(self.bytes_before / self.bytes_after, 3) if self.bytes_after else None,
             "seconds": round(self.seconds, 3),
             "outputs": [str(p) for p in self.outputs],
+            "verification": self.verification.to_dict(),
             "layers": [r.to_dict() for r in self.layers],
         }
 
@@ -121,6 +127,7 @@ def quantize(
     progress: bool = False,
     external_data: bool | None = None,
     workers: int | None = None,
+    verify: VerifyOptions | bool | None = None,
 ) -> QuantizeSummary:
     """Quantize a model's weights.
 
@@ -135,6 +142,10 @@ def quantize(
         progress: show a progress bar on stderr.
         external_data: see :func:`qonnx.modelfile.save`.
         workers: threads that quantize weights (default: up to 4, by CPU count).
+        verify: run the original and the quantized model on the same inputs before writing and record
+            per-output SQNR, cosine, max error and top-1 agreement (:class:`VerifyOptions`; True/False to
+            force it on/off; default on for models up to 2 GiB). The figures go into the output's
+            ``metadata_props``; ``VerifyOptions(min_sqnr=...)`` refuses to write a worse model.
 
     Returns:
         A :class:`QuantizeSummary`.
@@ -143,6 +154,7 @@ def quantize(
         QonnxError: bad input model, bad option, nothing to quantize, unusable output path.
     """
     start = time.perf_counter()
+    options = verify if isinstance(verify, VerifyOptions) else VerifyOptions(enabled=verify)
     config = W4A16() if config is None else config
     if not isinstance(config, WeightOnlyConfig):
         raise ConfigError(f"config must be a scheme config such as W4A16(), not {type(config).__name__}")
@@ -157,6 +169,10 @@ def quantize(
         if mirror is not None and out_path.parent.resolve() == mirror.resolve():
             raise OutputPathError(f"{out_path.parent}: output folder is the input folder")
     bytes_before = sum(p.stat().st_size for p in protect) if protect else _weight_bytes(ir_model)
+    original: Path | bytes | None = source
+    wants_check = options.enabled or (options.enabled is None and bytes_before <= options.max_bytes)
+    if original is None and wants_check:  # in-memory input: keep a copy of the original to compare with
+        original = modelfile.to_bytes(ir_model)
 
     qpass = QuantizeWeightsPass(resolved, workers=workers)
     plan = qpass.plan(ir_model)
@@ -184,15 +200,29 @@ def quantize(
             bar.close()
     RemoveUnusedNodesPass()(ir_model)
 
+    quantized = sum(1 for r in qpass.records if r.quantized)
+    skipped = len(qpass.records) - quantized
+    checked = Verification(False, note="verification disabled")
+
+    def finalize(tmp_model: Path) -> dict[str, str]:
+        nonlocal checked
+        assert original is not None or not wants_check
+        checked = run_verify(original or b"", tmp_model, options, bytes_before)
+        return verification_metadata(config.to_dict(), checked, quantized, skipped)
+
     outputs: list[Path] = []
     if out_path is not None:
         if mirror is not None:
             out_path.parent.mkdir(parents=True, exist_ok=True)
             _mirror_folder(mirror, out_path.parent, skip=set(protect))
-        outputs = modelfile.save(ir_model, out_path, protect=protect, external_data=external_data)
+        outputs = modelfile.save(ir_model, out_path, protect=protect, external_data=external_data, finalize=finalize)
         bytes_after = sum(p.stat().st_size for p in outputs)
     else:
         bytes_after = _weight_bytes(ir_model)
+        if wants_check:
+            checked = run_verify(original or b"", modelfile.to_bytes(ir_model), options, bytes_before)
+        for key, value in verification_metadata(config.to_dict(), checked, quantized, skipped).items():
+            ir_model.metadata_props[key] = value
     return QuantizeSummary(
         config=config.to_dict(),
         layers=qpass.records,
@@ -201,6 +231,7 @@ def quantize(
         outputs=outputs,
         seconds=time.perf_counter() - start,
         model=ir_model,
+        verification=checked,
     )
 
 

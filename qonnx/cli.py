@@ -6,6 +6,7 @@ Every problem with the user's input prints one line on stderr and exits with cod
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -14,10 +15,12 @@ import click
 from qonnx import __version__
 from qonnx.config import SCHEMES, scheme_from_name
 from qonnx.errors import QonnxError
+from qonnx.verification import VerificationError, VerifyOptions
 
 __all__ = ["main", "cli"]
 
 EXIT_USAGE = 2
+EXIT_VERIFY = 3
 
 
 def _human_bytes(n: int) -> str:
@@ -83,6 +86,32 @@ def cli() -> None:
     default=None,
     help="Force weights into a separate .data file, or into the .onnx file (default: above 1 GiB).",
 )
+@click.option(
+    "--verify/--no-verify",
+    default=None,
+    help="Compare outputs with the original before writing (default: on for models up to 2 GiB).",
+)
+@click.option(
+    "--min-sqnr",
+    type=float,
+    default=None,
+    metavar="DB",
+    help="Refuse to write the output (exit 3) when any output's SQNR is below DB.",
+)
+@click.option(
+    "--input-shape",
+    "input_shapes",
+    multiple=True,
+    metavar="NAME=DxD",
+    help="Shape of a verification input with dynamic dimensions, e.g. pixel_values=1x3x224x224.",
+)
+@click.option(
+    "--dim",
+    "dims",
+    multiple=True,
+    metavar="NAME=N",
+    help="Size of a named dynamic dimension for verification inputs, e.g. sequence=64.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def quantize(
@@ -95,6 +124,10 @@ def quantize(
     accuracy_level: int | None,
     exclude: tuple[str, ...],
     external_data: bool | None,
+    verify: bool | None,
+    min_sqnr: float | None,
+    input_shapes: tuple[str, ...],
+    dims: tuple[str, ...],
     as_json: bool,
     progress: bool | None,
 ) -> None:
@@ -107,7 +140,15 @@ def quantize(
     config = scheme_from_name(scheme, **options)
     targets = {f"re:{r}": None for r in exclude}
     show = sys.stderr.isatty() if progress is None else progress
-    summary = run_quantize(model, config, output=output, targets=targets, progress=show, external_data=external_data)
+    checks = VerifyOptions(
+        enabled=True if (min_sqnr is not None and verify is None) else verify,
+        min_sqnr=min_sqnr,
+        shapes=_parse_shapes(input_shapes),
+        dims=_parse_dims(dims),
+    )
+    summary = run_quantize(
+        model, config, output=output, targets=targets, progress=show, external_data=external_data, verify=checks
+    )
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
         return
@@ -121,6 +162,16 @@ def quantize(
     click.echo(
         f"size: {_human_bytes(summary.bytes_before)} -> {_human_bytes(summary.bytes_after)} ({ratio:.2f}x smaller)"
     )
+    check = summary.verification
+    if check.ran:
+        for m in check.outputs:
+            top1 = "" if m.top1_agreement is None else f", top-1 agreement {m.top1_agreement:.1%}"
+            click.echo(
+                f"verified {m.name}: SQNR {m.sqnr_db:.1f} dB, cosine {m.cosine:.4f}, "
+                f"max abs error {m.max_abs_error:.3g}{top1}"
+            )
+    else:
+        click.echo(check.note)
     click.echo(f"wrote {', '.join(str(p) for p in summary.outputs)}")
 
 
@@ -152,8 +203,13 @@ def inspect(model: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--work-dir", default="qonnx-demo", show_default=True, type=click.Path(path_type=str),
-              help="Folder for the models the demo writes.")
+@click.option(
+    "--work-dir",
+    default="qonnx-demo",
+    show_default=True,
+    type=click.Path(path_type=str),
+    help="Folder for the models the demo writes.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON on stdout.")
 def demo(work_dir: str, as_json: bool) -> None:
     """Quantize an embedded default model (offline) and compare it with the original."""
@@ -163,6 +219,25 @@ def demo(work_dir: str, as_json: bool) -> None:
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
+def _parse_shapes(items: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    from qonnx.runtime.verify import parse_shape_overrides
+
+    try:
+        return parse_shape_overrides(items)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--input-shape") from None
+
+
+def _parse_dims(items: tuple[str, ...]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if not name or not value.isdigit():
+            raise click.BadParameter(f"{item!r}; expected NAME=N, e.g. sequence=64", param_hint="--dim")
+        out[name] = int(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line on stderr and return 2."""
     try:
@@ -170,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.NoArgsIsHelpError as e:  # type: ignore[attr-defined]
         click.echo(e.ctx.get_help() if e.ctx else str(e), err=True)
         return EXIT_USAGE
+    except VerificationError as e:
+        click.echo(f"qonnx: error: {e}", err=True)
+        return EXIT_VERIFY
     except click.UsageError as e:
         click.echo(f"qonnx: error: {e.format_message()}", err=True)
         return EXIT_USAGE
@@ -183,6 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("qonnx: interrupted", err=True)
         return 130
+    except Exception as e:  # a bug in qonnx: still one line, the traceback on request
+        if os.environ.get("QONNX_DEBUG"):
+            raise
+        click.echo(
+            f"qonnx: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "(set QONNX_DEBUG=1 for the traceback and please report it)",
+            err=True,
+        )
+        return 1
     return 0
 
 

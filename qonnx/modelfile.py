@@ -11,7 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import onnx
@@ -28,6 +28,7 @@ __all__ = [
     "model_files",
     "iter_tensors",
     "make_runtime_compatible",
+    "to_bytes",
 ]
 
 #: The file name of the model inside a model folder (the layout Hugging Face Optimum uses).
@@ -186,6 +187,7 @@ def save(
     *,
     protect: Iterable[str | os.PathLike] = (),
     external_data: bool | None = None,
+    finalize: Callable[[Path], dict[str, str]] | None = None,
 ) -> list[Path]:
     """Save ``model`` to ``path`` atomically, with versions ONNX Runtime accepts.
 
@@ -199,6 +201,8 @@ def save(
         protect: files that must not be overwritten (the input model and its data files).
         external_data: True to always write weights to a separate file, False never, None (default)
             when the weights exceed 1 GiB. The protobuf itself cannot exceed 2 GB.
+        finalize: called with the written model's temporary path before it is moved into place; it may
+            raise to abandon the write (nothing is left behind) and returns metadata_props to add.
 
     Returns:
         The files written.
@@ -232,19 +236,15 @@ def save(
         raise OutputPathError(f"{parent}: cannot write there: {e.strerror}") from None
     # Tensors that stay inside the protobuf but still live in the input's data file must be read in,
     # or the output would point at the input's file. Restored afterwards: the model is not changed.
-    inline = [
-        (v, t)
-        for v, t in iter_tensors(model)
-        if isinstance(t, ir.ExternalTensor) and (not external_data or t.nbytes <= _INLINE_BYTES)
-    ]
     try:
-        for v, t in inline:
-            v.const_value = ir.Tensor(t.numpy(), name=t.name)
-        tmp_model = tmp / out.name
-        if external_data:
-            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=_INLINE_BYTES)
-        else:
-            ir.save(model, tmp_model)
+        with _inlined(model, _INLINE_BYTES if external_data else None):
+            tmp_model = tmp / out.name
+            if external_data:
+                ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=_INLINE_BYTES)
+            else:
+                ir.save(model, tmp_model)
+        if finalize is not None:
+            _add_metadata(tmp_model, finalize(tmp_model))
         written = []
         if (tmp / data_name).exists():
             os.replace(tmp / data_name, data_path)
@@ -255,6 +255,41 @@ def save(
         written.insert(0, out)
         return written
     finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _add_metadata(model_path: Path, props: dict[str, str]) -> None:
+    """Set ``metadata_props`` in a saved model file (its external data is not touched)."""
+    if not props:
+        return
+    proto = onnx.load(os.fspath(model_path), load_external_data=False)
+    existing = {p.key: p for p in proto.metadata_props}
+    for key, value in props.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, os.fspath(model_path))
+
+
+@contextlib.contextmanager
+def _inlined(model: ir.Model, max_bytes: int | None) -> Iterator[None]:
+    """Within the block, external tensors (up to ``max_bytes`` each; all when None) are held in memory."""
+    inline = [
+        (v, t)
+        for v, t in iter_tensors(model)
+        if isinstance(t, ir.ExternalTensor) and (max_bytes is None or t.nbytes <= max_bytes)
+    ]
+    try:
+        for v, t in inline:
+            v.const_value = ir.Tensor(t.numpy(), name=t.name)
+        yield
+    finally:
         for v, t in inline:
             v.const_value = t
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def to_bytes(model: ir.Model) -> bytes:
+    """The whole model, weights included, as one serialized protobuf (for models under 2 GB)."""
+    with _inlined(model, None):
+        return ir.serde.serialize_model(model).SerializeToString()

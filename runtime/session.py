@@ -51,7 +51,7 @@ def resolve_device(device: str = "auto", *, quiet: bool = False) -> str:
 
 
 def make_session(
-    model_path: str | os.PathLike,
+    model_path: str | os.PathLike | bytes,
     device: str = "cpu",
     *,
     threads: int | None = None,
@@ -77,4 +77,5 @@ def make_session(
     if qdq_accuracy_level is not None:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", qdq_accuracy_level)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    return ort.InferenceSession(os.fspath(model_path), so, providers=providers)
+    model = model_path if isinstance(model_path, bytes) else os.fspath(model_path)
+    return ort.InferenceSession(model, so, providers=providers)

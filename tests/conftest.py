@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
 from qonnx.models import build_decoder_stack
 from qonnx.runtime import make_session
 

@@ -9,6 +9,7 @@ import sys
 
 import onnx
 import pytest
+
 from qonnx.models import build_decoder_stack
 
 

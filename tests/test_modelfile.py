@@ -10,10 +10,10 @@ import onnx
 import onnx_ir as ir
 import pytest
 from conftest import run
-from qonnx.models import build_decoder_stack
 
 import qonnx
 from qonnx import modelfile
+from qonnx.models import build_decoder_stack
 
 
 def digest(path):

@@ -10,10 +10,10 @@ import onnx_ir as ir
 import pytest
 from conftest import matmul_model, run, sqnr_db
 from onnx import TensorProto, helper, numpy_helper
-from qonnx.passes import DequantizeToMatMulNBitsPass, MatMulNBitsToDequantizePass, UpgradeOpsetPass
 
 import qonnx
 from qonnx import quant
+from qonnx.passes import DequantizeToMatMulNBitsPass, MatMulNBitsToDequantizePass, UpgradeOpsetPass
 
 CASES = [  # (config, SQNR bound in dB on the tiny decoder)
     (qonnx.W4A16(block_size=32), 12),

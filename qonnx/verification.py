@@ -1,0 +1,137 @@
+"""Every quantize run checks its own output before writing it: options, verdict and metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from qonnx.errors import QonnxError
+
+__all__ = ["VerifyOptions", "Verification", "VerificationError", "verify"]
+
+#: Below this SQNR (dB) on any output, the run warns loudly: the model has lost most of its signal.
+DEFAULT_WARN_SQNR = 10.0
+#: Models whose files exceed this are not verified unless asked: both would be loaded in ONNX Runtime.
+DEFAULT_MAX_BYTES = 2 << 30
+
+
+class VerificationError(QonnxError):
+    """The quantized model is further from the original than ``min_sqnr`` allows (CLI exit code 3)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VerifyOptions:
+    """How a quantize run verifies its output.
+
+    Attributes:
+        enabled: True always, False never, None (default) unless the input exceeds ``max_bytes``.
+        min_sqnr: refuse to write the output when any output's SQNR (dB) is below this.
+        warn_sqnr: warn on stderr below this.
+        feeds: input batches to use (e.g. calibration data); otherwise made from the declared inputs.
+        shapes: input name -> full shape, for inputs with dynamic dimensions.
+        dims: dynamic dimension name -> size (e.g. {"sequence": 64}).
+        device: "cpu", "cuda" or "auto".
+        max_bytes: see ``enabled``.
+    """
+
+    enabled: bool | None = None
+    min_sqnr: float | None = None
+    warn_sqnr: float = DEFAULT_WARN_SQNR
+    feeds: Sequence[Mapping[str, np.ndarray]] | None = None
+    shapes: Mapping[str, tuple[int, ...]] | None = None
+    dims: Mapping[str, int] | None = None
+    device: str = "cpu"
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+
+@dataclasses.dataclass
+class Verification:
+    """What verification found (or why it did not run)."""
+
+    ran: bool
+    outputs: list[Any] = dataclasses.field(default_factory=list)  # runtime.verify.OutputMetrics
+    note: str = ""
+    seconds: float = 0.0
+
+    @property
+    def worst_sqnr(self) -> float | None:
+        """The lowest SQNR over the outputs (None when nothing was compared)."""
+        return min((m.sqnr_db for m in self.outputs), default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        worst = self.worst_sqnr
+        return {
+            "ran": self.ran,
+            "note": self.note,
+            "worst_sqnr_db": None if worst is None else round(max(min(worst, 999.0), -999.0), 3),
+            "outputs": [m.to_dict() for m in self.outputs],
+        }
+
+
+def verify(
+    original: str | os.PathLike | bytes, quantized: str | os.PathLike | bytes, options: VerifyOptions, size: int
+) -> Verification:
+    """Compare the models as ``options`` say; raises VerificationError below ``min_sqnr``."""
+    import time
+
+    from qonnx.runtime.verify import verify_models
+
+    if options.enabled is False:
+        return Verification(False, note="verification disabled")
+    if options.enabled is None and size > options.max_bytes:
+        return Verification(
+            False,
+            note=f"verification skipped: model over {options.max_bytes >> 20} MiB "
+            "(both models would be loaded; ask for it explicitly)",
+        )
+    start = time.perf_counter()
+    try:
+        metrics = verify_models(
+            original, quantized, feeds=options.feeds, shapes=options.shapes, dims=options.dims, device=options.device
+        )
+    except QonnxError:
+        raise
+    except Exception as e:  # ORT's errors for inputs it cannot make up: say how to fix
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise QonnxError(
+            f"verification could not run the models: {msg}; give input shapes with "
+            "--input-shape NAME=DxD or disable it with --no-verify"
+        ) from None
+    result = Verification(True, metrics, seconds=time.perf_counter() - start)
+    worst = result.worst_sqnr
+    if options.min_sqnr is not None and worst is not None and not worst >= options.min_sqnr:
+        bad = min(metrics, key=lambda m: m.sqnr_db)
+        raise VerificationError(
+            f"output '{bad.name}' has SQNR {bad.sqnr_db:.1f} dB, below --min-sqnr "
+            f"{options.min_sqnr:g}; nothing was written"
+        )
+    if worst is not None and not worst >= options.warn_sqnr:
+        bad = min(metrics, key=lambda m: m.sqnr_db)
+        print(
+            f"qonnx: WARNING: output '{bad.name}' has SQNR {bad.sqnr_db:.1f} dB (cosine {bad.cosine:.3f}): "
+            "the quantized model has lost much of its signal; keep sensitive layers in higher precision",
+            file=sys.stderr,
+        )
+    return result
+
+
+def metadata(config: dict[str, Any], verification: Verification, quantized: int, skipped: int) -> dict[str, str]:
+    """The ``metadata_props`` a pipeline can gate on."""
+    from qonnx import __version__
+
+    worst = verification.worst_sqnr
+    return {
+        "qonnx.version": __version__,
+        "qonnx.config": json.dumps(config, sort_keys=True),
+        "qonnx.layers": json.dumps({"quantized": quantized, "skipped": skipped}),
+        "qonnx.verification": json.dumps(verification.to_dict(), sort_keys=True),
+        "qonnx.worst_sqnr_db": "" if worst is None or not math.isfinite(worst) else f"{worst:.3f}",
+    }

@@ -1,0 +1,207 @@
+"""Self-verification: run the original and the quantized model on the same inputs and compare outputs.
+
+Inputs come from the caller (calibration data) or are made from the declared input shapes and types:
+dynamic dimensions take sizes by name (batch 1, sequence 16, past length 0, others 1) unless overridden,
+token ids are drawn below the vocabulary size read off the logits output, masks are ones, position ids
+count up, and float inputs are standard normal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from qonnx.runtime.session import make_session
+
+__all__ = ["OutputMetrics", "compare_outputs", "make_inputs", "verify_models", "parse_shape_overrides"]
+
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+    "tensor(int16)": np.int16,
+}
+
+
+@dataclasses.dataclass
+class OutputMetrics:
+    """How far one quantized output is from the original."""
+
+    name: str
+    sqnr_db: float
+    cosine: float
+    max_abs_error: float
+    top1_agreement: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (infinite SQNR as a large finite number)."""
+        d = dataclasses.asdict(self)
+        d["sqnr_db"] = round(min(self.sqnr_db, 999.0), 3)
+        d["cosine"] = round(self.cosine, 6)
+        d["max_abs_error"] = float(f"{self.max_abs_error:.6g}")
+        if self.top1_agreement is not None:
+            d["top1_agreement"] = round(self.top1_agreement, 6)
+        return d
+
+
+def parse_shape_overrides(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """``["x=1x3x224x224"]`` -> ``{"x": (1, 3, 224, 224)}``; raises ValueError with the bad item."""
+    out: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or any(d < 0 for d in shape):
+            raise ValueError(f"bad --input-shape {item!r}; expected NAME=DxDxD, e.g. x=1x3x224x224")
+        out[name] = shape
+    return out
+
+
+def _dim(dim: Any, name: str, axis: int, dims: Mapping[str, int]) -> int:
+    if isinstance(dim, int) and dim >= 0:
+        return dim
+    label = str(dim or "").lower()
+    if label in dims:
+        return dims[label]
+    if "past" in label or ("past" in name.lower() and axis == 2):
+        return 0
+    if "batch" in label or axis == 0:
+        return 1
+    if any(k in label for k in ("seq", "len", "token", "time")):
+        return 16
+    return 1
+
+
+def _vocab_size(session: ort.InferenceSession) -> int | None:
+    for out in session.get_outputs():
+        if "logit" in out.name.lower() and out.shape and isinstance(out.shape[-1], int):
+            return out.shape[-1]
+    return None
+
+
+def make_inputs(
+    session: ort.InferenceSession,
+    *,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    dims: Mapping[str, int] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Inputs for ``session`` made from its declared shapes and types (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    shapes, dims = dict(shapes or {}), {k.lower(): v for k, v in (dims or {}).items()}
+    vocab = _vocab_size(session) or 100
+    feeds: dict[str, np.ndarray] = {}
+    for inp in session.get_inputs():
+        dtype = _ORT_TO_NUMPY.get(inp.type)
+        if dtype is None:
+            raise ValueError(f"input {inp.name!r} has type {inp.type}; give verification inputs explicitly")
+        shape = shapes.get(inp.name) or tuple(_dim(d, inp.name, i, dims) for i, d in enumerate(inp.shape or []))
+        lname = inp.name.lower()
+        if np.issubdtype(dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_ or "mask" in lname:
+            feeds[inp.name] = np.ones(shape, dtype=dtype)
+        elif "position" in lname:
+            feeds[inp.name] = np.broadcast_to(np.arange(shape[-1] if shape else 1, dtype=dtype), shape).copy()
+        elif "ids" in lname or "token" in lname:
+            feeds[inp.name] = rng.integers(0, vocab, size=shape).astype(dtype)
+        else:
+            feeds[inp.name] = rng.integers(0, 4, size=shape).astype(dtype)
+    return feeds
+
+
+def _looks_like_scores(name: str, arr: np.ndarray) -> bool:
+    if arr.ndim < 2 or arr.shape[-1] < 2:
+        return False
+    return bool(re.search(r"logit|score|prob|class", name.lower())) or arr.ndim == 2
+
+
+class OutputComparison:
+    """Streaming comparison of one output over batches: ``add(ref, out)`` ... ``finalize()``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.signal = self.noise = self.dot = self.out_energy = self.max_err = 0.0
+        self.finite = True
+        self.top1_hits = self.top1_total = 0
+        self.scores: bool | None = None
+
+    def add(self, ref: np.ndarray, out: np.ndarray) -> None:
+        """Accumulate one batch."""
+        r = np.asarray(ref, dtype=np.float64).ravel()
+        o = np.asarray(out, dtype=np.float64).ravel()
+        if r.size == 0:
+            return
+        self.finite &= bool(np.all(np.isfinite(o)))
+        err = r - o
+        self.signal += float(np.dot(r, r))
+        self.noise += float(np.dot(err, err)) if self.finite else 0.0
+        self.dot += float(np.dot(r, o))
+        self.out_energy += float(np.dot(o, o))
+        self.max_err = max(self.max_err, float(np.abs(err).max()))
+        if self.scores is None:
+            self.scores = _looks_like_scores(self.name, np.asarray(ref))
+        if self.scores:
+            hits = np.asarray(ref).argmax(-1) == np.asarray(out).argmax(-1)
+            self.top1_hits += int(hits.sum())
+            self.top1_total += hits.size
+
+    def finalize(self) -> OutputMetrics:
+        """The metrics over every batch added."""
+        if not self.finite:
+            sqnr = -math.inf
+        elif self.noise == 0:
+            sqnr = math.inf
+        else:
+            sqnr = 10 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
+        denom = math.sqrt(self.signal * self.out_energy)
+        cosine = self.dot / denom if denom > 0 and self.finite else (1.0 if self.noise == 0 and self.finite else 0.0)
+        top1 = self.top1_hits / self.top1_total if self.top1_total else None
+        return OutputMetrics(self.name, sqnr, cosine, self.max_err if self.finite else math.inf, top1)
+
+
+def compare_outputs(name: str, ref: np.ndarray, out: np.ndarray) -> OutputMetrics:
+    """SQNR, cosine, max abs error and (for class scores) top-1 agreement of ``out`` against ``ref``."""
+    acc = OutputComparison(name)
+    acc.add(ref, out)
+    return acc.finalize()
+
+
+def verify_models(
+    original: str | os.PathLike | bytes,
+    quantized: str | os.PathLike | bytes,
+    *,
+    feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    dims: Mapping[str, int] | None = None,
+    device: str = "cpu",
+) -> list[OutputMetrics]:
+    """Run both models on the same inputs; one metrics row per float output, over all batches."""
+    fast = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # short-lived sessions: build them quickly
+    ref_sess = make_session(original, device, optimization=fast)
+    q_sess = make_session(quantized, device, optimization=fast)
+    batches = list(feeds) if feeds else [make_inputs(ref_sess, shapes=shapes, dims=dims)]
+    names = [
+        o.name
+        for o in ref_sess.get_outputs()
+        if o.type in ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
+    ]
+    accs = {n: OutputComparison(n) for n in names}
+    for batch in batches:
+        for n, r, o in zip(names, ref_sess.run(names, dict(batch)), q_sess.run(names, dict(batch)), strict=True):
+            accs[n].add(r, o)
+    return [a.finalize() for a in accs.values()]

@@ -1,0 +1,129 @@
+"""Self-verification: figures, metadata, refusal below --min-sqnr, made-up inputs for common graphs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+from conftest import matmul_model
+from onnx import TensorProto, helper, numpy_helper
+from test_cli import assert_one_line_error, qonnx_cli
+
+import qonnx
+from qonnx.runtime.session import make_session
+from qonnx.runtime.verify import compare_outputs, make_inputs, parse_shape_overrides
+from qonnx.verification import VerificationError, VerifyOptions
+
+
+def test_compare_outputs_math():
+    ref = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], np.float32)
+    m = compare_outputs("logits", ref, ref)
+    assert m.sqnr_db == math.inf and m.cosine == pytest.approx(1) and m.top1_agreement == 1.0
+    noisy = ref + np.array([[0.1, 0, 0], [0, 0, 0]], np.float32)
+    m = compare_outputs("logits", ref, noisy)
+    assert m.sqnr_db == pytest.approx(10 * math.log10(28 / 0.01), rel=1e-4)
+    assert m.max_abs_error == pytest.approx(0.1, rel=1e-5)
+    flipped = ref[:, ::-1]
+    assert compare_outputs("logits", ref, flipped).top1_agreement == 0.0
+    assert compare_outputs("y", ref, np.full_like(ref, np.nan)).sqnr_db == -math.inf
+
+
+def test_metadata_and_summary(tmp_path, tiny_model):
+    s = qonnx.quantize(tiny_model, qonnx.W8A16(block_size=32), output=tmp_path / "q.onnx")
+    assert s.verification.ran and s.verification.worst_sqnr > 30
+    props = {p.key: p.value for p in onnx.load(tmp_path / "q.onnx").metadata_props}
+    assert props["qonnx.version"] == qonnx.__version__
+    assert json.loads(props["qonnx.config"])["scheme"] == "w8a16"
+    assert float(props["qonnx.worst_sqnr_db"]) == pytest.approx(s.verification.worst_sqnr, abs=1e-3)
+    assert json.loads(props["qonnx.verification"])["outputs"][0]["name"] == "y"
+
+
+def test_min_sqnr_refuses_and_writes_nothing(tmp_path, tiny_model):
+    with pytest.raises(VerificationError):
+        qonnx.quantize(
+            tiny_model, qonnx.W4A16(block_size=32), output=tmp_path / "q.onnx", verify=VerifyOptions(min_sqnr=60)
+        )
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.onnx"]  # the input alone: no output, no temp files
+    res = qonnx_cli("quantize", tiny_model, "-o", tmp_path / "q.onnx", "--min-sqnr", "60")
+    assert res.returncode == 3 and "below --min-sqnr 60" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_garbage_model_warns_loudly(tmp_path, rng, capsys):
+    """A weight with one huge outlier per block destroys 4-bit precision: the run must say so."""
+    w = rng.standard_normal((64, 16)).astype(np.float32)
+    w[::16] = 1e4
+    src = matmul_model(tmp_path / "m.onnx", w)
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    x[:, ::16] = 0  # the outlier channels are silent: the output is made of the weights rounded away
+    s = qonnx.quantize(
+        src, qonnx.W4A16(block_size=16), output=tmp_path / "q.onnx", verify=VerifyOptions(feeds=[{"x": x}])
+    )
+    assert s.verification.worst_sqnr < 10
+    assert "WARNING" in capsys.readouterr().err
+
+
+def test_no_verify(tmp_path, tiny_model):
+    s = qonnx.quantize(tiny_model, output=tmp_path / "q.onnx", verify=False)
+    assert not s.verification.ran and "disabled" in s.verification.note
+
+
+def test_made_up_inputs_for_llm_like_graph(tmp_path):
+    """input_ids below the vocabulary, attention mask of ones, empty past, position ids counting up."""
+    vocab, hidden = 50, 16
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["h"]),
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["m", "axes"], ["m3"]),
+        helper.make_node("Mul", ["h", "m3"], ["hm"]),
+        helper.make_node("MatMul", ["hm", "lm"], ["logits"], name="lm_head"),
+        helper.make_node("Identity", ["past"], ["present"]),
+    ]
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype(np.float32), "emb"),
+        numpy_helper.from_array(rng.standard_normal((hidden, vocab)).astype(np.float32), "lm"),
+        numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info("past", TensorProto.FLOAT, ["batch", 2, "past_sequence", 8]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", vocab]),
+        helper.make_tensor_value_info("present", TensorProto.FLOAT, ["batch", 2, "past_sequence", 8]),
+    ]
+    m = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outputs, inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    m.ir_version = 8
+    onnx.save(m, tmp_path / "lm.onnx")
+    feeds = make_inputs(make_session(tmp_path / "lm.onnx"))
+    assert feeds["input_ids"].shape == (1, 16) and feeds["input_ids"].max() < vocab
+    assert np.all(feeds["attention_mask"] == 1) and feeds["past"].shape == (1, 2, 0, 8)
+    s = qonnx.quantize(tmp_path / "lm.onnx", qonnx.W8A16(block_size=16), output=tmp_path / "q.onnx")
+    by_name = {o.name: o for o in s.verification.outputs}
+    assert by_name["logits"].top1_agreement is not None and by_name["logits"].top1_agreement > 0.9
+
+
+def test_shape_overrides():
+    assert parse_shape_overrides(["x=1x3x224x224"]) == {"x": (1, 3, 224, 224)}
+    for bad in ("x", "x=", "x=1xq", "=3"):
+        with pytest.raises(ValueError):
+            parse_shape_overrides([bad])
+
+
+def test_cli_shape_errors(tmp_path, tiny_model):
+    assert_one_line_error(
+        qonnx_cli("quantize", tiny_model, "-o", tmp_path / "q.onnx", "--input-shape", "x=2"),
+        "verification could not run",
+    )
+    assert_one_line_error(
+        qonnx_cli("quantize", tiny_model, "-o", tmp_path / "q.onnx", "--input-shape", "x"), "--input-shape"
+    )
+    res = qonnx_cli("quantize", tiny_model, "-o", tmp_path / "q.onnx", "--input-shape", "x=2x3x72", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["verification"]["ran"]
