@@ -84,7 +84,7 @@ def cli() -> None:
 @click.option(
     "--external-data/--no-external-data",
     default=None,
-    help="Force weights into a separate .data file, or into the .onnx file (default: above 1 GiB).",
+    help="Force weights into a separate .data file, or into the .onnx file (default: above 256 MiB).",
 )
 @click.option(
     "--verify/--no-verify",

@@ -35,8 +35,8 @@ __all__ = [
 MODEL_FILENAME = "model.onnx"
 #: The newest IR version that the ONNX Runtime releases we target accept (1.31 refuses 14).
 MAX_RUNTIME_IR_VERSION = 13
-#: Above this many bytes of weights, a model is always saved with external data.
-EXTERNAL_DATA_THRESHOLD = 1 << 30
+#: Above this many bytes of weights, a model is saved with external data (a protobuf is built in memory).
+EXTERNAL_DATA_THRESHOLD = 256 << 20
 #: Tensors up to this size stay inside the protobuf even when weights go to external data.
 _INLINE_BYTES = 1024
 
@@ -200,7 +200,7 @@ def save(
         path: the .onnx file to write; external data goes to ``<name>.data`` beside it.
         protect: files that must not be overwritten (the input model and its data files).
         external_data: True to always write weights to a separate file, False never, None (default)
-            when the weights exceed 1 GiB. The protobuf itself cannot exceed 2 GB.
+            when the weights exceed 256 MiB (the protobuf is built in memory and cannot exceed 2 GB).
         finalize: called with the written model's temporary path before it is moved into place; it may
             raise to abandon the write (nothing is left behind) and returns metadata_props to add.
 

@@ -8,6 +8,7 @@ Conventions match ONNX Runtime's MLAS quantizer so results are comparable:
 
 * asymmetric: the range is widened to include 0, ``scale = (max - min) / (qmax - qmin)`` and
   ``zero_point = round(qmin - min / scale)`` clamped to the integer range; stored codes are unsigned.
+* codes are ``clamp(roundf(w * (1 / scale) + zero_point))`` in float32, ties away from zero.
 * symmetric: the value of largest magnitude maps to the most negative code (``scale = v / qmin``), so
   the full signed range is used; codes are signed and the zero point is 0.
 
@@ -33,6 +34,7 @@ __all__ = [
     "pack_zero_points",
     "unpack_zero_points",
     "qrange",
+    "round_half_away",
 ]
 
 
@@ -108,10 +110,20 @@ def quantize(blocks: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits
     inv = np.divide(1.0, s, out=np.zeros_like(s), where=s != 0)
     fmax = np.finfo(np.float32).max
     np.clip(inv, -fmax, fmax, out=inv)  # a subnormal scale: keep 0 * inv finite
-    q = np.round(blocks.astype(np.float32, copy=False) * inv)
-    q += zero_point[..., None].astype(np.float32)
+    v = blocks.astype(np.float32, copy=False) * inv
+    v += zero_point[..., None].astype(np.float32)
+    q = round_half_away(v)
     np.clip(q, qmin, qmax, out=q)
     return q.astype(np.int8 if symmetric else np.uint8)
+
+
+def round_half_away(v: np.ndarray) -> np.ndarray:
+    """Round to nearest, ties away from zero (C's roundf, as ONNX Runtime's quantizer rounds)."""
+    q = np.round(v)  # ties to even: differs only at exact halves, which are rare
+    ties = np.nonzero(np.abs(v - q) == 0.5)
+    if ties[0].size:
+        q[ties] = np.trunc(v[ties]) + np.sign(v[ties])
+    return q
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
