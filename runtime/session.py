@@ -61,7 +61,7 @@ def make_session(
     """An InferenceSession on ``device`` ("cpu", "cuda" or "auto").
 
     Args:
-        model_path: the .onnx file.
+        model_path: the .onnx file, a folder holding model.onnx, or serialized model bytes.
         device: where to run; CUDA falls back to CPU when no GPU is usable.
         threads: intra-op threads (default: ONNX Runtime's choice).
         qdq_accuracy_level: value for ``session.qdq_matmulnbits_accuracy_level`` (see PRECISE_QDQ);
@@ -77,5 +77,10 @@ def make_session(
     if qdq_accuracy_level is not None:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", qdq_accuracy_level)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    model = model_path if isinstance(model_path, bytes) else os.fspath(model_path)
+    if isinstance(model_path, bytes):
+        model: str | bytes = model_path
+    else:
+        from qonnx.modelfile import resolve_model_path
+
+        model = os.fspath(resolve_model_path(model_path))  # a folder means its model.onnx
     return ort.InferenceSession(model, so, providers=providers)

@@ -1,0 +1,326 @@
+"""GPU benchmark: fp16 vs qonnx W4A16 (MatMulNBits) Llama models on ONNX Runtime's CUDA provider.
+
+For each size (random weights: speed does not depend on their values) the script builds a Llama model in
+fp16 with transformers, exports it with the KV cache through ``qonnx.models.export_causal_lm``, quantizes it
+with ``qonnx.quantize`` (W4A16, asymmetric, block 128), and measures on the CUDA provider with IOBinding:
+
+- prefill latency: one forward over ``--prompt-len`` tokens (median of 5),
+- decode: ``--new-tokens`` steps of one token each with the KV cache kept on the GPU (present outputs bound
+  as the next step's past inputs), at every batch size in ``--batches``; tokens/s = batch * steps / time,
+- achieved weight bandwidth: bytes of the model's weights read per decode step / step time, as a fraction
+  of the device-to-device copy bandwidth measured in the same run with torch (bytes read + written).
+
+Run on the GPU machine (see ../shared/device/README.md for onnxruntime-gpu)::
+
+    python benchmarks/bench_gpu.py --sizes 1b,7b --work /tmp/gpubench --section-out $OUT/gpu.md
+
+then merge the section into RESULTS.md here with ``python benchmarks/bench_gpu.py --merge gpu.md``.
+``--sizes tiny --device cpu`` runs the whole pipeline on a tiny model for a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+START, END = "<!-- bench_gpu:start -->", "<!-- bench_gpu:end -->"
+
+SIZES: dict[str, dict[str, int]] = {
+    # TinyLlama-1.1B's shape
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    # Llama-2-7B's shape
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+    ),
+}
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + written), measured with torch."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return float("nan")
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    reps = 20
+    for _ in range(reps):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * n * reps / (time.perf_counter() - t)
+
+
+def build_and_export(size: str, work: Path, device: str) -> tuple[Path, float, int]:
+    """Random fp16 Llama of ``size`` exported with the KV cache; returns (folder, seconds, parameters)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qonnx.models.export import export_causal_lm
+
+    out = work / f"{size}-fp16"
+    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    dev = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
+    with torch.device(dev):
+        model = LlamaForCausalLM(cfg).to(torch.float16 if dev == "cuda" else torch.float32).eval()
+    params = sum(p.numel() for p in model.parameters())
+    if (out / "model.onnx").exists():
+        return out, 0.0, params
+    t = time.perf_counter()
+    export_causal_lm(model, out, dtype="fp16" if dev == "cuda" else "fp32", kv_cache=True, verify=False, quiet=True)
+    seconds = time.perf_counter() - t
+    del model
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return out, seconds, params
+
+
+def quantize(src: Path, work: Path, size: str) -> tuple[Path, float]:
+    """qonnx W4A16 (asymmetric, block 128) of the exported folder."""
+    import qonnx
+
+    out = work / f"{size}-w4a16"
+    if (out / "model.onnx").exists():
+        return out, 0.0
+    t = time.perf_counter()
+    qonnx.quantize(src, qonnx.W4A16(block_size=128), output=out, verify=False)
+    return out, time.perf_counter() - t
+
+
+def weight_bytes(folder: Path) -> int:
+    """Bytes a decode step must read at least once: every initializer except tables only gathered from
+    (the token embedding: a step reads a few rows of it)."""
+    from qonnx.modelfile import iter_tensors, load
+
+    model = load(folder)
+    total = 0
+    for value, t in iter_tensors(model):
+        uses = [u.node.op_type for u in value.uses()]
+        if uses and all(op == "Gather" for op in uses):
+            continue
+        total += int(t.nbytes)
+    return total
+
+
+class Runner:
+    """IOBinding decode loop for one model folder on one device."""
+
+    def __init__(self, folder: Path, device: str) -> None:
+        from qonnx.runtime.session import make_session
+
+        self.session = make_session(folder, device)
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.present = [n.replace("past_key_values.", "present.") for n in self.past]
+        self.dtype = np.float16 if self.inputs[self.past[0]].type == "tensor(float16)" else np.float32
+
+    def _ortvalue(self, arr: np.ndarray) -> Any:
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(arr, self.device, 0)
+
+    def step(self, ids: np.ndarray, past: dict[str, Any], past_len: int) -> tuple[float, dict[str, Any]]:
+        """One forward with bound inputs/outputs; returns (seconds, present as OrtValues on the device)."""
+        batch, seq = ids.shape
+        io = self.session.io_binding()
+        io.bind_ortvalue_input("input_ids", self._ortvalue(ids.astype(np.int64)))
+        io.bind_ortvalue_input("attention_mask", self._ortvalue(np.ones((batch, past_len + seq), np.int64)))
+        pos = np.arange(past_len, past_len + seq, dtype=np.int64)[None].repeat(batch, 0)
+        io.bind_ortvalue_input("position_ids", self._ortvalue(pos))
+        for name in self.past:
+            io.bind_ortvalue_input(name, past[name])
+        io.bind_output("logits", self.device)
+        for name in self.present:
+            io.bind_output(name, self.device)
+        io.synchronize_inputs()
+        t = time.perf_counter()
+        self.session.run_with_iobinding(io)
+        io.synchronize_outputs()
+        seconds = time.perf_counter() - t
+        outs = io.get_outputs()
+        return seconds, {p: outs[1 + i] for i, p in enumerate(self.past)}
+
+    def empty_past(self, batch: int) -> dict[str, Any]:
+        out = {}
+        for name in self.past:
+            shape = [
+                batch if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(self.inputs[name].shape)
+            ]
+            shape[2] = 0
+            out[name] = self._ortvalue(np.zeros(shape, self.dtype))
+        return out
+
+    def measure(self, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> dict[str, float]:
+        rng = np.random.default_rng(0)
+        ids = rng.integers(0, vocab, size=(batch, prompt_len))
+        prefill = []
+        for _ in range(5):
+            seconds, past = self.step(ids, self.empty_past(batch), 0)
+            prefill.append(seconds)
+        steps = []
+        length = prompt_len
+        for _ in range(new_tokens):
+            nxt = rng.integers(0, vocab, size=(batch, 1))
+            seconds, past = self.step(nxt, past, length)
+            steps.append(seconds)
+            length += 1
+        steady = steps[2:] if len(steps) > 4 else steps
+        step = statistics.median(steady)
+        return {
+            "prefill_ms": 1e3 * statistics.median(prefill),
+            "step_ms": 1e3 * step,
+            "tokens_per_s": batch / step,
+            "steps": len(steps),
+        }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from qonnx.runtime.session import resolve_device
+
+    device = resolve_device(args.device)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    bw = copy_bandwidth() if device == "cuda" else float("nan")
+    results: dict[str, Any] = {"device": device, "copy_bandwidth": bw, "ort": ort.__version__, "sizes": {}}
+    for size in args.sizes.split(","):
+        fp16, export_s, params = build_and_export(size, work, device)
+        w4, quant_s = quantize(fp16, work, size)
+        entry: dict[str, Any] = {"params": params, "export_s": export_s, "quantize_s": quant_s, "models": {}}
+        for label, folder in (("fp16", fp16), ("w4a16", w4)):
+            wbytes = weight_bytes(folder)
+            runner = Runner(folder, device)
+            rows = {}
+            for batch in (int(b) for b in args.batches.split(",")):
+                m = runner.measure(batch, args.prompt_len, args.new_tokens, SIZES[size]["vocab_size"])
+                m["weight_gbps"] = wbytes / (m["step_ms"] / 1e3) / 1e9
+                m["bw_fraction"] = (wbytes / (m["step_ms"] / 1e3)) / bw if bw == bw else float("nan")
+                rows[batch] = m
+                print(f"{size} {label} batch {batch}: {json.dumps(m)}", flush=True)
+            entry["models"][label] = {"weight_bytes": wbytes, "batches": rows}
+            del runner
+        results["sizes"][size] = entry
+    return results
+
+
+def render(results: dict[str, Any], args: argparse.Namespace) -> str:
+    bw = results["copy_bandwidth"]
+    lines = [
+        START,
+        "## GPU: fp16 vs qonnx W4A16 (MatMulNBits) on ONNX Runtime's CUDA provider",
+        "",
+        f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by "
+        f"`python benchmarks/bench_gpu.py --sizes {args.sizes} --batches {args.batches} --prompt-len {args.prompt_len} "
+        f"--new-tokens {args.new_tokens}` on the lent GPU ({results.get('gpu', 'see device')}), onnxruntime-gpu "
+        f"{results['ort']}, Python {platform.python_version()}.",
+        "Random-weight Llama models (TinyLlama-1.1B and Llama-2-7B shapes), exported by "
+        f"`qonnx.models.export_causal_lm` (fp16, KV cache), quantized by `qonnx.quantize(W4A16(block_size=128))`; IOBinding with the KV cache on the "
+        f"GPU; prefill = {args.prompt_len} tokens (median of 5); decode = median step of {args.new_tokens} steps. "
+        f"Copy bandwidth measured in the same run: {bw / 1e12:.2f} TB/s (read + written). "
+        "Weight bandwidth = bytes of all weights / decode step time; fraction = that / copy bandwidth.",
+        "",
+        "| model | params | weights (GB) | batch | prefill (ms) | decode step (ms) | tokens/s | W4A16 / fp16 | "
+        "weight GB/s | of copy BW |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for size, entry in results["sizes"].items():
+        fp = entry["models"]["fp16"]["batches"]
+        for label, model in entry["models"].items():
+            for batch, m in model["batches"].items():
+                ratio = m["tokens_per_s"] / fp[batch]["tokens_per_s"] if label != "fp16" else 1.0
+                lines.append(
+                    f"| {size} {label} | {entry['params'] / 1e9:.2f} B | {model['weight_bytes'] / 1e9:.2f} | {batch} | "
+                    f"{m['prefill_ms']:.1f} | {m['step_ms']:.2f} | {m['tokens_per_s']:.1f} | {ratio:.2f}x | "
+                    f"{m['weight_gbps']:.0f} | {m['bw_fraction']:.0%} |"
+                )
+        lines.append(
+            f"| {size}: export {entry['export_s']:.0f} s, quantize {entry['quantize_s']:.0f} s | | | | | | | | | |"
+        )
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this script's section of RESULTS.md (or append it)."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1b,7b")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu", "auto"])
+    p.add_argument("--work", default="/tmp/qonnx-gpubench")
+    p.add_argument("--section-out", help="write the RESULTS.md section to this file instead of RESULTS.md")
+    p.add_argument("--json-out", help="also write the raw results as JSON here")
+    p.add_argument("--merge", help="merge a section file written on the GPU machine into RESULTS.md and exit")
+    args = p.parse_args(argv)
+    results_md = HERE / "RESULTS.md"
+    if args.merge:
+        write_section(results_md, Path(args.merge).read_text().strip())
+        return 0
+    results = run(args)
+    try:
+        import torch
+
+        results["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    except Exception:  # torch without CUDA
+        results["gpu"] = "no GPU"
+    section = render(results, args)
+    print(section)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2, default=str))
+    if args.section_out:
+        Path(args.section_out).write_text(section)
+    else:
+        write_section(results_md, section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
