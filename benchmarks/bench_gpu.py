@@ -251,10 +251,12 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"--new-tokens {args.new_tokens}` on the lent GPU ({results.get('gpu', 'see device')}), onnxruntime-gpu "
         f"{results['ort']}, Python {platform.python_version()}.",
         "Random-weight Llama models (TinyLlama-1.1B and Llama-2-7B shapes), exported by "
-        f"`qonnx.models.export_causal_lm` (fp16, KV cache), quantized by `qonnx.quantize(W4A16(block_size=128))`; IOBinding with the KV cache on the "
-        f"GPU; prefill = {args.prompt_len} tokens (median of 5); decode = median step of {args.new_tokens} steps. "
+        "`qonnx.models.export_causal_lm` (fp16, KV cache), quantized by `qonnx.quantize(W4A16(block_size=128))`; "
+        f"IOBinding with the KV cache on the GPU; prefill = {args.prompt_len} tokens (median of 5); "
+        f"decode = median step of {args.new_tokens} steps. "
         f"Copy bandwidth measured in the same run: {bw / 1e12:.2f} TB/s (read + written). "
-        "Weight bandwidth = bytes of all weights / decode step time; fraction = that / copy bandwidth.",
+        "Weight bandwidth = bytes of all weights but the gathered embedding / decode step time; fraction = that / "
+        "copy bandwidth.",
         "",
         "| model | params | weights (GB) | batch | prefill (ms) | decode step (ms) | tokens/s | W4A16 / fp16 | "
         "weight GB/s | of copy BW |",
