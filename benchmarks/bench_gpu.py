@@ -96,8 +96,9 @@ def build_and_export(size: str, work: Path, device: str) -> tuple[Path, float, i
     cfg = LlamaConfig(**SIZES[size], max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(0)
     dev = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
-    with torch.device(dev):
+    with torch.device(dev):  # random init is fast on the GPU; the exporter traces on the CPU
         model = LlamaForCausalLM(cfg).to(torch.float16 if dev == "cuda" else torch.float32).eval()
+    model = model.to("cpu")
     params = sum(p.numel() for p in model.parameters())
     if (out / "model.onnx").exists():
         return out, 0.0, params
@@ -210,6 +211,41 @@ class Runner:
         }
 
 
+def profile_decode(folder: Path, device: str, out_dir: str, vocab: int) -> None:
+    """ONNX Runtime's profile of a few decode steps, summarised by op type and provider (for what limits decode)."""
+    import collections
+
+    runner = Runner(folder, device)
+    so_path = Path(out_dir)
+    so_path.mkdir(parents=True, exist_ok=True)
+    import onnxruntime as ort
+
+    from qonnx.modelfile import resolve_model_path
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(so_path / "decode")
+    so.log_severity_level = 3
+    providers = (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"] if runner.device == "cuda" else ["CPUExecutionProvider"]
+    )
+    runner.session = ort.InferenceSession(str(resolve_model_path(folder)), so, providers=providers)
+    rng = np.random.default_rng(0)
+    _, past = runner.step(rng.integers(0, vocab, size=(1, 128)), runner.empty_past(1), 0)
+    for i in range(8):
+        _, past = runner.step(rng.integers(0, vocab, size=(1, 1)), past, 128 + i)
+    trace = json.loads(Path(runner.session.end_profiling()).read_text())
+    by_op: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    for ev in trace:
+        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+            a = ev.get("args", {})
+            by_op[(a.get("op_name", "?"), a.get("provider", "?"))].append(ev["dur"])
+    total = sum(sum(v) for v in by_op.values())
+    print(f"profile {folder.name}: kernel time over 1 prefill + 8 decode steps = {total / 1e3:.1f} ms")
+    for (op, prov), durs in sorted(by_op.items(), key=lambda kv: -sum(kv[1]))[:25]:
+        print(f"  {op:<28} {prov:<24} calls {len(durs):>5}  total {sum(durs) / 1e3:8.2f} ms")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -224,6 +260,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fp16, export_s, params = build_and_export(size, work, device)
         w4, quant_s = quantize(fp16, work, size)
         entry: dict[str, Any] = {"params": params, "export_s": export_s, "quantize_s": quant_s, "models": {}}
+        print(f"{size}: export {export_s:.0f} s, quantize {quant_s:.0f} s", flush=True)
+        if args.prepare_only:
+            continue
+        if args.profile:
+            profile_decode(w4, device, args.profile, SIZES[size]["vocab_size"])
         for label, folder in (("fp16", fp16), ("w4a16", w4)):
             wbytes = weight_bytes(folder)
             runner = Runner(folder, device)
@@ -301,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--section-out", help="write the RESULTS.md section to this file instead of RESULTS.md")
     p.add_argument("--json-out", help="also write the raw results as JSON here")
     p.add_argument("--merge", help="merge a section file written on the GPU machine into RESULTS.md and exit")
+    p.add_argument("--prepare-only", action="store_true", help="export and quantize, measure nothing")
+    p.add_argument("--profile", metavar="DIR", help="also profile W4A16 decode steps with ONNX Runtime into DIR")
     args = p.parse_args(argv)
     results_md = HERE / "RESULTS.md"
     if args.merge:

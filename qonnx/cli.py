@@ -219,6 +219,17 @@ def demo(work_dir: str, as_json: bool) -> None:
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
+def _register_model_commands() -> None:
+    """``export`` and ``eval`` live in qonnx.cli_models (they import torch/transformers only when run)."""
+    from qonnx.cli_models import eval_command, export_command
+
+    cli.add_command(export_command)
+    cli.add_command(eval_command)
+
+
+_register_model_commands()
+
+
 def _parse_shapes(items: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     from qonnx.runtime.verify import parse_shape_overrides
 

