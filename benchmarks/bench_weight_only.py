@@ -197,13 +197,16 @@ def bench_speed(model: Path, work: Path, repeat: int, timeout: float) -> list[Ru
     runs: list[Run] = []
     names = list(TOOLS)
     for r in range(repeat):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for tool in order:
             out = work / f"{tool}-w4-asym-b128.onnx"
             prewarm(model_files(model))
             run = run_child(tool, TOOLS[tool][1](model, out, 128), out, work, timeout)
-            print(f"  run {r + 1} {tool:9s}: {run.wall_s:7.1f} s wall {run.cpu_s:7.1f} s CPU  "
-                  f"{run.maxrss / GB:6.2f} GB  {run.out_bytes / GB:.3f} GB  {run.status}", flush=True)
+            print(
+                f"  run {r + 1} {tool:9s}: {run.wall_s:7.1f} s wall {run.cpu_s:7.1f} s CPU  "
+                f"{run.maxrss / GB:6.2f} GB  {run.out_bytes / GB:.3f} GB  {run.status}",
+                flush=True,
+            )
             runs.append(run)
     return runs
 
@@ -221,9 +224,11 @@ def _nbits_nodes(model) -> dict[str, tuple[dict, dict]]:
         if node.op_type != "MatMulNBits":
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        arrays = {role: numpy_helper.to_array(inits[name])
-                  for role, name in zip(("B", "scales", "zero_points"), node.input[1:4], strict=False)
-                  if name and name in inits}
+        arrays = {
+            role: numpy_helper.to_array(inits[name])
+            for role, name in zip(("B", "scales", "zero_points"), node.input[1:4], strict=False)
+            if name and name in inits
+        }
         nodes[node.output[0]] = (attrs, arrays)
     return nodes
 
@@ -248,8 +253,7 @@ def compare_nbits(path_q: Path, path_o: Path, source: Path) -> dict:
     inits = {t.name: t for t in src.graph.initializer}
     weight_of = {n.output[0]: n.input[1] for n in src.graph.node if n.op_type == "MatMul"}
     ties = max_code_diff = 0
-    res = {"nodes_qonnx": len(q), "nodes_ort": len(o), "unmatched": sorted(set(q) ^ set(o)),
-           "attr_mismatch": 0}
+    res = {"nodes_qonnx": len(q), "nodes_ort": len(o), "unmatched": sorted(set(q) ^ set(o)), "attr_mismatch": 0}
     same = total = zp_same = zp_total = 0
     scale_abs = scale_rel = 0.0
     for key in sorted(set(q) & set(o)):
@@ -281,8 +285,16 @@ def compare_nbits(path_q: Path, path_o: Path, source: Path) -> dict:
             zq, zo = _unpack4(wq["zero_points"], n, nb), _unpack4(wo["zero_points"], n, nb)
             zp_same += int((zq == zo).sum())
             zp_total += zq.size
-    res.update(codes_same=same, codes_total=total, scale_max_abs=scale_abs, scale_max_rel=scale_rel,
-               zp_same=zp_same, zp_total=zp_total, ties=ties, max_code_diff=max_code_diff)
+    res.update(
+        codes_same=same,
+        codes_total=total,
+        scale_max_abs=scale_abs,
+        scale_max_rel=scale_rel,
+        zp_same=zp_same,
+        zp_total=zp_total,
+        ties=ties,
+        max_code_diff=max_code_diff,
+    )
     return res
 
 
@@ -312,15 +324,21 @@ def bench_numerics(work: Path, timeout: float) -> list[dict]:
             outs[tool] = (out, run.out_bytes)
         row = compare_nbits(outs["qonnx"][0], outs["ort"][0], model)
         y_ref, y_q, y_o = run_outputs([model, outs["qonnx"][0], outs["ort"][0]], NUMERICS["hidden"])
-        row.update(scheme=f"W4A16 {'sym' if sym else 'asym'} block 128", size_qonnx=outs["qonnx"][1],
-                   size_ort=outs["ort"][1], out_q_vs_o=float(np.abs(y_q - y_o).max()),
-                   out_q_vs_ref=float(np.abs(y_q - y_ref).max()),
-                   out_o_vs_ref=float(np.abs(y_o - y_ref).max()),
-                   out_ref_absmax=float(np.abs(y_ref).max()))
+        row.update(
+            scheme=f"W4A16 {'sym' if sym else 'asym'} block 128",
+            size_qonnx=outs["qonnx"][1],
+            size_ort=outs["ort"][1],
+            out_q_vs_o=float(np.abs(y_q - y_o).max()),
+            out_q_vs_ref=float(np.abs(y_q - y_ref).max()),
+            out_o_vs_ref=float(np.abs(y_o - y_ref).max()),
+            out_ref_absmax=float(np.abs(y_ref).max()),
+        )
         rows.append(row)
-        print(f"  {row['scheme']}: codes identical {row['codes_same'] / max(row['codes_total'], 1):.6%}, "
-              f"max |dscale| {row['scale_max_abs']:.3g}, max |y_qonnx - y_ort| {row['out_q_vs_o']:.3g}",
-              flush=True)
+        print(
+            f"  {row['scheme']}: codes identical {row['codes_same'] / max(row['codes_total'], 1):.6%}, "
+            f"max |dscale| {row['scale_max_abs']:.3g}, max |y_qonnx - y_ort| {row['out_q_vs_o']:.3g}",
+            flush=True,
+        )
     return rows
 
 
@@ -344,18 +362,24 @@ def machine() -> str:
     except OSError:
         pass
     try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--",
-                                "qonnx", "passes"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--", "qonnx", "passes"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         rev += " (qonnx/ or passes/ modified)" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         rev = "unknown"
-    return (f"{os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}; "
-            f"onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}, onnx-ir {onnx_ir.__version__}, "
-            f"numpy {np.__version__}, qonnx {qonnx.__version__} (git {rev})")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}; "
+        f"onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}, onnx-ir {onnx_ir.__version__}, "
+        f"numpy {np.__version__}, qonnx {qonnx.__version__} (git {rev})"
+    )
 
 
 def _threshold() -> str:
@@ -377,8 +401,10 @@ def _speed_row(label: str, rs: list[Run]) -> tuple[str, list[Run]]:
     walls = [r.wall_s for r in pick]
     each = f" ({', '.join(f'{w:.1f}' for w in walls)})" if len(walls) > 1 else ""
     size = f"{good[0].out_bytes / GB:.3f}" if good else "-"
-    return (f"| {label} | {_med(walls):.1f}{each} | {_med([r.cpu_s for r in pick]):.1f} "
-            f"| {max((r.maxrss for r in pick), default=0) / GB:.2f} | {size} | {status} |"), good
+    return (
+        f"| {label} | {_med(walls):.1f}{each} | {_med([r.cpu_s for r in pick]):.1f} "
+        f"| {max((r.maxrss for r in pick), default=0) / GB:.2f} | {size} | {status} |"
+    ), good
 
 
 def render(args, shape, model, build_s, runs, numerics, meta) -> str:
@@ -387,32 +413,38 @@ def render(args, shape, model, build_s, runs, numerics, meta) -> str:
     exe = shutil.which("qonnx")
     qonnx_line = qonnx_line.replace(exe, "qonnx") if exe else qonnx_line
     lines = [START, "## Weight-only W4A16 (MatMulNBits): qonnx vs ONNX Runtime's quantizer", ""]
-    lines += [f"Measured {meta['date']} by `benchmarks/bench_weight_only.py`.", "",
-              f"- Machine: {meta['machine']}.",
-              f"- Load average (1, 5, 15 min) at the start: {meta['load']}; at the end of the speed runs: "
-              f"{meta['load_end']}. The 2 cores are shared with other work, so wall times vary between runs; "
-              "CPU time is steadier. qonnx quantizes in 2 threads, ORT mostly in one.",
-              f"- Command: `{meta['command']}`",
-              f"- Model: `build_decoder_stack(hidden={shape['hidden']}, "
-              f"intermediate={shape['intermediate']}, "
-              f"layers={shape['layers']}, vocab={shape['vocab']}, external_data=True)`: "
-              f"{expected_weight_bytes(shape) / 4 / 1e9:.3f} B parameters, "
-              f"{sum(p.stat().st_size for p in model_files(model)) / GB:.2f} GB fp32"
-              + (f" (built in {build_s:.0f} s)" if build_s else " (reused)") + ".",
-              "- Scheme: 4-bit asymmetric, block 128 along K, MatMulNBits; every tool quantizes every MatMul.",
-              "- Each run is a fresh process; peak RSS is that process's `ru_maxrss` (from `wait4`), "
-              "GB = 10^9 bytes; wall and CPU (user + system) time include interpreter start and imports. "
-              "Before every run the input files are read once, so each starts with a warm page cache. "
-              f"Runs: {args.repeat} per tool, rotating which goes first; the median is shown, "
-              "every run's wall time in parentheses, peak RSS is the largest of the runs.", "",
-              f"- qonnx (default command): `{qonnx_line}`",
-              "- qonnx --external-data: the same plus `--external-data` (weights to `OUT.onnx.data`, as ORT "
-              f"writes them; qonnx's default: external data above {meta['threshold']} of output weights)",
-              "- ORT: `onnx.load(IN)`; `quant = MatMulNBitsQuantizer(model, algo_config="
-              "DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=False))`; `quant.process()`; "
-              "`quant.model.save_model_to_file(OUT, use_external_data_format=True)`", "",
-              "| tool | wall time (s) | CPU time (s) | peak RSS (GB) | output size (GB) | status |",
-              "|---|---:|---:|---:|---:|---|"]
+    lines += [
+        f"Measured {meta['date']} by `benchmarks/bench_weight_only.py`.",
+        "",
+        f"- Machine: {meta['machine']}.",
+        f"- Load average (1, 5, 15 min) at the start: {meta['load']}; at the end of the speed runs: "
+        f"{meta['load_end']}. The 2 cores are shared with other work, so wall times vary between runs; "
+        "CPU time is steadier. qonnx quantizes in 2 threads, ORT mostly in one.",
+        f"- Command: `{meta['command']}`",
+        f"- Model: `build_decoder_stack(hidden={shape['hidden']}, "
+        f"intermediate={shape['intermediate']}, "
+        f"layers={shape['layers']}, vocab={shape['vocab']}, external_data=True)`: "
+        f"{expected_weight_bytes(shape) / 4 / 1e9:.3f} B parameters, "
+        f"{sum(p.stat().st_size for p in model_files(model)) / GB:.2f} GB fp32"
+        + (f" (built in {build_s:.0f} s)" if build_s else " (reused)")
+        + ".",
+        "- Scheme: 4-bit asymmetric, block 128 along K, MatMulNBits; every tool quantizes every MatMul.",
+        "- Each run is a fresh process; peak RSS is that process's `ru_maxrss` (from `wait4`), "
+        "GB = 10^9 bytes; wall and CPU (user + system) time include interpreter start and imports. "
+        "Before every run the input files are read once, so each starts with a warm page cache. "
+        f"Runs: {args.repeat} per tool, rotating which goes first; the median is shown, "
+        "every run's wall time in parentheses, peak RSS is the largest of the runs.",
+        "",
+        f"- qonnx (default command): `{qonnx_line}`",
+        "- qonnx --external-data: the same plus `--external-data` (weights to `OUT.onnx.data`, as ORT "
+        f"writes them; qonnx's default: external data above {meta['threshold']} of output weights)",
+        "- ORT: `onnx.load(IN)`; `quant = MatMulNBitsQuantizer(model, algo_config="
+        "DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=False))`; `quant.process()`; "
+        "`quant.model.save_model_to_file(OUT, use_external_data_format=True)`",
+        "",
+        "| tool | wall time (s) | CPU time (s) | peak RSS (GB) | output size (GB) | status |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     good = {}
     for tool, (label, _) in TOOLS.items():
         row, good[tool] = _speed_row(label, by_tool[tool])
@@ -423,9 +455,11 @@ def render(args, shape, model, build_s, runs, numerics, meta) -> str:
         for tool in ("qonnx", "qonnx-ext"):
             if good[tool]:
                 tq, mq = _med([r.wall_s for r in good[tool]]), max(r.maxrss for r in good[tool])
-                lines.append(f"| ratio {TOOLS[tool][0]} / ORT | {tq / to:.2f} | "
-                             f"{_med([r.cpu_s for r in good[tool]]) / _med([r.cpu_s for r in good['ort']]):.2f} "
-                             f"| {mq / mo:.2f} | {good[tool][0].out_bytes / good['ort'][0].out_bytes:.3f} | |")
+                lines.append(
+                    f"| ratio {TOOLS[tool][0]} / ORT | {tq / to:.2f} | "
+                    f"{_med([r.cpu_s for r in good[tool]]) / _med([r.cpu_s for r in good['ort']]):.2f} "
+                    f"| {mq / mo:.2f} | {good[tool][0].out_bytes / good['ort'][0].out_bytes:.3f} | |"
+                )
     lines.append("")
     for tool in ("qonnx", "qonnx-ext"):
         if not good[tool]:
@@ -436,48 +470,60 @@ def render(args, shape, model, build_s, runs, numerics, meta) -> str:
         if good["ort"]:
             to = _med([r.wall_s for r in good["ort"]])
             bq, bo = min(r.wall_s for r in good[tool]), min(r.wall_s for r in good["ort"])
-            speed = (f"{'met' if tq <= to else 'NOT met'} on the median ({tq:.1f} s vs {to:.1f} s), "
-                     f"{'met' if bq <= bo else 'NOT met'} on the best run ({bq:.1f} s vs {bo:.1f} s)")
+            speed = (
+                f"{'met' if tq <= to else 'NOT met'} on the median ({tq:.1f} s vs {to:.1f} s), "
+                f"{'met' if bq <= bo else 'NOT met'} on the best run ({bq:.1f} s vs {bo:.1f} s)"
+            )
         else:
             speed = "cannot be compared: ORT's quantizer did not finish"
-        verdict.append(f"- {TOOLS[tool][0]}: target peak RSS <= {RSS_TARGET / GB:.1f} GB {rss}; "
-                       f"target wall time <= ORT's {speed}.")
+        verdict.append(
+            f"- {TOOLS[tool][0]}: target peak RSS <= {RSS_TARGET / GB:.1f} GB {rss}; target wall time <= ORT's {speed}."
+        )
     if good["ort"]:
         ph = good["ort"][0].phases
-        verdict.append(f"- ORT phases (first run): load {ph.get('load_s', 0):.1f} s, quantize "
-                       f"{ph.get('quantize_s', 0):.1f} s, save {ph.get('save_s', 0):.1f} s.")
+        verdict.append(
+            f"- ORT phases (first run): load {ph.get('load_s', 0):.1f} s, quantize "
+            f"{ph.get('quantize_s', 0):.1f} s, save {ph.get('save_s', 0):.1f} s."
+        )
     if good["qonnx"]:
         verdict.append(f"- qonnx prints: {good['qonnx'][0].phases.get('summary', '')}")
     lines += [*verdict, ""]
 
-    lines += ["### Numerics against ONNX Runtime's quantizer (same weights)", "",
-              f"Model: `build_decoder_stack(hidden={NUMERICS['hidden']}, "
-              f"intermediate={NUMERICS['intermediate']}, layers={NUMERICS['layers']}, "
-              f"vocab={NUMERICS['vocab']})` (K=576 is not a multiple of 128: a ragged last block). "
-              "Initializers matched by MatMulNBits output name; codes compared over the K real rows "
-              "(padding excluded). Outputs: ONNX Runtime CPU, one random input [2, 16, 576], seed 0. "
-              "A differing code \"at a rounding tie\" has w / scale + zero point within 1e-5 of a "
-              "half-integer; ORT's MLAS kernel computes `roundf(w * (1 / scale) + zp)` in float32 "
-              "(half away from zero, zero point added before rounding).",
-              "",
-              "| scheme | nodes | identical codes | identical zero points | max abs / rel scale diff "
-              "| max abs output diff qonnx vs ORT | qonnx vs fp32 | ORT vs fp32 | max abs fp32 output "
-              "| size qonnx / ORT (bytes) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "### Numerics against ONNX Runtime's quantizer (same weights)",
+        "",
+        f"Model: `build_decoder_stack(hidden={NUMERICS['hidden']}, "
+        f"intermediate={NUMERICS['intermediate']}, layers={NUMERICS['layers']}, "
+        f"vocab={NUMERICS['vocab']})` (K=576 is not a multiple of 128: a ragged last block). "
+        "Initializers matched by MatMulNBits output name; codes compared over the K real rows "
+        "(padding excluded). Outputs: ONNX Runtime CPU, one random input [2, 16, 576], seed 0. "
+        'A differing code "at a rounding tie" has w / scale + zero point within 1e-5 of a '
+        "half-integer; ORT's MLAS kernel computes `roundf(w * (1 / scale) + zp)` in float32 "
+        "(half away from zero, zero point added before rounding).",
+        "",
+        "| scheme | nodes | identical codes | identical zero points | max abs / rel scale diff "
+        "| max abs output diff qonnx vs ORT | qonnx vs fp32 | ORT vs fp32 | max abs fp32 output "
+        "| size qonnx / ORT (bytes) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in numerics:
         zp = f"{r['zp_same'] / r['zp_total']:.5%}" if r["zp_total"] else "n/a (symmetric)"
         nodes = f"{min(r['nodes_qonnx'], r['nodes_ort'])}" + (
             f" ({len(r['unmatched'])} unmatched, {r['attr_mismatch']} attr mismatch)"
-            if r["unmatched"] or r["attr_mismatch"] else "")
+            if r["unmatched"] or r["attr_mismatch"]
+            else ""
+        )
         ndiff = r["codes_total"] - r["codes_same"]
         detail = f"{ndiff} of {r['codes_total']:,} differ"
         if ndiff:
             detail += f" by at most {r['max_code_diff']}, {r['ties']} of them at a rounding tie"
-        lines.append(f"| {r['scheme']} | {nodes} | {r['codes_same'] / max(r['codes_total'], 1):.5%} "
-                     f"({detail}) | {zp} "
-                     f"| {r['scale_max_abs']:.3g} / {r['scale_max_rel']:.3g} | {r['out_q_vs_o']:.3g} "
-                     f"| {r['out_q_vs_ref']:.3g} | {r['out_o_vs_ref']:.3g} | {r['out_ref_absmax']:.3g} "
-                     f"| {r['size_qonnx']:,} / {r['size_ort']:,} |")
+        lines.append(
+            f"| {r['scheme']} | {nodes} | {r['codes_same'] / max(r['codes_total'], 1):.5%} "
+            f"({detail}) | {zp} "
+            f"| {r['scale_max_abs']:.3g} / {r['scale_max_rel']:.3g} | {r['out_q_vs_o']:.3g} "
+            f"| {r['out_q_vs_ref']:.3g} | {r['out_o_vs_ref']:.3g} | {r['out_ref_absmax']:.3g} "
+            f"| {r['size_qonnx']:,} / {r['size_ort']:,} |"
+        )
     lines += ["", END]
     return "\n".join(lines)
 
@@ -496,14 +542,20 @@ def write_section(path: Path, section: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="quick smoke run on a small model")
-    ap.add_argument("--work-dir", type=Path, default=Path("/tmp/qonnx-bench"),
-                    help="where models and outputs go (reused between runs; default /tmp/qonnx-bench)")
-    ap.add_argument("--repeat", type=int, default=3,
-                    help="runs per tool (alternating order; median reported)")
+    ap.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("/tmp/qonnx-bench"),
+        help="where models and outputs go (reused between runs; default /tmp/qonnx-bench)",
+    )
+    ap.add_argument("--repeat", type=int, default=3, help="runs per tool (alternating order; median reported)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds before a tool's run is killed")
-    ap.add_argument("--results", type=Path, default=None,
-                    help="markdown file to update (default benchmarks/RESULTS.md; "
-                         "<work-dir>/RESULTS-small.md with --small)")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="markdown file to update (default benchmarks/RESULTS.md; <work-dir>/RESULTS-small.md with --small)",
+    )
     ap.add_argument("--ort-child", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--block-size", type=int, default=128, help=argparse.SUPPRESS)
     ap.add_argument("--symmetric", action="store_true", help=argparse.SUPPRESS)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from qonnx.passes.cleanup import RemoveUnusedInitializersPass
 from qonnx.passes.convert import DequantizeToMatMulNBitsPass, MatMulNBitsToDequantizePass
 from qonnx.passes.opset import UpgradeOpsetPass
-from qonnx.passes.weight_only import LayerRecord, QuantizeWeightsPass
+from qonnx.passes.weight_only import LayerRecord, QuantizeWeightsPass, needed_opset
 from qonnx.passes.weights import WeightCandidate, find_weight_candidates
 
 __all__ = [
@@ -12,7 +13,9 @@ __all__ = [
     "LayerRecord",
     "MatMulNBitsToDequantizePass",
     "QuantizeWeightsPass",
+    "RemoveUnusedInitializersPass",
     "UpgradeOpsetPass",
     "WeightCandidate",
     "find_weight_candidates",
+    "needed_opset",
 ]

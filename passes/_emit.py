@@ -21,6 +21,9 @@ __all__ = [
     "QuantizedWeight",
     "matmulnbits_arrays",
     "dequantize_arrays",
+    "channel_dequantize_arrays",
+    "estimated_nbytes",
+    "float_nbytes",
     "initializer",
     "matmulnbits_node",
     "dequantize_node",
@@ -46,6 +49,40 @@ class QuantizedWeight:
 
 
 _SUB_BYTE = (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4))
+#: Protobuf bytes a new initializer costs beyond its data and name (dims, type, field tags): an estimate.
+_INITIALIZER_OVERHEAD = 16
+#: Protobuf bytes a MatMulNBits or DequantizeLinear node costs beyond its names: an estimate.
+_NODE_OVERHEAD = 96
+
+
+def _code_dtype(bits: int, symmetric: bool) -> np.dtype:
+    if bits == 4:
+        return np.dtype(ml_dtypes.int4 if symmetric else ml_dtypes.uint4)
+    return np.dtype(np.int8 if symmetric else np.uint8)
+
+
+def float_nbytes(nbytes: int, name: str) -> int:
+    """Bytes a float initializer of ``nbytes`` named ``name`` takes in the model file (an estimate)."""
+    return nbytes + _INITIALIZER_OVERHEAD + len(name)
+
+
+def estimated_nbytes(
+    fmt: str, k: int, n: int, *, bits: int, block_size: int | None, symmetric: bool, scale_bytes: int, name: str
+) -> int:
+    """Bytes a quantized [K, N] weight will add to the model file: arrays, initializers and its node.
+
+    Used before quantizing to tell whether the quantized form is smaller than the float weight.
+    """
+    nb = quant.num_blocks(k, block_size)
+    if fmt == "matmulnbits":
+        assert block_size is not None
+        codes, zero_points = n * nb * block_size * bits // 8, n * -(-nb * bits // 8)
+    else:
+        codes, zero_points = -(-k * n * bits // 8), -(-nb * n * bits // 8)
+    arrays = codes + n * nb * scale_bytes + (0 if symmetric else zero_points)
+    names = 2 if symmetric else 3
+    proto = names * (_INITIALIZER_OVERHEAD + len(name) + len("_zero_points")) + _NODE_OVERHEAD + 2 * len(name)
+    return arrays + proto
 
 
 def matmulnbits_arrays(qb: quant.QuantizedBlocks, dtype: ir.DataType) -> QuantizedWeight:
@@ -66,10 +103,7 @@ def dequantize_arrays(qb: quant.QuantizedBlocks, dtype: ir.DataType) -> Quantize
     """
     n, nb, bs = qb.q.shape
     codes = qb.q.reshape(n, nb * bs)[:, : qb.k].T  # [K, N]
-    if qb.bits == 4:
-        code_dtype = ml_dtypes.int4 if qb.symmetric else ml_dtypes.uint4
-    else:
-        code_dtype = np.int8 if qb.symmetric else np.uint8
+    code_dtype = _code_dtype(qb.bits, qb.symmetric)
     scale = qb.scale.astype(dtype.numpy())
     zp = qb.zero_point.astype(code_dtype)
     if nb == 1 and bs >= qb.k:
@@ -84,17 +118,43 @@ def dequantize_arrays(qb: quant.QuantizedBlocks, dtype: ir.DataType) -> Quantize
     return QuantizedWeight("qdq", arrays, attrs, qb.k, n, qb.bits)
 
 
-def _unique_name(graph: ir.Graph, base: str) -> str:
+def channel_dequantize_arrays(
+    qb: quant.QuantizedBlocks, dtype: ir.DataType, shape: tuple[int, ...], axis: int
+) -> QuantizedWeight:
+    """DequantizeLinear inputs for a convolution weight of ``shape`` quantized per channel along ``axis``.
+
+    ``qb`` holds one row (one block) per channel, the other axes flattened in order; the codes are laid
+    back out in ``shape``, with one scale (and zero point) per channel: per-axis DequantizeLinear.
+    """
+    n = shape[axis]
+    moved = (n, *shape[:axis], *shape[axis + 1 :])
+    codes = np.moveaxis(qb.q.reshape(n, -1)[:, : qb.k].reshape(moved), 0, axis)
+    code_dtype = _code_dtype(qb.bits, qb.symmetric)
+    arrays = {
+        "x": np.ascontiguousarray(codes).astype(code_dtype),
+        "scale": qb.scale.reshape(n).astype(dtype.numpy()),
+    }
+    if not qb.symmetric:
+        arrays["zero_point"] = qb.zero_point.reshape(n).astype(code_dtype)
+    return QuantizedWeight("qdq", arrays, {"axis": axis}, qb.k, n, qb.bits)
+
+
+def _unique_name(graph: ir.Graph, base: str, taken: set[str] | None) -> str:
     name, i = base, 1
-    while name in graph.initializers:
+    while name in graph.initializers or (taken is not None and name in taken):
         name = f"{base}_{i}"
         i += 1
+    if taken is not None:
+        taken.add(name)
     return name
 
 
-def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as a new initializer of ``graph`` (name made unique) and return its value."""
-    tensor = ir.tensor(array, name=_unique_name(graph, name))
+def initializer(graph: ir.Graph, name: str, array: np.ndarray, taken: set[str] | None = None) -> ir.Value:
+    """Register ``array`` as a new initializer of ``graph`` (name made unique) and return its value.
+
+    ``taken``: names used anywhere in the model (subgraphs included); the new name is added to it.
+    """
+    tensor = ir.tensor(array, name=_unique_name(graph, name, taken))
     value = ir.Value(
         name=tensor.name, shape=ir.Shape(tensor.shape.numpy()), type=ir.TensorType(tensor.dtype), const_value=tensor
     )
@@ -110,7 +170,7 @@ def bias_vector(node: ir.Node, n: int) -> tuple[np.ndarray | None, bool]:
     if node.op_type != "Gemm" or len(node.inputs) < 3 or node.inputs[2] is None:
         return None, False
     c = ir.convenience.get_const_tensor(node.inputs[2])
-    if c is None:
+    if c is None or node.inputs[2].is_graph_input():  # an initializer that is also an input can be overridden
         return None, True
     arr = c.numpy().astype(np.float32)
     beta = np.float32(node.attributes.get_float("beta", 1.0))

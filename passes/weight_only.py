@@ -1,8 +1,16 @@
-"""Weight-only quantization pass: MatMul/Gemm weights to MatMulNBits or DequantizeLinear + MatMul.
+"""Weight-only quantization pass: MatMul/Gemm/Conv/ConvTranspose weights in 4 or 8 bits.
+
+MatMul and Gemm weights become MatMulNBits or blocked DequantizeLinear + MatMul; Conv and ConvTranspose
+weights become per-output-channel DequantizeLinear + the same convolution.
 
 Weights are read one at a time (memory-mapped when external) and released after they are quantized,
 so peak memory stays near the size of the output rather than the input. Quantization of the next
 weights runs in worker threads while the graph is edited.
+
+Size honesty: a weight is quantized only when that makes the model smaller. It is left in floating
+point, with the reason, when its quantized form (codes, scales, zero points, the new node) would not be
+smaller than the float tensor, or when the float tensor must stay anyway because another node that is
+not quantized reads it (tied embeddings: a Gather and the lm_head share one table).
 """
 
 from __future__ import annotations
@@ -16,17 +24,20 @@ import onnx_ir as ir
 
 from qonnx import quant
 from qonnx.config import Targets, WeightOnlyConfig
-from qonnx.passes import _emit
+from qonnx.passes import _emit, cleanup
 from qonnx.passes.weights import WeightCandidate, find_weight_candidates
 
-__all__ = ["LayerRecord", "QuantizeWeightsPass", "quantize_weight"]
+__all__ = ["LayerRecord", "QuantizeWeightsPass", "needed_opset", "quantize_weight"]
 
 QDQ_OPSET = 21
+_CHAIN_OPS = ("Transpose", "Cast", "Identity")
+
+Plan = list[tuple[WeightCandidate, WeightOnlyConfig | None, str]]
 
 
 @dataclasses.dataclass
 class LayerRecord:
-    """What happened to one MatMul/Gemm node."""
+    """What happened to one weight-holding node (shape is (K, N); for a convolution N is its channels)."""
 
     node: str
     op_type: str
@@ -45,6 +56,11 @@ class LayerRecord:
 
 def quantize_weight(cand: WeightCandidate, cfg: WeightOnlyConfig, dtype: ir.DataType) -> _emit.QuantizedWeight:
     """Quantize one candidate's weight into the arrays of the configured format (pure, thread-safe)."""
+    if cand.axis is not None:  # a convolution: one scale per output channel
+        rows = cand.channel_rows()
+        qb = quant.quantize_blocked(rows, cfg.bits, None, cfg.symmetric, scale_dtype=dtype.numpy())
+        del rows
+        return _emit.channel_dequantize_arrays(qb, dtype, cand.shape, cand.axis)
     w_nk = cand.matrix().T  # [N, K]: blocks run along K
     qb = quant.quantize_blocked(w_nk, cfg.bits, cfg.block_size, cfg.symmetric, scale_dtype=dtype.numpy())
     del w_nk
@@ -53,11 +69,24 @@ def quantize_weight(cand: WeightCandidate, cfg: WeightOnlyConfig, dtype: ir.Data
     return _emit.dequantize_arrays(qb, dtype)
 
 
-class QuantizeWeightsPass(ir.passes.InPlacePass):
-    """Quantize the constant weights of MatMul and Gemm nodes as ``targets`` says.
+def needed_opset(cfg: WeightOnlyConfig, dtype: ir.DataType) -> int:
+    """The default-domain opset a quantized form needs (MatMulNBits, in com.microsoft: none).
 
-    After the pass, :attr:`records` lists every MatMul/Gemm node, quantized or skipped with the reason.
-    Unused original weights are left for ``RemoveUnusedNodesPass`` to drop.
+    DequantizeLinear: 13 per axis, 19 with float16/bfloat16 scales, 21 blocked or with int4 codes.
+    """
+    if cfg.format != "qdq":
+        return 1
+    if cfg.block_size is not None or cfg.bits == 4:
+        return QDQ_OPSET
+    return 13 if dtype == ir.DataType.FLOAT else 19
+
+
+class QuantizeWeightsPass(ir.passes.InPlacePass):
+    """Quantize the constant weights of MatMul, Gemm, Conv and ConvTranspose nodes as ``targets`` says.
+
+    Convolutions are quantized per output channel as DequantizeLinear (they have no MatMulNBits form),
+    whatever the format. After the pass, :attr:`records` lists every weight-holding node, quantized or
+    skipped with the reason. The float weights it replaced are removed, in subgraphs too.
     """
 
     def __init__(
@@ -74,9 +103,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self.records: list[LayerRecord] = []
         self.planned: int = 0
 
-    def plan(self, model: ir.Model) -> list[tuple[WeightCandidate, WeightOnlyConfig | None, str]]:
+    def plan(self, model: ir.Model) -> Plan:
         """Every candidate with the config chosen for it (None: skipped) and the reason."""
-        planned: list[tuple[WeightCandidate, WeightOnlyConfig | None, str]] = []
+        planned: Plan = []
         for cand in find_weight_candidates(model):
             if cand.reason is not None:
                 planned.append((cand, None, cand.reason))
@@ -86,9 +115,13 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if cfg is None:
                 planned.append((cand, None, f"excluded by {rule}"))
                 continue
+            how = ""
+            if cand.axis is not None:
+                how = " per output channel" if cfg.format == "qdq" else " per output channel (no MatMulNBits form)"
+                cfg = dataclasses.replace(cfg, format="qdq", block_size=None, accuracy_level=None)
             reason = self._unsupported(cand, cfg)
-            planned.append((cand, None, reason) if reason else (cand, cfg, f"{cfg.name} by {rule}"))
-        return planned
+            planned.append((cand, None, reason) if reason else (cand, cfg, f"{cfg.name}{how} by {rule}"))
+        return _check_sizes(planned)
 
     @staticmethod
     def _unsupported(cand: WeightCandidate, cfg: WeightOnlyConfig) -> str | None:
@@ -102,18 +135,18 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         return None
 
     def requires(self, model: ir.Model) -> None:
-        """Blocked or 4-bit DequantizeLinear needs opset 21."""
-        if model.opset_imports.get("", 0) >= QDQ_OPSET:
-            return
-        for _, cfg, _ in self.plan(model):
-            if cfg is not None and cfg.format == "qdq" and (cfg.block_size is not None or cfg.bits == 4):
+        """DequantizeLinear needs opset 13 per axis, 19 with float16/bfloat16 scales, 21 blocked or int4."""
+        opset = model.opset_imports.get("", 0)
+        for cand, cfg, _ in self.plan(model):
+            if cfg is not None and needed_opset(cfg, _act_dtype(cand)) > opset:
+                need = needed_opset(cfg, _act_dtype(cand))
                 raise ir.passes.PreconditionError(
-                    f"blocked or int4 DequantizeLinear needs opset {QDQ_OPSET}; the model has opset "
-                    f"{model.opset_imports.get('', 0)} (run UpgradeOpsetPass first)"
+                    f"{cand.node.op_type} '{cand.node.name}': its DequantizeLinear needs opset {need}; the model "
+                    f"has opset {opset} (run UpgradeOpsetPass({QDQ_OPSET}) first)"
                 )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        """Quantize every planned weight; record skipped ones."""
+        """Quantize every planned weight; record skipped ones; remove the float weights replaced."""
         self.records = []
         plan = self.plan(model)
         todo = [(c, cfg) for c, cfg, _ in plan if cfg is not None]
@@ -125,9 +158,11 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 self.records.append(
                     LayerRecord(cand.node.name or "", cand.node.op_type, cand.weight_name, shape, False, reason)
                 )
+        names = _all_names(model)
         emitted: dict[tuple, tuple[list[ir.Value | None], _emit.QuantizedWeight, str]] = {}
+        replaced: list[ir.Value | None] = []
         count = 0
-        for cand, cfg, qw in self._quantized(todo, emitted):
+        for cand, cfg, qw in self._quantized(todo):
             record = LayerRecord(
                 cand.node.name or "",
                 cand.node.op_type,
@@ -136,17 +171,22 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 True,
                 reasons[id(cand.node)],
             )
-            self._rewrite(cand, cfg, qw, emitted, record)
+            replaced.extend(cand.node.inputs[1:])
+            self._rewrite(cand, cfg, qw, emitted, names, record)
             self.records.append(record)
             count += 1
             if self.progress is not None:
                 self.progress(record)
+        old_ir = (model.ir_version or 0) < 4
+        cleanup.remove_unused_weights(replaced, drop_graph_inputs=old_ir)
+        if count and old_ir:  # new initializers are not graph inputs, which IR version 3 required
+            model.ir_version = 4
         if any(qw.format == "matmulnbits" for _, qw, _ in emitted.values()):
             model.opset_imports.setdefault(_emit.MS_DOMAIN, 1)
         return ir.passes.PassResult(model, modified=bool(count))
 
     def _quantized(
-        self, todo: list[tuple[WeightCandidate, WeightOnlyConfig]], emitted: dict
+        self, todo: list[tuple[WeightCandidate, WeightOnlyConfig]]
     ) -> Iterator[tuple[WeightCandidate, WeightOnlyConfig, _emit.QuantizedWeight | None]]:
         """Yield (candidate, config, arrays) in graph order; arrays are None for an already-emitted weight."""
         seen: set[tuple] = set()
@@ -179,28 +219,32 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         cfg: WeightOnlyConfig,
         qw: _emit.QuantizedWeight | None,
         emitted: dict,
+        names: set[str],
         record: LayerRecord,
     ) -> None:
         graph, node = cand.graph, cand.node
         key = _share_key(cand, cfg)
         base = cand.weight_name or node.name or "weight"
         if key in emitted:
-            weight_inputs, qw_prev, first = emitted[key]
+            weight_inputs, qw, first = emitted[key]
             record.shared_with = first
-            qw = qw_prev
         else:
             assert qw is not None
+            # MatMulNBits weights go beside the float weight, so If branches and Loop bodies share one copy;
+            # a DequantizeLinear and its inputs stay in the reading graph (ONNX Runtime's QDQ fusions look
+            # for the weight there): the share key tells graphs apart for "qdq".
+            home = cand.home_graph if qw.format == "matmulnbits" else graph
             weight_inputs = [
-                _emit.initializer(graph, f"{base}_{name}", arr) if arr is not None else None
+                _emit.initializer(home, f"{base}_{name}", arr, names) if arr is not None else None
                 for name, arr in qw.arrays.items()
             ]
             if qw.format == "matmulnbits" and len(weight_inputs) == 2:
                 weight_inputs.append(None)
             if qw.format == "qdq":
-                dq = _emit.dequantize_node(weight_inputs, qw.attrs, name=f"{base}_DequantizeLinear")
+                dq = _emit.dequantize_node(weight_inputs, qw.attrs, name=_unique(f"{base}_DequantizeLinear", names))
                 graph.insert_before(node, dq)
+                dq.outputs[0].name = _unique(f"{base}_dequantized", names)
                 weight_inputs = [dq.outputs[0]]
-                dq.outputs[0].name = f"{base}_dequantized"
             emitted[key] = (weight_inputs, qw, node.name or base)
             record.bytes_before, record.bytes_after = _stored_nbytes(cand), qw.nbytes
         if qw.format == "qdq":
@@ -209,18 +253,20 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 node.attributes["transB"] = ir.AttrInt64("transB", 0)
                 node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
             return
-        self._replace_with_matmulnbits(cand, cfg, weight_inputs, qw)
+        self._replace_with_matmulnbits(cand, cfg, weight_inputs, qw, names)
 
     @staticmethod
     def _replace_with_matmulnbits(
-        cand: WeightCandidate, cfg: WeightOnlyConfig, weight_inputs: list, qw: _emit.QuantizedWeight
+        cand: WeightCandidate, cfg: WeightOnlyConfig, weight_inputs: list, qw: _emit.QuantizedWeight, names: set[str]
     ) -> None:
         graph, node = cand.graph, cand.node
         dtype = _act_dtype(cand)
         bias_value = None
         bias, has_c = _emit.bias_vector(node, cand.n) if node.op_type == "Gemm" else (None, False)
         if bias is not None:
-            bias_value = _emit.initializer(graph, f"{node.name or cand.weight_name}_bias", bias.astype(dtype.numpy()))
+            bias_value = _emit.initializer(
+                graph, f"{node.name or cand.weight_name}_bias", bias.astype(dtype.numpy()), names
+            )
         new = _emit.matmulnbits_node(
             node.inputs[0],
             weight_inputs,
@@ -232,11 +278,105 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         out = new.outputs[0]
         extra: list[ir.Node] = []
         if has_c and bias_value is None:  # C computed at run time (beta == 1, checked in plan): add it
-            out.name = f"{node.outputs[0].name}_nobias"
+            out.name = _unique(f"{node.outputs[0].name}_nobias", names)
             add = ir.node("Add", [out, node.inputs[2]], name=f"{node.name}_bias")
             extra.append(add)
             out = add.outputs[0]
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new, *extra], [node.outputs[0]], [out])
+
+
+def _check_sizes(planned: Plan) -> Plan:
+    """Skip the planned layers of each stored weight whose quantized form would not shrink the model."""
+    chosen = {id(c.node) for c, cfg, _ in planned if cfg is not None}
+    saving = 0  # bytes the planned layers save in all, and the groups that add bytes instead
+    adders: list[tuple[list[int], str]] = []
+    by_source: dict[int, list[int]] = {}
+    for i, (cand, cfg, _) in enumerate(planned):
+        if cfg is not None:
+            by_source.setdefault(id(cand.source), []).append(i)
+    for rows in by_source.values():
+        first = planned[rows[0]][0]
+        assert first.source is not None
+        reader = _float_reader(first.source, chosen)
+        float_bytes = _emit.float_nbytes(_stored_nbytes(first), first.weight_name)
+        costs: dict[tuple, int] = {}
+        for i in rows:
+            cand, cfg, _ = planned[i]
+            assert cfg is not None
+            costs[_share_key(cand, cfg)] = _emit.estimated_nbytes(
+                cfg.format,
+                cand.k,
+                cand.n,
+                bits=cfg.bits,
+                block_size=cfg.block_size,
+                symmetric=cfg.symmetric,
+                scale_bytes=int(_act_dtype(cand).itemsize),
+                name=cand.weight_name,
+            )
+        cost = sum(costs.values())
+        if cost * 10 >= float_bytes * 9:  # not even 10% smaller (the protobuf overhead estimate is rough)
+            reason = f"too small to gain from quantizing: ~{cost} bytes quantized vs {float_bytes} bytes in float"
+            for i in rows:
+                planned[i] = (planned[i][0], None, reason)
+        elif reader:
+            # Still worth it for speed (a tied lm_head is the largest weight a decode step reads), but the
+            # summary says what it costs in size.
+            note = f"; the float weight '{first.weight_name}' stays (also read by {reader}): adds ~{cost} bytes"
+            for i in rows:
+                cand, cfg, why = planned[i]
+                planned[i] = (cand, cfg, why + note)
+            saving -= cost
+            adders.append(
+                (
+                    rows,
+                    f"the float weight '{first.weight_name}' stays (also read by {reader}), and "
+                    f"quantizing it too (~{cost} bytes) would make the model larger",
+                )
+            )
+        else:
+            saving += float_bytes - cost
+    if saving <= 0:  # the model as a whole would grow: keep the shared weights in floating point
+        for rows, reason in adders:
+            for i in rows:
+                planned[i] = (planned[i][0], None, reason)
+    return planned
+
+
+def _float_reader(value: ir.Value, chosen: set[int]) -> str | None:
+    """A node (or graph output) that will still read ``value`` in floating point once ``chosen`` are quantized."""
+    if value.is_graph_output():
+        return "a graph output"
+    for node, idx in value.uses():
+        if id(node) in chosen and idx == 1:
+            continue
+        if node.domain == "" and node.op_type in _CHAIN_OPS:
+            reader = _float_reader(node.outputs[0], chosen)
+            if reader is None:
+                continue
+            return reader
+        return f"{node.op_type} '{node.name}'"
+    return None
+
+
+def _all_names(model: ir.Model) -> set[str]:
+    """Every value name in the model, subgraphs included (new names must not shadow outer ones)."""
+    names: set[str] = set()
+    for graph in model.graphs():
+        for value in (*graph.inputs, *graph.initializers.values()):
+            if value.name:
+                names.add(value.name)
+        for node in graph:
+            names.update(v.name for v in node.outputs if v.name)
+    return names
+
+
+def _unique(base: str, names: set[str]) -> str:
+    name, i = base, 1
+    while name in names:
+        name = f"{base}_{i}"
+        i += 1
+    names.add(name)
+    return name
 
 
 def _act_dtype(cand: WeightCandidate) -> ir.DataType:
@@ -250,7 +390,7 @@ def _act_dtype(cand: WeightCandidate) -> ir.DataType:
 
 
 def _share_key(cand: WeightCandidate, cfg: WeightOnlyConfig) -> tuple:
-    return (id(cand.graph), cand.key, cfg)
+    return (cand.key, cfg, id(cand.graph) if cfg.format == "qdq" else None)
 
 
 def _stored_nbytes(cand: WeightCandidate) -> int:

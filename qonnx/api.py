@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from qonnx import modelfile
 from qonnx.config import W4A16, Targets, WeightOnlyConfig
 from qonnx.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError
+from qonnx.passes.cleanup import RemoveUnusedInitializersPass
 from qonnx.passes.opset import OpsetConversionError, UpgradeOpsetPass
 from qonnx.passes.weight_only import QDQ_OPSET, LayerRecord, QuantizeWeightsPass
 from qonnx.verification import Verification, VerifyOptions
@@ -171,6 +173,20 @@ def quantize(
     bytes_before = sum(p.stat().st_size for p in protect) if protect else _weight_bytes(ir_model)
     original: Path | bytes | None = source
     wants_check = options.enabled or (options.enabled is None and bytes_before <= options.max_bytes)
+    skip_note = ""
+    if wants_check and ir_model.ir_version > modelfile.MAX_RUNTIME_IR_VERSION:
+        # ONNX Runtime refuses the original as it is; compare with a copy at a version it accepts.
+        if any(isinstance(t, ir.ExternalTensor) for _, t in modelfile.iter_tensors(ir_model)):
+            skip_note = (
+                f"verification skipped: ONNX Runtime cannot load the original (IR version "
+                f"{ir_model.ir_version} > {modelfile.MAX_RUNTIME_IR_VERSION}) and its weights are external"
+            )
+            wants_check = False
+        else:
+            version = ir_model.ir_version
+            modelfile.make_runtime_compatible(ir_model)
+            original = modelfile.to_bytes(ir_model)
+            ir_model.ir_version = version
     if original is None and wants_check:  # in-memory input: keep a copy of the original to compare with
         original = modelfile.to_bytes(ir_model)
 
@@ -185,7 +201,13 @@ def quantize(
         try:
             UpgradeOpsetPass(QDQ_OPSET)(ir_model)
         except OpsetConversionError as e:
-            raise ModelLoadError(f"{source or 'model'}: {e}; use format='matmulnbits' instead") from None
+            convs = any(cand.axis is not None for cand, cfg, _ in plan if cfg is not None)
+            hint = (
+                "exclude convolutions with targets={'Conv': None, 'ConvTranspose': None} (--exclude for names)"
+                if convs
+                else "use format='matmulnbits' instead"
+            )
+            raise ModelLoadError(f"{source or 'model'}: {e}; {hint}") from None
 
     bar = None
     if progress:
@@ -199,16 +221,29 @@ def quantize(
         if bar is not None:
             bar.close()
     RemoveUnusedNodesPass()(ir_model)
+    RemoveUnusedInitializersPass()(ir_model)  # subgraphs too
 
     quantized = sum(1 for r in qpass.records if r.quantized)
     skipped = len(qpass.records) - quantized
-    checked = Verification(False, note="verification disabled")
+    checked = Verification(False, note=skip_note or "verification disabled")
+    if skip_note:
+        print(f"qonnx: WARNING: {skip_note}", file=sys.stderr)
 
     def finalize(tmp_model: Path) -> dict[str, str]:
         nonlocal checked
         assert original is not None or not wants_check
-        checked = run_verify(original or b"", tmp_model, options, bytes_before)
-        return verification_metadata(config.to_dict(), checked, quantized, skipped)
+        if not skip_note:
+            checked = run_verify(original or b"", tmp_model, options, bytes_before)
+        props = verification_metadata(config.to_dict(), checked, quantized, skipped)
+        if protect:  # the whole model must shrink: scales, nodes and metadata can outweigh tiny layers
+            size = sum(p.stat().st_size for p in tmp_model.parent.iterdir() if p.is_file())
+            size += sum(len(k) + len(v) + 8 for k, v in props.items())
+            if size >= bytes_before:
+                raise NothingToQuantizeError(
+                    f"quantizing would not make the model smaller ({bytes_before} -> ~{size} bytes: what the "
+                    "quantizable layers save is less than their scales, nodes and metadata cost); nothing was written"
+                )
+        return props
 
     outputs: list[Path] = []
     if out_path is not None:
@@ -220,6 +255,7 @@ def quantize(
     else:
         bytes_after = _weight_bytes(ir_model)
         if wants_check:
+            modelfile.make_runtime_compatible(ir_model)
             checked = run_verify(original or b"", modelfile.to_bytes(ir_model), options, bytes_before)
         for key, value in verification_metadata(config.to_dict(), checked, quantized, skipped).items():
             ir_model.metadata_props[key] = value

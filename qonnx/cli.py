@@ -196,7 +196,7 @@ def inspect(model: str, as_json: bool) -> None:
     click.echo("ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
     click.echo("weights: " + ", ".join(f"{k} {_human_bytes(v)}" for k, v in info["weight_bytes_by_type"].items()))
     layers = info["layers"]
-    click.echo(f"quantizable layers: {info['quantizable_layers']} of {len(layers)} MatMul/Gemm")
+    click.echo(f"quantizable layers: {info['quantizable_layers']} of {len(layers)} weight-holding nodes")
     for layer in layers:
         if not layer["quantizable"]:
             click.echo(f"  not quantizable {layer['node'] or layer['weight']}: {layer['reason']}")

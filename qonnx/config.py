@@ -123,7 +123,7 @@ class Targets:
                     self.patterns.append((key, re.compile(key[3:]), cfg))
                 except re.error as e:
                     raise ConfigError(f"target {key!r}: bad regular expression: {e}") from None
-            elif key in ("MatMul", "Gemm"):
+            elif key in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
                 self.op_types[key] = cfg
             else:
                 self.exact[key] = cfg

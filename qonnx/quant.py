@@ -8,7 +8,8 @@ Conventions match ONNX Runtime's MLAS quantizer so results are comparable:
 
 * asymmetric: the range is widened to include 0, ``scale = (max - min) / (qmax - qmin)`` and
   ``zero_point = round(qmin - min / scale)`` clamped to the integer range; stored codes are unsigned.
-* codes are ``clamp(roundf(w * (1 / scale) + zero_point))`` in float32, ties away from zero.
+* codes are ``clamp(roundf(w * (1 / scale) + zero_point))`` in float32 in the unsigned domain (symmetric
+  codes use the zero point 2^(bits-1) there and are returned signed), ties away from zero.
 * symmetric: the value of largest magnitude maps to the most negative code (``scale = v / qmin``), so
   the full signed range is used; codes are signed and the zero point is 0.
 
@@ -23,6 +24,11 @@ import numpy as np
 
 __all__ = [
     "QuantizedBlocks",
+    "QuantizedMatrix",
+    "quantize_kn",
+    "pack_matmulnbits",
+    "pack_matmulnbits_zero_points",
+    "qparams_from_range",
     "choose_qparams",
     "quantize",
     "dequantize",
@@ -34,7 +40,7 @@ __all__ = [
     "pack_zero_points",
     "unpack_zero_points",
     "qrange",
-    "round_half_away",
+    "round_half_up",
 ]
 
 
@@ -85,45 +91,67 @@ def choose_qparams(
     Returns:
         (scale, zero_point) of shape [...]; zero_point is int32 (0 when symmetric).
     """
-    qmin, qmax = qrange(bits, symmetric)
     x = blocks.astype(np.float32, copy=False)
+    return qparams_from_range(x.min(axis=-1), x.max(axis=-1), bits, symmetric, scale_dtype)
+
+
+def qparams_from_range(
+    mn: np.ndarray, mx: np.ndarray, bits: int, symmetric: bool, scale_dtype: np.dtype | type = np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point from per-block minima and maxima (see :func:`choose_qparams`)."""
+    qmin, qmax = qrange(bits, symmetric)
+    mn = mn.astype(np.float32, copy=False)
+    mx = mx.astype(np.float32, copy=False)
     if symmetric:
-        mx = x.max(axis=-1)
-        mn = x.min(axis=-1)
         # The value of largest magnitude, with its sign, maps to qmin.
         v = np.where(np.abs(mn) >= np.abs(mx), mn, mx)
         scale = (v / np.float32(qmin)).astype(scale_dtype).astype(np.float32)
         zp = np.zeros(scale.shape, dtype=np.int32)
     else:
-        mn = np.minimum(x.min(axis=-1), 0.0)
-        mx = np.maximum(x.max(axis=-1), 0.0)
+        mn = np.minimum(mn, 0.0)
+        mx = np.maximum(mx, 0.0)
         scale = ((mx - mn) / np.float32(qmax - qmin)).astype(scale_dtype).astype(np.float32)
         safe = np.where(scale == 0, np.float32(1), scale)
-        zp = np.clip(np.round(np.float32(qmin) - mn / safe), qmin, qmax).astype(np.int32)
+        zp = np.clip(round_half_up(np.float32(qmin) - mn / safe), qmin, qmax).astype(np.int32)
     return scale.astype(scale_dtype), zp
 
 
-def quantize(blocks: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
-    """Quantize blocks [..., block] with per-block scale/zero point [...] to int codes (int8 / uint8)."""
-    qmin, qmax = qrange(bits, symmetric)
-    s = scale.astype(np.float32)[..., None]
+def _inverse(scale: np.ndarray) -> np.ndarray:
+    s = scale.astype(np.float32)
     inv = np.divide(1.0, s, out=np.zeros_like(s), where=s != 0)
     fmax = np.finfo(np.float32).max
-    np.clip(inv, -fmax, fmax, out=inv)  # a subnormal scale: keep 0 * inv finite
-    v = blocks.astype(np.float32, copy=False) * inv
-    v += zero_point[..., None].astype(np.float32)
-    q = round_half_away(v)
-    np.clip(q, qmin, qmax, out=q)
-    return q.astype(np.int8 if symmetric else np.uint8)
+    return np.clip(inv, -fmax, fmax, out=inv)  # a subnormal scale: keep 0 * inv finite
 
 
-def round_half_away(v: np.ndarray) -> np.ndarray:
-    """Round to nearest, ties away from zero (C's roundf, as ONNX Runtime's quantizer rounds)."""
-    q = np.round(v)  # ties to even: differs only at exact halves, which are rare
-    ties = np.nonzero(np.abs(v - q) == 0.5)
-    if ties[0].size:
-        q[ties] = np.trunc(v[ties]) + np.sign(v[ties])
-    return q
+def _codes(v: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
+    """Round and clamp ``w / scale + zp + offset`` (float32, overwritten) to int8/uint8 codes."""
+    qmin, qmax = qrange(bits, symmetric)
+    offset = -qmin if symmetric else 0
+    q = round_half_up(v)
+    np.clip(q, qmin + offset, qmax + offset, out=q)
+    codes = q.astype(np.uint8)
+    return (codes.astype(np.int16) - offset).astype(np.int8) if symmetric else codes
+
+
+def quantize(blocks: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
+    """Quantize blocks [..., block] with per-block scale/zero point [...] to int codes (int8 / uint8).
+
+    Codes are computed in the unsigned domain as ONNX Runtime's MLAS does, ``roundf(w / scale + zp)`` with
+    ``zp = 2^(bits-1)`` when symmetric, so both tools agree even at rounding ties.
+    """
+    offset = (1 << (bits - 1)) if symmetric else 0
+    # One strided read of the (possibly transposed) weight, then contiguous in-place work.
+    v = np.multiply(blocks.astype(np.float32, copy=False), _inverse(scale)[..., None], order="C")
+    v += (zero_point[..., None] + offset).astype(np.float32)
+    return _codes(v, bits, symmetric)
+
+
+def round_half_up(v: np.ndarray) -> np.ndarray:
+    """Round to nearest, ties up; equals C's ``roundf`` (ties away from zero) for v >= 0. Overwrites ``v``."""
+    f = np.floor(v)
+    v -= f  # the fraction, exact in float32
+    f += v >= 0.5
+    return f
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
@@ -273,3 +301,120 @@ def pack_zero_points(zero_point: np.ndarray, bits: int) -> np.ndarray:
 def unpack_zero_points(packed: np.ndarray, bits: int, n: int, nblocks: int) -> np.ndarray:
     """Inverse of :func:`pack_zero_points`: uint8 [N, nblocks]."""
     return _unpack_rows(packed.reshape(n, -1), bits, nblocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedMatrix:
+    """A [K, N] MatMul weight quantized in blocks along K, kept in the weight's own layout.
+
+    Quantizing in place of the [K, N] layout (blocks run down the rows, so every reduction and
+    element-wise step is contiguous and vectorised across N) avoids transposing the float weight;
+    only the packed bytes are transposed for MatMulNBits, at 1/8 (4 bits) of the float size.
+
+    Attributes:
+        q: codes [K, N] (int8 when symmetric, uint8 otherwise).
+        scale: [nblocks, N] in the storage dtype.
+        zero_point: [nblocks, N] int32 (zeros when symmetric).
+        block_size: rows per block (K itself for one block per channel); the last block may be ragged.
+        bits: code width.
+        symmetric: whether codes are signed with zero point 0.
+    """
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    block_size: int
+    bits: int
+    symmetric: bool
+
+    @property
+    def k(self) -> int:
+        """Rows of the weight."""
+        return int(self.q.shape[0])
+
+    @property
+    def n(self) -> int:
+        """Columns of the weight (output features)."""
+        return int(self.q.shape[1])
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 [K, N] matrix the codes stand for."""
+        rows = np.arange(self.k) // self.block_size
+        return (self.q.astype(np.float32) - self.zero_point[rows].astype(np.float32)) * self.scale[rows].astype(
+            np.float32
+        )
+
+    def unsigned(self) -> tuple[np.ndarray, np.ndarray]:
+        """Codes [K, N] and zero points [nblocks, N] in the unsigned range MatMulNBits stores."""
+        if not self.symmetric:
+            return self.q.astype(np.uint8, copy=False), self.zero_point.astype(np.uint8)
+        off = 1 << (self.bits - 1)
+        return (self.q.astype(np.int16) + off).astype(np.uint8), (self.zero_point + off).astype(np.uint8)
+
+
+def quantize_kn(
+    w: np.ndarray,
+    bits: int,
+    block_size: int | None,
+    symmetric: bool,
+    scale_dtype: np.dtype | type = np.float32,
+) -> QuantizedMatrix:
+    """Quantize a [K, N] weight in blocks of ``block_size`` rows along K (None: one block per column).
+
+    Same numbers as ``quantize_blocked(w.T, ...)``, computed without transposing ``w``.
+    """
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {w.shape}")
+    if block_size is not None and block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    k, n = w.shape
+    bs = k if block_size is None else block_size
+    full = (k // bs) * bs
+    parts = []  # (rows, [nb, rows per block, N] view)
+    if full:
+        parts.append((slice(0, full), w[:full].reshape(full // bs, bs, n)))
+    if full < k:
+        parts.append((slice(full, k), w[full:].reshape(1, k - full, n)))
+    scales, zps, codes = [], [], np.empty((k, n), np.int8 if symmetric else np.uint8)
+    offset = (1 << (bits - 1)) if symmetric else 0
+    for rows, blocks in parts:
+        x = blocks.astype(np.float32, copy=False)
+        scale, zp = qparams_from_range(x.min(axis=1), x.max(axis=1), bits, symmetric, scale_dtype)
+        v = x * _inverse(scale)[:, None, :]
+        v += (zp + offset).astype(np.float32)[:, None, :]
+        codes[rows] = _codes(v, bits, symmetric).reshape(-1, n)
+        scales.append(scale)
+        zps.append(zp)
+    return QuantizedMatrix(codes, np.concatenate(scales), np.concatenate(zps), bs, bits, symmetric)
+
+
+def pack_matmulnbits(qm: QuantizedMatrix) -> np.ndarray:
+    """MatMulNBits' B input for a [K, N] weight: uint8 [N, nblocks, block_size * bits / 8].
+
+    Codes are packed low bits first along K; the ragged tail of the last block is zero, as ONNX Runtime's
+    quantizer writes it.
+    """
+    codes, _ = qm.unsigned()
+    k, n = codes.shape
+    bs, bits = qm.block_size, qm.bits
+    if (bs * bits) % 8:
+        raise ValueError(f"block_size {bs} with {bits} bits does not fill whole bytes")
+    nb = num_blocks(k, bs)
+    if nb * bs > k:
+        codes = np.concatenate([codes, np.zeros((nb * bs - k, n), np.uint8)])
+    if bits == 8:
+        packed = codes
+    elif 8 % bits == 0:
+        per_byte = 8 // bits
+        packed = codes[0::per_byte].copy()
+        for i in range(1, per_byte):
+            packed |= codes[i::per_byte] << np.uint8(i * bits)
+    else:  # 3 bits: a bit stream; the rare path packs along rows of the transposed codes
+        return _pack_rows(np.ascontiguousarray(codes.T).reshape(n * nb, bs), bits).reshape(n, nb, -1)
+    return np.ascontiguousarray(packed.T).reshape(n, nb, bs * bits // 8)
+
+
+def pack_matmulnbits_zero_points(qm: QuantizedMatrix) -> np.ndarray:
+    """MatMulNBits' packed uint8 zero points [N, ceil(nblocks * bits / 8)] for a [K, N] weight."""
+    _, zp = qm.unsigned()
+    return pack_zero_points(np.ascontiguousarray(zp.T), qm.bits)

@@ -100,11 +100,16 @@ def verify(
     except QonnxError:
         raise
     except Exception as e:  # ORT's errors for inputs it cannot make up: say how to fix
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise QonnxError(
-            f"verification could not run the models: {msg}; give input shapes with "
-            "--input-shape NAME=DxD or disable it with --no-verify"
-        ) from None
+        text = str(e).strip()
+        msg = text.splitlines()[0][:300] if text else type(e).__name__
+        if "NOT_IMPLEMENTED" in text or "is not a registered function/op" in text:
+            hint = (
+                f"ONNX Runtime's {options.device} provider cannot run this model (bfloat16 on CPU, or a custom "
+                "op): verify with --device cuda or pass --no-verify"
+            )
+        else:
+            hint = "give input shapes with --input-shape NAME=DxD or disable it with --no-verify"
+        raise QonnxError(f"verification could not run the models: {msg}; {hint}") from None
     result = Verification(True, metrics, seconds=time.perf_counter() - start)
     worst = result.worst_sqnr
     if options.min_sqnr is not None and worst is not None and not worst >= options.min_sqnr:

@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 
@@ -31,6 +32,7 @@ _ORT_TO_NUMPY = {
     "tensor(int8)": np.int8,
     "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
+    "tensor(bfloat16)": ml_dtypes.bfloat16,
     "tensor(int16)": np.int16,
 }
 
@@ -111,7 +113,7 @@ def make_inputs(
             raise ValueError(f"input {inp.name!r} has type {inp.type}; give verification inputs explicitly")
         shape = shapes.get(inp.name) or tuple(_dim(d, inp.name, i, dims) for i, d in enumerate(inp.shape or []))
         lname = inp.name.lower()
-        if np.issubdtype(dtype, np.floating):
+        if np.issubdtype(dtype, np.floating) or dtype is ml_dtypes.bfloat16:
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype is np.bool_ or "mask" in lname:
             feeds[inp.name] = np.ones(shape, dtype=dtype)

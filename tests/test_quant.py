@@ -28,8 +28,10 @@ def reference_blocked(w, bits, block, symmetric):
                 lo, hi = min(b.min(), 0.0), max(b.max(), 0.0)
                 scale = np.float32((hi - lo) / (qmax - qmin))
                 zp = int(np.clip(np.round(qmin - lo / scale), qmin, qmax)) if scale != 0 else 0
-            v = b * (np.float32(1) / scale if scale != 0 else np.float32(0)) + np.float32(zp)
-            q = np.clip(np.floor(np.abs(v) + 0.5) * np.sign(v), qmin, qmax)  # C roundf: ties away from zero
+            # ONNX Runtime's convention: roundf in the unsigned domain (symmetric: zero point 2^(bits-1))
+            off = 2 ** (bits - 1) if symmetric else 0
+            v = b * (np.float32(1) / scale if scale != 0 else np.float32(0)) + np.float32(zp + off)
+            q = np.clip(np.floor(np.abs(v) + 0.5) * np.sign(v), qmin + off, qmax + off) - off
             out[i, s : s + block] = (q - zp) * scale
     return out
 
@@ -119,9 +121,9 @@ def test_ragged_tail_packs_zero_and_zero_points_pad_with_default(rng):
     assert np.all(quant.pack_zero_points(qb3.zero_point, 4)[:, 1] >> 4 == 8)  # 3 blocks: pad nibble = 8
 
 
-def test_round_half_away_from_zero():
-    v = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 2.4999998, -1.2, 0.0], np.float32)
-    np.testing.assert_array_equal(quant.round_half_away(v), [1, 2, 3, -1, -3, 2, -1, 0])
+def test_round_half_up_is_roundf_for_non_negative():
+    v = np.array([0.5, 1.5, 2.5, 2.4999998, 0.49999997, 7.5, 0.0, 3.25], np.float32)
+    np.testing.assert_array_equal(quant.round_half_up(v.copy()), [1, 2, 3, 2, 0, 8, 0, 3])
 
 
 def test_bad_arguments():

@@ -127,3 +127,18 @@ def test_cli_shape_errors(tmp_path, tiny_model):
     )
     res = qonnx_cli("quantize", tiny_model, "-o", tmp_path / "q.onnx", "--input-shape", "x=2x3x72", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["verification"]["ran"]
+
+
+def test_original_with_ir_version_onnx_runtime_refuses(tmp_path, rng):
+    """onnx 1.23's helpers write IR 14, which ONNX Runtime 1.31 refuses: verification compares with a copy
+    at a version it accepts, and the output is written at that version."""
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    path = matmul_model(tmp_path / "m.onnx", w)
+    m = onnx.load(path)
+    m.ir_version = 14
+    onnx.save(m, path)
+    s = qonnx.quantize(path, qonnx.W8A16(block_size=32), output=tmp_path / "q.onnx")
+    assert s.verification.ran and s.verification.worst_sqnr > 30
+    assert onnx.load(tmp_path / "q.onnx").ir_version <= 13
+    s2 = qonnx.quantize(qonnx.load(path), qonnx.W8A16(block_size=32))
+    assert s2.verification.ran and s2.verification.worst_sqnr > 30
