@@ -85,37 +85,33 @@ def estimated_nbytes(
     return arrays + proto
 
 
-def matmulnbits_arrays(qb: quant.QuantizedBlocks, dtype: ir.DataType) -> QuantizedWeight:
-    """MatMulNBits inputs for ``qb`` ([N, K] blocked along K), scales in the activation ``dtype``."""
-    arrays = {"B": quant.pack_nbits_matmulnbits(qb), "scales": qb.scale.astype(dtype.numpy())}
-    if not qb.symmetric:
-        arrays["zero_points"] = quant.pack_zero_points(qb.zero_point, qb.bits)
-    n = qb.q.shape[0]
-    attrs = {"K": qb.k, "N": n, "bits": qb.bits, "block_size": qb.block_size}
-    return QuantizedWeight("matmulnbits", arrays, attrs, qb.k, n, qb.bits)
+def matmulnbits_arrays(qm: quant.QuantizedMatrix, dtype: ir.DataType) -> QuantizedWeight:
+    """MatMulNBits inputs for ``qm`` ([K, N] blocked along K), scales in the activation ``dtype``."""
+    arrays = {"B": quant.pack_matmulnbits(qm), "scales": np.ascontiguousarray(qm.scale.T).astype(dtype.numpy())}
+    if not qm.symmetric:
+        arrays["zero_points"] = quant.pack_matmulnbits_zero_points(qm)
+    attrs = {"K": qm.k, "N": qm.n, "bits": qm.bits, "block_size": qm.block_size}
+    return QuantizedWeight("matmulnbits", arrays, attrs, qm.k, qm.n, qm.bits)
 
 
-def dequantize_arrays(qb: quant.QuantizedBlocks, dtype: ir.DataType) -> QuantizedWeight:
-    """DequantizeLinear inputs producing the [K, N] weight that ``qb`` ([N, K] blocked) stands for.
+def dequantize_arrays(qm: quant.QuantizedMatrix, dtype: ir.DataType) -> QuantizedWeight:
+    """DequantizeLinear inputs producing the [K, N] weight that ``qm`` stands for.
 
     4-bit codes are int4 (symmetric) or uint4; 8-bit codes int8 or uint8. One block per channel is
     per-axis (axis=1, opset 13); smaller blocks are blocked along K (axis=0, block_size, opset 21).
     """
-    n, nb, bs = qb.q.shape
-    codes = qb.q.reshape(n, nb * bs)[:, : qb.k].T  # [K, N]
-    code_dtype = _code_dtype(qb.bits, qb.symmetric)
-    scale = qb.scale.astype(dtype.numpy())
-    zp = qb.zero_point.astype(code_dtype)
-    if nb == 1 and bs >= qb.k:
-        scale, zp = scale.reshape(n), zp.reshape(n)
+    code_dtype = _code_dtype(qm.bits, qm.symmetric)
+    scale = qm.scale.astype(dtype.numpy())
+    zp = qm.zero_point.astype(code_dtype)
+    if scale.shape[0] == 1 and qm.block_size >= qm.k:
+        scale, zp = scale.reshape(qm.n), zp.reshape(qm.n)
         attrs = {"axis": 1}
     else:
-        scale, zp = np.ascontiguousarray(scale.T), np.ascontiguousarray(zp.T)
-        attrs = {"axis": 0, "block_size": bs}
-    arrays = {"x": np.ascontiguousarray(codes).astype(code_dtype), "scale": scale}
-    if not qb.symmetric:
+        attrs = {"axis": 0, "block_size": qm.block_size}
+    arrays = {"x": qm.q.astype(code_dtype), "scale": scale}
+    if not qm.symmetric:
         arrays["zero_point"] = zp
-    return QuantizedWeight("qdq", arrays, attrs, qb.k, n, qb.bits)
+    return QuantizedWeight("qdq", arrays, attrs, qm.k, qm.n, qm.bits)
 
 
 def channel_dequantize_arrays(

@@ -26,8 +26,8 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
     return None if t is None else t.numpy()
 
 
-def _blocks_from_dequantize(dq: ir.Node) -> quant.QuantizedBlocks | None:
-    """The [N, K] blocked codes a DequantizeLinear of a [K, N] weight holds, or None if not convertible."""
+def _blocks_from_dequantize(dq: ir.Node) -> quant.QuantizedMatrix | None:
+    """The blocked codes a DequantizeLinear of a [K, N] weight holds, or None if not convertible."""
     x = _const(dq.inputs[0])
     scale = _const(dq.inputs[1])
     zp = _const(dq.inputs[2]) if len(dq.inputs) > 2 else None
@@ -42,20 +42,14 @@ def _blocks_from_dequantize(dq: ir.Node) -> quant.QuantizedBlocks | None:
     k, n = x.shape
     if bs not in MATMULNBITS_BLOCK_SIZES or axis not in (0, -2) or scale.shape != (quant.num_blocks(k, bs), n):
         return None
-    nb = scale.shape[0]
-    codes = x.astype(np.int32).T  # [N, K]
-    zps = zp.astype(np.int32).T if zp is not None else np.zeros((n, nb), np.int32)
-    if x_type in _SIGNED:  # shift to the unsigned codes MatMulNBits stores
-        off = 1 << (bits - 1)
+    off = 1 << (bits - 1)
+    codes = x.astype(np.int32)
+    zps = zp.astype(np.int32) if zp is not None else np.zeros(scale.shape, np.int32)
+    if x_type in _SIGNED:  # to the unsigned codes MatMulNBits stores
         codes, zps = codes + off, zps + off
-    padded = np.zeros((n, nb * bs), np.uint8)
-    padded[:, :k] = codes
-    symmetric = bool(np.all(zps == (1 << (bits - 1))))
-    q = padded.reshape(n, nb, bs)
-    if symmetric:  # QuantizedBlocks keeps symmetric codes signed
-        q = (q.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
-        zps = np.zeros_like(zps)
-    return quant.QuantizedBlocks(q, np.ascontiguousarray(scale.T), zps, k, bs, bits, symmetric)
+    if np.all(zps == off):  # symmetric: QuantizedMatrix keeps those codes signed, zero point 0
+        return quant.QuantizedMatrix((codes - off).astype(np.int8), scale, np.zeros_like(zps), bs, bits, True)
+    return quant.QuantizedMatrix(codes.astype(np.uint8), scale, zps, bs, bits, False)
 
 
 class DequantizeToMatMulNBitsPass(ir.passes.InPlacePass):

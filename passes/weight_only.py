@@ -61,12 +61,12 @@ def quantize_weight(cand: WeightCandidate, cfg: WeightOnlyConfig, dtype: ir.Data
         qb = quant.quantize_blocked(rows, cfg.bits, None, cfg.symmetric, scale_dtype=dtype.numpy())
         del rows
         return _emit.channel_dequantize_arrays(qb, dtype, cand.shape, cand.axis)
-    w_nk = cand.matrix().T  # [N, K]: blocks run along K
-    qb = quant.quantize_blocked(w_nk, cfg.bits, cfg.block_size, cfg.symmetric, scale_dtype=dtype.numpy())
-    del w_nk
+    w = cand.matrix()  # [K, N]: blocks run down the rows, no transpose of the float weight
+    qm = quant.quantize_kn(w, cfg.bits, cfg.block_size, cfg.symmetric, scale_dtype=dtype.numpy())
+    del w
     if cfg.format == "matmulnbits":
-        return _emit.matmulnbits_arrays(qb, dtype)
-    return _emit.dequantize_arrays(qb, dtype)
+        return _emit.matmulnbits_arrays(qm, dtype)
+    return _emit.dequantize_arrays(qm, dtype)
 
 
 def needed_opset(cfg: WeightOnlyConfig, dtype: ir.DataType) -> int:

@@ -131,3 +131,21 @@ def test_bad_arguments():
         quant.quantize_blocked(np.zeros((2, 2, 2), np.float32), 4, 2, False)
     with pytest.raises(ValueError):
         quant.qrange(5, False)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize(("k", "block"), [(200, 16), (200, 32), (576, 128), (64, 64), (72, None)])
+def test_kn_layout_equals_row_layout(rng, bits, symmetric, k, block):
+    """quantize_kn works on the [K, N] weight as stored; same numbers and bytes as the [N, K] reference."""
+    w = rng.standard_normal((k, 24)).astype(np.float32)
+    qm = quant.quantize_kn(w, bits, block, symmetric)
+    qb = quant.quantize_blocked(w.T, bits, block, symmetric)
+    np.testing.assert_array_equal(qm.dequantize(), qb.dequantize().T)
+    np.testing.assert_array_equal(qm.scale, qb.scale.T)
+    if block is not None and block >= 16:
+        np.testing.assert_array_equal(quant.pack_matmulnbits(qm), quant.pack_nbits_matmulnbits(qb))
+        if not symmetric:
+            np.testing.assert_array_equal(
+                quant.pack_matmulnbits_zero_points(qm), quant.pack_zero_points(qb.zero_point, bits)
+            )

@@ -235,7 +235,7 @@ def test_small_model_output_not_larger(tmp_path, rng):
     ],
 )
 def test_size_estimate_matches_arrays(rng, fmt, k, n, bits, block, sym, dtype):
-    qb = quant.quantize_blocked(rng.standard_normal((n, k)).astype(np.float32), bits, block, sym, scale_dtype=dtype)
+    qb = quant.quantize_kn(rng.standard_normal((k, n)).astype(np.float32), bits, block, sym, scale_dtype=dtype)
     ir_dtype = ir.DataType.FLOAT if dtype is np.float32 else ir.DataType.FLOAT16
     qw = _emit.matmulnbits_arrays(qb, ir_dtype) if fmt == "matmulnbits" else _emit.dequantize_arrays(qb, ir_dtype)
     est = _emit.estimated_nbytes(
