@@ -210,12 +210,20 @@ def inspect(model: str, as_json: bool) -> None:
     type=click.Path(path_type=str),
     help="Folder for the models the demo writes.",
 )
+@click.option(
+    "--windows",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Perplexity windows of 512 tokens (the full protocol uses 24).",
+)
+@click.option("--synthetic", is_flag=True, help="A seconds-long run on a random model built in code instead.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON on stdout.")
-def demo(work_dir: str, as_json: bool) -> None:
-    """Quantize an embedded default model (offline) and compare it with the original."""
-    from qonnx.demo import format_table, run_demo
+def demo(work_dir: str, windows: int, synthetic: bool, as_json: bool) -> None:
+    """Export, quantize (W4A16) and measure the embedded reference model, SmolLM2-135M-Instruct, offline."""
+    from qonnx.demo import format_table, run_demo, run_synthetic_demo
 
-    result = run_demo(work_dir)
+    result = run_synthetic_demo(work_dir) if synthetic else run_demo(work_dir, windows=windows)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
