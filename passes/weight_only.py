@@ -318,9 +318,16 @@ def _check_sizes(planned: Plan) -> Plan:
             reason = f"too small to gain from quantizing: ~{cost} bytes quantized vs {float_bytes} bytes in float"
             for i in rows:
                 planned[i] = (planned[i][0], None, reason)
+        elif reader and not all(" by name " in planned[i][2] or " by pattern " in planned[i][2] for i in rows):
+            # A tied weight (lm_head sharing the embedding): the float copy stays, so quantizing adds bytes
+            # and error (SmolLM2-135M: perplexity 20.1 -> 23.5), for decode speed. Only when asked by name.
+            reason = (
+                f"the float weight '{first.weight_name}' stays (also read by {reader}): quantizing it would add "
+                f"~{cost} bytes and error; name it in targets to quantize it anyway"
+            )
+            for i in rows:
+                planned[i] = (planned[i][0], None, reason)
         elif reader:
-            # Still worth it for speed (a tied lm_head is the largest weight a decode step reads), but the
-            # summary says what it costs in size.
             note = f"; the float weight '{first.weight_name}' stays (also read by {reader}): adds ~{cost} bytes"
             for i in rows:
                 cand, cfg, why = planned[i]

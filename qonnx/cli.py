@@ -157,19 +157,23 @@ def quantize(
         f"{config.name}: quantized {len(summary.quantized)} layers, skipped {len(summary.skipped)} "
         f"in {summary.seconds:.1f} s"
     )
-    for r in summary.skipped:
-        click.echo(f"  skipped {r.node or r.weight}: {r.reason}")
+    for reason, names in _group_reasons(summary.skipped):
+        who = names[0] if len(names) == 1 else f"{len(names)} layers (e.g. {names[0]})"
+        click.echo(f"  skipped {who}: {reason}")
     click.echo(
         f"size: {_human_bytes(summary.bytes_before)} -> {_human_bytes(summary.bytes_after)} ({ratio:.2f}x smaller)"
     )
     check = summary.verification
     if check.ran:
-        for m in check.outputs:
+        shown = _outputs_to_show(check.outputs)
+        for m in shown:
             top1 = "" if m.top1_agreement is None else f", top-1 agreement {m.top1_agreement:.1%}"
             click.echo(
                 f"verified {m.name}: SQNR {m.sqnr_db:.1f} dB, cosine {m.cosine:.4f}, "
                 f"max abs error {m.max_abs_error:.3g}{top1}"
             )
+        if len(shown) < len(check.outputs):
+            click.echo(f"  ({len(check.outputs) - len(shown)} more outputs, such as the KV cache, in --json)")
     else:
         click.echo(check.note)
     click.echo(f"wrote {', '.join(str(p) for p in summary.outputs)}")
@@ -225,6 +229,26 @@ def demo(work_dir: str, windows: int, synthetic: bool, as_json: bool) -> None:
 
     result = run_synthetic_demo(work_dir) if synthetic else run_demo(work_dir, windows=windows)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
+def _outputs_to_show(outputs: list[Any]) -> list[Any]:
+    """All outputs of a small model; else those not named like a KV cache, plus the worst one."""
+    if len(outputs) <= 4:
+        return outputs
+    main = [m for m in outputs if not m.name.startswith(("present", "past"))]
+    worst = min(outputs, key=lambda m: m.sqnr_db)
+    return main + ([worst] if worst not in main else [])
+
+
+def _group_reasons(records: list[Any]) -> list[tuple[str, list[str]]]:
+    """Skipped layers grouped by reason, names in quotes generalised (an LLM has dozens of attention MatMuls)."""
+    import re
+
+    groups: dict[str, tuple[str, list[str]]] = {}
+    for r in records:
+        key = re.sub(r"'[^']*'", "'…'", r.reason)
+        groups.setdefault(key, (r.reason, []))[1].append(r.node or r.weight)
+    return [(first if len(names) == 1 else key, names) for key, (first, names) in groups.items()]
 
 
 def _register_model_commands() -> None:

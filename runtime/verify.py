@@ -8,11 +8,13 @@ count up, and float inputs are standard normal.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 import os
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import ml_dtypes
@@ -73,12 +75,7 @@ def parse_shape_overrides(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _dim(dim: Any, name: str, axis: int, dims: Mapping[str, int]) -> int:
-    if isinstance(dim, int) and dim >= 0:
-        return dim
-    label = str(dim or "").lower()
-    if label in dims:
-        return dims[label]
+def _guess(label: str, name: str, axis: int) -> int:
     if "past" in label or ("past" in name.lower() and axis == 2):
         return 0
     if "batch" in label or axis == 0:
@@ -86,6 +83,47 @@ def _dim(dim: Any, name: str, axis: int, dims: Mapping[str, int]) -> int:
     if any(k in label for k in ("seq", "len", "token", "time")):
         return 16
     return 1
+
+
+def _dim(dim: Any, name: str, axis: int, dims: dict[str, int]) -> int:
+    """Size of one dimension; a symbol keeps one size across inputs, and expressions of symbols (as
+    exporters write, e.g. ``past_sequence_length + sequence_length``) are evaluated from them.
+    """
+    if isinstance(dim, int) and dim >= 0:
+        return dim
+    label = str(dim or "").strip()
+    key = label.lower()
+    if key in dims:
+        return dims[key]
+    names = re.findall(r"[A-Za-z_][A-Za-z_0-9]*", label)
+    if label and (len(names) != 1 or names[0] != label):  # an expression
+        try:
+            tree = ast.parse(label, mode="eval")
+            for n in names:
+                dims.setdefault(n.lower(), _guess(n.lower(), name, axis))
+            value = _eval(tree.body, dims)
+            if value >= 0:
+                return value
+        except (SyntaxError, ValueError):
+            pass
+    dims[key] = _guess(key, name, axis) if key else _guess("", name, axis)
+    return dims[key] if key else _guess("", name, axis)
+
+
+def _eval(node: ast.AST, dims: Mapping[str, int]) -> int:
+    """Integer arithmetic on dimension symbols; anything else is refused."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        return node.value
+    if isinstance(node, ast.Name):
+        return dims[node.id.lower()]
+    if isinstance(node, ast.BinOp):
+        a, b = _eval(node.left, dims), _eval(node.right, dims)
+        ops = {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b}
+        if type(node.op) in ops:
+            return ops[type(node.op)]
+        if isinstance(node.op, ast.FloorDiv) and b:
+            return a // b
+    raise ValueError("unsupported dimension expression")
 
 
 def _vocab_size(session: ort.InferenceSession) -> int | None:
@@ -101,17 +139,29 @@ def make_inputs(
     shapes: Mapping[str, tuple[int, ...]] | None = None,
     dims: Mapping[str, int] | None = None,
     seed: int = 0,
+    token_ids: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Inputs for ``session`` made from its declared shapes and types (see the module docstring)."""
+    """Inputs for ``session`` made from its declared shapes and types (see the module docstring).
+
+    ``token_ids`` ([batch, length], real text) feed an ``input_ids`` input and set its dimensions.
+    """
     rng = np.random.default_rng(seed)
-    shapes, dims = dict(shapes or {}), {k.lower(): v for k, v in (dims or {}).items()}
+    shapes, sizes = dict(shapes or {}), {k.lower(): v for k, v in (dims or {}).items()}
     vocab = _vocab_size(session) or 100
     feeds: dict[str, np.ndarray] = {}
+    inputs = {i.name: i for i in session.get_inputs()}
+    if token_ids is not None and "input_ids" in inputs and "input_ids" not in shapes:
+        for d, size in zip(inputs["input_ids"].shape or [], token_ids.shape, strict=False):
+            if isinstance(d, str):
+                sizes.setdefault(d.lower(), int(size))
+        feeds["input_ids"] = token_ids.astype(np.int64)
     for inp in session.get_inputs():
+        if inp.name in feeds:
+            continue
         dtype = _ORT_TO_NUMPY.get(inp.type)
         if dtype is None:
             raise ValueError(f"input {inp.name!r} has type {inp.type}; give verification inputs explicitly")
-        shape = shapes.get(inp.name) or tuple(_dim(d, inp.name, i, dims) for i, d in enumerate(inp.shape or []))
+        shape = shapes.get(inp.name) or tuple(_dim(d, inp.name, i, sizes) for i, d in enumerate(inp.shape or []))
         lname = inp.name.lower()
         if np.issubdtype(dtype, np.floating) or dtype is ml_dtypes.bfloat16:
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
@@ -183,6 +233,24 @@ def compare_outputs(name: str, ref: np.ndarray, out: np.ndarray) -> OutputMetric
     return acc.finalize()
 
 
+def text_token_ids(folder: Path, length: int = 128) -> np.ndarray | None:
+    """[1, length] token ids of real text (the end of the pydoc corpus, away from the evaluation windows)
+    when ``folder`` holds a ``tokenizer.json``; None otherwise. Real text gives top-1 agreement a meaning.
+    """
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        from qonnx.runtime.data import pydoc_text
+
+        ids = Tokenizer.from_file(str(path)).encode(pydoc_text()[-12000:], add_special_tokens=False).ids
+    except Exception:  # an unreadable tokenizer: fall back to made-up ids
+        return None
+    return np.asarray([ids[-length:]], dtype=np.int64) if len(ids) >= length else None
+
+
 def verify_models(
     original: str | os.PathLike | bytes,
     quantized: str | os.PathLike | bytes,
@@ -196,7 +264,8 @@ def verify_models(
     fast = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # short-lived sessions: build them quickly
     ref_sess = make_session(original, device, optimization=fast)
     q_sess = make_session(quantized, device, optimization=fast)
-    batches = list(feeds) if feeds else [make_inputs(ref_sess, shapes=shapes, dims=dims)]
+    ids = None if feeds or isinstance(original, bytes) else text_token_ids(Path(original).parent)
+    batches = list(feeds) if feeds else [make_inputs(ref_sess, shapes=shapes, dims=dims, token_ids=ids)]
     names = [
         o.name
         for o in ref_sess.get_outputs()

@@ -156,15 +156,31 @@ def test_subgraph_weights_replaced_everywhere(corpus, tmp_path, scheme):
         assert sorted(codes) == ["w_body_x", "w_else_x", "w_outer_x", "w_outer_x_1"]
 
 
-def test_tied_embedding_quantized_only_while_the_model_still_shrinks(corpus, tmp_path):
-    """A tied lm_head keeps its float copy for the Gather: quantized (with the cost stated) when the model
-    still shrinks as a whole (4 bits here), kept in float with the reason when it would grow (8 bits)."""
+def test_tied_embedding_kept_in_float_unless_named(corpus, tmp_path):
+    """A tied lm_head keeps its float copy for the Gather: by default it stays in float with the reason;
+    named in targets it is quantized (with the cost stated) while the model still shrinks as a whole
+    (4 bits here), and kept in float when it would grow (8 bits)."""
     src, _ = corpus("shared_weights")
-    s4 = qonnx.quantize(src, qonnx.W4A16(block_size=32), output=tmp_path / "q4.onnx", verify=False)
+    s = qonnx.quantize(src, qonnx.W4A16(block_size=32), verify=False)
+    reasons = {r.node: (r.quantized, r.reason) for r in s.layers}
+    assert not reasons["lm_head"][0] and "stays (also read by Gather 'embed_tokens')" in reasons["lm_head"][1]
+    s4 = qonnx.quantize(
+        src,
+        qonnx.W4A16(block_size=32),
+        output=tmp_path / "q4.onnx",
+        verify=False,
+        targets={"lm_head": qonnx.W4A16(block_size=32)},
+    )
     reasons = {r.node: (r.quantized, r.reason) for r in s4.layers}
     assert reasons["lm_head"][0] and "stays (also read by Gather 'embed_tokens'): adds ~" in reasons["lm_head"][1]
     assert s4.bytes_after < s4.bytes_before
-    s8 = qonnx.quantize(src, qonnx.W8A16(block_size=32), output=tmp_path / "q8.onnx", verify=False)
+    s8 = qonnx.quantize(
+        src,
+        qonnx.W8A16(block_size=32),
+        output=tmp_path / "q8.onnx",
+        verify=False,
+        targets={"lm_head": qonnx.W8A16(block_size=32)},
+    )
     reasons = {r.node: (r.quantized, r.reason) for r in s8.layers}
     assert not reasons["lm_head"][0] and "would make the model larger" in reasons["lm_head"][1]
     assert [r.node for r in s8.quantized] == ["mix1", "mix2"] and s8.quantized[1].shared_with == "mix1"
