@@ -86,8 +86,10 @@ def _guess(label: str, name: str, axis: int) -> int:
 
 
 def _dim(dim: Any, name: str, axis: int, dims: dict[str, int]) -> int:
-    """Size of one dimension; a symbol keeps one size across inputs, and expressions of symbols (as
-    exporters write, e.g. ``past_sequence_length + sequence_length``) are evaluated from them.
+    """Size of one dimension: a symbol keeps one size across inputs.
+
+    Expressions of symbols, as exporters write them (``past_sequence_length + sequence_length``), are
+    evaluated from the symbols' sizes.
     """
     if isinstance(dim, int) and dim >= 0:
         return dim
@@ -234,8 +236,10 @@ def compare_outputs(name: str, ref: np.ndarray, out: np.ndarray) -> OutputMetric
 
 
 def text_token_ids(folder: Path, length: int = 128) -> np.ndarray | None:
-    """[1, length] token ids of real text (the end of the pydoc corpus, away from the evaluation windows)
-    when ``folder`` holds a ``tokenizer.json``; None otherwise. Real text gives top-1 agreement a meaning.
+    """[1, length] token ids of real text when ``folder`` holds a ``tokenizer.json``, else None.
+
+    The text is the end of the pydoc corpus, away from the evaluation windows; real text gives top-1
+    agreement a meaning that made-up ids do not.
     """
     path = folder / "tokenizer.json"
     if not path.is_file():
