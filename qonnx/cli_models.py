@@ -10,7 +10,7 @@ import json
 
 import click
 
-__all__ = ["export_command", "eval_command"]
+__all__ = ["export_command", "eval_command", "generate_command"]
 
 
 @click.command("export")
@@ -97,4 +97,53 @@ def eval_command(
         f"perplexity {result['perplexity']:.4f} (mean NLL {result['mean_nll']:.4f}) on {result['data']}: "
         f"{result['windows']} windows of {result['seq_len']} tokens, {result['tokens']} scored, "
         f"{result['device']}, {result['seconds']:.1f} s"
+    )
+
+
+@click.command("generate")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--prompt", required=True, help="The user message (wrapped in the chat template when there is one).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="1 is greedy.")
+@click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (top-k > 1).")
+@click.option("--raw", is_flag=True, help="Use the prompt as it is, without the chat template.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print text, tokens and timings as JSON on stdout.")
+def generate_command(
+    model: str,
+    prompt: str,
+    max_new_tokens: int,
+    top_k: int,
+    temperature: float,
+    seed: int,
+    raw: bool,
+    device: str,
+    as_json: bool,
+) -> None:
+    """Generate text with MODEL, an exported ONNX folder (uses the KV cache when the model has one)."""
+    from qonnx.runtime.generate import Generator
+
+    result = Generator(model, device=device).generate(
+        prompt, max_new_tokens=max_new_tokens, top_k=top_k, temperature=temperature, seed=seed, chat=not raw
+    )
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "text": result.text,
+                    "tokens": result.tokens,
+                    "prompt_tokens": result.prompt_tokens,
+                    "prefill_seconds": result.prefill_seconds,
+                    "decode_tokens_per_second": result.decode_tokens_per_second,
+                },
+                indent=2,
+            )
+        )
+        return
+    click.echo(result.text.strip())
+    click.echo(
+        f"({len(result.tokens)} tokens; prefill {result.prefill_seconds * 1e3:.0f} ms for "
+        f"{result.prompt_tokens} prompt tokens; decode {result.decode_tokens_per_second:.1f} tokens/s)",
+        err=True,
     )
