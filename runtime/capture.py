@@ -2,9 +2,10 @@
 
 The tensors a scheme needs (the activations entering each MatMul, say) are exposed as extra graph
 outputs of a temporary copy of the model; its weights are not copied where a hard link can stand for the
-external data file (same file system), and copied otherwise. Tensors are captured in groups (one session per group) so that a run holds at most
-``max_outputs`` of them at once, and every batch is handed to a callback that keeps streaming statistics
-(min/max, histograms, X^T X ...) and drops the arrays: nothing accumulates here.
+external data file (same file system), and copied otherwise. Tensors are captured in groups (one session
+per group) so that a run holds at most ``max_outputs`` of them at once, and every batch is handed to a
+callback that keeps streaming statistics (min/max, histograms, X^T X ...) and drops the arrays: nothing
+accumulates here.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def capture(
         progress: called with 1 after every batch run.
     """
     path = resolve_model_path(model)
+    names = list(dict.fromkeys(names))  # each tensor once, in order
     feeds_list = batches if isinstance(batches, list) else list(batches)
     input_names = {i.name for i in onnx.load(os.fspath(path), load_external_data=False).graph.input}
     from_feeds = [n for n in names if n in input_names]
