@@ -10,6 +10,7 @@ already quantized ops) are reported too, with the reason, so that a refusal can 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -60,6 +61,11 @@ class WeightCandidate:
     axis: int | None = None
     shape: tuple[int, ...] = ()
     reason: str | None = None
+
+    @property
+    def module(self) -> str:
+        """The source module's path when the exporter recorded it (torch.onnx: ``layers.3.self_attn.o_proj``)."""
+        return module_path(self.node)
 
     @property
     def weight_name(self) -> str:
@@ -248,6 +254,26 @@ def _other_weight_node(node: ir.Node) -> WeightCandidate | None:
     if ("" if node.domain == "ai.onnx" else node.domain, node.op_type) in _QUANTIZED:
         return WeightCandidate(node, graph, reason=f"already quantized ({node.op_type})")
     return None
+
+
+def module_path(node: ir.Node) -> str:
+    """The PyTorch module path torch.onnx recorded for ``node`` (``pkg.torch.onnx.name_scopes``), or ''.
+
+    The export wrapper's leading ``model.`` scopes are dropped: ``model.layers.3.mlp.down_proj``.
+    """
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
+    if not scopes.startswith("["):
+        return ""
+    try:
+        names = ast.literal_eval(scopes)
+    except (ValueError, SyntaxError):
+        return ""
+    if len(names) < 2:
+        return ""
+    path = str(names[-2])  # the last scope is the op itself (linear_143)
+    while path.startswith("model.model."):
+        path = path[len("model.") :]
+    return path
 
 
 def find_weight_candidates(model: ir.Model) -> Iterator[WeightCandidate]:

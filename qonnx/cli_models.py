@@ -10,7 +10,7 @@ import json
 
 import click
 
-__all__ = ["export_command", "eval_command", "generate_command"]
+__all__ = ["export_command", "eval_command", "generate_command", "report_command"]
 
 
 @click.command("export")
@@ -147,3 +147,34 @@ def generate_command(
         f"{result.prompt_tokens} prompt tokens; decode {result.decode_tokens_per_second:.1f} tokens/s)",
         err=True,
     )
+
+
+@click.command("report")
+@click.argument("original", type=click.Path(path_type=str))
+@click.argument("quantized", type=click.Path(path_type=str))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=str),
+    default=None,
+    help="report.md or report.html (PNG plots are written beside it).",
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the per-layer figures as JSON on stdout.")
+def report_command(original: str, quantized: str, output: str | None, device: str, as_json: bool) -> None:
+    """Per-layer error of QUANTIZED against ORIGINAL, worst first: which layers to keep in higher precision."""
+    from qonnx.report import layer_report, report_json, write_report
+
+    rows = layer_report(original, quantized, device=device)
+    if output:
+        files = write_report(rows, output, title=f"qonnx report: {quantized} against {original}")
+        click.echo(f"wrote {', '.join(str(p) for p in files)}", err=as_json)
+    if as_json:
+        click.echo(report_json(rows))
+        return
+    for i, r in enumerate(rows[:10]):
+        out = "n/a" if r.output_sqnr_db is None else f"{r.output_sqnr_db:6.1f}"
+        name = (r.module or r.weight or r.node)[-48:]
+        click.echo(f"{i + 1:>3}. {name:<48} output SQNR {out} dB, weight {r.weight_sqnr_db:5.1f} dB")
+    if len(rows) > 10:
+        click.echo(f"     ({len(rows) - 10} more layers; -o report.md for all, with plots)")
