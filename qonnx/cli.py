@@ -253,11 +253,12 @@ def _group_reasons(records: list[Any]) -> list[tuple[str, list[str]]]:
 
 def _register_model_commands() -> None:
     """``export`` and ``eval`` live in qonnx.cli_models (they import torch/transformers only when run)."""
-    from qonnx.cli_models import eval_command, export_command, generate_command
+    from qonnx.cli_models import eval_command, export_command, generate_command, report_command
 
     cli.add_command(export_command)
     cli.add_command(eval_command)
     cli.add_command(generate_command)
+    cli.add_command(report_command)
 
 
 _register_model_commands()
