@@ -24,17 +24,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
-import statistics
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from _common import Run, machine, prewarm, run_child, write_section
+from _common import median as _med
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -100,61 +97,6 @@ TOOLS = {
 }
 
 
-@dataclass
-class Run:
-    """One measured child process."""
-
-    tool: str
-    cmd: list[str]
-    wall_s: float = 0.0
-    cpu_s: float = 0.0  # user + system
-    maxrss: int = 0  # bytes
-    rc: int = 0
-    status: str = "ok"
-    out_bytes: int = 0
-    phases: dict = field(default_factory=dict)
-
-
-def run_child(tool: str, cmd: list[str], out: Path, log_dir: Path, timeout: float) -> Run:
-    """Run ``cmd`` alone and wait for it with wait4: its own wall time and peak RSS."""
-    for p in (out, out.with_name(out.name + ".data")):
-        p.unlink(missing_ok=True)
-    run = Run(tool, cmd)
-    stem = out.stem
-    with open(log_dir / f"{stem}.out", "w") as so, open(log_dir / f"{stem}.err", "w") as se:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=so, stderr=se)
-        timed_out = threading.Event()
-
-        def kill() -> None:
-            timed_out.set()
-            proc.kill()
-
-        timer = threading.Timer(timeout, kill)
-        timer.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        run.wall_s = time.perf_counter() - t0
-        timer.cancel()
-    proc.returncode = run.rc = os.waitstatus_to_exitcode(status)
-    run.maxrss = usage.ru_maxrss * 1024  # KiB on Linux
-    run.cpu_s = usage.ru_utime + usage.ru_stime
-    if timed_out.is_set():
-        run.status = f"timed out after {timeout:.0f} s"
-    elif run.rc == -9:
-        run.status = "killed by SIGKILL (out of memory?)"
-    elif run.rc != 0:
-        err = (log_dir / f"{stem}.err").read_text().strip().splitlines()
-        run.status = f"failed (rc {run.rc}): {err[-1][:200] if err else ''}"
-    if run.status == "ok":
-        run.out_bytes = sum(p.stat().st_size for p in (out, out.with_name(out.name + ".data")) if p.exists())
-        lines = (log_dir / f"{stem}.out").read_text().strip().splitlines()
-        if tool == "ort" and lines:
-            run.phases = json.loads(lines[-1])
-        elif tool.startswith("qonnx"):
-            run.phases = {"summary": " / ".join(lines)}
-    return run
-
-
 # ---------------------------------------------------------------------------------------------- speed
 
 
@@ -182,14 +124,6 @@ def ensure_model(work: Path, shape: dict) -> tuple[Path, float | None]:
     t0 = time.perf_counter()
     build_decoder_stack(path, hidden=h, intermediate=i, layers=n, vocab=v, external_data=external)
     return path, time.perf_counter() - t0
-
-
-def prewarm(paths: list[Path]) -> None:
-    """Read the files once so that every tool finds them in the page cache."""
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            while f.read(64 << 20):
-                pass
 
 
 def bench_speed(model: Path, work: Path, repeat: int, timeout: float) -> list[Run]:
@@ -345,53 +279,12 @@ def bench_numerics(work: Path, timeout: float) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- report
 
 
-def machine() -> str:
-    import onnx
-    import onnx_ir
-    import onnxruntime
-    import psutil
-
-    import qonnx
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--", "qonnx", "passes"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        rev += " (qonnx/ or passes/ modified)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        rev = "unknown"
-    return (
-        f"{os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
-        f"{platform.system()} {platform.release()}, Python {platform.python_version()}; "
-        f"onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}, onnx-ir {onnx_ir.__version__}, "
-        f"numpy {np.__version__}, qonnx {qonnx.__version__} (git {rev})"
-    )
-
-
 def _threshold() -> str:
     """qonnx's automatic external-data threshold, as installed."""
     from qonnx import modelfile
 
     n = getattr(modelfile, "EXTERNAL_DATA_THRESHOLD", None)
     return "an unknown size" if n is None else f"{n / 2**20:.0f} MiB"
-
-
-def _med(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
 
 
 def _speed_row(label: str, rs: list[Run]) -> tuple[str, list[Run]]:
@@ -528,17 +421,6 @@ def render(args, shape, model, build_s, runs, numerics, meta) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's marked section of ``path`` (append it when absent); keep the rest."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="quick smoke run on a small model")
@@ -589,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     numerics = bench_numerics(work, args.timeout)
     section = render(args, shape, model, build_s, runs, numerics, meta)
     print("\n" + section.replace(START, "").replace(END, "").strip() + "\n")
-    write_section(results, section)
+    write_section(results, section, START, END)
     print(f"wrote {results} ({time.perf_counter() - t0:.0f} s in all)")
     return 0
 
