@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import write_section
 
 HERE = Path(__file__).resolve().parent
 START, END = "<!-- bench_gpu:start -->", "<!-- bench_gpu:end -->"
@@ -320,17 +321,6 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section of RESULTS.md (or append it)."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1b,7b")
@@ -347,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     results_md = HERE / "RESULTS.md"
     if args.merge:
-        write_section(results_md, Path(args.merge).read_text().strip())
+        write_section(results_md, Path(args.merge).read_text().strip(), START, END)
         return 0
     results = run(args)
     try:
@@ -363,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.section_out:
         Path(args.section_out).write_text(section)
     else:
-        write_section(results_md, section)
+        write_section(results_md, section, START, END)
     return 0
 
 
