@@ -20,14 +20,16 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import onnx_ir as ir
 
 from qonnx import quant
 from qonnx.config import Targets, WeightOnlyConfig
 from qonnx.passes import _emit, cleanup
+from qonnx.passes.gptq import gptq_quantize
 from qonnx.passes.weights import WeightCandidate, find_weight_candidates
 
-__all__ = ["LayerRecord", "QuantizeWeightsPass", "needed_opset", "quantize_weight"]
+__all__ = ["LayerRecord", "QuantizeWeightsPass", "hessian_key", "needed_opset", "quantize_weight"]
 
 QDQ_OPSET = 21
 _CHAIN_OPS = ("Transpose", "Cast", "Identity")
@@ -54,15 +56,37 @@ class LayerRecord:
         return dataclasses.asdict(self)
 
 
-def quantize_weight(cand: WeightCandidate, cfg: WeightOnlyConfig, dtype: ir.DataType) -> _emit.QuantizedWeight:
-    """Quantize one candidate's weight into the arrays of the configured format (pure, thread-safe)."""
+def quantize_weight(
+    cand: WeightCandidate, cfg: WeightOnlyConfig, dtype: ir.DataType, hessian: np.ndarray | None = None
+) -> _emit.QuantizedWeight:
+    """Quantize one candidate's weight into the arrays of the configured format (pure, thread-safe).
+
+    ``hessian`` ([K, K], see :mod:`qonnx.passes.gptq`) is required when ``cfg.algo`` is GPTQ.
+    """
     if cand.axis is not None:  # a convolution: one scale per output channel
         rows = cand.channel_rows()
         qb = quant.quantize_blocked(rows, cfg.bits, None, cfg.symmetric, scale_dtype=dtype.numpy())
         del rows
         return _emit.channel_dequantize_arrays(qb, dtype, cand.shape, cand.axis)
     w = cand.matrix()  # [K, N]: blocks run down the rows, no transpose of the float weight
-    qm = quant.quantize_kn(w, cfg.bits, cfg.block_size, cfg.symmetric, scale_dtype=dtype.numpy())
+    gptq = cfg.gptq
+    if gptq is not None:
+        if hessian is None:
+            raise ValueError(f"{cand.node.op_type} '{cand.node.name}': GPTQ needs the Hessian of its input")
+        qm = gptq_quantize(
+            w,
+            hessian,
+            bits=cfg.bits,
+            block_size=cfg.block_size,
+            symmetric=cfg.symmetric,
+            scale_dtype=dtype.numpy(),
+            damp=gptq.damp,
+            block=gptq.block,
+            act_order=gptq.act_order,
+            clip_search=gptq.clip_search,
+        )
+    else:
+        qm = quant.quantize_kn(w, cfg.bits, cfg.block_size, cfg.symmetric, scale_dtype=dtype.numpy())
     del w
     if cfg.format == "matmulnbits":
         return _emit.matmulnbits_arrays(qm, dtype)
@@ -87,6 +111,11 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     Convolutions are quantized per output channel as DequantizeLinear (they have no MatMulNBits form),
     whatever the format. After the pass, :attr:`records` lists every weight-holding node, quantized or
     skipped with the reason. The float weights it replaced are removed, in subgraphs too.
+
+    Layers whose config asks for GPTQ read the Hessian of their input from ``hessians`` (keyed by the
+    input tensor's name, see :func:`qonnx.runtime.calibration.collect_hessians`); an entry is removed from
+    the mapping once the last weight reading it is quantized, to free its memory. GPTQ covers MatMul and
+    Gemm nodes of the main graph; convolutions and nodes in subgraphs are rounded to nearest.
     """
 
     def __init__(
@@ -95,11 +124,13 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         *,
         progress: Callable[[LayerRecord], None] | None = None,
         workers: int | None = None,
+        hessians: dict[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__()
         self.targets = targets
         self.progress = progress
         self.workers = workers or min(4, os.cpu_count() or 1)
+        self.hessians = hessians if hessians is not None else {}
         self.records: list[LayerRecord] = []
         self.planned: int = 0
 
@@ -119,6 +150,12 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if cand.axis is not None:
                 how = " per output channel" if cfg.format == "qdq" else " per output channel (no MatMulNBits form)"
                 cfg = dataclasses.replace(cfg, format="qdq", block_size=None, accuracy_level=None)
+            if cfg.gptq is not None and (cand.axis is not None or cand.graph is not model.graph):
+                where = "a convolution" if cand.axis is not None else "in a subgraph"
+                how += f" round-to-nearest (GPTQ: {where})"
+                cfg = dataclasses.replace(cfg, algo="rtn")
+            elif cfg.gptq is not None:
+                how += " gptq"
             reason = self._unsupported(cand, cfg)
             planned.append((cand, None, reason) if reason else (cand, cfg, f"{cfg.name}{how} by {rule}"))
         return _check_sizes(planned)
@@ -135,9 +172,17 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         return None
 
     def requires(self, model: ir.Model) -> None:
-        """DequantizeLinear needs opset 13 per axis, 19 with float16/bfloat16 scales, 21 blocked or int4."""
+        """DequantizeLinear needs opset 13 per axis, 19 with float16/bfloat16 scales, 21 blocked or int4.
+
+        GPTQ needs the Hessian of each of its layers' inputs.
+        """
         opset = model.opset_imports.get("", 0)
         for cand, cfg, _ in self.plan(model):
+            if cfg is not None and cfg.gptq is not None and hessian_key(cand) not in self.hessians:
+                raise ir.passes.PreconditionError(
+                    f"{cand.node.op_type} '{cand.node.name}': GPTQ needs the Hessian of its input "
+                    f"'{hessian_key(cand)}' (collect them with qonnx.runtime.calibration.collect_hessians)"
+                )
             if cfg is not None and needed_opset(cfg, _act_dtype(cand)) > opset:
                 need = needed_opset(cfg, _act_dtype(cand))
                 raise ir.passes.PreconditionError(
@@ -196,10 +241,12 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if key in seen:
                 return None
             seen.add(key)
-            return pool.submit(quantize_weight, cand, cfg, _act_dtype(cand))
+            hessian = self.hessians.get(hessian_key(cand)) if cfg.gptq is not None else None
+            return pool.submit(quantize_weight, cand, cfg, _act_dtype(cand), hessian)
 
         # A stored tensor is unmapped after its last user is done, never while a worker may read it.
         last_use = {id(c.source): i for i, (c, _) in enumerate(todo)}
+        last_hessian_use = {hessian_key(c): i for i, (c, cfg) in enumerate(todo) if cfg.gptq is not None}
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
             window = 2 * self.workers
             futures = [submit(pool, c, cfg) for c, cfg in todo[:window]]
@@ -211,6 +258,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 result = fut.result() if fut is not None else None
                 if last_use[id(cand.source)] == i:
                     cand.release()
+                if cfg.gptq is not None and last_hessian_use[hessian_key(cand)] == i:
+                    self.hessians.pop(hessian_key(cand), None)
                 yield cand, cfg, result
 
     def _rewrite(
@@ -283,6 +332,12 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             extra.append(add)
             out = add.outputs[0]
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new, *extra], [node.outputs[0]], [out])
+
+
+def hessian_key(cand: WeightCandidate) -> str:
+    """The name of the tensor whose Hessian GPTQ uses for a MatMul/Gemm: its activation input."""
+    x = cand.node.inputs[0]
+    return (x.name or "") if x is not None else ""
 
 
 def _check_sizes(planned: Plan) -> Plan:

@@ -6,11 +6,13 @@ import dataclasses
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -20,7 +22,7 @@ from qonnx.config import W4A16, Targets, WeightOnlyConfig
 from qonnx.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError
 from qonnx.passes.cleanup import RemoveUnusedInitializersPass
 from qonnx.passes.opset import OpsetConversionError, UpgradeOpsetPass
-from qonnx.passes.weight_only import QDQ_OPSET, LayerRecord, QuantizeWeightsPass
+from qonnx.passes.weight_only import QDQ_OPSET, LayerRecord, Plan, QuantizeWeightsPass, hessian_key
 from qonnx.verification import Verification, VerifyOptions
 from qonnx.verification import metadata as verification_metadata
 from qonnx.verification import verify as run_verify
@@ -197,6 +199,8 @@ def quantize(
         reasons = sorted({r for _, cfg, r in plan if cfg is None})
         detail = f" ({'; '.join(reasons[:3])})" if reasons else " (no MatMul or Gemm nodes)"
         raise NothingToQuantizeError(f"nothing to quantize in the model{detail}")
+    if any(cfg.gptq is not None for cfg in todo):  # before any rewrite: ONNX Runtime runs the float model
+        qpass.hessians = _hessians(ir_model, source, plan, progress)
     if any(c.format == "qdq" for c in todo) and ir_model.opset_imports.get("", 1) < QDQ_OPSET:
         try:
             UpgradeOpsetPass(QDQ_OPSET)(ir_model)
@@ -269,6 +273,31 @@ def quantize(
         model=ir_model,
         verification=checked,
     )
+
+
+def _hessians(model: ir.Model, source: Path | None, plan: Plan, progress: bool) -> dict[str, np.ndarray]:
+    """The Hessians of the inputs of the layers that GPTQ quantizes, from calibration runs of the float model."""
+    from qonnx.runtime.calibration import calibration_feeds, collect_hessians
+
+    layers = [(cand, cfg.gptq) for cand, cfg, _ in plan if cfg is not None and cfg.gptq is not None]
+    settings = {(g.calib_data, g.calib_samples, g.calib_seq_len) for _, g in layers}
+    if len(settings) > 1:
+        raise ConfigError(
+            "GPTQ layers must share one calibration setting (calib_data, calib_samples, calib_seq_len); "
+            f"got {sorted(settings)}"
+        )
+    data, samples, seq_len = settings.pop()
+    inputs = {hessian_key(cand): cand.k for cand, _ in layers}
+    with tempfile.TemporaryDirectory(prefix="qonnx-calibration-") as tmp:
+        path = source
+        if path is None or model.ir_version > modelfile.MAX_RUNTIME_IR_VERSION:  # a file ONNX Runtime can load
+            version = model.ir_version
+            path = Path(tmp) / modelfile.MODEL_FILENAME
+            modelfile.save(model, path)
+            model.ir_version = version
+        folder = source.parent if source is not None else None
+        feeds = calibration_feeds(path, data, samples=samples, seq_len=seq_len, tokenizer_dir=folder)
+        return collect_hessians(path, inputs, feeds, device="auto", progress=progress)
 
 
 def _weight_bytes(model: ir.Model) -> int:

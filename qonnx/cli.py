@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from qonnx import __version__
-from qonnx.config import SCHEMES, scheme_from_name
+from qonnx.config import GPTQ, SCHEMES, scheme_from_name
 from qonnx.errors import QonnxError
 from qonnx.verification import VerificationError, VerifyOptions
 
@@ -76,6 +76,33 @@ def cli() -> None:
     help="MatMulNBits compute hint: 1 fp32, 2 fp16, 3 bf16, 4 int8 activations.",
 )
 @click.option(
+    "--algo",
+    type=click.Choice(["rtn", "gptq"]),
+    default="rtn",
+    show_default=True,
+    help="rtn: round to nearest. gptq: GPTQ with Hessians from calibration runs of the float model in ONNX "
+    "Runtime (all layers at once, not layer by layer); needs a tokenizer beside the model or --calib-data.",
+)
+@click.option(
+    "--calib-samples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="GPTQ calibration windows (default 16).",
+)
+@click.option(
+    "--calib-seq-len",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Tokens per GPTQ calibration window (default 512).",
+)
+@click.option(
+    "--calib-data",
+    default=None,
+    metavar="PATH",
+    help="GPTQ calibration data: 'pydoc' (default, from token 60,000), a .txt or .jsonl file, or a .npz of feeds "
+    "(arrays named after the model inputs, first axis = batch index) for a model without tokenizer.",
+)
+@click.option(
     "--exclude",
     multiple=True,
     metavar="REGEX",
@@ -122,6 +149,10 @@ def quantize(
     symmetric: bool,
     fmt: str,
     accuracy_level: int | None,
+    algo: str,
+    calib_samples: int | None,
+    calib_seq_len: int | None,
+    calib_data: str | None,
     exclude: tuple[str, ...],
     external_data: bool | None,
     verify: bool | None,
@@ -137,6 +168,12 @@ def quantize(
     options: dict[str, Any] = {"symmetric": symmetric, "format": fmt, "accuracy_level": accuracy_level}
     if block_size is not None:
         options["block_size"] = None if block_size == 0 else block_size
+    given: dict[str, Any] = {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len, "calib_data": calib_data}
+    calib = {k: v for k, v in given.items() if v is not None}
+    if algo == "gptq":
+        options["algo"] = GPTQ(**calib)
+    elif calib:
+        raise click.UsageError(f"--{next(iter(calib)).replace('_', '-')} applies to --algo gptq only")
     config = scheme_from_name(scheme, **options)
     targets = {f"re:{r}": None for r in exclude}
     show = sys.stderr.isatty() if progress is None else progress

@@ -14,9 +14,61 @@ from typing import Any, ClassVar, Literal
 
 from qonnx.errors import ConfigError
 
-__all__ = ["WeightOnlyConfig", "W4A16", "W8A16", "Targets", "scheme_from_name", "SCHEMES"]
+__all__ = ["GPTQ", "WeightOnlyConfig", "W4A16", "W8A16", "Targets", "scheme_from_name", "SCHEMES"]
 
 Format = Literal["matmulnbits", "qdq"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTQ:
+    """GPTQ (Frantar et al., 2022): round weights so that the layer's outputs, not its weights, stay close.
+
+    A weight is rounded one K row at a time and each row's rounding error is folded into the rows not yet
+    rounded, weighted by the inverse Hessian ``H = 2/n X^T X`` of the layer's input. The Hessians come from
+    calibration data run through ONNX Runtime on the *float* model, all layers at once, not layer by layer on
+    the partly quantized model (the "non-sequential" mode).
+
+    Attributes:
+        damp: fraction of the mean Hessian diagonal added to the diagonal (percdamp) before inverting.
+        block: rows per lazy batch update; a speed knob that does not change the result much.
+        calib_samples: calibration windows (sequences).
+        calib_seq_len: tokens per window.
+        calib_data: ``"pydoc"`` (the standard corpus, from token 60,000: disjoint from evaluation),
+            a ``.txt`` / ``.jsonl`` file tokenized with the model folder's tokenizer, or a ``.npz`` file of
+            feeds (one array per model input, the first axis indexing batches) for a model without one.
+        act_order: round the rows of K in order of decreasing Hessian diagonal (the inputs with the most
+            energy first). Blocks stay contiguous along K ("static groups": their scales and zero points are
+            chosen from the original weight), so the stored format and the kernels are unchanged.
+        clip_search: choose each block's range among shrunk ranges (x1.00 .. x0.80) for the lowest weight
+            error (the reference's ``Quantizer(mse=True)``); else the block's full range.
+    """
+
+    name: ClassVar[str] = "gptq"
+    damp: float = 0.01
+    block: int = 128
+    calib_samples: int = 16
+    calib_seq_len: int = 512
+    calib_data: str = "pydoc"
+    act_order: bool = True
+    clip_search: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
+            raise ConfigError(f"gptq: damp must be in (0, 1), got {self.damp!r}")
+        if not isinstance(self.block, int) or self.block < 1:
+            raise ConfigError(f"gptq: block must be a positive integer, got {self.block!r}")
+        if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
+            raise ConfigError(f"gptq: calib_samples must be a positive integer, got {self.calib_samples!r}")
+        if not isinstance(self.calib_seq_len, int) or self.calib_seq_len < 2:
+            raise ConfigError(f"gptq: calib_seq_len must be an integer >= 2, got {self.calib_seq_len!r}")
+        for flag in ("act_order", "clip_search"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"gptq: {flag} must be True or False, got {getattr(self, flag)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description, with the algorithm name."""
+        return {"name": self.name, **dataclasses.asdict(self)}
+
 
 #: Block sizes that ONNX Runtime's MatMulNBits kernels accept.
 MATMULNBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -34,6 +86,8 @@ class WeightOnlyConfig:
         format: ``"matmulnbits"`` (ONNX Runtime's com.microsoft MatMulNBits, fastest there) or ``"qdq"``
             (standard opset-21 blocked DequantizeLinear + MatMul, portable to any runtime).
         accuracy_level: MatMulNBits compute type hint (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).
+        algo: how codes are chosen: ``"rtn"`` (round to nearest) or GPTQ (``"gptq"`` or a :class:`GPTQ` with
+            options), which needs calibration data and applies to MatMul/Gemm weights of the main graph.
     """
 
     name: ClassVar[str] = "weight-only"
@@ -42,8 +96,13 @@ class WeightOnlyConfig:
     symmetric: bool = False
     format: Format = "matmulnbits"
     accuracy_level: int | None = None
+    algo: Literal["rtn"] | GPTQ = "rtn"
 
     def __post_init__(self) -> None:
+        if self.algo == "gptq":
+            object.__setattr__(self, "algo", GPTQ())
+        elif not (self.algo == "rtn" or isinstance(self.algo, GPTQ)):
+            raise ConfigError(f"{self.name}: algo must be 'rtn', 'gptq' or a GPTQ(...) config, got {self.algo!r}")
         if self.bits not in (4, 8):
             raise ConfigError(f"{self.name}: bits must be 4 or 8, got {self.bits}")
         if self.format not in ("matmulnbits", "qdq"):
@@ -67,7 +126,15 @@ class WeightOnlyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, with the scheme name."""
-        return {"scheme": self.name, **dataclasses.asdict(self)}
+        out = {"scheme": self.name, **dataclasses.asdict(self)}
+        if isinstance(self.algo, GPTQ):
+            out["algo"] = self.algo.to_dict()
+        return out
+
+    @property
+    def gptq(self) -> GPTQ | None:
+        """The GPTQ options when ``algo`` is GPTQ, else None."""
+        return self.algo if isinstance(self.algo, GPTQ) else None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,216 @@
+"""Calibration through ONNX Runtime: the feeds, and the Hessians ``2/n X^T X`` of layer inputs for GPTQ.
+
+Feeds come from text for an exported causal LM folder (its tokenizer, the causal-LM feeds of
+:mod:`qonnx.runtime.evaluate`, windows from :func:`qonnx.runtime.data.calibration_windows`, which never
+overlap the evaluation windows of the pydoc corpus), or from a ``.npz`` file for any other model.
+Activations are captured with :func:`qonnx.runtime.capture.capture` and folded into one
+:class:`qonnx.passes.gptq.HessianAccumulator` per distinct tensor as each batch arrives: no activation is
+kept. The Hessians come from the float model ("non-sequential" GPTQ).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+
+from qonnx.errors import ConfigError, ModelLoadError
+from qonnx.modelfile import resolve_model_path
+from qonnx.runtime.capture import capture
+from qonnx.runtime.data import CALIBRATION_START, PYDOC, calibration_windows, corpus_tokens
+
+__all__ = ["calibration_feeds", "collect_hessians"]
+
+#: Bytes of captured activations one ONNX Runtime run may hand over at once (estimated from the feeds).
+ACTIVATION_BUDGET = 256 << 20
+#: Bytes of Hessian sums accumulated in one pass over the calibration data.
+HESSIAN_BUDGET = 256 << 20
+
+
+def _npz_feeds(path: Path, count: int) -> list[dict[str, np.ndarray]]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable .npz file: {e}") from None
+    if not arrays:
+        raise ConfigError(f"{path}: holds no arrays")
+    lengths = {k: (a.shape[0] if a.ndim else 0) for k, a in arrays.items()}
+    if len(set(lengths.values())) != 1 or 0 in lengths.values():
+        raise ConfigError(
+            f"{path}: every array must have the same first axis (one entry per calibration batch), got {lengths}"
+        )
+    n = min(count, next(iter(lengths.values())))
+    return [{k: a[i] for k, a in arrays.items()} for i in range(n)]
+
+
+def calibration_feeds(
+    model: str | os.PathLike,
+    data: str | os.PathLike = PYDOC,
+    *,
+    samples: int = 16,
+    seq_len: int = 512,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Feeds for calibration runs of ``model``.
+
+    Args:
+        model: a .onnx file or a folder holding model.onnx.
+        data: ``"pydoc"``, a ``.txt`` or ``.jsonl`` file (tokenized with the tokenizer beside the model, the
+            model being a causal LM export), or a ``.npz`` file whose arrays are named after the model's
+            inputs, the first axis indexing batches (feed i is ``{name: array[i]}``).
+        samples: windows (or at most this many .npz batches).
+        seq_len: tokens per window.
+        tokenizer_dir: the folder holding the tokenizer (default: the model's).
+
+    Raises:
+        ConfigError: no usable data: a model without tokenizer needs a .npz file; too little text.
+        ModelLoadError: the model's inputs are not those of a causal LM export.
+    """
+    path = resolve_model_path(model)
+    if str(data).lower().endswith(".npz"):
+        feeds = _npz_feeds(Path(data), samples)
+        io = _GraphIO(path)
+        names = {i.name for i in io.get_inputs()}
+        missing = sorted(names - io.initializers - set(feeds[0]))
+        unknown = sorted(set(feeds[0]) - names)
+        if missing or unknown:
+            raise ConfigError(
+                f"{data}: its arrays must be named after the model's inputs: "
+                + "; ".join(f"{what} {', '.join(v)}" for what, v in (("missing", missing), ("unknown", unknown)) if v)
+            )
+        return feeds
+    from qonnx.runtime.evaluate import _check_seq_len, _config, _feed_builder
+
+    folder = Path(tokenizer_dir) if tokenizer_dir is not None else path.parent
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise ConfigError(
+            f"{path}: calibration needs data: there is no tokenizer beside the model to tokenize {str(data)!r}; "
+            "pass a .npz file of input feeds (calib_data='feeds.npz', --calib-data feeds.npz)"
+        )
+    _check_seq_len(_config(folder), seq_len, folder)
+    try:
+        feed, _ = _feed_builder(_GraphIO(path), path)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{e}; pass a .npz file of input feeds for calibration instead") from None
+    start = CALIBRATION_START if str(data) == PYDOC else 0
+    windows = calibration_windows(corpus_tokens(folder, data), seq_len, samples, start=start)
+    return [feed(ids) for ids in windows]
+
+
+class _GraphIO:
+    """The inputs and outputs of a model file as an ONNX Runtime session lists them, without loading weights."""
+
+    def __init__(self, path: Path) -> None:
+        graph = onnx.load(os.fspath(path), load_external_data=False).graph
+        self._inputs = [self._arg(v) for v in graph.input]
+        self._outputs = [self._arg(v) for v in graph.output]
+        self.initializers = {t.name for t in graph.initializer}
+
+    @staticmethod
+    def _arg(value: onnx.ValueInfoProto) -> SimpleNamespace:
+        t = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+        return SimpleNamespace(
+            name=value.name, shape=dims, type=f"tensor({onnx.TensorProto.DataType.Name(t.elem_type).lower()})"
+        )
+
+    def get_inputs(self) -> list[SimpleNamespace]:
+        """Graph inputs (name, shape, type)."""
+        return self._inputs
+
+    def get_outputs(self) -> list[SimpleNamespace]:
+        """Graph outputs (name, shape, type)."""
+        return self._outputs
+
+
+def _groups(inputs: Mapping[str, int], rows: int) -> list[list[str]]:
+    """Tensors in order, grouped so that a group's activations and Hessian sums stay within the budgets."""
+    groups: list[list[str]] = []
+    current: list[str] = []
+    activations = sums = 0
+    for name, k in inputs.items():
+        a, h = rows * k * 4, k * k * 4
+        if current and (activations + a > ACTIVATION_BUDGET or sums + h > HESSIAN_BUDGET):
+            groups.append(current)
+            current, activations, sums = [], 0, 0
+        current.append(name)
+        activations += a
+        sums += h
+    return [*groups, current] if current else groups
+
+
+def _spill(h: np.ndarray, folder: Path, index: int) -> np.ndarray:
+    """``h`` memory-mapped from an unlinked file: read when used, freed when dropped (in memory on Windows)."""
+    if os.name == "nt":  # a mapped file cannot be unlinked there
+        return h
+    path = folder / f"h{index}.npy"
+    np.save(path, h)
+    mapped = np.load(path, mmap_mode="r")
+    path.unlink()
+    return mapped
+
+
+def collect_hessians(
+    model: str | os.PathLike,
+    inputs: Mapping[str, int],
+    feeds: list[dict[str, np.ndarray]],
+    *,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """The Hessian ``2/n X^T X`` [K, K] (float32) of every named tensor, over all ``feeds``.
+
+    Tensors are captured in groups, one pass over the feeds each, so that one run hands over at most
+    :data:`ACTIVATION_BUDGET` bytes of activations and at most :data:`HESSIAN_BUDGET` bytes of sums are
+    accumulated at once. Finished Hessians wait in memory-mapped files that are already unlinked: they take
+    memory only while they are read, and disk space until they are dropped.
+
+    Args:
+        model: a .onnx file or a folder holding model.onnx (ONNX Runtime runs it).
+        inputs: tensor name -> K (the size of its last axis), e.g. the input of each MatMul to quantize.
+        feeds: calibration batches (:func:`calibration_feeds`).
+        device: where ONNX Runtime runs ("cpu", "cuda" or "auto"); the sums run in torch, on CUDA if present.
+        progress: a progress bar on stderr.
+
+    Raises:
+        ModelLoadError: a captured tensor's last axis is not K.
+    """
+    import tempfile
+
+    from tqdm import tqdm
+
+    from qonnx.passes.gptq import HessianAccumulator
+
+    if not feeds:
+        raise ConfigError("calibration needs at least one batch of feeds")
+    # A guess at the rows (tokens) of one batch: all elements of integer feeds (token ids), vectors of float ones
+    rows = max(a.size if a.dtype.kind in "iub" or a.ndim < 2 else a.size // a.shape[-1] for a in feeds[0].values())
+    groups = _groups(inputs, max(rows, 1))
+    bar = tqdm(total=len(groups) * len(feeds), desc="calibrating", unit="batch", file=sys.stderr, disable=not progress)
+    hessians: dict[str, np.ndarray] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="qonnx-hessians-") as tmp:
+            for group in groups:
+                accumulators = {name: HessianAccumulator(inputs[name]) for name in group}
+
+                def on_batch(values: dict[str, np.ndarray], accumulators: dict = accumulators) -> None:
+                    for name, x in values.items():
+                        acc = accumulators[name]
+                        if x.ndim < 1 or x.shape[-1] != acc.k:
+                            raise ModelLoadError(
+                                f"tensor '{name}' has shape {x.shape}; expected a last axis of {acc.k}"
+                            )
+                        acc.add_batch(x)
+
+                capture(model, group, feeds, on_batch, device=device, progress=bar.update)
+                for name in group:
+                    hessians[name] = _spill(accumulators.pop(name).finalize(), Path(tmp), len(hessians))
+    finally:
+        bar.close()
+    return hessians
