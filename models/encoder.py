@@ -17,18 +17,16 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from qonnx.errors import ConfigError, OutputPathError
 from qonnx.modelfile import MODEL_FILENAME, save
-from qonnx.models.export import DTYPES, _max_diff, _quiet_logger, _save_hf_files
+from qonnx.models.export import DTYPES, _max_diff, _quiet_logger, _save_hf_files, report_export
 from qonnx.models.hf import load_encoder
 
 __all__ = ["export_encoder", "verify_encoder_export", "encoder_io"]
@@ -158,24 +156,15 @@ def export_encoder(
     save(onnx_model, path)
     del onnx_model, exported
     _save_hf_files(out, model, tokenizer, dtype, None)
-    seconds = time.perf_counter() - start
-    if verify:
-        diff = verify_encoder_export(path, model)
-        tolerance = _FP32_TOLERANCE if dtype == "fp32" else _FP16_TOLERANCE
-        if not quiet:
-            print(
-                f"qonnx: exported {path} in {seconds:.1f} s; "
-                f"max |hidden states ONNX Runtime ({dtype}) - PyTorch (fp32)| = {diff:.3g}",
-                file=sys.stderr,
-            )
-        if diff > tolerance or not np.isfinite(diff):
-            print(
-                f"qonnx: warning: the ONNX outputs differ from PyTorch's by {diff:.3g} "
-                f"(more than {tolerance:g} expected for {dtype})",
-                file=sys.stderr,
-            )
-    elif not quiet:
-        print(f"qonnx: exported {path} in {seconds:.1f} s", file=sys.stderr)
+    report_export(
+        path,
+        time.perf_counter() - start,
+        dtype=dtype,
+        quiet=quiet,
+        what="hidden states",
+        check=(lambda: verify_encoder_export(path, model)) if verify else None,
+        tolerance=_FP32_TOLERANCE if dtype == "fp32" else _FP16_TOLERANCE,
+    )
     return path
 
 

@@ -265,25 +265,42 @@ def export_causal_lm(
     save(onnx_model, path)
     del onnx_model, exported
     _save_hf_files(out, model, tokenizer, dtype, kv_cache)
-    seconds = time.perf_counter() - start
-    if verify:
-        diff = verify_export(path, model)
-        tolerance = _FP32_TOLERANCE if dtype == "fp32" else _FP16_TOLERANCE
-        if not quiet:
-            print(
-                f"qonnx: exported {path} in {seconds:.1f} s; "
-                f"max |logits ONNX Runtime ({dtype}) - PyTorch (fp32)| = {diff:.3g}",
-                file=sys.stderr,
-            )
-        if diff > tolerance or not np.isfinite(diff):
-            print(
-                f"qonnx: warning: the ONNX logits differ from PyTorch's by {diff:.3g} "
-                f"(more than {tolerance:g} expected for {dtype})",
-                file=sys.stderr,
-            )
-    elif not quiet:
-        print(f"qonnx: exported {path} in {seconds:.1f} s", file=sys.stderr)
+    report_export(
+        path,
+        time.perf_counter() - start,
+        dtype=dtype,
+        quiet=quiet,
+        what="logits",
+        check=(lambda: verify_export(path, model)) if verify else None,
+        tolerance=_FP32_TOLERANCE if dtype == "fp32" else _FP16_TOLERANCE,
+    )
     return path
+
+
+def report_export(
+    path: Path, seconds: float, *, dtype: str, quiet: bool, what: str, check: Any | None, tolerance: float
+) -> None:
+    """Say how long the export took and, with ``check``, how far ONNX Runtime is from PyTorch.
+
+    A difference above ``tolerance`` (or not finite) prints a warning.
+    """
+    if check is None:
+        if not quiet:
+            print(f"qonnx: exported {path} in {seconds:.1f} s", file=sys.stderr)
+        return
+    diff = check()
+    if not quiet:
+        print(
+            f"qonnx: exported {path} in {seconds:.1f} s; "
+            f"max |{what} ONNX Runtime ({dtype}) - PyTorch (fp32)| = {diff:.3g}",
+            file=sys.stderr,
+        )
+    if diff > tolerance or not np.isfinite(diff):
+        print(
+            f"qonnx: warning: the ONNX {what} differ from PyTorch's by {diff:.3g} "
+            f"(more than {tolerance:g} expected for {dtype})",
+            file=sys.stderr,
+        )
 
 
 def verify_export(model_path: str | os.PathLike, model: Any, *, batch: int = 2, seq: int = 8, seed: int = 1) -> float:
