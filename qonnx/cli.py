@@ -80,8 +80,9 @@ def cli() -> None:
     type=click.Choice(["rtn", "gptq"]),
     default="rtn",
     show_default=True,
-    help="rtn: round to nearest. gptq: GPTQ with Hessians from calibration runs of the float model in ONNX "
-    "Runtime (all layers at once, not layer by layer); needs a tokenizer beside the model or --calib-data.",
+    help="rtn: round to nearest. gptq: GPTQ (act-order with static blocks, clip search) with Hessians from "
+    "calibration runs of the float model in ONNX Runtime (all layers at once, not layer by layer); needs a "
+    "tokenizer beside the model or --calib-data.",
 )
 @click.option(
     "--calib-samples",
