@@ -9,13 +9,14 @@ Example::
 from __future__ import annotations
 
 from qonnx.api import QuantizeSummary, quantize
-from qonnx.config import W4A16, W8A16, Targets, WeightOnlyConfig
+from qonnx.config import GPTQ, W4A16, W8A16, Targets, WeightOnlyConfig
 from qonnx.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError, QonnxError
 from qonnx.modelfile import load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GPTQ",
     "W4A16",
     "W8A16",
     "ConfigError",
