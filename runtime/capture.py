@@ -1,8 +1,8 @@
 """Capture intermediate tensors of a model in ONNX Runtime, batch by batch, in bounded memory.
 
 The tensors a scheme needs (the activations entering each MatMul, say) are exposed as extra graph
-outputs of a temporary copy of the model; its weights are not copied where a hard link can stand for the
-external data file (same file system), and copied otherwise. Tensors are captured in groups (one session
+outputs of an in-memory copy of the model's protobuf; ONNX Runtime reads the weights from the original
+external data file (nothing is written or linked beside it). Tensors are captured in groups (one session
 per group) so that a run holds at most ``max_outputs`` of them at once, and every batch is handed to a
 callback that keeps streaming statistics (min/max, histograms, X^T X ...) and drops the arrays: nothing
 accumulates here.
@@ -11,8 +11,6 @@ accumulates here.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -25,29 +23,14 @@ from qonnx.runtime.session import make_session
 __all__ = ["capture"]
 
 
-def _exposed_copy(model_path: Path, names: Sequence[str], folder: Path) -> Path:
-    """A copy of the model's protobuf with ``names`` as extra outputs; external data files are linked."""
+def _exposed(model_path: Path, names: Sequence[str]) -> bytes:
+    """The model's protobuf (weights left in their external file) with ``names`` as extra outputs."""
     proto = onnx.load(os.fspath(model_path), load_external_data=False)
     existing = {o.name for o in proto.graph.output}
     for name in names:
         if name not in existing:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    locations = set()
-    for t in proto.graph.initializer:
-        for kv in t.external_data:
-            if kv.key == "location":
-                locations.add(kv.value)
-    for loc in locations:
-        target = folder / loc
-        target.parent.mkdir(parents=True, exist_ok=True)
-        src = (model_path.parent / loc).resolve()
-        try:  # ONNX Runtime refuses symbolic links that leave the model's folder; a hard link is a name
-            os.link(src, target)
-        except OSError:  # another file system: copy (the model's weights, once per group)
-            shutil.copyfile(src, target)
-    out = folder / model_path.name
-    onnx.save(proto, os.fspath(out))
-    return out
+    return proto.SerializeToString()
 
 
 def capture(
@@ -83,19 +66,12 @@ def capture(
     if not inner:
         return
     step = max_outputs or len(inner)
-    tmp = Path(tempfile.mkdtemp(prefix="qonnx-capture-"))
-    try:
-        for start in range(0, len(inner), step):
-            group = inner[start : start + step]
-            folder = tmp / f"g{start}"
-            folder.mkdir()
-            session = make_session(_exposed_copy(path, group, folder), device)
-            for feeds in feeds_list:
-                values = session.run(group, dict(feeds))
-                on_batch(dict(zip(group, values, strict=True)))
-                if progress is not None:
-                    progress(1)
-            del session
-            shutil.rmtree(folder, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for start in range(0, len(inner), step):
+        group = inner[start : start + step]
+        session = make_session(_exposed(path, group), device, external_data_dir=path.parent)
+        for feeds in feeds_list:
+            values = session.run(group, dict(feeds))
+            on_batch(dict(zip(group, values, strict=True)))
+            if progress is not None:
+                progress(1)
+        del session

@@ -57,6 +57,7 @@ def make_session(
     threads: int | None = None,
     qdq_accuracy_level: str | None = PRECISE_QDQ,
     optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    external_data_dir: str | os.PathLike | None = None,
 ) -> ort.InferenceSession:
     """An InferenceSession on ``device`` ("cpu", "cuda" or "auto").
 
@@ -67,6 +68,7 @@ def make_session(
         qdq_accuracy_level: value for ``session.qdq_matmulnbits_accuracy_level`` (see PRECISE_QDQ);
             None leaves ONNX Runtime's default.
         optimization: graph optimization level.
+        external_data_dir: for model bytes, the folder their external data paths are relative to.
     """
     device = resolve_device(device)
     so = ort.SessionOptions()
@@ -74,6 +76,10 @@ def make_session(
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    if external_data_dir is not None:
+        so.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", os.fspath(external_data_dir)
+        )
     if qdq_accuracy_level is not None:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", qdq_accuracy_level)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
