@@ -121,13 +121,8 @@ class MatMulNBitsToDequantizePass(ir.passes.InPlacePass):
             if bits not in (4, 8) or k is None or n is None or bs is None:
                 continue
             nb = quant.num_blocks(k, bs)
-            codes = quant.unpack_nbits_matmulnbits(b.reshape(n, nb, -1), bits, bs).reshape(n, nb * bs)[:, :k]
+            codes, zps = quant.unpack_matmulnbits(b, zp_arr, k=k, n=n, bits=bits, block_size=bs)
             default = 1 << (bits - 1)
-            zps = (
-                quant.unpack_zero_points(zp_arr, bits, n, nb)
-                if zp_arr is not None
-                else np.full((n, nb), default, np.uint8)
-            )
             graph = node.graph
             assert isinstance(graph, ir.Graph)
             base = (b_v.name if b_v is not None else None) or "weight"

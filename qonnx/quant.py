@@ -33,12 +33,12 @@ __all__ = [
     "quantize",
     "dequantize",
     "quantize_blocked",
-    "dequantize_blocked",
     "num_blocks",
     "pack_nbits_matmulnbits",
     "unpack_nbits_matmulnbits",
     "pack_zero_points",
     "unpack_zero_points",
+    "unpack_matmulnbits",
     "qrange",
     "round_half_up",
 ]
@@ -214,11 +214,6 @@ def quantize_blocked(
     return QuantizedBlocks(q, scale, zp, k, blocks.shape[2], bits, symmetric)
 
 
-def dequantize_blocked(qb: QuantizedBlocks) -> np.ndarray:
-    """Float32 [C, K] matrix that ``qb`` stands for."""
-    return qb.dequantize()
-
-
 def _pack_rows(codes: np.ndarray, bits: int, fill: int = 0) -> np.ndarray:
     """Pack unsigned codes [R, L] of ``bits`` each into bytes along L, low bits first.
 
@@ -288,6 +283,20 @@ def unpack_nbits_matmulnbits(b: np.ndarray, bits: int, block_size: int) -> np.nd
     """Unsigned codes [N, nblocks, block_size] from MatMulNBits' packed B input."""
     n, nb, blob = b.shape
     return _unpack_rows(b.reshape(n * nb, blob), bits, block_size).reshape(n, nb, block_size)
+
+
+def unpack_matmulnbits(
+    b: np.ndarray, zero_points: np.ndarray | None, *, k: int, n: int, bits: int, block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' packed inputs as unsigned codes [N, K] and zero points [N, nblocks].
+
+    ``zero_points`` are the packed uint8 ones, or None for the default 2^(bits-1).
+    """
+    nb = num_blocks(k, block_size)
+    codes = unpack_nbits_matmulnbits(b.reshape(n, nb, -1), bits, block_size).reshape(n, nb * block_size)[:, :k]
+    if zero_points is None:
+        return codes, np.full((n, nb), 1 << (bits - 1), np.uint8)
+    return codes, unpack_zero_points(zero_points, bits, n, nb)
 
 
 def pack_zero_points(zero_point: np.ndarray, bits: int) -> np.ndarray:

@@ -105,14 +105,11 @@ def _matmulnbits_weight(node: ir.Node) -> tuple[np.ndarray, int] | None:
     bits, bs = node.attributes.get_int("bits", 4), node.attributes.get_int("block_size")
     if k is None or n is None or bs is None or (zp is not None and zp.dtype != np.uint8):
         return None
-    nb = quant.num_blocks(k, bs)
-    codes = quant.unpack_nbits_matmulnbits(b.reshape(n, nb, -1), bits, bs).astype(np.float32)
-    zps = (
-        quant.unpack_zero_points(zp, bits, n, nb) if zp is not None else np.full((n, nb), 1 << (bits - 1), np.uint8)
-    ).astype(np.float32)
-    w = (codes - zps[..., None]) * scales.reshape(n, nb, 1).astype(np.float32)
+    codes, zps = quant.unpack_matmulnbits(b, zp, k=k, n=n, bits=bits, block_size=bs)
+    rows = np.arange(k) // bs
+    w = (codes.astype(np.float32) - zps[:, rows]) * scales.reshape(n, -1).astype(np.float32)[:, rows]
     nbytes = sum(_nbytes(v) for v in node.inputs[1:4] if v is not None)
-    return w.reshape(n, nb * bs)[:, :k].T, nbytes
+    return w.T, nbytes
 
 
 def _quantized_weight(model: ir.Model, output: str) -> tuple[ir.Node, np.ndarray, int] | None:
