@@ -22,6 +22,7 @@ __all__ = [
     "matmulnbits_arrays",
     "dequantize_arrays",
     "channel_dequantize_arrays",
+    "fp8_dequantize_arrays",
     "estimated_nbytes",
     "float_nbytes",
     "initializer",
@@ -112,6 +113,14 @@ def dequantize_arrays(qm: quant.QuantizedMatrix, dtype: ir.DataType) -> Quantize
     if not qm.symmetric:
         arrays["zero_point"] = zp
     return QuantizedWeight("qdq", arrays, attrs, qm.k, qm.n, qm.bits)
+
+
+def fp8_dequantize_arrays(w: np.ndarray, dtype: ir.DataType) -> QuantizedWeight:
+    """DequantizeLinear inputs (float8 E4M3 codes, one scale per output column, axis=1) for a [K, N] weight."""
+    codes, scale = quant.quantize_fp8_kn(w, scale_dtype=dtype.numpy())
+    k, n = codes.shape
+    arrays = {"x": codes, "scale": scale, "zero_point": np.zeros(n, dtype=ml_dtypes.float8_e4m3fn)}
+    return QuantizedWeight("qdq", arrays, {"axis": 1}, k, n, 8)
 
 
 def channel_dequantize_arrays(

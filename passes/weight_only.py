@@ -69,6 +69,8 @@ def quantize_weight(
         del rows
         return _emit.channel_dequantize_arrays(qb, dtype, cand.shape, cand.axis)
     w = cand.matrix()  # [K, N]: blocks run down the rows, no transpose of the float weight
+    if cfg.float8:
+        return _emit.fp8_dequantize_arrays(w, dtype)
     gptq = cfg.gptq
     if gptq is not None:
         if hessian is None:
@@ -100,6 +102,8 @@ def needed_opset(cfg: WeightOnlyConfig, dtype: ir.DataType) -> int:
     """
     if cfg.format != "qdq":
         return 1
+    if cfg.float8:
+        return 19
     if cfg.block_size is not None or cfg.bits == 4:
         return QDQ_OPSET
     return 13 if dtype == ir.DataType.FLOAT else 19
@@ -141,8 +145,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if cand.reason is not None:
                 planned.append((cand, None, cand.reason))
                 continue
-            names = tuple(n for n in (cand.node.name, cand.weight_name) if n)
-            cfg, rule = self.targets.resolve(cand.node.op_type, names)
+            names = tuple(n for n in (cand.node.name, cand.weight_name, cand.module) if n)
+            scheme, rule = self.targets.resolve(cand.node.op_type, names)
+            cfg = scheme.weight_config() if scheme is not None else None  # how weight+activation schemes store weights
             if cfg is None:
                 planned.append((cand, None, f"excluded by {rule}"))
                 continue
@@ -157,7 +162,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             elif cfg.gptq is not None:
                 how += " gptq"
             reason = self._unsupported(cand, cfg)
-            planned.append((cand, None, reason) if reason else (cand, cfg, f"{cfg.name}{how} by {rule}"))
+            name = scheme.name if scheme is not None else cfg.name
+            planned.append((cand, None, reason) if reason else (cand, cfg, f"{name}{how} by {rule}"))
         return _check_sizes(planned)
 
     @staticmethod

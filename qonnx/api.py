@@ -18,11 +18,13 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qonnx import modelfile
-from qonnx.config import W4A16, Targets, WeightOnlyConfig
+from qonnx.activation_api import apply_activation_scheme, plan_activations
+from qonnx.config import W4A16, SchemeConfig, Targets
 from qonnx.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError
 from qonnx.passes.cleanup import RemoveUnusedInitializersPass
 from qonnx.passes.opset import OpsetConversionError, UpgradeOpsetPass
 from qonnx.passes.weight_only import QDQ_OPSET, LayerRecord, Plan, QuantizeWeightsPass, hessian_key
+from qonnx.speed_table import warn_if_slow
 from qonnx.verification import Verification, VerifyOptions
 from qonnx.verification import metadata as verification_metadata
 from qonnx.verification import verify as run_verify
@@ -55,6 +57,7 @@ class QuantizeSummary:
     seconds: float
     model: ir.Model = dataclasses.field(repr=False)
     verification: Verification = dataclasses.field(default_factory=lambda: Verification(False))
+    activations: dict[str, Any] | None = None
 
     @property
     def quantized(self) -> list[LayerRecord]:
@@ -81,6 +84,7 @@ class QuantizeSummary:
             "seconds": round(self.seconds, 3),
             "outputs": [str(p) for p in self.outputs],
             "verification": self.verification.to_dict(),
+            "activations": self.activations,
             "layers": [r.to_dict() for r in self.layers],
         }
 
@@ -124,21 +128,22 @@ def _mirror_folder(src: Path, dst: Path, skip: set[Path]) -> None:
 
 def quantize(
     model: ModelLike,
-    config: WeightOnlyConfig | None = None,
+    config: SchemeConfig | None = None,
     *,
     output: str | os.PathLike | None = None,
-    targets: Mapping[str, WeightOnlyConfig | None] | None = None,
+    targets: Mapping[str, SchemeConfig | None] | None = None,
     progress: bool = False,
     external_data: bool | None = None,
     workers: int | None = None,
     verify: VerifyOptions | bool | None = None,
 ) -> QuantizeSummary:
-    """Quantize a model's weights.
+    """Quantize a model: its weights, and with a weight+activation scheme (W8A8, W4A8, FP8) its activations.
 
     Args:
         model: a .onnx path, a folder holding model.onnx, an ``onnx.ModelProto`` or an ``onnx_ir.Model``
             (changed in place).
-        config: the scheme for every layer not named in ``targets`` (default ``W4A16()``).
+        config: the scheme for every layer not named in ``targets`` (default ``W4A16()``); weight+activation
+            schemes calibrate activation ranges by running ``config.calibration``'s data through ONNX Runtime.
         output: where to write: a .onnx path, or a folder (a folder input is mirrored there, tokenizer
             and config files included). Nothing is written when None.
         targets: per-layer overrides by exact node/weight name, ``re:`` regex or op type; ``None`` keeps
@@ -160,7 +165,7 @@ def quantize(
     start = time.perf_counter()
     options = verify if isinstance(verify, VerifyOptions) else VerifyOptions(enabled=verify)
     config = W4A16() if config is None else config
-    if not isinstance(config, WeightOnlyConfig):
+    if not isinstance(config, SchemeConfig):
         raise ConfigError(f"config must be a scheme config such as W4A16(), not {type(config).__name__}")
     resolved = Targets(config, targets)
     ir_model, source = _load(model)
@@ -212,6 +217,11 @@ def quantize(
                 else "use format='matmulnbits' instead"
             )
             raise ModelLoadError(f"{source or 'model'}: {e}; {hint}") from None
+    activations = plan_activations(ir_model, resolved, qpass.plan(ir_model))  # after the upgrade: its nodes
+    act_info: dict[str, Any] | None = None
+    if activations is not None:
+        warn_if_slow(activations.config, config)
+        act_info = apply_activation_scheme(ir_model, source, activations, progress=progress)
 
     bar = None
     if progress:
@@ -227,6 +237,8 @@ def quantize(
     RemoveUnusedNodesPass()(ir_model)
     RemoveUnusedInitializersPass()(ir_model)  # subgraphs too
 
+    if activations is not None:
+        _note_activations(qpass.records, activations, act_info or {})
     quantized = sum(1 for r in qpass.records if r.quantized)
     skipped = len(qpass.records) - quantized
     checked = Verification(False, note=skip_note or "verification disabled")
@@ -272,6 +284,7 @@ def quantize(
         seconds=time.perf_counter() - start,
         model=ir_model,
         verification=checked,
+        activations=act_info,
     )
 
 
@@ -298,6 +311,23 @@ def _hessians(model: ir.Model, source: Path | None, plan: Plan, progress: bool) 
         folder = source.parent if source is not None else None
         feeds = calibration_feeds(path, data, samples=samples, seq_len=seq_len, tokenizer_dir=folder)
         return collect_hessians(path, inputs, feeds, device="auto", progress=progress)
+
+
+def _note_activations(records: list[LayerRecord], plan: Any, info: dict[str, Any]) -> None:
+    """Say in each layer record what happened to the activation it reads."""
+    cfg = plan.config
+    kind = "fp8 E4M3" if cfg.act_type == "fp8" else ("int8" if cfg.act_symmetric else "uint8")
+    by_node: dict[str, str] = {}
+    for tensor, readers in plan.readers.items():
+        smoothed = info.get("smoothing", {}).get(tensor)
+        note = f"{cfg.name}: activation '{tensor}' {kind} per tensor ({cfg.calibration.method})"
+        if smoothed:
+            note += f", SmoothQuant alpha {smoothed['alpha']} folded into {smoothed['into']}"
+        for node, _ in readers:
+            by_node[node.name or ""] = note
+    for record in records:
+        if record.quantized and record.node in by_node:
+            record.reason = f"{by_node[record.node]}; weights: {record.reason}"
 
 
 def _weight_bytes(model: ir.Model) -> int:

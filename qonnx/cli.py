@@ -104,10 +104,50 @@ def cli() -> None:
     "(arrays named after the model inputs, first axis = batch index) for a model without tokenizer.",
 )
 @click.option(
+    "--calib-method",
+    type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+    default=None,
+    help="Activation ranges (w8a8, w4a8, fp8): observed min/max, a percentile of |x|, KL divergence "
+    "(TensorRT's), or least squared error (default; fp8: minmax).",
+)
+@click.option(
+    "--smooth-quant",
+    default=None,
+    metavar="ALPHA|auto|none",
+    help="SmoothQuant (w8a8, w4a8, fp8): migration strength in [0, 1], 'auto' to search it per layer "
+    "(default for int8), or 'none'.",
+)
+@click.option(
+    "--calib-cache",
+    default=None,
+    metavar="PATH.npz",
+    help="Keep activation statistics in PATH.npz and reuse them on the next run of the same model and data.",
+)
+@click.option(
+    "--target",
+    type=click.Choice(["cpu", "cuda", "tensorrt", "generic"]),
+    default=None,
+    help="Runtime to lower for (w8a8, w4a8, fp8; default generic QDQ): tensorrt forces symmetric int8 "
+    "activations; a scheme measured slower than floating point there gets a warning.",
+)
+@click.option("--strict", is_flag=True, help="Refuse (exit 2) a scheme measured slower than float on --target.")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default=None,
+    help="Where ONNX Runtime runs calibration (default auto: CUDA when a GPU is usable).",
+)
+@click.option(
+    "--attention",
+    is_flag=True,
+    help="Also quantize the activation x activation MatMuls (attention scores and context).",
+)
+@click.option(
     "--exclude",
     multiple=True,
     metavar="REGEX",
-    help="Keep layers whose node or weight name matches REGEX in floating point (repeatable).",
+    help="Keep layers whose node name, weight name or module path (model.layers.3.mlp.down_proj) matches "
+    "REGEX in floating point (repeatable).",
 )
 @click.option(
     "--external-data/--no-external-data",
@@ -154,6 +194,13 @@ def quantize(
     calib_samples: int | None,
     calib_seq_len: int | None,
     calib_data: str | None,
+    calib_method: str | None,
+    smooth_quant: str | None,
+    calib_cache: str | None,
+    target: str | None,
+    strict: bool,
+    device: str | None,
+    attention: bool,
     exclude: tuple[str, ...],
     external_data: bool | None,
     verify: bool | None,
@@ -166,16 +213,31 @@ def quantize(
     """Quantize MODEL (a .onnx file or a folder holding model.onnx) into OUTPUT."""
     from qonnx.api import quantize as run_quantize
 
-    options: dict[str, Any] = {"symmetric": symmetric, "format": fmt, "accuracy_level": accuracy_level}
-    if block_size is not None:
-        options["block_size"] = None if block_size == 0 else block_size
     given: dict[str, Any] = {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len, "calib_data": calib_data}
     calib = {k: v for k, v in given.items() if v is not None}
-    if algo == "gptq":
-        options["algo"] = GPTQ(**calib)
-    elif calib:
-        raise click.UsageError(f"--{next(iter(calib)).replace('_', '-')} applies to --algo gptq only")
-    config = scheme_from_name(scheme, **options)
+    act_options = {
+        "calib-method": calib_method,
+        "smooth-quant": smooth_quant,
+        "calib-cache": calib_cache,
+        "target": target,
+        "strict": strict or None,
+        "device": device,
+        "attention": attention or None,
+    }
+    if scheme.lower() in ACTIVATION_SCHEMES:
+        config = _activation_config(scheme, block_size, symmetric, calib, act_options, fmt, accuracy_level, algo)
+    else:
+        for name, value in act_options.items():
+            if value is not None:
+                raise click.UsageError(f"--{name} applies to --scheme {'/'.join(ACTIVATION_SCHEMES)} only")
+        options: dict[str, Any] = {"symmetric": symmetric, "format": fmt, "accuracy_level": accuracy_level}
+        if block_size is not None:
+            options["block_size"] = None if block_size == 0 else block_size
+        if algo == "gptq":
+            options["algo"] = GPTQ(**calib)
+        elif calib:
+            raise click.UsageError(f"--{next(iter(calib)).replace('_', '-')} applies to --algo gptq only")
+        config = scheme_from_name(scheme, **options)
     targets = {f"re:{r}": None for r in exclude}
     show = sys.stderr.isatty() if progress is None else progress
     checks = VerifyOptions(
@@ -269,6 +331,64 @@ def demo(work_dir: str, windows: int, synthetic: bool, as_json: bool) -> None:
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
+ACTIVATION_SCHEMES = ("w8a8", "w4a8", "fp8", "dynamic")
+
+
+def _activation_config(
+    scheme: str,
+    block_size: int | None,
+    symmetric: bool,
+    calib: dict[str, Any],
+    act: dict[str, Any],
+    fmt: str,
+    accuracy_level: int | None,
+    algo: str,
+) -> Any:
+    """The config of a weight+activation scheme from the CLI options (weight-only options refused)."""
+    from qonnx.config_activations import Calibration
+
+    if fmt != "matmulnbits" or accuracy_level is not None or algo != "rtn":
+        raise click.UsageError("--format, --accuracy-level and --algo apply to weight-only schemes (w4a16, w8a16)")
+    if scheme.lower() == "dynamic":
+        used = [k for k, v in {**act, "symmetric": symmetric or None, **calib}.items() if v is not None]
+        if used:
+            raise click.UsageError(f"--{used[0].replace('_', '-')} does not apply to --scheme dynamic (no calibration)")
+        return scheme_from_name(scheme, **({} if block_size is None else {"block_size": block_size}))
+    options: dict[str, Any] = {}
+    if block_size is not None:
+        options["block_size"] = None if block_size == 0 else block_size
+    if symmetric:
+        options["act_symmetric"] = True
+    cal: dict[str, Any] = {
+        {"calib_samples": "samples", "calib_seq_len": "seq_len", "calib_data": "data"}[k]: v for k, v in calib.items()
+    }
+    if act["calib-method"] is not None:
+        cal["method"] = act["calib-method"]
+    if act["calib-cache"] is not None:
+        cal["cache"] = act["calib-cache"]
+    if act["device"] is not None:
+        cal["device"] = act["device"]
+    if cal:
+        if scheme.lower() == "fp8" and "method" not in cal:
+            cal["method"] = "minmax"
+        options["calibration"] = Calibration(**cal)
+    sq = act["smooth-quant"]
+    if sq is not None:
+        if sq.lower() in ("auto", "none"):
+            options["smooth_quant"] = None if sq.lower() == "none" else "auto"
+        else:
+            try:
+                options["smooth_quant"] = float(sq)
+            except ValueError:
+                raise click.UsageError(
+                    f"--smooth-quant takes a number in [0, 1], 'auto' or 'none', not {sq!r}"
+                ) from None
+    for key in ("target", "strict", "attention"):
+        if act[key] is not None:
+            options[key] = act[key]
+    return scheme_from_name(scheme, **options)
+
+
 def _outputs_to_show(outputs: list[Any]) -> list[Any]:
     """All outputs of a small model; else those not named like a KV cache, plus the worst one."""
     if len(outputs) <= 4:
@@ -291,12 +411,13 @@ def _group_reasons(records: list[Any]) -> list[tuple[str, list[str]]]:
 
 def _register_model_commands() -> None:
     """``export`` and ``eval`` live in qonnx.cli_models (they import torch/transformers only when run)."""
-    from qonnx.cli_models import eval_command, export_command, generate_command, report_command
+    from qonnx.cli_models import eval_command, export_command, generate_command, lower_command, report_command
 
     cli.add_command(export_command)
     cli.add_command(eval_command)
     cli.add_command(generate_command)
     cli.add_command(report_command)
+    cli.add_command(lower_command)
 
 
 _register_model_commands()

@@ -14,7 +14,16 @@ from typing import Any, ClassVar, Literal
 
 from qonnx.errors import ConfigError
 
-__all__ = ["GPTQ", "WeightOnlyConfig", "W4A16", "W8A16", "Targets", "scheme_from_name", "SCHEMES"]
+__all__ = [
+    "GPTQ",
+    "SchemeConfig",
+    "WeightOnlyConfig",
+    "W4A16",
+    "W8A16",
+    "Targets",
+    "scheme_from_name",
+    "SCHEMES",
+]
 
 Format = Literal["matmulnbits", "qdq"]
 
@@ -70,12 +79,26 @@ class GPTQ:
         return {"name": self.name, **dataclasses.asdict(self)}
 
 
+class SchemeConfig:
+    """Base of every scheme config (weight-only and weight+activation); ``name`` is the CLI name."""
+
+    name: ClassVar[str] = "scheme"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description, with the scheme name."""
+        raise NotImplementedError
+
+    def weight_config(self) -> WeightOnlyConfig:
+        """The weight-only config that stores this scheme's weights."""
+        raise NotImplementedError
+
+
 #: Block sizes that ONNX Runtime's MatMulNBits kernels accept.
 MATMULNBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class WeightOnlyConfig:
+class WeightOnlyConfig(SchemeConfig):
     """Weight-only quantization: weights stored in ``bits`` bits, activations stay floating point.
 
     Attributes:
@@ -88,6 +111,8 @@ class WeightOnlyConfig:
         accuracy_level: MatMulNBits compute type hint (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).
         algo: how codes are chosen: ``"rtn"`` (round to nearest) or GPTQ (``"gptq"`` or a :class:`GPTQ` with
             options), which needs calibration data and applies to MatMul/Gemm weights of the main graph.
+        float8: 8-bit codes as float8 E4M3 (one scale per output channel, DequantizeLinear opset 19)
+            instead of integers; needs ``bits=8``, ``symmetric=True``, ``block_size=None``, ``format="qdq"``.
     """
 
     name: ClassVar[str] = "weight-only"
@@ -97,6 +122,7 @@ class WeightOnlyConfig:
     format: Format = "matmulnbits"
     accuracy_level: int | None = None
     algo: Literal["rtn"] | GPTQ = "rtn"
+    float8: bool = False
 
     def __post_init__(self) -> None:
         if self.algo == "gptq":
@@ -123,6 +149,12 @@ class WeightOnlyConfig:
                 raise ConfigError(f"{self.name}: accuracy_level applies to format='matmulnbits' only")
             if self.accuracy_level not in (0, 1, 2, 3, 4):
                 raise ConfigError(f"{self.name}: accuracy_level must be 0..4, got {self.accuracy_level}")
+        if self.float8 and (
+            self.bits != 8 or not self.symmetric or self.block_size is not None or self.format != "qdq"
+        ):
+            raise ConfigError(
+                f"{self.name}: float8 weights need bits=8, symmetric=True, block_size=None and format='qdq'"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, with the scheme name."""
@@ -130,6 +162,10 @@ class WeightOnlyConfig:
         if isinstance(self.algo, GPTQ):
             out["algo"] = self.algo.to_dict()
         return out
+
+    def weight_config(self) -> WeightOnlyConfig:
+        """Itself: a weight-only scheme stores weights as it says."""
+        return self
 
     @property
     def gptq(self) -> GPTQ | None:
@@ -153,11 +189,13 @@ class W8A16(WeightOnlyConfig):
     bits: int = 8
 
 
-SCHEMES: dict[str, type[WeightOnlyConfig]] = {"w4a16": W4A16, "w8a16": W8A16}
+SCHEMES: dict[str, type[SchemeConfig]] = {"w4a16": W4A16, "w8a16": W8A16}
 
 
-def scheme_from_name(name: str, **options: Any) -> WeightOnlyConfig:
-    """Build a scheme config from its CLI name and options."""
+def scheme_from_name(name: str, **options: Any) -> SchemeConfig:
+    """Build a scheme config from its CLI name and options (activation schemes: see config_activations)."""
+    import qonnx.config_activations  # noqa: F401  (registers w8a8, w4a8, fp8, dynamic)
+
     try:
         cls = SCHEMES[name.lower()]
     except KeyError:
@@ -171,19 +209,20 @@ def scheme_from_name(name: str, **options: Any) -> WeightOnlyConfig:
 class Targets:
     """Which config each layer gets: exact name, then ``re:`` regex (in order), then op type, then default.
 
-    Keys are matched against the node name and the weight's name. A value of ``None`` keeps the layer
+    Keys are matched against the node name, the weight's name and the source module path that torch.onnx
+    recorded (``model.layers.3.mlp.down_proj``). A value of ``None`` keeps the layer
     in floating point. Example: ``Targets(W4A16(), {"lm_head": None, "re:.*mlp.*": W8A16()})``.
     """
 
     def __init__(
-        self, default: WeightOnlyConfig | None, overrides: Mapping[str, WeightOnlyConfig | None] | None = None
+        self, default: SchemeConfig | None, overrides: Mapping[str, SchemeConfig | None] | None = None
     ) -> None:
         self.default = default
-        self.exact: dict[str, WeightOnlyConfig | None] = {}
-        self.patterns: list[tuple[str, re.Pattern[str], WeightOnlyConfig | None]] = []
-        self.op_types: dict[str, WeightOnlyConfig | None] = {}
+        self.exact: dict[str, SchemeConfig | None] = {}
+        self.patterns: list[tuple[str, re.Pattern[str], SchemeConfig | None]] = []
+        self.op_types: dict[str, SchemeConfig | None] = {}
         for key, cfg in (overrides or {}).items():
-            if cfg is not None and not isinstance(cfg, WeightOnlyConfig):
+            if cfg is not None and not isinstance(cfg, SchemeConfig):
                 raise ConfigError(f"target {key!r}: expected a scheme config or None, got {type(cfg).__name__}")
             if key.startswith("re:"):
                 try:
@@ -195,7 +234,7 @@ class Targets:
             else:
                 self.exact[key] = cfg
 
-    def resolve(self, op_type: str, names: tuple[str, ...]) -> tuple[WeightOnlyConfig | None, str]:
+    def resolve(self, op_type: str, names: tuple[str, ...]) -> tuple[SchemeConfig | None, str]:
         """Return (config or None, the rule that chose it)."""
         for n in names:
             if n in self.exact:

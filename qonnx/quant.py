@@ -41,6 +41,9 @@ __all__ = [
     "unpack_matmulnbits",
     "qrange",
     "round_half_up",
+    "FP8_MAX",
+    "quantize_fp8_kn",
+    "activation_qparams",
 ]
 
 
@@ -427,3 +430,45 @@ def pack_matmulnbits_zero_points(qm: QuantizedMatrix) -> np.ndarray:
     """MatMulNBits' packed uint8 zero points [N, ceil(nblocks * bits / 8)] for a [K, N] weight."""
     _, zp = qm.unsigned()
     return pack_zero_points(np.ascontiguousarray(zp.T), qm.bits)
+
+
+#: Largest finite float8 E4M3 (FN) value.
+FP8_MAX = 448.0
+
+
+def quantize_fp8_kn(w: np.ndarray, scale_dtype: np.dtype | type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """A [K, N] weight as float8 E4M3 codes [K, N] with one scale per column [N]: ``w ~ codes * scale``.
+
+    The column's largest magnitude maps to 448 (E4M3's largest finite value); codes round to nearest even.
+    """
+    import ml_dtypes
+
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {w.shape}")
+    x = w.astype(np.float32, copy=False)
+    amax = np.abs(x).max(axis=0)
+    scale = (amax / np.float32(FP8_MAX)).astype(scale_dtype).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1.0))
+    codes = np.clip(x / scale, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+    return codes, scale.astype(scale_dtype)
+
+
+def activation_qparams(lo: float, hi: float, kind: str, symmetric: bool) -> tuple[float, int]:
+    """(scale, zero_point) for one activation tensor whose values are clipped to [lo, hi].
+
+    ``kind`` "int8": symmetric gives int8 codes with zero point 0 (``scale = max|.| / 127``, so that -128
+    is never needed and the range stays symmetric); asymmetric gives uint8 codes with the range widened
+    to hold 0 exactly. "fp8": float8 E4M3, ``scale = max|.| / 448``, zero point 0.
+    """
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    amax = max(-lo, hi)
+    tiny = float(np.finfo(np.float32).tiny)
+    if kind == "fp8":
+        return max(amax / FP8_MAX, tiny), 0
+    if kind != "int8":
+        raise ValueError(f"kind must be 'int8' or 'fp8', got {kind!r}")
+    if symmetric:
+        return max(amax / 127.0, tiny), 0
+    scale = max((hi - lo) / 255.0, tiny)
+    zp = int(np.clip(np.floor(-lo / scale + 0.5), 0, 255))
+    return scale, zp

@@ -89,4 +89,35 @@ def make_session(
         from qonnx.modelfile import resolve_model_path
 
         model = os.fspath(resolve_model_path(model_path))  # a folder means its model.onnx
+    if has_float8_qdq(model):
+        so.add_session_config_entry(*FLOAT8_SESSION_CONFIG)
     return ort.InferenceSession(model, so, providers=providers)
+
+
+#: ONNX Runtime 1.31's QDQ graph transformers move float8 QuantizeLinear across Slice/Reshape and pair them
+#: up into nodes that have no float8 kernels, and the session then refuses the model ("Type
+#: 'tensor(float8e4m3fn)' ... is invalid"). Models with float8 Q/DQ load with them off (no float8 kernel
+#: exists on the CPU and CUDA providers to fuse into anyway); qonnx records this in the model's metadata.
+FLOAT8_SESSION_CONFIG = ("session.disable_quant_qdq", "1")
+
+
+def has_float8_qdq(model: str | bytes) -> bool:
+    """Whether a model (file path or bytes) holds float8 QuantizeLinear/DequantizeLinear nodes."""
+    import onnx
+
+    if isinstance(model, bytes):
+        if b"QuantizeLinear" not in model:
+            return False
+        proto = onnx.load_from_string(model) if len(model) < (256 << 20) else None
+    elif os.path.getsize(model) < (256 << 20):  # a big single-file model is not parsed twice for this
+        proto = onnx.load(model, load_external_data=False)
+    else:
+        proto = None
+    if proto is None:
+        return False
+    f8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2}
+    f8_names = {t.name for t in proto.graph.initializer if t.data_type in f8}
+    return any(
+        n.op_type in ("QuantizeLinear", "DequantizeLinear") and any(i in f8_names for i in n.input)
+        for n in proto.graph.node
+    )

@@ -1,0 +1,330 @@
+"""Static weight+activation quantization (W8A8, W4A8, FP8): calibrate, smooth, quantize weights, insert Q/DQ.
+
+Called by :func:`qonnx.quantize` for an :class:`~qonnx.config_activations.ActivationConfig`. The order:
+
+1. plan: which MatMul/Gemm/Conv nodes get the scheme (the weight-only planner, with the scheme's weight
+   config), and the activation tensors they read (one per tensor, however many readers);
+2. calibrate the float model through ONNX Runtime (:mod:`qonnx.runtime.activation_stats`): streaming
+   range statistics, per-channel maxima and a few sample rows per tensor; or reuse a calibration cache;
+3. SmoothQuant (optional): choose factors per tensor, fold them into norms / linears / a Mul and into
+   the weights, then measure the ranges of the smoothed activations (a second pass over the data: the
+   float model run again, each captured tensor divided by its factors);
+4. quantize the weights (the weight-only pass, DequantizeLinear form) and insert one Q/DQ pair per tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qonnx import modelfile, quant
+from qonnx.config import Targets
+from qonnx.config_activations import ActivationConfig, Calibration
+from qonnx.errors import ConfigError
+from qonnx.passes.activations import ActivationQParams, InsertActivationQDQPass
+from qonnx.passes.smooth_quant import SmoothGroup, factors, fake_quantize_weight, fold, search_alpha
+from qonnx.passes.weight_only import Plan
+
+__all__ = ["ActivationPlan", "plan_activations", "apply_activation_scheme"]
+
+_CACHE_VERSION = 1
+
+
+@dataclasses.dataclass
+class ActivationPlan:
+    """The activation tensors to quantize, their readers, and the scheme that governs them."""
+
+    config: ActivationConfig
+    readers: dict[str, list[tuple[ir.Node, int]]]
+    groups: dict[str, SmoothGroup]  # tensors that SmoothQuant may smooth
+    notes: dict[int, str]  # id(node) -> what happens to its activation
+
+
+def plan_activations(model: ir.Model, targets: Targets, plan: Plan) -> ActivationPlan | None:
+    """The activations read by planned nodes whose scheme quantizes activations (None: there are none)."""
+    readers: dict[str, list[tuple[ir.Node, int]]] = {}
+    configs: list[ActivationConfig] = []
+    notes: dict[int, str] = {}
+    linear: dict[str, list[tuple[ir.Node, ir.Value, bool]]] = {}
+    blocked: set[str] = set()
+    for cand, cfg, _ in plan:
+        if cfg is None:
+            continue
+        names = tuple(n for n in (cand.node.name, cand.weight_name, cand.module) if n)
+        scheme, _ = targets.resolve(cand.node.op_type, names)
+        if not isinstance(scheme, ActivationConfig):
+            continue
+        x = cand.node.inputs[0]
+        if cand.graph is not model.graph or x is None or not x.name:
+            notes[id(cand.node)] = "activations stay float (node in a subgraph)"
+            continue
+        configs.append(scheme)
+        readers.setdefault(x.name, []).append((cand.node, 0))
+        simple = cand.axis is None and not cand.chain and cand.source is not None and cand.source.producer() is None
+        simple = simple and len(cand.source.uses()) == 1 if cand.source is not None else False
+        if simple and cand.node.op_type == "Gemm" and cand.node.attributes.get_float("alpha", 1.0) != 1.0:
+            simple = False
+        if simple and cand.source is not None:
+            transposed = cand.node.op_type == "Gemm" and bool(cand.node.attributes.get_int("transB", 0))
+            linear.setdefault(x.name, []).append((cand.node, cand.source, transposed))
+        else:
+            blocked.add(x.name)
+    if not configs:
+        return None
+    first = configs[0]
+    shared = ("act_type", "act_symmetric", "smooth_quant", "calibration", "attention", "target")
+    for other in configs[1:]:
+        for field in shared:
+            if getattr(other, field) != getattr(first, field):
+                raise ConfigError(
+                    f"layers with activation schemes must share {field} ({getattr(first, field)!r} vs "
+                    f"{getattr(other, field)!r}): one calibration and one activation format per model"
+                )
+    if first.attention:
+        for node in model.graph:
+            if node.domain == "" and node.op_type == "MatMul" and all(_is_activation(v) for v in node.inputs):
+                for index, v in enumerate(node.inputs):
+                    assert v is not None and v.name
+                    readers.setdefault(v.name, []).append((node, index))
+                    blocked.add(v.name)
+    groups = {
+        name: SmoothGroup(name, group)
+        for name, group in linear.items()
+        if name not in blocked and len(group) == len(readers[name])
+    }
+    return ActivationPlan(first, readers, groups, notes)
+
+
+def _is_activation(value: ir.Value | None) -> bool:
+    return value is not None and bool(value.name) and value.const_value is None and value.producer() is not None
+
+
+def _model_key(path: Path, config: ActivationConfig, tensors: list[str]) -> str:
+    """What a calibration cache must match: the graph, the weights' files, the data and the smoothing setup."""
+    proto = onnx.load(os.fspath(path), load_external_data=False)
+    digest = hashlib.sha256(proto.graph.SerializeToString(deterministic=True))
+    for f in sorted(path.parent.iterdir()):
+        if f.is_file() and f != path and f.name.startswith(path.name):
+            digest.update(f"{f.name}:{f.stat().st_size}".encode())
+    wc = config.weight_config()
+    setup = {
+        "version": _CACHE_VERSION,
+        "data": config.calibration.data_key(),
+        "smooth_quant": config.smooth_quant,
+        "act": [config.act_type, config.act_symmetric],
+        "weights": [wc.bits, wc.block_size, wc.symmetric, wc.float8],
+        "tensors": tensors,
+    }
+    digest.update(json.dumps(setup, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def apply_activation_scheme(
+    model: ir.Model, source: Path | None, plan: ActivationPlan, *, progress: bool = False
+) -> dict[str, Any]:
+    """Calibrate (or read the cache), smooth, and insert activation Q/DQ; weights are left to the caller.
+
+    Returns a JSON-ready description: tensors quantized, smoothing per tensor, calibration figures.
+    """
+    from qonnx.runtime.activation_stats import collect_activation_stats
+    from qonnx.runtime.calibration import calibration_feeds
+
+    cfg = plan.config
+    cal = cfg.calibration
+    if cfg.act_type == "fp8" and cal.method in ("entropy", "mse"):
+        raise ConfigError(f"fp8 activations take calibration method 'minmax' or 'percentile', not {cal.method!r}")
+    tensors = list(plan.readers)
+    smooth = cfg.smooth_quant is not None and bool(plan.groups)
+    info: dict[str, Any] = {"tensors": len(tensors), "method": cal.method, "smoothing": {}}
+    with tempfile.TemporaryDirectory(prefix="qonnx-calibration-") as tmp:
+        path = source
+        if path is None or model.ir_version > modelfile.MAX_RUNTIME_IR_VERSION:
+            version = model.ir_version
+            path = Path(tmp) / modelfile.MODEL_FILENAME
+            modelfile.save(model, path)
+            model.ir_version = version
+        key = _model_key(path, cfg, tensors)
+        cached = _read_cache(cal, key)
+        if cached is not None:
+            observers, smoothing = cached
+            info["cache"] = f"reused {cal.cache}"
+        else:
+            folder = source.parent if source is not None else None
+            feeds = calibration_feeds(path, cal.data, samples=cal.samples, seq_len=cal.seq_len, tokenizer_dir=folder)
+            stats = collect_activation_stats(
+                path, tensors, feeds, device=cal.device, progress=progress, sample_rows=256 if smooth else 0
+            )
+            observers = {name: st.observer for name, st in stats.items()}
+            smoothing = {}
+            if smooth:
+                smoothing = _choose_smoothing(plan, stats, cfg)
+                if smoothing:
+                    again = collect_activation_stats(
+                        path,
+                        list(smoothing),
+                        feeds,
+                        device=cal.device,
+                        progress=progress,
+                        divide={n: s for n, (_, s, _) in smoothing.items()},
+                    )
+                    observers.update({name: st.observer for name, st in again.items()})
+            if cal.cache:
+                _write_cache(cal, key, observers, smoothing)
+                info["cache"] = f"wrote {cal.cache}"
+    taken = _all_names(model)
+    params: dict[str, ActivationQParams] = {}
+    for name in tensors:
+        readers = plan.readers[name]
+        target = name
+        if name in smoothing:
+            alpha, s, err = smoothing[name]
+            x = _value(model.graph, name)
+            new, where = fold(model.graph, x, plan.groups[name], s, taken)
+            target = new.name or name
+            readers = [(node, 0) for node, _, _ in plan.groups[name].readers]
+            info["smoothing"][name] = {"alpha": alpha, "into": where, "sample_error": round(err, 6)}
+        lo, hi = _range(observers[name], cfg)
+        scale, zp = quant.activation_qparams(lo, hi, "fp8" if cfg.act_type == "fp8" else "int8", cfg.act_symmetric)
+        kind = "fp8" if cfg.act_type == "fp8" else ("int8" if cfg.act_symmetric else "uint8")
+        params[target] = ActivationQParams(scale, zp, kind, tuple(readers))
+    insert = InsertActivationQDQPass(params)
+    insert(model)
+    info["inserted"] = insert.inserted
+    return info
+
+
+def _range(observer: Any, cfg: ActivationConfig) -> tuple[float, float]:
+    cal = cfg.calibration
+    symmetric = cfg.act_symmetric or cfg.act_type == "fp8"
+    qmin, qmax = (-127, 127) if symmetric else (0, 255)
+    return observer.range(cal.method, symmetric=symmetric, qmin=qmin, qmax=qmax, percentile=cal.percentile)
+
+
+def _choose_smoothing(plan: ActivationPlan, stats: dict[str, Any], cfg: ActivationConfig) -> dict[str, tuple]:
+    """alpha, factors and sample error per smoothable tensor (alpha 0 ones left out)."""
+    wc = cfg.weight_config()
+    fake_w = fake_quantize_weight(wc.bits, wc.block_size, wc.symmetric)
+    kind = "fp8" if cfg.act_type == "fp8" else "int8"
+
+    def fake_act(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        scale, zp = quant.activation_qparams(lo, hi, kind, cfg.act_symmetric)
+        if kind == "fp8":
+            import ml_dtypes
+
+            return np.clip(x / scale, -quant.FP8_MAX, quant.FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(
+                np.float32
+            ) * np.float32(scale)
+        qmin, qmax = (-127, 127) if cfg.act_symmetric else (0, 255)
+        q = np.clip(np.floor(x / scale + 0.5) + zp, qmin, qmax)
+        return ((q - zp) * scale).astype(np.float32)
+
+    def range_of(mn: np.ndarray, mx: np.ndarray) -> Any:
+        def act_range(s: np.ndarray) -> tuple[float, float]:
+            lo, hi = float((mn / s).min()), float((mx / s).max())
+            if cfg.act_symmetric or kind == "fp8":
+                a = max(-lo, hi)
+                return -a, a
+            return lo, hi
+
+        return act_range
+
+    chosen: dict[str, tuple] = {}
+    for name, group in plan.groups.items():
+        st = stats[name]
+        absmax = np.maximum(np.abs(st.channel_min), np.abs(st.channel_max))
+        if cfg.smooth_quant == "auto":
+            samples = [(rows, range_of(mn, mx)) for rows, mn, mx in st.held_out()]
+            alpha, s, err = search_alpha(group, samples, absmax, fake_w, fake_act)
+        else:
+            alpha = float(cfg.smooth_quant)  # type: ignore[arg-type]
+            s, err = factors(absmax, group.weight_absmax(), alpha), float("nan")
+        if alpha > 0:
+            chosen[name] = (alpha, s, err)
+    return chosen
+
+
+def _value(graph: ir.Graph, name: str) -> ir.Value:
+    for v in graph.inputs:
+        if v.name == name:
+            return v
+    for node in graph:
+        for v in node.outputs:
+            if v.name == name:
+                return v
+    raise KeyError(name)
+
+
+def _all_names(model: ir.Model) -> set[str]:
+    names: set[str] = set()
+    for graph in model.graphs():
+        names.update(v.name for v in (*graph.inputs, *graph.initializers.values()) if v.name)
+        for node in graph:
+            names.update(v.name for v in node.outputs if v.name)
+    return names
+
+
+def _read_cache(cal: Calibration, key: str) -> tuple[dict[str, Any], dict[str, tuple]] | None:
+    """The cached observers and smoothing, or None when there is no cache file yet."""
+    from qonnx.runtime.observers import TensorObserver
+
+    if not cal.cache or not Path(cal.cache).exists():
+        return None
+    try:
+        with np.load(cal.cache, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(str(arrays.pop("meta")))
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{cal.cache}: not a qonnx calibration cache ({e}); delete it or pass another path") from None
+    if meta.get("key") != key:
+        raise ConfigError(
+            f"{cal.cache}: the calibration cache was made for another model, data or scheme setup; "
+            "delete it or pass another --calib-cache path"
+        )
+    observers: dict[str, Any] = {}
+    smoothing: dict[str, tuple] = {}
+    for i, name in enumerate(meta["tensors"]):
+        prefix = f"t{i}."
+        state = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+        observers[name] = TensorObserver.from_state(state)
+        if f"s{i}" in arrays:
+            alpha, err = meta["smoothing"][name]
+            smoothing[name] = (alpha, arrays[f"s{i}"], err)
+    return observers, smoothing
+
+
+def _write_cache(cal: Calibration, key: str, observers: dict[str, Any], smoothing: dict[str, tuple]) -> None:
+    assert cal.cache is not None
+    names = list(observers)
+    arrays: dict[str, np.ndarray] = {}
+    for i, name in enumerate(names):
+        for k, v in observers[name].state().items():
+            arrays[f"t{i}.{k}"] = np.asarray(v)
+        if name in smoothing:
+            arrays[f"s{i}"] = smoothing[name][1]
+    meta = {
+        "key": key,
+        "tensors": names,
+        "smoothing": {n: [float(a), float(e)] for n, (a, _, e) in smoothing.items()},
+    }
+    target = Path(cal.cache)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".calib-", suffix=".npz", dir=target.parent)
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, *(), **{"meta": np.array(json.dumps(meta)), **arrays})  # type: ignore[arg-type]
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    print(f"qonnx: calibration cache written to {target}", file=sys.stderr)

@@ -1,0 +1,203 @@
+"""Weight+activation scheme configs: W8A8, W4A8, FP8 (static, calibrated) and Dynamic (ranges at run time).
+
+A static scheme quantizes the activation entering each quantized MatMul/Gemm/Conv with a fixed scale
+found by running calibration data through ONNX Runtime (:class:`Calibration`), and its weight as a
+weight-only scheme would (:meth:`ActivationConfig.weight_config`). SmoothQuant (``smooth_quant``) moves
+the activation outliers of each layer into its weights before calibration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Literal
+
+from qonnx.config import SCHEMES, SchemeConfig, WeightOnlyConfig
+from qonnx.errors import ConfigError
+
+__all__ = [
+    "CALIBRATION_METHODS",
+    "TARGETS",
+    "Calibration",
+    "ActivationConfig",
+    "W8A8",
+    "W4A8",
+    "FP8",
+    "Dynamic",
+]
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
+#: Runtimes a model can be lowered for; "generic" is plain QDQ for any runtime.
+TARGETS = ("cpu", "cuda", "tensorrt", "generic")
+Method = Literal["minmax", "percentile", "entropy", "mse"]
+Target = Literal["cpu", "cuda", "tensorrt", "generic"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """How activation ranges are measured.
+
+    Attributes:
+        method: ``"minmax"`` (the observed range), ``"percentile"`` (``percentile`` of |x|), ``"entropy"``
+            (KL-divergence threshold, as TensorRT) or ``"mse"`` (the clipping threshold of least squared error).
+        percentile: for ``"percentile"``.
+        samples: calibration windows (sequences) or ``.npz`` batches.
+        seq_len: tokens per window.
+        data: ``"pydoc"`` (the standard corpus from token 60,000, disjoint from evaluation), a ``.txt`` /
+            ``.jsonl`` file tokenized with the model's tokenizer, or a ``.npz`` file of input feeds.
+        cache: a ``.npz`` file that keeps the statistics for a later run on the same model and data
+            (written when missing or stale; a cache of another model or data is refused, not reused).
+        device: where ONNX Runtime runs calibration: ``"auto"`` (CUDA when a GPU is usable), ``"cpu"``, ``"cuda"``.
+    """
+
+    method: Method = "mse"
+    percentile: float = 99.999
+    samples: int = 8
+    seq_len: int = 512
+    data: str = "pydoc"
+    cache: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise ConfigError(
+                f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.method!r}"
+            )
+        if not isinstance(self.percentile, (int, float)) or not 50 < self.percentile <= 100:
+            raise ConfigError(f"calibration percentile must be in (50, 100], got {self.percentile!r}")
+        if not isinstance(self.samples, int) or self.samples < 1:
+            raise ConfigError(f"calibration samples must be a positive integer, got {self.samples!r}")
+        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise ConfigError(f"calibration seq_len must be an integer >= 2, got {self.seq_len!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"calibration device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+
+    def data_key(self) -> dict[str, Any]:
+        """What the statistics depend on besides the model (a cache is valid only for the same)."""
+        return {"data": self.data, "samples": self.samples, "seq_len": self.seq_len}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ActivationConfig(SchemeConfig):
+    """Static weight+activation quantization: QuantizeLinear/DequantizeLinear on activations, quantized weights.
+
+    Attributes:
+        weight_bits: 8 (int8 weights) or 4 (int4 weights in blocks along K).
+        block_size: weights per scale along K; ``None``: one scale per output channel.
+        weight_symmetric: signed weight codes, zero point 0.
+        act_symmetric: int8 activations with zero point 0 (TensorRT needs it); otherwise uint8 with a zero
+            point (ONNX Runtime's CPU kernels prefer it: post-SiLU and softmax values are lopsided).
+        act_type: ``"int8"`` or ``"fp8"`` (float8 E4M3, weights too; opset 19+).
+        smooth_quant: SmoothQuant's migration strength alpha in [0, 1], ``"auto"`` to choose it per layer
+            by the quantized output error on calibration rows, or ``None`` for no smoothing.
+        calibration: how activation ranges are measured.
+        attention: also quantize MatMuls between two activations (attention scores and context).
+        target: the runtime to lower for (``"cpu"``, ``"cuda"``, ``"tensorrt"`` or ``"generic"`` QDQ);
+            a scheme that measured slower than floating point there gets a warning (``strict``: an error).
+        strict: refuse a scheme that is slower than floating point on the target.
+    """
+
+    name: ClassVar[str] = "activations"
+    weight_bits: int = 8
+    block_size: int | None = None
+    weight_symmetric: bool = True
+    act_symmetric: bool = False
+    act_type: Literal["int8", "fp8"] = "int8"
+    smooth_quant: float | Literal["auto"] | None = "auto"
+    calibration: Calibration = dataclasses.field(default_factory=Calibration)
+    attention: bool = False
+    target: Target = "generic"
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.weight_bits not in (4, 8):
+            raise ConfigError(f"{self.name}: weight_bits must be 4 or 8, got {self.weight_bits!r}")
+        if self.act_type not in ("int8", "fp8"):
+            raise ConfigError(f"{self.name}: act_type must be 'int8' or 'fp8', got {self.act_type!r}")
+        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 2):
+            raise ConfigError(f"{self.name}: block_size must be an integer >= 2 or None, got {self.block_size!r}")
+        if self.act_type == "fp8" and (self.weight_bits != 8 or self.block_size is not None):
+            raise ConfigError(f"{self.name}: fp8 weights are per output channel (weight_bits=8, block_size=None)")
+        sq = self.smooth_quant
+        if not (
+            sq is None or sq == "auto" or (isinstance(sq, (int, float)) and not isinstance(sq, bool) and 0 <= sq <= 1)
+        ):
+            raise ConfigError(f"{self.name}: smooth_quant must be a number in [0, 1], 'auto' or None, got {sq!r}")
+        if not isinstance(self.calibration, Calibration):
+            raise ConfigError(f"{self.name}: calibration must be a Calibration(...), got {self.calibration!r}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"{self.name}: target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.target == "tensorrt" and not (self.act_symmetric or self.act_type == "fp8"):
+            object.__setattr__(self, "act_symmetric", True)  # TensorRT takes symmetric int8 only
+        if self.target == "tensorrt" and not self.weight_symmetric:
+            raise ConfigError(f"{self.name}: TensorRT needs symmetric weights (weight_symmetric=True)")
+
+    def weight_config(self) -> WeightOnlyConfig:
+        """The weight-only config that quantizes this scheme's weights (as DequantizeLinear)."""
+        return WeightOnlyConfig(
+            bits=self.weight_bits,
+            block_size=self.block_size,
+            symmetric=self.weight_symmetric,
+            format="qdq",
+            float8=self.act_type == "fp8",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description, with the scheme name."""
+        return {"scheme": self.name, **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class W8A8(ActivationConfig):
+    """int8 weights (one scale per output channel) and int8 activations (one scale per tensor)."""
+
+    name: ClassVar[str] = "w8a8"
+    weight_bits: int = 8
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class W4A8(ActivationConfig):
+    """int4 weights in blocks of 128 along K and int8 activations (one scale per tensor)."""
+
+    name: ClassVar[str] = "w4a8"
+    weight_bits: int = 4
+    block_size: int | None = 128
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FP8(ActivationConfig):
+    """float8 E4M3 weights (one scale per output channel) and activations (one scale per tensor)."""
+
+    name: ClassVar[str] = "fp8"
+    act_type: Literal["int8", "fp8"] = "fp8"
+    act_symmetric: bool = True
+    smooth_quant: float | Literal["auto"] | None = None
+    calibration: Calibration = dataclasses.field(default_factory=lambda: Calibration(method="minmax"))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Dynamic(SchemeConfig):
+    """int8 weights and int8 activations whose ranges are measured at run time, per token and block of K.
+
+    Emitted as ONNX Runtime's MatMulNBits with 8-bit weights and ``accuracy_level=4`` (its kernel quantizes
+    each row of activations to int8 in blocks along K as it runs); no calibration data is needed.
+
+    Attributes:
+        block_size: weights (and activations) per scale along K.
+    """
+
+    name: ClassVar[str] = "dynamic"
+    block_size: int = 32
+
+    def __post_init__(self) -> None:
+        WeightOnlyConfig(bits=8, block_size=self.block_size)  # validates the block size for MatMulNBits
+
+    def weight_config(self) -> WeightOnlyConfig:
+        """The weight-only config that emits it."""
+        return WeightOnlyConfig(bits=8, block_size=self.block_size, accuracy_level=4)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description, with the scheme name."""
+        return {"scheme": self.name, **dataclasses.asdict(self)}
+
+
+SCHEMES.update({"w8a8": W8A8, "w4a8": W4A8, "fp8": FP8, "dynamic": Dynamic})
