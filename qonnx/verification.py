@@ -8,13 +8,16 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from qonnx.errors import QonnxError
 
-__all__ = ["VerifyOptions", "Verification", "VerificationError", "verify"]
+if TYPE_CHECKING:
+    from qonnx.runtime.verify import ReferenceRun
+
+__all__ = ["VerifyOptions", "Verification", "VerificationError", "start_reference", "verify"]
 
 #: Below this SQNR (dB) on any output, the run warns loudly: the model has lost most of its signal.
 DEFAULT_WARN_SQNR = 10.0
@@ -76,10 +79,28 @@ class Verification:
         }
 
 
+def start_reference(original: str | os.PathLike | bytes, options: VerifyOptions) -> ReferenceRun:
+    """Start running the original model in the background, to overlap with quantization.
+
+    Pass the result to :func:`verify` as ``original``; errors surface there.
+    """
+    from qonnx.runtime.verify import ReferenceRun
+
+    return ReferenceRun(
+        original, feeds=options.feeds, shapes=options.shapes, dims=options.dims, device=options.device
+    ).start()
+
+
 def verify(
-    original: str | os.PathLike | bytes, quantized: str | os.PathLike | bytes, options: VerifyOptions, size: int
+    original: str | os.PathLike | bytes | ReferenceRun,
+    quantized: str | os.PathLike | bytes,
+    options: VerifyOptions,
+    size: int,
 ) -> Verification:
-    """Compare the models as ``options`` say; raises VerificationError below ``min_sqnr``."""
+    """Compare the models as ``options`` say; raises VerificationError below ``min_sqnr``.
+
+    ``original`` is the model itself or its run started by :func:`start_reference`.
+    """
     import time
 
     from qonnx.runtime.verify import verify_models

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,17 @@ import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 
-from qonnx.runtime.session import make_session
+from qonnx.runtime.session import PRECISE_QDQ, resolve_device
 
-__all__ = ["OutputMetrics", "compare_outputs", "make_inputs", "verify_models", "parse_shape_overrides"]
+__all__ = [
+    "OutputMetrics",
+    "ReferenceRun",
+    "compare_outputs",
+    "make_inputs",
+    "parse_shape_overrides",
+    "verification_session",
+    "verify_models",
+]
 
 _ORT_TO_NUMPY = {
     "tensor(float)": np.float32,
@@ -186,6 +195,10 @@ def _looks_like_scores(name: str, arr: np.ndarray) -> bool:
     return bool(re.search(r"logit|score|prob|class", name.lower())) or arr.ndim == 2
 
 
+#: Elements compared at a time: bounds the float64 copies to a few MiB whatever the output's size.
+_CHUNK = 1 << 20
+
+
 class OutputComparison:
     """Streaming comparison of one output over batches: ``add(ref, out)`` ... ``finalize()``."""
 
@@ -197,18 +210,22 @@ class OutputComparison:
         self.scores: bool | None = None
 
     def add(self, ref: np.ndarray, out: np.ndarray) -> None:
-        """Accumulate one batch."""
-        r = np.asarray(ref, dtype=np.float64).ravel()
-        o = np.asarray(out, dtype=np.float64).ravel()
-        if r.size == 0:
+        """Accumulate one batch (in float64, a slice at a time: logits are large)."""
+        if np.shape(ref) != np.shape(out):
+            raise ValueError(f"output {self.name!r} has shape {np.shape(out)}, the original's {np.shape(ref)}")
+        flat_ref, flat_out = np.asarray(ref).reshape(-1), np.asarray(out).reshape(-1)
+        for start in range(0, flat_ref.size, _CHUNK):
+            r = flat_ref[start : start + _CHUNK].astype(np.float64)
+            o = flat_out[start : start + _CHUNK].astype(np.float64)
+            self.finite &= bool(np.all(np.isfinite(o)))
+            err = r - o
+            self.signal += float(np.dot(r, r))
+            self.noise += float(np.dot(err, err)) if self.finite else 0.0
+            self.dot += float(np.dot(r, o))
+            self.out_energy += float(np.dot(o, o))
+            self.max_err = max(self.max_err, float(np.abs(err, out=err).max()))
+        if flat_ref.size == 0:
             return
-        self.finite &= bool(np.all(np.isfinite(o)))
-        err = r - o
-        self.signal += float(np.dot(r, r))
-        self.noise += float(np.dot(err, err)) if self.finite else 0.0
-        self.dot += float(np.dot(r, o))
-        self.out_energy += float(np.dot(o, o))
-        self.max_err = max(self.max_err, float(np.abs(err).max()))
         if self.scores is None:
             self.scores = _looks_like_scores(self.name, np.asarray(ref))
         if self.scores:
@@ -257,8 +274,118 @@ def text_token_ids(folder: Path, length: int = 128) -> np.ndarray | None:
     return np.asarray([ids[-length:]], dtype=np.int64) if len(ids) >= length else None
 
 
+#: Reference outputs kept in memory while quantization runs; batches past this are run at comparison time.
+REFERENCE_BUDGET_BYTES = 512 << 20
+
+
+def verification_session(model: str | os.PathLike | bytes, device: str, *, prepack: bool) -> ort.InferenceSession:
+    """A session built for a single comparison run, as fast to build as ONNX Runtime allows.
+
+    No graph optimization (the model's own ops, exactly as written). Without ``prepack`` weights are used
+    where they lie (external data stays memory-mapped) instead of being copied into packed layouts: that
+    saves the float original most of its build time and memory, at a slower run. The quantized model keeps
+    prepacking: its 4-bit MatMulNBits kernels run far slower unpacked than the packing costs. Idle threads
+    do not spin: they would take the cores from quantization and from the comparison.
+    """
+    device = resolve_device(device)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", PRECISE_QDQ)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads yield the cores
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    if not isinstance(model, bytes):
+        from qonnx.modelfile import resolve_model_path
+
+        model = os.fspath(resolve_model_path(model))
+    return ort.InferenceSession(model, so, providers=providers)
+
+
+def _float_outputs(session: ort.InferenceSession) -> list[str]:
+    floats = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
+    return [o.name for o in session.get_outputs() if o.type in floats]
+
+
+class ReferenceRun:
+    """The original model's outputs on the verification inputs, computed once, possibly in the background.
+
+    ``start()`` runs the original in a thread (ONNX Runtime releases the GIL while it builds sessions
+    and runs them), so that it overlaps with quantization; ``outputs(i)`` waits for it. The session is
+    freed as soon as its outputs are in, unless the outputs would exceed ``budget`` bytes: then it is
+    kept and the remaining batches run when asked for.
+    """
+
+    def __init__(
+        self,
+        original: str | os.PathLike | bytes,
+        *,
+        feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+        dims: Mapping[str, int] | None = None,
+        device: str = "cpu",
+        budget: int = REFERENCE_BUDGET_BYTES,
+    ) -> None:
+        self.original, self.device, self.budget = original, device, budget
+        self._feeds, self._shapes, self._dims = feeds, shapes, dims
+        self.names: list[str] = []
+        self.batches: list[Mapping[str, np.ndarray]] = []
+        self._outputs: list[list[np.ndarray]] = []
+        self._session: ort.InferenceSession | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> ReferenceRun:
+        """Run the original in a background thread; returns self."""
+        self._thread = threading.Thread(target=self._run_catching, name="qonnx-verify-reference")
+        self._thread.start()
+        return self
+
+    def _run_catching(self) -> None:
+        try:
+            self.run()
+        except BaseException as e:  # handed to the caller by wait()
+            self._error = e
+
+    def run(self) -> None:
+        """Build the original's session, make the inputs and run every batch that fits in the budget."""
+        session = verification_session(self.original, self.device, prepack=False)
+        if self._feeds:
+            self.batches = list(self._feeds)
+        else:
+            ids = None if isinstance(self.original, bytes) else text_token_ids(Path(self.original).parent)
+            self.batches = [make_inputs(session, shapes=self._shapes, dims=self._dims, token_ids=ids)]
+        self.names = _float_outputs(session)
+        held = 0
+        for batch in self.batches:
+            if held > self.budget:
+                self._session = session  # the rest run when compared, one batch at a time
+                return
+            out = session.run(self.names, dict(batch))
+            held += sum(int(o.nbytes) for o in out)
+            self._outputs.append(out)
+
+    def wait(self) -> ReferenceRun:
+        """Wait for the background run; raises what it raised."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def outputs(self, index: int) -> list[np.ndarray]:
+        """The original's outputs for batch ``index`` (in the order of ``names``)."""
+        self.wait()
+        if index < len(self._outputs):
+            return self._outputs[index]
+        assert self._session is not None
+        return self._session.run(self.names, dict(self.batches[index]))
+
+
 def verify_models(
-    original: str | os.PathLike | bytes,
+    original: str | os.PathLike | bytes | ReferenceRun,
     quantized: str | os.PathLike | bytes,
     *,
     feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
@@ -266,19 +393,20 @@ def verify_models(
     dims: Mapping[str, int] | None = None,
     device: str = "cpu",
 ) -> list[OutputMetrics]:
-    """Run both models on the same inputs; one metrics row per float output, over all batches."""
-    fast = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # short-lived sessions: build them quickly
-    ref_sess = make_session(original, device, optimization=fast)
-    q_sess = make_session(quantized, device, optimization=fast)
-    ids = None if feeds or isinstance(original, bytes) else text_token_ids(Path(original).parent)
-    batches = list(feeds) if feeds else [make_inputs(ref_sess, shapes=shapes, dims=dims, token_ids=ids)]
-    names = [
-        o.name
-        for o in ref_sess.get_outputs()
-        if o.type in ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
-    ]
-    accs = {n: OutputComparison(n) for n in names}
-    for batch in batches:
-        for n, r, o in zip(names, ref_sess.run(names, dict(batch)), q_sess.run(names, dict(batch)), strict=True):
+    """Run both models on the same inputs; one metrics row per float output, over all batches.
+
+    ``original`` may be a :class:`ReferenceRun` already started (its own inputs and device are used).
+    """
+    if isinstance(original, ReferenceRun):
+        reference = original
+    else:
+        reference = ReferenceRun(original, feeds=feeds, shapes=shapes, dims=dims, device=device)
+        reference.run()
+    q_sess = verification_session(quantized, reference.device, prepack=True)  # while the reference finishes
+    reference.wait()
+    accs = {n: OutputComparison(n) for n in reference.names}
+    for i, batch in enumerate(reference.batches):
+        out = q_sess.run(reference.names, dict(batch))
+        for n, r, o in zip(reference.names, reference.outputs(i), out, strict=True):
             accs[n].add(r, o)
     return [a.finalize() for a in accs.values()]

@@ -7,14 +7,23 @@ import math
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
-from conftest import matmul_model
+from conftest import matmul_model, sqnr_db
 from onnx import TensorProto, helper, numpy_helper
 from test_cli import assert_one_line_error, qonnx_cli
 
 import qonnx
+from qonnx.errors import QonnxError
 from qonnx.runtime.session import make_session
-from qonnx.runtime.verify import compare_outputs, make_inputs, parse_shape_overrides
+from qonnx.runtime.verify import (
+    ReferenceRun,
+    compare_outputs,
+    make_inputs,
+    parse_shape_overrides,
+    verification_session,
+    verify_models,
+)
 from qonnx.verification import VerificationError, VerifyOptions
 
 
@@ -29,6 +38,22 @@ def test_compare_outputs_math():
     flipped = ref[:, ::-1]
     assert compare_outputs("logits", ref, flipped).top1_agreement == 0.0
     assert compare_outputs("y", ref, np.full_like(ref, np.nan)).sqnr_db == -math.inf
+
+
+def test_compare_outputs_in_slices(rng, monkeypatch):
+    """Slices of a large output add up to the figures of the whole, computed with numpy."""
+    ref = rng.standard_normal((3, 5, 11)).astype(np.float32)
+    out = ref + 0.1 * rng.standard_normal(ref.shape).astype(np.float32)
+    whole = compare_outputs("logits", ref, out)
+    monkeypatch.setattr("qonnx.runtime.verify._CHUNK", 7)
+    sliced = compare_outputs("logits", ref, out)
+    assert sliced.sqnr_db == pytest.approx(sqnr_db(ref, out), rel=1e-9) == pytest.approx(whole.sqnr_db, rel=1e-9)
+    assert sliced.max_abs_error == pytest.approx(float(np.abs(ref.astype(np.float64) - out).max()))
+    assert sliced.top1_agreement == whole.top1_agreement and sliced.cosine == pytest.approx(whole.cosine)
+    out[2, 4, 10] = np.inf
+    assert compare_outputs("logits", ref, out).sqnr_db == -math.inf
+    with pytest.raises(ValueError, match="shape"):
+        compare_outputs("logits", ref, out[:2])
 
 
 def test_metadata_and_summary(tmp_path, tiny_model):
@@ -142,3 +167,47 @@ def test_original_with_ir_version_onnx_runtime_refuses(tmp_path, rng):
     assert onnx.load(tmp_path / "q.onnx").ir_version <= 13
     s2 = qonnx.quantize(qonnx.load(path), qonnx.W8A16(block_size=32))
     assert s2.verification.ran and s2.verification.worst_sqnr > 30
+
+
+def test_reference_run_in_background_and_over_budget(tmp_path, rng):
+    """The original run ahead in a thread, or batch by batch past its memory budget, gives the same figures,
+    and they match numpy's: the original computed by hand against the quantized model in a default session."""
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    src = matmul_model(tmp_path / "m.onnx", w)
+    qonnx.quantize(src, qonnx.W4A16(block_size=16), output=tmp_path / "q.onnx", verify=False)
+    batches = [{"x": rng.standard_normal((4, 64)).astype(np.float32)} for _ in range(3)]
+    direct = [m.to_dict() for m in verify_models(src, tmp_path / "q.onnx", feeds=batches)]
+    ahead = ReferenceRun(src, feeds=batches).start()
+    assert [m.to_dict() for m in verify_models(ahead, tmp_path / "q.onnx")] == direct
+    lean = ReferenceRun(src, feeds=batches, budget=0)
+    lean.run()
+    assert len(lean._outputs) == 1 and lean._session is not None  # the rest run at comparison time
+    assert [m.to_dict() for m in verify_models(lean, tmp_path / "q.onnx")] == direct
+    refused = ReferenceRun(src, shapes={"x": (2,)}).start()  # ONNX Runtime's error, raised by the waiter
+    with pytest.raises(Exception, match="Invalid rank for input: x"):
+        refused.wait()
+    ref = np.concatenate([b["x"] @ w for b in batches])
+    out = np.concatenate([make_session(tmp_path / "q.onnx").run(["y"], b)[0] for b in batches])
+    assert direct[0]["sqnr_db"] == pytest.approx(sqnr_db(ref, out), abs=0.01)
+
+
+def test_verification_sessions_build_fast(tmp_path, rng):
+    """No graph optimization, no idle spinning; the float original is not copied into packed weights."""
+    src = matmul_model(tmp_path / "m.onnx", rng.standard_normal((64, 32)).astype(np.float32))
+    for prepack in (False, True):
+        so = verification_session(src, "cpu", prepack=prepack).get_session_options()
+        assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert so.get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "0"
+        if prepack:  # the quantized model: MatMulNBits runs far slower unpacked
+            with pytest.raises(RuntimeError):
+                so.get_session_config_entry("session.disable_prepacking")
+        else:
+            assert so.get_session_config_entry("session.disable_prepacking") == "1"
+
+
+def test_background_errors_surface_and_nothing_is_written(tmp_path, tiny_model):
+    """ONNX Runtime refusing the made-up inputs in the background thread is reported like any verification error."""
+    with pytest.raises(QonnxError, match=r"verification could not run the models: .*Invalid rank for input: x"):
+        qonnx.quantize(tiny_model, output=tmp_path / "q.onnx", verify=VerifyOptions(shapes={"x": (2,)}))
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.onnx"]
