@@ -25,7 +25,7 @@ from qonnx.passes.cleanup import RemoveUnusedInitializersPass
 from qonnx.passes.opset import OpsetConversionError, UpgradeOpsetPass
 from qonnx.passes.weight_only import QDQ_OPSET, LayerRecord, Plan, QuantizeWeightsPass, hessian_key
 from qonnx.speed_table import warn_if_slow
-from qonnx.verification import Verification, VerifyOptions
+from qonnx.verification import Verification, VerifyOptions, start_reference
 from qonnx.verification import metadata as verification_metadata
 from qonnx.verification import verify as run_verify
 
@@ -196,6 +196,8 @@ def quantize(
             ir_model.ir_version = version
     if original is None and wants_check:  # in-memory input: keep a copy of the original to compare with
         original = modelfile.to_bytes(ir_model)
+    # The original runs in ONNX Runtime in the background, while the weights are quantized.
+    reference = start_reference(original, options) if wants_check and original is not None else None
 
     qpass = QuantizeWeightsPass(resolved, workers=workers)
     plan = qpass.plan(ir_model)
@@ -249,7 +251,7 @@ def quantize(
         nonlocal checked
         assert original is not None or not wants_check
         if not skip_note:
-            checked = run_verify(original or b"", tmp_model, options, bytes_before)
+            checked = run_verify(reference or original or b"", tmp_model, options, bytes_before)
         props = verification_metadata(config.to_dict(), checked, quantized, skipped)
         if protect:  # the whole model must shrink: scales, nodes and metadata can outweigh tiny layers
             size = sum(p.stat().st_size for p in tmp_model.parent.iterdir() if p.is_file())
@@ -272,7 +274,7 @@ def quantize(
         bytes_after = _weight_bytes(ir_model)
         if wants_check:
             modelfile.make_runtime_compatible(ir_model)
-            checked = run_verify(original or b"", modelfile.to_bytes(ir_model), options, bytes_before)
+            checked = run_verify(reference or original or b"", modelfile.to_bytes(ir_model), options, bytes_before)
         for key, value in verification_metadata(config.to_dict(), checked, quantized, skipped).items():
             ir_model.metadata_props[key] = value
     return QuantizeSummary(

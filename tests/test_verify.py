@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import numpy as np
 import onnx
@@ -15,6 +16,7 @@ from test_cli import assert_one_line_error, qonnx_cli
 
 import qonnx
 from qonnx.errors import QonnxError
+from qonnx.passes.weight_only import QuantizeWeightsPass
 from qonnx.runtime.session import make_session
 from qonnx.runtime.verify import (
     ReferenceRun,
@@ -204,6 +206,19 @@ def test_verification_sessions_build_fast(tmp_path, rng):
                 so.get_session_config_entry("session.disable_prepacking")
         else:
             assert so.get_session_config_entry("session.disable_prepacking") == "1"
+
+
+def test_quantize_runs_the_original_while_quantizing(tmp_path, tiny_model, monkeypatch):
+    """The original is started before the weights are quantized and runs off the main thread."""
+    events: list[str] = []
+    start, run, call = ReferenceRun.start, ReferenceRun.run, QuantizeWeightsPass.call
+    monkeypatch.setattr(ReferenceRun, "start", lambda self: (events.append("start"), start(self))[1])
+    monkeypatch.setattr(ReferenceRun, "run", lambda self: (events.append(threading.current_thread().name), run(self)))
+    monkeypatch.setattr(QuantizeWeightsPass, "call", lambda self, m: (events.append("quantize"), call(self, m))[1])
+    s = qonnx.quantize(tiny_model, qonnx.W8A16(block_size=32), output=tmp_path / "q.onnx")
+    assert s.verification.ran and s.verification.worst_sqnr > 30
+    assert events.index("start") < events.index("quantize")
+    assert "qonnx-verify-reference" in events and "MainThread" not in events
 
 
 def test_background_errors_surface_and_nothing_is_written(tmp_path, tiny_model):
