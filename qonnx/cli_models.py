@@ -1,4 +1,7 @@
-"""Command line: ``qonnx export`` (Hugging Face / GGUF -> ONNX folder), ``qonnx eval`` (perplexity, similarity).
+"""Command line: ``qonnx export``, ``eval``, ``generate``, ``report`` and ``lower`` (models and what runs them).
+
+``export``: Hugging Face / GGUF -> ONNX folder; ``eval``: perplexity, similarity; ``lower``: fuse into
+ONNX Runtime contrib ops.
 
 The main CLI registers these commands; user errors are raised as QonnxError subclasses, which it prints
 as one line on stderr.
@@ -10,7 +13,7 @@ import json
 
 import click
 
-__all__ = ["export_command", "eval_command", "generate_command", "report_command"]
+__all__ = ["export_command", "eval_command", "generate_command", "report_command", "lower_command"]
 
 
 @click.command("export")
@@ -249,3 +252,75 @@ def report_command(original: str, quantized: str, output: str | None, device: st
         click.echo(f"{i + 1:>3}. {name:<48} output SQNR {out} dB, weight {r.weight_sqnr_db:5.1f} dB")
     if len(rows) > 10:
         click.echo(f"     ({len(rows) - 10} more layers; -o report.md for all, with plots)")
+
+
+@click.command("lower")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=str),
+    help="Output .onnx file, or folder (a folder input is mirrored there).",
+)
+@click.option(
+    "--target",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Execution provider the model is for (cuda: GroupQueryAttention for float16/bfloat16 models only).",
+)
+@click.option(
+    "--attention/--no-attention",
+    default=True,
+    show_default=True,
+    help="Fuse attention (GroupQueryAttention or MultiHeadAttention), not only norms and the rotary embedding.",
+)
+@click.option(
+    "--verify/--no-verify",
+    default=None,
+    help="Compare the lowered model's outputs with the input's before writing (default: models up to 2 GiB).",
+)
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="Force weights into a separate .data file, or into the .onnx file (default: above 256 MiB).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+def lower_command(
+    model: str,
+    output: str,
+    target: str,
+    attention: bool,
+    verify: bool | None,
+    external_data: bool | None,
+    as_json: bool,
+) -> None:
+    """Fuse MODEL (an export, quantized or not) into ONNX Runtime contrib ops: RMSNorm, rotary, attention.
+
+    The inputs and outputs (KV cache included) stay as they are. With GroupQueryAttention the model
+    ignores attention_mask (it assumes no padding), as qonnx eval and generate feed it. Quantize first,
+    then lower.
+    """
+    from qonnx.lowering import lower
+
+    summary = lower(model, output, target=target, attention=attention, verify=verify, external_data=external_data)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+        return
+    ops = ", ".join(f"{op} {n}" for op, n in summary.fused.items())
+    click.echo(
+        f"lowered for {summary.target}: {summary.nodes_before} -> {summary.nodes_after} nodes "
+        f"in {summary.seconds:.1f} s; {ops}"
+    )
+    for note in summary.notes:
+        click.echo(f"  {note}")
+    if summary.max_abs_diff is not None:
+        worst = max(summary.max_abs_diff.items(), key=lambda kv: kv[1])
+        top1 = "" if summary.top1_agreement is None else f", top-1 agreement {summary.top1_agreement:.1%}"
+        logits = summary.max_abs_diff.get("logits")
+        shown = f"logits max |difference| {logits:.3g}, " if logits is not None else ""
+        click.echo(f"verified: {shown}largest over all outputs {worst[1]:.3g} ({worst[0]}){top1}")
+    else:
+        click.echo("verification skipped (model over 2 GiB; --verify forces it)")
+    click.echo(f"wrote {', '.join(str(p) for p in summary.outputs)}")

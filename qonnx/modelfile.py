@@ -40,6 +40,9 @@ EXTERNAL_DATA_THRESHOLD = 256 << 20
 #: Tensors up to this size stay inside the protobuf even when weights go to external data.
 _INLINE_BYTES = 1024
 
+#: Contrib ops that ONNX Runtime registers in the default domain (onnx's checker rejects them there).
+_ORT_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
+
 _SUB_BYTE = {ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.FLOAT4E2M1}
 
 
@@ -114,14 +117,35 @@ def load(path: str | os.PathLike) -> ir.Model:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:
         raise ModelLoadError(f"{model_path}: invalid ONNX model: {_first_line(e)}") from None
-    del proto
     ir.external_data.set_base_dir(model.graph, os.fspath(model_path.parent))
     _check_external_data(model, model_path)
+    # From the path, so that external data resolves beside it; a model lowered for ONNX Runtime is checked
+    # from its protobuf with the contrib ops that ORT keeps in the default domain moved out of it.
+    target: str | onnx.ModelProto = _without_ort_default_domain_ops(proto) or os.fspath(model_path)
+    del proto
     try:
-        onnx.checker.check_model(os.fspath(model_path))  # from the path: external data resolves beside it
+        onnx.checker.check_model(target)
     except Exception as e:
         raise ModelLoadError(f"{model_path}: invalid ONNX model: {_first_line(e)}") from None
     return model
+
+
+def _without_ort_default_domain_ops(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """A copy of ``proto`` (external data not loaded) whose ORT default-domain contrib ops are in com.microsoft.
+
+    None when the model has none. The checker leaves ops of other domains alone, and ONNX Runtime
+    registers SimplifiedLayerNormalization (fused RMSNorm) in the default domain, where onnx does not know it.
+    """
+    if not any(n.op_type in _ORT_DEFAULT_DOMAIN_OPS and n.domain in ("", "ai.onnx") for n in proto.graph.node):
+        return None
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for node in copy.graph.node:
+        if node.op_type in _ORT_DEFAULT_DOMAIN_OPS and node.domain in ("", "ai.onnx"):
+            node.domain = "com.microsoft"
+    if not any(o.domain == "com.microsoft" for o in copy.opset_import):
+        copy.opset_import.add(domain="com.microsoft", version=1)
+    return copy
 
 
 def _first_line(e: BaseException) -> str:

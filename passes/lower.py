@@ -1,0 +1,272 @@
+"""Lower an exported transformer to ONNX Runtime's fused contrib ops: RMSNorm, rotary embedding, attention.
+
+The exporter writes RMSNorm as Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul, the rotary embedding as
+Slice/Neg/Concat/Mul and attention as MatMul/Softmax/Where: about 70 small kernels per layer, which on a
+GPU cost more than the weights take to read in a decode step. onnxscript's ORT fusions
+(``onnxscript.rewriter.ort_fusions``) match them; this pass runs them in onnxscript's order, with three
+additions for the graphs ``qonnx export`` writes:
+
+- transformers >= 5 computes the rotary angles as ``position_ids[..., None] * inv_freq`` (a Mul), where
+  onnxscript's cos/sin cache rule expects the older ``inv_freq @ position_ids`` (MatMul + Transpose).
+  :class:`RopeAnglesAsMatMul` rewrites the first into the second (the same products), so that the rotary
+  embedding becomes ``com.microsoft.RotaryEmbedding`` and attention can fuse around it.
+- ``GroupQueryAttention`` masks causally from lengths it derives from ``position_ids``; onnxscript's rule
+  does not check the model's mask (a sliding window would be dropped silently). It is only applied when
+  every attention mask evaluates to the plain causal mask (see :mod:`qonnx.passes._attention_mask`) and
+  uses the default scale; otherwise attention becomes ``MultiHeadAttention``, which takes the mask as it is.
+- onnxscript's MultiHeadAttention and GroupQueryAttention rules do not check that the attention output
+  is reshaped to [batch, sequence, hidden]; GPT-2 reshapes it to [batch * sequence, hidden] for a Gemm, and
+  the fused model would not load. :class:`_Rank3Output` adds that check.
+- ONNX Runtime's CUDA GroupQueryAttention takes float16/bfloat16 only: ``target="cuda"`` keeps float32
+  models on MultiHeadAttention.
+
+The model's inputs and outputs stay as they are (past and present KV cache included). A model with
+GroupQueryAttention ignores ``attention_mask``: it computes as if the mask were all ones (no padding),
+which is how qonnx's evaluation and generation feed it. onnxscript's final Transpose+MatMul -> FusedMatMul
+rewrite is left out: ONNX Runtime does it when it loads the model, and a plain MatMul stays quantizable.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
+from onnxscript.rewriter import _ir_utils, pattern
+from onnxscript.rewriter._basics import MatchResult
+
+from qonnx.errors import ConfigError
+from qonnx.passes._attention_mask import causal_mask_problem
+
+__all__ = ["FuseForOrtPass", "RopeAnglesAsMatMul", "FUSED_OPS", "TARGETS"]
+
+TARGETS = ("cpu", "cuda")
+#: The contrib ops the fusions produce (com.microsoft, but SimplifiedLayerNormalization, which ONNX Runtime
+#: registers in the default domain), counted in :attr:`FuseForOrtPass.fused`.
+FUSED_OPS = (
+    "SimplifiedLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "SkipLayerNormalization",
+    "RotaryEmbedding",
+    "GroupQueryAttention",
+    "MultiHeadAttention",
+    "Attention",
+    "Gelu",
+    "FastGelu",
+    "BiasGelu",
+)
+_FUSION_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's intermediate ops, not runnable in ONNX Runtime
+_HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+def _fused_ops(model: ir.Model) -> collections.Counter[str]:
+    """How many of each of FUSED_OPS the model holds, subgraphs included."""
+    return collections.Counter(
+        n.op_type
+        for n in model.graph.all_nodes()
+        if n.op_type in FUSED_OPS and (n.domain == "com.microsoft" or n.op_type == "SimplifiedLayerNormalization")
+    )
+
+
+class RopeAnglesAsMatMul(pattern.RewriteRuleClassBase):
+    """``Mul(Cast(Unsqueeze(position_ids, -1)), inv_freq)`` -> ``Transpose(MatMul(inv_freq[1,E,1], positions))``.
+
+    The form transformers < 5 exported and onnxscript's cos/sin cache fusion recognizes; each element is
+    the same single product, so the values are identical.
+    """
+
+    def pattern(self, op, position_ids, axes, inv_freq):  # type: ignore[no-untyped-def]
+        """The angles as transformers >= 5 computes them."""
+        positions = op.Cast(op.Unsqueeze(position_ids, axes), to=ir.DataType.FLOAT)
+        return op.Mul(positions, inv_freq)
+
+    def check(self, context, position_ids, axes, inv_freq, **_) -> MatchResult:  # type: ignore[override]
+        """2-D position ids unsqueezed last, times a constant 1-D float32 inv_freq."""
+        del context
+        result = MatchResult()
+        if not _ir_utils.has_rank(position_ids, 2):
+            return result.fail("position_ids is not 2D", position_ids)
+        if _ir_utils.get_singleton_value(axes) not in (-1, 2):
+            return result.fail("position_ids is not unsqueezed at the last axis", axes)
+        const = inv_freq.const_value
+        if const is None or len(const.shape) != 1 or inv_freq.dtype != ir.DataType.FLOAT:
+            return result.fail("inv_freq is not a 1-D float32 constant", inv_freq)
+        return result
+
+    def rewrite(self, op, position_ids, inv_freq, **_):  # type: ignore[no-untyped-def]
+        """The angles as transformers < 5 computed them."""
+        column = inv_freq.const_value.numpy().reshape(1, -1, 1)
+        positions = op.Cast(op.Unsqueeze(position_ids, op.Constant(value_ints=[1])), to=ir.DataType.FLOAT)
+        angles = op.MatMul(op.Constant(value=ir.tensor(column, name=f"{inv_freq.name}_column")), positions)
+        return op.Transpose(angles, perm=[0, 2, 1])
+
+
+class _Rank3Output(pattern.RewriteRuleClassBase):
+    """Mixin for an attention rule: refuse a match whose output (named ``_output``) is not rank 3."""
+
+    _output = ""
+
+    def check(self, context, **bindings) -> MatchResult:  # type: ignore[override]
+        out = bindings.get(self._output)
+        if out is not None and out.shape is not None and out.shape.rank() != 3:
+            return MatchResult().fail(f"the attention output has rank {out.shape.rank()}, not 3", out)
+        return super().check(context, **bindings)  # type: ignore[misc]
+
+
+def _attention_rules() -> tuple[pattern.RewriteRuleSet, pattern.RewriteRuleSet, pattern.RewriteRuleSet]:
+    """The GQA, MHA-with-past and MHA-without-past rule sets, with the rank-3 output check."""
+    from onnxscript.rewriter.ort_fusions import gqa, mha
+
+    class GroupQueryAttention(_Rank3Output, gqa.GroupQueryAttention):  # type: ignore[misc]
+        _output = "attention_BSD"
+
+    class MultiHeadAttention(_Rank3Output, mha.MultiHeadAttention):  # type: ignore[misc]
+        _output = "attention_reshaped"
+
+    def mha_rules(past: bool) -> pattern.RewriteRuleSet:
+        return pattern.RewriteRuleSet(
+            [
+                MultiHeadAttention.rule(
+                    f"MHA{'_Rotary' * rotary}{'_Past' * past}{'_CrossAttention' * cross}",
+                    is_rotary=rotary,
+                    has_past_present=past,
+                    is_cross_attention=cross,
+                )
+                for rotary in (False, True)
+                for cross in ((False,) if past else (False, True))
+            ]
+        )
+
+    return pattern.RewriteRuleSet([GroupQueryAttention.rule()]), mha_rules(True), mha_rules(False)
+
+
+class FuseForOrtPass(ir.passes.InPlacePass):
+    """Fuse RMSNorm, rotary embedding and attention into ONNX Runtime contrib ops (see the module docstring).
+
+    After the pass, :attr:`fused` counts the contrib ops in the model by type, :attr:`fusions` counts each
+    onnxscript fusion that fired, and :attr:`notes` says why an attention fusion was not applied.
+    """
+
+    def __init__(self, target: str = "cpu", *, attention: bool = True, debug: bool = False) -> None:
+        """Set the options.
+
+        Args:
+            target: the execution provider the model is for, "cpu" or "cuda".
+            attention: also fuse attention (False: norms and rotary embedding only).
+            debug: print onnxscript's matching trace for each fusion that matched nothing.
+        """
+        super().__init__()
+        if target not in TARGETS:
+            raise ConfigError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
+        self.target = target
+        self.attention = attention
+        self.debug = debug
+        self.fusions: dict[str, int] = {}
+        self.fused: dict[str, int] = {}
+        self.notes: list[str] = []
+        self.nodes_before = self.nodes_after = 0
+
+    def requires(self, model: ir.Model) -> None:
+        """Refuse a model that was already lowered (its patterns are gone; a second run finds nothing)."""
+        done = sorted(_fused_ops(model))
+        if done:
+            raise ir.passes.PreconditionError(f"the model already holds fused ops ({', '.join(done)})")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Run the fusions; count what they produced."""
+        from onnxscript.optimizer import optimize
+        from onnxscript.rewriter._fusion_utils import apply_fusion_rules
+        from onnxscript.rewriter.ort_fusions import attention as mha_attention
+        from onnxscript.rewriter.ort_fusions import (
+            bias_gelu,
+            cos_sin_cache,
+            erfgelu,
+            gelu,
+            gqa_packed_qkv,
+            mha_bias,
+            mha_scale,
+            rms_normalization,
+            rotary_embedding,
+            sdpa,
+            sdpa_via_mha,
+            shape_optimization,
+            skip_normalization,
+        )
+
+        self.nodes_before = sum(1 for _ in model.graph.all_nodes())
+        counts = self.fusions = {}
+        counts["rope_angles_as_matmul"] = pattern.RewriteRuleSet([RopeAnglesAsMatMul.rule()]).apply_to_model(model)
+        # As optimize_for_ort does: shapes (the rules check ranks and head counts), then shape simplification.
+        common_passes.ShapeInferencePass()(model)
+        optimize(model)
+        shape_optimization.rules.apply_to_model(model)
+        optimize(model)
+
+        def fuse(name: str, func, **kwargs) -> int:  # type: ignore[no-untyped-def]
+            counts[name] = func(model, debug=self.debug, **kwargs)
+            return counts[name]
+
+        fuse("erf_gelu", erfgelu.fuse_erfgelu)
+        fuse("rms_normalization", rms_normalization.fuse_rms_normalization)
+        fuse("skip_layer_normalization", skip_normalization.fuse_skip_layer_normalization)
+        fuse("skip_rms_normalization", skip_normalization.fuse_skip_rms_normalization)
+        fuse("rotary_embedding", rotary_embedding.fuse_rotary_embedding)
+        fuse("cos_sin_cache", cos_sin_cache.fuse_cos_sin_cache)
+        common_passes.CommonSubexpressionEliminationPass()(model)
+        fuse("partial_rotary_embedding", rotary_embedding.fuse_partial_rotary_embedding)
+        if self.attention:
+            gqa_rules, mha_past_rules, mha_rules = _attention_rules()
+            fuse("sdpa", sdpa.fuse_sdpa, apply_shape_inference=True)
+            blockers = self._gqa_blockers(model)
+            self.notes += [f"GroupQueryAttention not fused: {b}" for b in blockers]
+            if not blockers:
+                fuse("gqa", apply_fusion_rules(gqa_rules))
+                fuse("packed_qkv_for_gqa", gqa_packed_qkv.fuse_qkv_gqa)
+            mha_count = fuse("mha1", apply_fusion_rules(mha_past_rules)) + fuse("mha2", apply_fusion_rules(mha_rules))
+            fuse("mha_scale", mha_scale.fuse_mha_scale)
+            if mha_count:
+                fuse("mha_bias", mha_bias.fuse_mha_bias)
+                fuse("attention", mha_attention.fuse_attention)
+        fuse("gelu", gelu.fuse_gelu)
+        fuse("bias_gelu", bias_gelu.fuse_bias_gelu)
+        if self.attention:
+            fuse("sdpa_via_mha", sdpa_via_mha.replace_sdpa_by_mha)
+        # Inline what was matched but not consumed by a later fusion (e.g. a rotary embedding without a
+        # cos/sin cache goes back to plain ops), drop the dead mask computation, then tidy up as
+        # optimize_for_ort does.
+        optimize(model)
+        ir.passes.Sequential(
+            common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
+            common_passes.RemoveInitializersFromInputsPass(),
+            common_passes.ShapeInferencePass(),
+        )(model)
+        self.nodes_after = sum(1 for _ in model.graph.all_nodes())
+        ops = _fused_ops(model)
+        self.fused = {op: ops[op] for op in FUSED_OPS if ops[op]}
+        self.fusions = {k: v for k, v in counts.items() if v}
+        return ir.passes.PassResult(model, modified=bool(self.fused) or bool(counts["rope_angles_as_matmul"]))
+
+    def ensures(self, model: ir.Model) -> None:
+        """No intermediate fusion op or function may be left: ONNX Runtime could not run the model."""
+        left = {n.op_type for n in model.graph.all_nodes() if n.domain == _FUSION_DOMAIN}
+        left |= {f.name for f in model.functions.values() if f.domain == _FUSION_DOMAIN}
+        if left:
+            raise ir.passes.PostconditionError(f"onnxscript left intermediate ops: {', '.join(sorted(left))}")
+
+    def _gqa_blockers(self, model: ir.Model) -> list[str]:
+        """Why the attentions found cannot become GroupQueryAttention (empty: they can)."""
+        attentions = [n for n in model.graph if n.domain == _FUSION_DOMAIN and n.op_type == "SDPA"]
+        if not attentions:
+            return []
+        if self.target == "cuda" and any(n.inputs[0] is None or n.inputs[0].dtype not in _HALF for n in attentions):
+            return ["ONNX Runtime's CUDA kernel takes float16/bfloat16 only"]
+        if any("scale" in n.attributes for n in attentions):
+            return ["an attention uses a non-default scale"]
+        masks = {n.inputs[3] for n in attentions if len(n.inputs) > 3}
+        if None in masks or len(masks) == 0:
+            return ["an attention has no mask input"]
+        for mask in masks:
+            problem = causal_mask_problem(model, mask)  # type: ignore[arg-type]
+            if problem is not None:
+                return [problem]
+        return []

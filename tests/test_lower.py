@@ -1,0 +1,221 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+
+from qonnx.cli import main
+from qonnx.models.export import export_causal_lm
+from qonnx.passes.lower import FuseForOrtPass, RopeAnglesAsMatMul
+from qonnx.runtime.session import make_session
+
+transformers = pytest.importorskip("transformers")
+
+_SMALL = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def _export(tmp_path_factory, arch: str, dtype: str = "fp32", **overrides):
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(arch, **{**_SMALL, **overrides})
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    out = tmp_path_factory.mktemp(f"{arch}-{dtype}")
+    return export_causal_lm(model, out, dtype=dtype, verify=False, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny Llama with grouped KV heads (4 query heads, 2 KV heads) and a KV cache."""
+    return _export(tmp_path_factory, "llama")
+
+
+def _lower(path, out_path, **options):
+    model = ir.load(path)
+    fuse = FuseForOrtPass(**options)
+    fuse(model)
+    ir.save(model, out_path)
+    return fuse
+
+
+def _run_both(a, b, *, batch=2, seq=7, seed=0):
+    """Prefill then one decoding step on both models: the outputs of each, side by side."""
+    sa, sb = make_session(a), make_session(b)
+    inputs = sa.get_inputs()
+    vocab = sa.get_outputs()[0].shape[-1]
+    rng = np.random.default_rng(seed)
+    dtype = np.float16 if inputs[-1].type == "tensor(float16)" else np.float32
+    feed = {
+        "input_ids": rng.integers(0, vocab, (batch, seq)),
+        "attention_mask": np.ones((batch, seq), np.int64),
+        "position_ids": np.arange(seq)[None].repeat(batch, 0),
+    }
+    feed.update({i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype) for i in inputs[3:]})
+    pairs = [(sa.run(None, feed), sb.run(None, feed))]
+    step = {
+        "input_ids": rng.integers(0, vocab, (batch, 1)),
+        "attention_mask": np.ones((batch, seq + 1), np.int64),
+        "position_ids": np.full((batch, 1), seq),
+    }
+    step.update({i.name: v for i, v in zip(inputs[3:], pairs[0][0][1:], strict=True)})
+    pairs.append((sa.run(None, step), sb.run(None, step)))
+    return pairs
+
+
+def _assert_close(pairs, atol):
+    for ref, out in pairs:
+        assert len(ref) == len(out)
+        for r, o in zip(ref, out, strict=True):
+            assert r.shape == o.shape
+            np.testing.assert_allclose(o.astype(np.float32), r.astype(np.float32), atol=atol, rtol=0)
+
+
+def _io(path):
+    m = onnx.load(str(path), load_external_data=False)
+    dims = lambda vi: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]  # noqa: E731
+    return [(v.name, dims(v)) for v in m.graph.input], [(v.name, dims(v)) for v in m.graph.output]
+
+
+def test_llama_fuses_norms_rotary_and_gqa_with_the_same_outputs(llama, tmp_path):
+    out = tmp_path / "lowered.onnx"
+    fuse = _lower(llama, out)
+    assert fuse.fused == {
+        "SimplifiedLayerNormalization": 1,
+        "SkipSimplifiedLayerNormalization": 4,
+        "GroupQueryAttention": 2,
+    }
+    assert fuse.fusions["rope_angles_as_matmul"] == 1 and fuse.fusions["cos_sin_cache"] == 4
+    assert fuse.nodes_after < fuse.nodes_before / 3
+    assert not fuse.notes
+    assert _io(out) == _io(llama)  # the KV cache interface is kept
+    _assert_close(_run_both(llama, out), atol=1e-5)
+
+
+def test_rope_angles_rewrite_keeps_the_values(llama, tmp_path):
+    model = ir.load(llama)
+    count = sum(1 for n in model.graph if n.op_type == "Mul")
+    from onnxscript.rewriter import pattern
+
+    assert pattern.RewriteRuleSet([RopeAnglesAsMatMul.rule()]).apply_to_model(model) == 1
+    ir_count = sum(1 for n in model.graph if n.op_type == "Mul")
+    assert ir_count == count - 1
+    assert any(n.op_type == "MatMul" and n.inputs[0].const_value is not None for n in model.graph)
+    out = tmp_path / "rope.onnx"
+    ir.save(model, out)
+    _assert_close(_run_both(llama, out), atol=0)
+
+
+def test_cuda_target_keeps_float32_attention_off_gqa(llama, tmp_path):
+    out = tmp_path / "cuda.onnx"
+    fuse = _lower(llama, out, target="cuda")
+    assert "GroupQueryAttention" not in fuse.fused and fuse.fused["MultiHeadAttention"] == 2
+    assert fuse.fused["RotaryEmbedding"] == 4
+    assert fuse.notes == ["GroupQueryAttention not fused: ONNX Runtime's CUDA kernel takes float16/bfloat16 only"]
+    _assert_close(_run_both(llama, out), atol=1e-5)  # the CUDA-shaped graph runs on the CPU provider too
+
+
+def test_without_attention(llama, tmp_path):
+    fuse = _lower(llama, tmp_path / "norms.onnx", attention=False)
+    assert set(fuse.fused) == {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding"}
+    _assert_close(_run_both(llama, tmp_path / "norms.onnx"), atol=1e-5)
+
+
+def test_sliding_window_mask_is_not_dropped(tmp_path_factory, tmp_path):
+    """onnxscript's GQA rule does not look at the mask; a sliding window must keep MultiHeadAttention."""
+    path = _export(tmp_path_factory, "mistral", sliding_window=4)
+    fuse = _lower(path, tmp_path / "mistral.onnx")
+    assert "GroupQueryAttention" not in fuse.fused and fuse.fused["MultiHeadAttention"] == 2
+    assert "not causal" in fuse.notes[0]
+    _assert_close(_run_both(path, tmp_path / "mistral.onnx", seq=9), atol=1e-5)  # 9 tokens > the window
+
+
+def test_gpt2_attention_output_reshaped_to_2d_is_not_fused_wrongly(tmp_path_factory, tmp_path):
+    """GPT-2 reshapes the attention output to [batch * sequence, hidden] for a Gemm: it must still load."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    path = export_causal_lm(model, tmp_path_factory.mktemp("gpt2"), verify=False, quiet=True)
+    fuse = _lower(path, tmp_path / "gpt2.onnx")
+    assert fuse.fused["SkipLayerNormalization"] == 5 and fuse.fused["MultiHeadAttention"] == 2
+    _assert_close(_run_both(path, tmp_path / "gpt2.onnx"), atol=1e-5)
+
+
+def test_quantize_then_lower_equals_lower_then_quantize(llama, tmp_path):
+    import qonnx
+
+    scheme = qonnx.W4A16(block_size=32)
+    qonnx.quantize(llama, scheme, output=tmp_path / "w4.onnx", verify=False)
+    fuse = _lower(tmp_path / "w4.onnx", tmp_path / "w4-lowered.onnx")
+    assert fuse.fused["GroupQueryAttention"] == 2
+    ops = [n.op_type for n in ir.load(tmp_path / "w4-lowered.onnx").graph]
+    assert ops.count("MatMulNBits") == 15  # 7 per layer and the lm_head
+    assert ops.count("MatMul") == 1  # positions x inv_freq, for the rotary cos/sin cache
+
+    _lower(llama, tmp_path / "lowered.onnx")
+    summary = qonnx.quantize(tmp_path / "lowered.onnx", scheme, output=tmp_path / "lowered-w4.onnx", verify=False)
+    assert sum(1 for r in summary.layers if r.quantized) == 15
+    _assert_close(_run_both(tmp_path / "w4-lowered.onnx", tmp_path / "lowered-w4.onnx"), atol=0)
+    _assert_close(_run_both(tmp_path / "w4.onnx", tmp_path / "w4-lowered.onnx"), atol=1e-5)
+
+
+def test_cli_lower_writes_a_verified_folder(llama, tmp_path, capsys):
+    src = llama.parent
+    (src / "tokenizer.json").write_text("{}")  # stands for the files beside the model
+    out = tmp_path / "low"
+    assert main(["lower", str(src), "-o", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["fused"]["GroupQueryAttention"] == 2
+    assert summary["top1_agreement"] == 1.0 and summary["max_abs_diff"]["logits"] < 1e-4
+    assert (out / "model.onnx").is_file() and (out / "tokenizer.json").is_file()
+    meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert json.loads(meta["qonnx.lowered"])["target"] == "cpu"
+    from qonnx.modelfile import load
+
+    assert any(n.op_type == "SimplifiedLayerNormalization" for n in load(out).graph)  # our loader accepts it
+
+    # Lowering again, writing over the input, or a bad target: one line, exit 2.
+    assert main(["lower", str(out), "-o", str(tmp_path / "again")]) == 2
+    assert "already holds fused ops" in capsys.readouterr().err
+    assert main(["lower", str(src), "-o", str(src)]) == 2
+    assert "input folder" in capsys.readouterr().err
+    assert main(["lower", str(src), "-o", str(tmp_path / "x"), "--target", "tpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_lower_refuses_a_model_that_computes_other_numbers(llama, tmp_path, capsys, monkeypatch):
+    import qonnx.lowering
+
+    monkeypatch.setattr(qonnx.lowering, "TOLERANCE", {"tensor(float)": -1.0})
+    out = tmp_path / "low"
+    assert main(["lower", str(llama.parent), "-o", str(out)]) == 3
+    assert "differs from the input" in capsys.readouterr().err
+    assert not (out / "model.onnx").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("dtype", "overrides", "fused"),
+    [
+        ("fp16", {}, "GroupQueryAttention"),  # what bench_gpu lowers for the 1B shape
+        ("fp32", {"num_key_value_heads": 4}, "MultiHeadAttention"),  # as many KV heads as query heads (7B shape)
+    ],
+)
+def test_other_attention_shapes(tmp_path_factory, tmp_path, dtype, overrides, fused):
+    path = _export(tmp_path_factory, "llama", dtype=dtype, **overrides)
+    fuse = _lower(path, tmp_path / "lowered.onnx", target="cuda" if dtype == "fp16" else "cpu")
+    assert fuse.fused[fused] == 2
+    _assert_close(_run_both(path, tmp_path / "lowered.onnx"), atol=2e-3 if dtype == "fp16" else 1e-5)
