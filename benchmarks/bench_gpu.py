@@ -10,12 +10,23 @@ with ``qonnx.quantize`` (W4A16, asymmetric, block 128), and measures on the CUDA
 - achieved weight bandwidth: bytes of the model's weights read per decode step / step time, as a fraction
   of the device-to-device copy bandwidth measured in the same run with torch (bytes read + written).
 
+With ``--fuse`` each of the two is also lowered with ``qonnx.lowering.lower(target="cuda")`` (RMSNorm,
+rotary embedding and attention fused into ONNX Runtime contrib ops; same inputs and outputs, KV cache
+included) and measured the same way, and the fused model's logits are compared with the unfused model's on
+the device (a prefill and 8 greedy steps).
+
 Run on the GPU machine (see ../shared/device/README.md for onnxruntime-gpu)::
 
-    python benchmarks/bench_gpu.py --sizes 1b,7b --work /tmp/gpubench --section-out $OUT/gpu.md
+    python benchmarks/bench_gpu.py --sizes 1b,7b --fuse --work /tmp/gpubench --section-out $OUT/gpu.md
 
 then merge the section into RESULTS.md here with ``python benchmarks/bench_gpu.py --merge gpu.md``.
-``--sizes tiny --device cpu`` runs the whole pipeline on a tiny model for a smoke test.
+``--sizes tiny --device cpu --fuse`` runs the whole pipeline on a tiny model for a smoke test.
+
+CUDA graphs (``enable_cuda_graph``) are not offered: a captured graph replays fixed shapes and buffer
+addresses, while this interface grows the KV cache by one position per step (past and present change shape)
+and the fused graph sizes its rotary cos/sin cache and GroupQueryAttention's total length from
+``position_ids`` at run time. Capturing needs a fixed-size KV buffer shared by past and present
+(GroupQueryAttention's past_present_share_buffer, as onnxruntime-genai does): another model interface.
 """
 
 from __future__ import annotations
@@ -124,6 +135,26 @@ def quantize(src: Path, work: Path, size: str) -> tuple[Path, float]:
     return out, time.perf_counter() - t
 
 
+def lower(src: Path, device: str) -> tuple[Path, dict[str, Any]]:
+    """``qonnx lower`` of a folder for the device's provider (verified on the device later, not on the CPU)."""
+    from qonnx.lowering import lower as run_lower
+
+    out = src.with_name(src.name + "-fused")
+    target = "cuda" if device == "cuda" else "cpu"
+    if (out / "model.onnx").exists():
+        return out, {"seconds": 0.0, "target": target, "reused": True}
+    summary = run_lower(src, out, target=target, verify=False)
+    info = {
+        "seconds": summary.seconds,
+        "target": target,
+        "nodes_before": summary.nodes_before,
+        "nodes_after": summary.nodes_after,
+        "fused": summary.fused,
+        "notes": summary.notes,
+    }
+    return out, info
+
+
 def weight_bytes(folder: Path) -> int:
     """Bytes a decode step must read at least once: every initializer except tables only gathered from
     (the token embedding: a step reads a few rows of it)."""
@@ -176,6 +207,7 @@ class Runner:
         io.synchronize_outputs()
         seconds = time.perf_counter() - t
         outs = io.get_outputs()
+        self.logits = outs[0]
         return seconds, {p: outs[1 + i] for i, p in enumerate(self.past)}
 
     def empty_past(self, batch: int) -> dict[str, Any]:
@@ -212,6 +244,28 @@ class Runner:
         }
 
 
+def compare_logits(ref: Runner, other: Runner, prompt_len: int, vocab: int, steps: int = 8) -> dict[str, float]:
+    """Both models on the same tokens (a prefill, then ``steps`` greedy tokens of ``ref``): max |logits diff|
+    over the last prefill position and every step, the largest |logit|, and top-1 agreement."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, vocab, size=(1, prompt_len))
+    _, past_a = ref.step(ids, ref.empty_past(1), 0)
+    _, past_b = other.step(ids, other.empty_past(1), 0)
+    diff = scale = 0.0
+    agree = 0
+    for i in range(steps + 1):
+        a = ref.logits.numpy()[:, -1].astype(np.float64)
+        b = other.logits.numpy()[:, -1].astype(np.float64)
+        diff, scale = max(diff, float(np.abs(a - b).max())), max(scale, float(np.abs(a).max()))
+        agree += int(a.argmax() == b.argmax())
+        if i == steps:
+            break
+        nxt = np.array([[int(a.argmax())]])
+        _, past_a = ref.step(nxt, past_a, prompt_len + i)
+        _, past_b = other.step(nxt, past_b, prompt_len + i)
+    return {"max_abs_diff": diff, "max_abs_logit": scale, "top1_agreement": agree / (steps + 1)}
+
+
 def profile_decode(folder: Path, device: str, out_dir: str, vocab: int) -> None:
     """ONNX Runtime's profile of a few decode steps, summarised by op type and provider (for what limits decode)."""
     import collections
@@ -242,7 +296,11 @@ def profile_decode(folder: Path, device: str, out_dir: str, vocab: int) -> None:
             a = ev.get("args", {})
             by_op[(a.get("op_name", "?"), a.get("provider", "?"))].append(ev["dur"])
     total = sum(sum(v) for v in by_op.values())
-    print(f"profile {folder.name}: kernel time over 1 prefill + 8 decode steps = {total / 1e3:.1f} ms")
+    calls = sum(len(v) for v in by_op.values())
+    print(
+        f"profile {folder.name}: kernel time over 1 prefill + 8 decode steps = {total / 1e3:.1f} ms, "
+        f"{calls} node runs ({calls / 9:.0f} per run)"
+    )
     for (op, prov), durs in sorted(by_op.items(), key=lambda kv: -sum(kv[1]))[:25]:
         print(f"  {op:<28} {prov:<24} calls {len(durs):>5}  total {sum(durs) / 1e3:8.2f} ms")
 
@@ -261,64 +319,152 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fp16, export_s, params = build_and_export(size, work, device)
         w4, quant_s = quantize(fp16, work, size)
         entry: dict[str, Any] = {"params": params, "export_s": export_s, "quantize_s": quant_s, "models": {}}
+        pairs: list[tuple[str, Path, Path | None]] = [("fp16", fp16, None), ("w4a16", w4, None)]
+        if args.fuse:
+            entry["lowered"] = {}
+            for i, (label, folder, _) in enumerate(pairs):
+                fused, info = lower(folder, device)
+                entry["lowered"][label] = info
+                pairs[i] = (label, folder, fused)
+                print(f"{size} {label} lowered: {json.dumps(info)}", flush=True)
         print(f"{size}: export {export_s:.0f} s, quantize {quant_s:.0f} s", flush=True)
         if args.prepare_only:
+            results["sizes"][size] = entry
             continue
+        vocab = SIZES[size]["vocab_size"]
         if args.profile:
-            profile_decode(w4, device, args.profile, SIZES[size]["vocab_size"])
-        for label, folder in (("fp16", fp16), ("w4a16", w4)):
-            wbytes = weight_bytes(folder)
-            runner = Runner(folder, device)
-            rows = {}
-            for batch in (int(b) for b in args.batches.split(",")):
-                m = runner.measure(batch, args.prompt_len, args.new_tokens, SIZES[size]["vocab_size"])
-                m["weight_gbps"] = wbytes / (m["step_ms"] / 1e3) / 1e9
-                m["bw_fraction"] = (wbytes / (m["step_ms"] / 1e3)) / bw if bw == bw else float("nan")
-                rows[batch] = m
-                print(f"{size} {label} batch {batch}: {json.dumps(m)}", flush=True)
-            entry["models"][label] = {"weight_bytes": wbytes, "batches": rows}
-            del runner
+            profile_decode(w4, device, args.profile, vocab)
+            if args.fuse and pairs[1][2] is not None:
+                profile_decode(pairs[1][2], device, args.profile, vocab)
+        for label, folder, fused in pairs:
+            base = measure_model(folder, device, args, vocab, bw, f"{size} {label}", entry["models"], label)
+            if fused is None:
+                del base
+                continue
+            other = measure_model(
+                fused, device, args, vocab, bw, f"{size} {label} fused", entry["models"], label + " fused"
+            )
+            if base is not None and other is not None:
+                try:
+                    check = compare_logits(base, other, args.prompt_len, vocab)
+                except Exception as e:  # a failing comparison is a finding, not a reason to stop the run
+                    check = {"error": _first_line(e)}
+                entry["lowered"][label]["agreement"] = check
+                print(f"{size} {label} fused vs unfused: {json.dumps(check)}", flush=True)
+            del base, other
         results["sizes"][size] = entry
     return results
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def measure_model(
+    folder: Path, device: str, args: argparse.Namespace, vocab: int, bw: float, name: str, into: dict, label: str
+) -> Runner | None:
+    """Measure one model at every batch size into ``into[label]``; its Runner, or None when it failed."""
+    try:
+        wbytes = weight_bytes(folder)
+        runner = Runner(folder, device)
+        rows = {}
+        for batch in (int(b) for b in args.batches.split(",")):
+            m = runner.measure(batch, args.prompt_len, args.new_tokens, vocab)
+            m["weight_gbps"] = wbytes / (m["step_ms"] / 1e3) / 1e9
+            m["bw_fraction"] = (wbytes / (m["step_ms"] / 1e3)) / bw if bw == bw else float("nan")
+            rows[batch] = m
+            print(f"{name} batch {batch}: {json.dumps(m)}", flush=True)
+    except Exception as e:  # e.g. a fused op the provider does not take: record it and go on
+        into[label] = {"error": _first_line(e)}
+        print(f"{name}: failed: {into[label]['error']}", flush=True)
+        return None
+    into[label] = {"weight_bytes": wbytes, "batches": rows}
+    return runner
+
+
 def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     bw = results["copy_bandwidth"]
+    fuse = " --fuse" if args.fuse else ""
     lines = [
         START,
-        "## GPU: fp16 vs qonnx W4A16 (MatMulNBits) on ONNX Runtime's CUDA provider",
+        "## GPU: fp16 vs qonnx W4A16 (MatMulNBits) on ONNX Runtime's CUDA provider"
+        + (", unfused and fused (`qonnx lower --target cuda`)" if args.fuse else ""),
         "",
         f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by "
         f"`python benchmarks/bench_gpu.py --sizes {args.sizes} --batches {args.batches} --prompt-len {args.prompt_len} "
-        f"--new-tokens {args.new_tokens}` on the lent GPU ({results.get('gpu', 'see device')}), onnxruntime-gpu "
+        f"--new-tokens {args.new_tokens}{fuse}` on the lent GPU ({results.get('gpu', 'see device')}), onnxruntime-gpu "
         f"{results['ort']}, Python {platform.python_version()}.",
         "Random-weight Llama models (TinyLlama-1.1B and Llama-2-7B shapes), exported by "
-        "`qonnx.models.export_causal_lm` (fp16, KV cache), quantized by `qonnx.quantize(W4A16(block_size=128))`; "
-        f"IOBinding with the KV cache on the GPU; prefill = {args.prompt_len} tokens (median of 5); "
+        "`qonnx.models.export_causal_lm` (fp16, KV cache), quantized by `qonnx.quantize(W4A16(block_size=128))`"
+        + ("; fused = the same model after `qonnx.lowering.lower(target=...)`" if args.fuse else "")
+        + f"; IOBinding with the KV cache on the GPU; prefill = {args.prompt_len} tokens (median of 5); "
         f"decode = median step of {args.new_tokens} steps. "
         f"Copy bandwidth measured in the same run: {bw / 1e12:.2f} TB/s (read + written). "
         "Weight bandwidth = bytes of all weights but the gathered embedding / decode step time; fraction = that / "
         "copy bandwidth.",
         "",
-        "| model | params | weights (GB) | batch | prefill (ms) | decode step (ms) | tokens/s | W4A16 / fp16 | "
-        "weight GB/s | of copy BW |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | params | weights (GB) | batch | prefill (ms) | decode step (ms) | tokens/s | vs fp16 | "
+        "fused / unfused | weight GB/s | of copy BW |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for size, entry in results["sizes"].items():
-        fp = entry["models"]["fp16"]["batches"]
-        for label, model in entry["models"].items():
+        models = entry["models"]
+        fp = models.get("fp16", {}).get("batches", {})
+        for label, model in models.items():
+            if "error" in model:
+                lines.append(f"| {size} {label} | failed: {model['error']} | | | | | | | | | |")
+                continue
+            unfused = models.get(label.removesuffix(" fused"), {}).get("batches", {})
             for batch, m in model["batches"].items():
-                ratio = m["tokens_per_s"] / fp[batch]["tokens_per_s"] if label != "fp16" else 1.0
+                ratio = m["tokens_per_s"] / fp[batch]["tokens_per_s"] if batch in fp else float("nan")
+                gain = (
+                    f"{m['tokens_per_s'] / unfused[batch]['tokens_per_s']:.2f}x"
+                    if label.endswith(" fused") and batch in unfused
+                    else ""
+                )
                 lines.append(
                     f"| {size} {label} | {entry['params'] / 1e9:.2f} B | {model['weight_bytes'] / 1e9:.2f} | {batch} | "
-                    f"{m['prefill_ms']:.1f} | {m['step_ms']:.2f} | {m['tokens_per_s']:.1f} | {ratio:.2f}x | "
+                    f"{m['prefill_ms']:.1f} | {m['step_ms']:.2f} | {m['tokens_per_s']:.1f} | {ratio:.2f}x | {gain} | "
                     f"{m['weight_gbps']:.0f} | {m['bw_fraction']:.0%} |"
                 )
         lines.append(
-            f"| {size}: export {entry['export_s']:.0f} s, quantize {entry['quantize_s']:.0f} s | | | | | | | | | |"
+            f"| {size}: export {entry['export_s']:.0f} s, quantize {entry['quantize_s']:.0f} s | | | | | | | | | | |"
         )
+    notes = [
+        _lowering_note(size, label, info)
+        for size, e in results["sizes"].items()
+        for label, info in e.get("lowered", {}).items()
+    ]
+    if notes:
+        lines += [
+            "",
+            "Lowering (nodes before -> after, fused ops; the fused model's logits against the unfused one's on the "
+            "device, over the last prompt position and 8 greedy steps):",
+            "",
+            *notes,
+        ]
     lines += ["", END]
     return "\n".join(lines)
+
+
+def _lowering_note(size: str, label: str, info: dict[str, Any]) -> str:
+    """One line per lowered model for the section."""
+    if info.get("reused"):
+        head = f"- {size} {label}: lowered in an earlier run (reused)"
+    else:
+        ops = ", ".join(f"{op} {n}" for op, n in info["fused"].items())
+        head = f"- {size} {label} ({info['target']}): {info['nodes_before']} -> {info['nodes_after']} nodes; {ops}"
+        head += f"; {info['seconds']:.0f} s" + "".join(f"; {n}" for n in info.get("notes", []))
+    check = info.get("agreement")
+    if check is None:
+        return head
+    if "error" in check:
+        return f"{head}; comparison failed: {check['error']}"
+    return (
+        f"{head}; max |logits difference| {check['max_abs_diff']:.3g} (largest |logit| {check['max_abs_logit']:.3g}), "
+        f"top-1 agreement {check['top1_agreement']:.0%}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", help="merge a section file written on the GPU machine into RESULTS.md and exit")
     p.add_argument("--prepare-only", action="store_true", help="export and quantize, measure nothing")
     p.add_argument("--profile", metavar="DIR", help="also profile W4A16 decode steps with ONNX Runtime into DIR")
+    p.add_argument("--fuse", action="store_true", help="also lower both models (qonnx lower) and measure them")
     args = p.parse_args(argv)
     results_md = HERE / "RESULTS.md"
     if args.merge:
