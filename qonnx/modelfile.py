@@ -131,10 +131,13 @@ def load(path: str | os.PathLike) -> ir.Model:
 
 
 def _without_ort_default_domain_ops(proto: onnx.ModelProto) -> onnx.ModelProto | None:
-    """A copy of ``proto`` (external data not loaded) whose ORT default-domain contrib ops are in com.microsoft.
+    """A copy of ``proto`` to check in place of the file, or None to check the file (the usual case).
 
-    None when the model has none. The checker leaves ops of other domains alone, and ONNX Runtime
-    registers SimplifiedLayerNormalization (fused RMSNorm) in the default domain, where onnx does not know it.
+    ONNX Runtime registers SimplifiedLayerNormalization (fused RMSNorm) in the default domain, where onnx's
+    checker does not know it; it leaves ops of other domains alone, so the copy has them in com.microsoft.
+    Checked from a protobuf, external data would be looked for beside the working directory: the copy
+    declares external initializers as graph inputs instead (their files were checked by
+    ``_check_external_data``).
     """
     if not any(n.op_type in _ORT_DEFAULT_DOMAIN_OPS and n.domain in ("", "ai.onnx") for n in proto.graph.node):
         return None
@@ -145,6 +148,14 @@ def _without_ort_default_domain_ops(proto: onnx.ModelProto) -> onnx.ModelProto |
             node.domain = "com.microsoft"
     if not any(o.domain == "com.microsoft" for o in copy.opset_import):
         copy.opset_import.add(domain="com.microsoft", version=1)
+    graph = copy.graph
+    inputs = {i.name for i in graph.input}
+    inline = [t for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    for t in graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL and t.name not in inputs:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    del graph.initializer[:]
+    graph.initializer.extend(inline)
     return copy
 
 

@@ -171,6 +171,22 @@ def test_quantize_then_lower_equals_lower_then_quantize(llama, tmp_path):
     _assert_close(_run_both(tmp_path / "w4.onnx", tmp_path / "w4-lowered.onnx"), atol=1e-5)
 
 
+def test_lowered_model_with_external_data_loads_and_quantizes(llama, tmp_path):
+    """onnx's checker does not know SimplifiedLayerNormalization (ORT keeps it in the default domain)."""
+    import qonnx
+    from qonnx.modelfile import load, save
+
+    model = ir.load(llama)
+    FuseForOrtPass()(model)
+    path = tmp_path / "sub" / "lowered.onnx"
+    save(model, path, external_data=True)
+    assert (tmp_path / "sub" / "lowered.onnx.data").is_file()
+    loaded = load(path)  # checked with the default-domain contrib op set aside, external data beside the file
+    assert sum(1 for n in loaded.graph if n.op_type == "SimplifiedLayerNormalization") == 1
+    summary = qonnx.quantize(path, qonnx.W4A16(block_size=32), output=tmp_path / "w4.onnx", verify=False)
+    assert sum(1 for r in summary.layers if r.quantized) == 15
+
+
 def test_cli_lower_writes_a_verified_folder(llama, tmp_path, capsys):
     src = llama.parent
     (src / "tokenizer.json").write_text("{}")  # stands for the files beside the model
