@@ -97,23 +97,27 @@ def search_alpha(
         grid: candidate alphas.
 
     Returns:
-        (alpha, s, relative squared error of the outputs at that alpha).
+        (alpha, s, the mean over rows of each row's relative squared output error, at that alpha).
     """
     weights = [group.weight_kn(i) for i in range(len(group.readers))]
     w_absmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
     references = [[rows @ w for w in weights] for rows, _ in samples]
-    energy = sum(float(np.square(r).sum()) for refs in references for r in refs) or 1.0
+    # Each row (token) counts alike: a few tokens with massive activations (attention sinks) would
+    # otherwise hold most of the output energy and hide the rounding of every other token.
+    energies = [sum(np.square(r).sum(axis=1) for r in refs) + 1e-30 for refs in references]
+    count = sum(len(e) for e in energies) or 1
     best: tuple[float, np.ndarray, float] | None = None
     for alpha in grid:
         s = factors(act_absmax, w_absmax, alpha)
         wq = [quantize_weight(w * s[:, None]) for w in weights]
         err = 0.0
-        for (rows, act_range), refs in zip(samples, references, strict=True):
+        for (rows, act_range), refs, energy in zip(samples, references, energies, strict=True):
             lo, hi = act_range(s)
             xq = quantize_act(rows / s, lo, hi)
-            err += sum(float(np.square(xq @ w - ref).sum()) for w, ref in zip(wq, refs, strict=True))
-        if best is None or err / energy < best[2]:
-            best = (alpha, s, err / energy)
+            row_err = sum(np.square(xq @ w - ref).sum(axis=1) for w, ref in zip(wq, refs, strict=True))
+            err += float((row_err / energy).sum())
+        if best is None or err / count < best[2]:
+            best = (alpha, s, err / count)
     assert best is not None
     return best
 

@@ -32,7 +32,7 @@ from qonnx.config import Targets
 from qonnx.config_activations import ActivationConfig, Calibration
 from qonnx.errors import ConfigError
 from qonnx.passes.activations import ActivationQParams, InsertActivationQDQPass
-from qonnx.passes.smooth_quant import SmoothGroup, factors, fake_quantize_weight, fold, search_alpha
+from qonnx.passes.smooth_quant import SmoothGroup, fake_quantize_weight, fold, search_alpha
 from qonnx.passes.weight_only import Plan
 
 __all__ = ["ActivationPlan", "plan_activations", "apply_activation_scheme"]
@@ -82,7 +82,7 @@ def plan_activations(model: ir.Model, targets: Targets, plan: Plan) -> Activatio
     if not configs:
         return None
     first = configs[0]
-    shared = ("act_type", "act_symmetric", "smooth_quant", "calibration", "attention", "target")
+    shared = ("act_type", "act_symmetric", "smooth_quant", "calibration", "attention", "keep_float", "target")
     for other in configs[1:]:
         for field in shared:
             if getattr(other, field) != getattr(first, field):
@@ -109,7 +109,7 @@ def _is_activation(value: ir.Value | None) -> bool:
     return value is not None and bool(value.name) and value.const_value is None and value.producer() is not None
 
 
-def _model_key(path: Path, config: ActivationConfig, tensors: list[str]) -> str:
+def _model_key(path: Path, config: ActivationConfig) -> str:
     """What a calibration cache must match: the graph, the weights' files, the data and the smoothing setup."""
     proto = onnx.load(os.fspath(path), load_external_data=False)
     digest = hashlib.sha256(proto.graph.SerializeToString(deterministic=True))
@@ -123,7 +123,6 @@ def _model_key(path: Path, config: ActivationConfig, tensors: list[str]) -> str:
         "smooth_quant": config.smooth_quant,
         "act": [config.act_type, config.act_symmetric],
         "weights": [wc.bits, wc.block_size, wc.symmetric, wc.float8],
-        "tensors": tensors,
     }
     digest.update(json.dumps(setup, sort_keys=True).encode())
     return digest.hexdigest()
@@ -144,8 +143,8 @@ def apply_activation_scheme(
     if cfg.act_type == "fp8" and cal.method in ("entropy", "mse"):
         raise ConfigError(f"fp8 activations take calibration method 'minmax' or 'percentile', not {cal.method!r}")
     tensors = list(plan.readers)
-    smooth = cfg.smooth_quant is not None and bool(plan.groups)
-    info: dict[str, Any] = {"tensors": len(tensors), "method": cal.method, "smoothing": {}}
+    estimate = (cfg.smooth_quant is not None or cfg.keep_float > 0) and bool(plan.groups)
+    info: dict[str, Any] = {"tensors": len(tensors), "method": cal.method, "smoothing": {}, "kept_float": {}}
     with tempfile.TemporaryDirectory(prefix="qonnx-calibration-") as tmp:
         path = source
         if path is None or model.ir_version > modelfile.MAX_RUNTIME_IR_VERSION:
@@ -153,8 +152,8 @@ def apply_activation_scheme(
             path = Path(tmp) / modelfile.MODEL_FILENAME
             modelfile.save(model, path)
             model.ir_version = version
-        key = _model_key(path, cfg, tensors)
-        cached = _read_cache(cal, key)
+        key = _model_key(path, cfg)
+        cached = _read_cache(cal, key, tensors)
         if cached is not None:
             observers, smoothing = cached
             info["cache"] = f"reused {cal.cache}"
@@ -162,31 +161,31 @@ def apply_activation_scheme(
             folder = source.parent if source is not None else None
             feeds = calibration_feeds(path, cal.data, samples=cal.samples, seq_len=cal.seq_len, tokenizer_dir=folder)
             stats = collect_activation_stats(
-                path, tensors, feeds, device=cal.device, progress=progress, sample_rows=256 if smooth else 0
+                path, tensors, feeds, device=cal.device, progress=progress, sample_rows=256 if estimate else 0
             )
             observers = {name: st.observer for name, st in stats.items()}
-            smoothing = {}
-            if smooth:
-                smoothing = _choose_smoothing(plan, stats, cfg)
-                if smoothing:
-                    again = collect_activation_stats(
-                        path,
-                        list(smoothing),
-                        feeds,
-                        device=cal.device,
-                        progress=progress,
-                        divide={n: s for n, (_, s, _) in smoothing.items()},
-                    )
-                    observers.update({name: st.observer for name, st in again.items()})
+            smoothing = _choose_smoothing(plan, stats, cfg) if estimate else {}
+            smoothed = {n: s for n, (alpha, s, _) in smoothing.items() if alpha > 0}
+            if smoothed:  # the ranges of X / s: the float model again, each tensor divided by its factors
+                again = collect_activation_stats(
+                    path, list(smoothed), feeds, device=cal.device, progress=progress, divide=smoothed
+                )
+                observers.update({name: st.observer for name, st in again.items()})
             if cal.cache:
                 _write_cache(cal, key, observers, smoothing)
                 info["cache"] = f"wrote {cal.cache}"
     taken = _all_names(model)
     params: dict[str, ActivationQParams] = {}
+    ranked = sorted(smoothing, key=lambda n: -smoothing[n][2])
+    kept = set(ranked[: cfg.keep_float])
+    for name in ranked[: cfg.keep_float]:
+        info["kept_float"][name] = {"estimated_error": round(smoothing[name][2], 6)}
     for name in tensors:
+        if name in kept:
+            continue
         readers = plan.readers[name]
         target = name
-        if name in smoothing:
+        if name in smoothing and smoothing[name][0] > 0:
             alpha, s, err = smoothing[name]
             x = _value(model.graph, name)
             new, where = fold(model.graph, x, plan.groups[name], s, taken)
@@ -211,7 +210,10 @@ def _range(observer: Any, cfg: ActivationConfig) -> tuple[float, float]:
 
 
 def _choose_smoothing(plan: ActivationPlan, stats: dict[str, Any], cfg: ActivationConfig) -> dict[str, tuple]:
-    """alpha, factors and sample error per smoothable tensor (alpha 0 ones left out)."""
+    """alpha, factors and estimated relative output error (held-out rows) per smoothable tensor.
+
+    Without smoothing every tensor gets alpha 0 (factors 1): the error then ranks tensors for ``keep_float``.
+    """
     wc = cfg.weight_config()
     fake_w = fake_quantize_weight(wc.bits, wc.block_size, wc.symmetric)
     kind = "fp8" if cfg.act_type == "fp8" else "int8"
@@ -242,14 +244,12 @@ def _choose_smoothing(plan: ActivationPlan, stats: dict[str, Any], cfg: Activati
     for name, group in plan.groups.items():
         st = stats[name]
         absmax = np.maximum(np.abs(st.channel_min), np.abs(st.channel_max))
+        samples = [(rows, range_of(mn, mx)) for rows, mn, mx in st.held_out()]
         if cfg.smooth_quant == "auto":
-            samples = [(rows, range_of(mn, mx)) for rows, mn, mx in st.held_out()]
-            alpha, s, err = search_alpha(group, samples, absmax, fake_w, fake_act)
+            chosen[name] = search_alpha(group, samples, absmax, fake_w, fake_act)
         else:
-            alpha = float(cfg.smooth_quant)  # type: ignore[arg-type]
-            s, err = factors(absmax, group.weight_absmax(), alpha), float("nan")
-        if alpha > 0:
-            chosen[name] = (alpha, s, err)
+            alpha = float(cfg.smooth_quant or 0.0)
+            chosen[name] = search_alpha(group, samples, absmax, fake_w, fake_act, grid=(alpha,))
     return chosen
 
 
@@ -273,8 +273,11 @@ def _all_names(model: ir.Model) -> set[str]:
     return names
 
 
-def _read_cache(cal: Calibration, key: str) -> tuple[dict[str, Any], dict[str, tuple]] | None:
-    """The cached observers and smoothing, or None when there is no cache file yet."""
+def _read_cache(cal: Calibration, key: str, tensors: list[str]) -> tuple[dict[str, Any], dict[str, tuple]] | None:
+    """The cached observers and smoothing of ``tensors``, or None when there is no cache file yet.
+
+    A cache of the same model and data that holds more tensors serves a run that quantizes fewer layers.
+    """
     from qonnx.runtime.observers import TensorObserver
 
     if not cal.cache or not Path(cal.cache).exists():
@@ -290,15 +293,23 @@ def _read_cache(cal: Calibration, key: str) -> tuple[dict[str, Any], dict[str, t
             f"{cal.cache}: the calibration cache was made for another model, data or scheme setup; "
             "delete it or pass another --calib-cache path"
         )
+    missing = [t for t in tensors if t not in meta["tensors"]]
+    if missing:
+        raise ConfigError(
+            f"{cal.cache}: the calibration cache lacks {len(missing)} of the activations to quantize (such as "
+            f"'{missing[0]}'): it was made for fewer layers; delete it or pass another --calib-cache path"
+        )
     observers: dict[str, Any] = {}
     smoothing: dict[str, tuple] = {}
     for i, name in enumerate(meta["tensors"]):
+        if name not in tensors:
+            continue
         prefix = f"t{i}."
         state = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
         observers[name] = TensorObserver.from_state(state)
-        if f"s{i}" in arrays:
+        if name in meta["smoothing"]:
             alpha, err = meta["smoothing"][name]
-            smoothing[name] = (alpha, arrays[f"s{i}"], err)
+            smoothing[name] = (alpha, arrays.get(f"s{i}"), err)
     return observers, smoothing
 
 
@@ -309,7 +320,7 @@ def _write_cache(cal: Calibration, key: str, observers: dict[str, Any], smoothin
     for i, name in enumerate(names):
         for k, v in observers[name].state().items():
             arrays[f"t{i}.{k}"] = np.asarray(v)
-        if name in smoothing:
+        if name in smoothing and smoothing[name][0] > 0:
             arrays[f"s{i}"] = smoothing[name][1]
     meta = {
         "key": key,

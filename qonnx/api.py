@@ -323,7 +323,9 @@ def _note_activations(records: list[LayerRecord], plan: Any, info: dict[str, Any
     for tensor, readers in plan.readers.items():
         smoothed = info.get("smoothing", {}).get(tensor)
         note = f"{cfg.name}: activation '{tensor}' {kind} per tensor ({cfg.calibration.method})"
-        if smoothed:
+        if tensor in info.get("kept_float", {}):
+            note = f"{cfg.name}: activation '{tensor}' kept in floating point (keep_float: its error ranks high)"
+        elif smoothed:
             note += f", SmoothQuant alpha {smoothed['alpha']} folded into {smoothed['into']}"
         for node, _ in readers:
             by_node[node.name or ""] = note

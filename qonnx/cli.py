@@ -138,6 +138,14 @@ def cli() -> None:
     help="Where ONNX Runtime runs calibration (default auto: CUDA when a GPU is usable).",
 )
 @click.option(
+    "--keep-float",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="Keep the N activation tensors with the largest estimated quantization error in floating point "
+    "(w8a8, w4a8, fp8); their layers keep only weight quantization.",
+)
+@click.option(
     "--attention",
     is_flag=True,
     help="Also quantize the activation x activation MatMuls (attention scores and context).",
@@ -201,6 +209,7 @@ def quantize(
     strict: bool,
     device: str | None,
     attention: bool,
+    keep_float: int | None,
     exclude: tuple[str, ...],
     external_data: bool | None,
     verify: bool | None,
@@ -223,6 +232,7 @@ def quantize(
         "strict": strict or None,
         "device": device,
         "attention": attention or None,
+        "keep-float": keep_float,
     }
     if scheme.lower() in ACTIVATION_SCHEMES:
         config = _activation_config(scheme, block_size, symmetric, calib, act_options, fmt, accuracy_level, algo)
@@ -383,9 +393,9 @@ def _activation_config(
                 raise click.UsageError(
                     f"--smooth-quant takes a number in [0, 1], 'auto' or 'none', not {sq!r}"
                 ) from None
-    for key in ("target", "strict", "attention"):
+    for key in ("target", "strict", "attention", "keep-float"):
         if act[key] is not None:
-            options[key] = act[key]
+            options[key.replace("-", "_")] = act[key]
     return scheme_from_name(scheme, **options)
 
 

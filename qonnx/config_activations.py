@@ -91,6 +91,10 @@ class ActivationConfig(SchemeConfig):
             by the quantized output error on calibration rows, or ``None`` for no smoothing.
         calibration: how activation ranges are measured.
         attention: also quantize MatMuls between two activations (attention scores and context).
+        keep_float: how many activation tensors stay in floating point (16-bit on a 16-bit model): those
+            whose quantization has the largest estimated output error (on held-out calibration rows); their
+            layers keep only the weight quantization. The cheap remedy for a few layers with massive
+            activations (the down projections of some LLM layers).
         target: the runtime to lower for (``"cpu"``, ``"cuda"``, ``"tensorrt"`` or ``"generic"`` QDQ);
             a scheme that measured slower than floating point there gets a warning (``strict``: an error).
         strict: refuse a scheme that is slower than floating point on the target.
@@ -105,6 +109,7 @@ class ActivationConfig(SchemeConfig):
     smooth_quant: float | Literal["auto"] | None = "auto"
     calibration: Calibration = dataclasses.field(default_factory=Calibration)
     attention: bool = False
+    keep_float: int = 0
     target: Target = "generic"
     strict: bool = False
 
@@ -124,6 +129,8 @@ class ActivationConfig(SchemeConfig):
             raise ConfigError(f"{self.name}: smooth_quant must be a number in [0, 1], 'auto' or None, got {sq!r}")
         if not isinstance(self.calibration, Calibration):
             raise ConfigError(f"{self.name}: calibration must be a Calibration(...), got {self.calibration!r}")
+        if not isinstance(self.keep_float, int) or isinstance(self.keep_float, bool) or self.keep_float < 0:
+            raise ConfigError(f"{self.name}: keep_float must be a non-negative integer, got {self.keep_float!r}")
         if self.target not in TARGETS:
             raise ConfigError(f"{self.name}: target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if self.target == "tensorrt" and not (self.act_symmetric or self.act_type == "fp8"):

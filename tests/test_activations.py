@@ -223,15 +223,21 @@ def test_pipeline(stack, tmp_path, config, floor_db):
         assert summary.activations["smoothing"]
 
 
-def test_smoothing_helps_outliers(stack, tmp_path):
-    """On activations with outlier channels, SmoothQuant gives a better W8A8 model than none."""
+def test_smoothing_and_keep_float(stack, tmp_path):
+    """On activations with outlier channels SmoothQuant beats no smoothing; keep_float keeps the worst tensors float."""
     path, npz, test = stack
     results = {}
-    for sq in (None, "auto"):
-        cfg = W8A8(smooth_quant=sq, calibration=Calibration(data=str(npz), samples=4, method="minmax"))
-        summary = qonnx.quantize(path, cfg, output=tmp_path / f"q{sq}" / "model.onnx", verify=False)
-        results[sq] = np.mean([sqnr_db(run(path, {"x": x})[0], run(summary.outputs[0], {"x": x})[0]) for x in test])
-    assert results["auto"] > results[None] + 1
+    for sq, keep in ((None, 0), (0.5, 0), (0.5, 2)):
+        cfg = W8A8(smooth_quant=sq, keep_float=keep, calibration=Calibration(data=str(npz), samples=4, method="minmax"))
+        summary = qonnx.quantize(path, cfg, output=tmp_path / f"q{sq}-{keep}" / "model.onnx", verify=False)
+        results[sq, keep] = np.mean(
+            [sqnr_db(run(path, {"x": x})[0], run(summary.outputs[0], {"x": x})[0]) for x in test]
+        )
+        kept = summary.activations["kept_float"]
+        assert len(kept) == keep and summary.activations["inserted"] == 9 - keep
+        assert sum("kept in floating point" in r.reason for r in summary.quantized) >= keep
+    assert results[0.5, 0] > results[None, 0] + 2
+    assert results[0.5, 2] > results[0.5, 0]
 
 
 def test_calibration_cache(stack, tmp_path):
@@ -248,9 +254,25 @@ def test_calibration_cache(stack, tmp_path):
     assert [numpy_helper.to_array(t).tobytes() for t in a.graph.initializer] == [
         numpy_helper.to_array(t).tobytes() for t in b.graph.initializer
     ]
+    fewer = qonnx.quantize(
+        path, W8A8(calibration=cal), output=tmp_path / "f" / "model.onnx", targets={"lm_head": None}, verify=False
+    )
+    assert fewer.activations["cache"].startswith("reused") and fewer.activations["inserted"] == 8
     other = build_decoder_stack(tmp_path / "o" / "model.onnx", hidden=64, intermediate=160, layers=2, vocab=96, seed=5)
     with pytest.raises(ConfigError, match="another model"):
         qonnx.quantize(other, W8A8(calibration=cal), output=tmp_path / "c" / "model.onnx", verify=False)
+    with pytest.raises(ConfigError, match="another model"):  # another smoothing setup
+        qonnx.quantize(path, W8A8(smooth_quant=0.3, calibration=cal), output=tmp_path / "d" / "model.onnx")
+    small = tmp_path / "small.npz"
+    qonnx.quantize(
+        path,
+        W8A8(calibration=Calibration(data=str(npz), samples=3, cache=str(small))),
+        output=tmp_path / "s" / "model.onnx",
+        targets={"lm_head": None},
+        verify=False,
+    )
+    with pytest.raises(ConfigError, match="fewer layers"):
+        qonnx.quantize(path, W8A8(calibration=Calibration(data=str(npz), samples=3, cache=str(small))))
 
 
 def test_dynamic(stack, tmp_path):
