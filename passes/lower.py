@@ -194,7 +194,8 @@ class FuseForOrtPass(ir.passes.InPlacePass):
         )
 
         self.nodes_before = sum(1 for _ in model.graph.all_nodes())
-        counts = self.fusions = {}
+        self.notes = []
+        counts: dict[str, int] = {}
         counts["rope_angles_as_matmul"] = pattern.RewriteRuleSet([RopeAnglesAsMatMul.rule()]).apply_to_model(model)
         # As optimize_for_ort does: shapes (the rules check ranks and head counts), then shape simplification.
         common_passes.ShapeInferencePass()(model)
