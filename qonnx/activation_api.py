@@ -32,7 +32,7 @@ from qonnx.config import Targets
 from qonnx.config_activations import ActivationConfig, Calibration
 from qonnx.errors import ConfigError
 from qonnx.passes.activations import ActivationQParams, InsertActivationQDQPass
-from qonnx.passes.smooth_quant import SmoothGroup, fake_quantize_weight, fold, search_alpha
+from qonnx.passes.smooth_quant import SmoothGroup, factors, fake_quantize_weight, fold, search_alpha
 from qonnx.passes.weight_only import Plan
 
 __all__ = ["ActivationPlan", "plan_activations", "apply_activation_scheme"]
@@ -130,10 +130,12 @@ def _model_key(path: Path, config: ActivationConfig) -> str:
 
 def apply_activation_scheme(
     model: ir.Model, source: Path | None, plan: ActivationPlan, *, progress: bool = False
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, tuple[str, np.ndarray | None]]]:
     """Calibrate (or read the cache), smooth, and insert activation Q/DQ; weights are left to the caller.
 
-    Returns a JSON-ready description: tensors quantized, smoothing per tensor, calibration figures.
+    Returns a JSON-ready description (tensors quantized, smoothing per tensor, tensors kept float), and
+    for each quantized tensor the name of the value its readers now read and the smoothing factors (or
+    None), which GPTQ needs to carry its Hessians over.
     """
     from qonnx.runtime.activation_stats import collect_activation_stats
     from qonnx.runtime.calibration import calibration_feeds
@@ -143,7 +145,7 @@ def apply_activation_scheme(
     if cfg.act_type == "fp8" and cal.method in ("entropy", "mse"):
         raise ConfigError(f"fp8 activations take calibration method 'minmax' or 'percentile', not {cal.method!r}")
     tensors = list(plan.readers)
-    estimate = (cfg.smooth_quant is not None or cfg.keep_float > 0) and bool(plan.groups)
+    estimate = cfg.smooth_quant == "auto" and bool(plan.groups)  # held-out rows for the alpha search
     info: dict[str, Any] = {"tensors": len(tensors), "method": cal.method, "smoothing": {}, "kept_float": {}}
     with tempfile.TemporaryDirectory(prefix="qonnx-calibration-") as tmp:
         path = source
@@ -164,7 +166,7 @@ def apply_activation_scheme(
                 path, tensors, feeds, device=cal.device, progress=progress, sample_rows=256 if estimate else 0
             )
             observers = {name: st.observer for name, st in stats.items()}
-            smoothing = _choose_smoothing(plan, stats, cfg) if estimate else {}
+            smoothing = _choose_smoothing(plan, stats, cfg) if cfg.smooth_quant is not None else {}
             smoothed = {n: s for n, (alpha, s, _) in smoothing.items() if alpha > 0}
             if smoothed:  # the ranges of X / s: the float model again, each tensor divided by its factors
                 again = collect_activation_stats(
@@ -176,30 +178,82 @@ def apply_activation_scheme(
                 info["cache"] = f"wrote {cal.cache}"
     taken = _all_names(model)
     params: dict[str, ActivationQParams] = {}
-    ranked = sorted(smoothing, key=lambda n: -smoothing[n][2])
-    kept = set(ranked[: cfg.keep_float])
-    for name in ranked[: cfg.keep_float]:
-        info["kept_float"][name] = {"estimated_error": round(smoothing[name][2], 6)}
+    noise = {name: _output_noise(model, plan, name, observers[name], smoothing.get(name), cfg) for name in tensors}
+    ranked = sorted(tensors, key=lambda n: -noise[n])
+    if cfg.keep_float == "auto":
+        top = noise[ranked[0]] if ranked else 0.0
+        count = sum(1 for n in ranked[: max(1, len(ranked) // 20)] if top > 0 and noise[n] > 0.1 * top)
+    else:
+        count = int(cfg.keep_float)
+    kept = set(ranked[:count])
+    for name in ranked[:count]:
+        info["kept_float"][name] = {"output_noise": float(f"{noise[name]:.4g}")}
+    renamed: dict[str, tuple[str, np.ndarray | None]] = {}  # tensor -> (what its readers read now, factors)
+    first_reader: dict[str, tuple[ir.Node, int]] = {}
     for name in tensors:
         if name in kept:
             continue
         readers = plan.readers[name]
         target = name
+        factors_used = None
         if name in smoothing and smoothing[name][0] > 0:
             alpha, s, err = smoothing[name]
             x = _value(model.graph, name)
             new, where = fold(model.graph, x, plan.groups[name], s, taken)
             target = new.name or name
+            factors_used = s
             readers = [(node, 0) for node, _, _ in plan.groups[name].readers]
-            info["smoothing"][name] = {"alpha": alpha, "into": where, "sample_error": round(err, 6)}
+            info["smoothing"][name] = {"alpha": alpha, "into": where}
+            if err is not None:
+                info["smoothing"][name]["held_out_error"] = float(f"{err:.4g}")
         lo, hi = _range(observers[name], cfg)
         scale, zp = quant.activation_qparams(lo, hi, "fp8" if cfg.act_type == "fp8" else "int8", cfg.act_symmetric)
         kind = "fp8" if cfg.act_type == "fp8" else ("int8" if cfg.act_symmetric else "uint8")
         params[target] = ActivationQParams(scale, zp, kind, tuple(readers))
+        renamed[name] = (target, factors_used)
+        first_reader[name] = readers[0]
     insert = InsertActivationQDQPass(params)
     insert(model)
     info["inserted"] = insert.inserted
-    return info
+    for name, (node, index) in first_reader.items():
+        value = node.inputs[index]
+        renamed[name] = (value.name if value is not None and value.name else name, renamed[name][1])
+    return info, renamed
+
+
+def _output_noise(
+    model: ir.Model, plan: ActivationPlan, name: str, observer: Any, smoothing: tuple | None, cfg: ActivationConfig
+) -> float:
+    """How much rounding noise quantizing a tensor adds to the outputs of the layers that read it.
+
+    The expected squared error of the (smoothed) activation under its range, from its histogram, times the
+    energy per input channel of the (smoothed) weights that read it: the noise power that reaches the layer
+    outputs, and from there the residual stream. Unlike an error relative to each layer's own output, it
+    ranks the few down projections with massive activations first (SmolLM2: layers 28, 11, 29), which are
+    the ones whose quantization costs perplexity.
+    """
+    symmetric = cfg.act_symmetric or cfg.act_type == "fp8"
+    qmin, qmax = (-127, 127) if symmetric else (0, 255)
+    lo, hi = _range(observer, cfg)
+    try:
+        err = observer.expected_error(lo, hi, symmetric=symmetric, qmin=qmin, qmax=qmax)
+    except ConfigError:
+        return 0.0
+    s = smoothing[1] if smoothing is not None and smoothing[0] > 0 else None
+    gain = 0.0
+    for node, index in plan.readers[name]:
+        w = node.inputs[1] if index == 0 and len(node.inputs) > 1 else None
+        t = ir.convenience.get_const_tensor(w) if w is not None else None
+        if t is None or len(t.shape) != 2:
+            gain += 1.0
+            continue
+        arr = t.numpy().astype(np.float32)
+        if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) != 0:
+            arr = arr.T
+        if s is not None and arr.shape[0] == s.shape[0]:
+            arr = arr * s[:, None]
+        gain += float(np.square(arr).sum()) / arr.shape[0]
+    return err * gain
 
 
 def _range(observer: Any, cfg: ActivationConfig) -> tuple[float, float]:
@@ -244,12 +298,12 @@ def _choose_smoothing(plan: ActivationPlan, stats: dict[str, Any], cfg: Activati
     for name, group in plan.groups.items():
         st = stats[name]
         absmax = np.maximum(np.abs(st.channel_min), np.abs(st.channel_max))
-        samples = [(rows, range_of(mn, mx)) for rows, mn, mx in st.held_out()]
         if cfg.smooth_quant == "auto":
+            samples = [(rows, range_of(mn, mx)) for rows, mn, mx in st.held_out()]
             chosen[name] = search_alpha(group, samples, absmax, fake_w, fake_act)
         else:
             alpha = float(cfg.smooth_quant or 0.0)
-            chosen[name] = search_alpha(group, samples, absmax, fake_w, fake_act, grid=(alpha,))
+            chosen[name] = (alpha, factors(absmax, group.weight_absmax(), alpha), None)
     return chosen
 
 
@@ -325,7 +379,7 @@ def _write_cache(cal: Calibration, key: str, observers: dict[str, Any], smoothin
     meta = {
         "key": key,
         "tensors": names,
-        "smoothing": {n: [float(a), float(e)] for n, (a, _, e) in smoothing.items()},
+        "smoothing": {n: [float(a), None if e is None else float(e)] for n, (a, _, e) in smoothing.items()},
     }
     target = Path(cal.cache)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -223,7 +223,8 @@ def quantize(
     act_info: dict[str, Any] | None = None
     if activations is not None:
         warn_if_slow(activations.config, config)
-        act_info = apply_activation_scheme(ir_model, source, activations, progress=progress)
+        act_info, renamed = apply_activation_scheme(ir_model, source, activations, progress=progress)
+        _carry_hessians(qpass.hessians, renamed)
 
     bar = None
     if progress:
@@ -313,6 +314,18 @@ def _hessians(model: ir.Model, source: Path | None, plan: Plan, progress: bool) 
         folder = source.parent if source is not None else None
         feeds = calibration_feeds(path, data, samples=samples, seq_len=seq_len, tokenizer_dir=folder)
         return collect_hessians(path, inputs, feeds, device="auto", progress=progress)
+
+
+def _carry_hessians(hessians: dict[str, np.ndarray], renamed: dict[str, tuple[str, np.ndarray | None]]) -> None:
+    """GPTQ's Hessians follow their tensor to its new name; smoothing makes them those of X / s."""
+    for old, (new, s) in renamed.items():
+        h = hessians.pop(old, None)
+        if h is None:
+            continue
+        if s is not None:
+            inv = (1.0 / s).astype(np.float32)
+            h = np.asarray(h, dtype=np.float32) * inv[:, None] * inv[None, :]
+        hessians[new] = h
 
 
 def _note_activations(records: list[LayerRecord], plan: Any, info: dict[str, Any]) -> None:

@@ -142,8 +142,9 @@ def cli() -> None:
     type=click.IntRange(min=0),
     default=None,
     metavar="N",
-    help="Keep the N activation tensors with the largest estimated quantization error in floating point "
-    "(w8a8, w4a8, fp8); their layers keep only weight quantization.",
+    help="Keep the N activation tensors whose quantization adds the most output noise in floating point "
+    "(w8a8, w4a8, fp8; default: those over a tenth of the worst, at most 5%); their layers keep weight "
+    "quantization. 0 quantizes every activation.",
 )
 @click.option(
     "--attention",
@@ -357,14 +358,16 @@ def _activation_config(
     """The config of a weight+activation scheme from the CLI options (weight-only options refused)."""
     from qonnx.config_activations import Calibration
 
-    if fmt != "matmulnbits" or accuracy_level is not None or algo != "rtn":
-        raise click.UsageError("--format, --accuracy-level and --algo apply to weight-only schemes (w4a16, w8a16)")
+    if fmt != "matmulnbits" or accuracy_level is not None:
+        raise click.UsageError("--format and --accuracy-level apply to weight-only schemes (w4a16, w8a16)")
     if scheme.lower() == "dynamic":
         used = [k for k, v in {**act, "symmetric": symmetric or None, **calib}.items() if v is not None]
+        if algo != "rtn":
+            used.insert(0, "algo")
         if used:
             raise click.UsageError(f"--{used[0].replace('_', '-')} does not apply to --scheme dynamic (no calibration)")
         return scheme_from_name(scheme, **({} if block_size is None else {"block_size": block_size}))
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"algo": algo}
     if block_size is not None:
         options["block_size"] = None if block_size == 0 else block_size
     if symmetric:

@@ -197,23 +197,28 @@ def stack(tmp_path, rng):
         (W8A8(), 20),
         (W8A8(smooth_quant=0.5, act_symmetric=True), 20),
         (W4A8(block_size=32), 12),
+        (W4A8(block_size=32, algo="gptq"), 12),
         (FP8(), 15),
     ],
-    ids=["w8a8-plain", "w8a8-auto", "w8a8-sym-0.5", "w4a8", "fp8"],
+    ids=["w8a8-plain", "w8a8-auto", "w8a8-sym-0.5", "w4a8", "w4a8-gptq", "fp8"],
 )
 def test_pipeline(stack, tmp_path, config, floor_db):
     """Calibrated through ONNX Runtime from .npz feeds; the output runs and stays close to the float model."""
     import dataclasses
 
     path, npz, test = stack
-    cfg = dataclasses.replace(config, calibration=dataclasses.replace(config.calibration, data=str(npz), samples=4))
+    cal = dataclasses.replace(config.calibration, data=str(npz), samples=4)
+    algo = dataclasses.replace(config.algo, calib_data=str(npz), calib_samples=4) if config.algo != "rtn" else "rtn"
+    cfg = dataclasses.replace(config, calibration=cal, algo=algo)
     summary = qonnx.quantize(path, cfg, output=tmp_path / "q" / "model.onnx")
     model = onnx.load(summary.outputs[0])
     onnx.checker.check_model(model, full_check=True)
     ops = [n.op_type for n in model.graph.node]
     # One pair per distinct activation: ln1 output (qkv), v slice (o_proj), ln2 output (gate, up), inner (down),
     # final norm (lm_head) per layer; smoothing may add a Mul but never another pair.
-    assert ops.count("QuantizeLinear") == summary.activations["inserted"] == 2 * 4 + 1
+    kept = summary.activations["kept_float"]
+    assert len(kept) <= 1  # "auto": at most 5% of the tensors (and at least one may go)
+    assert ops.count("QuantizeLinear") == summary.activations["inserted"] == 2 * 4 + 1 - len(kept)
     assert all(r.reason.startswith(cfg.name) for r in summary.quantized)
     for x in test:
         (ref,) = run(path, {"x": x})
@@ -221,6 +226,8 @@ def test_pipeline(stack, tmp_path, config, floor_db):
         assert sqnr_db(ref, got) > floor_db
     if cfg.smooth_quant is not None:
         assert summary.activations["smoothing"]
+    if cfg.algo != "rtn":
+        assert all("gptq" in r.reason for r in summary.quantized if r.op_type == "MatMul")
 
 
 def test_smoothing_and_keep_float(stack, tmp_path):
@@ -255,7 +262,11 @@ def test_calibration_cache(stack, tmp_path):
         numpy_helper.to_array(t).tobytes() for t in b.graph.initializer
     ]
     fewer = qonnx.quantize(
-        path, W8A8(calibration=cal), output=tmp_path / "f" / "model.onnx", targets={"lm_head": None}, verify=False
+        path,
+        W8A8(calibration=cal, keep_float=0),
+        output=tmp_path / "f" / "model.onnx",
+        targets={"lm_head": None},
+        verify=False,
     )
     assert fewer.activations["cache"].startswith("reused") and fewer.activations["inserted"] == 8
     other = build_decoder_stack(tmp_path / "o" / "model.onnx", hidden=64, intermediate=160, layers=2, vocab=96, seed=5)
@@ -290,7 +301,7 @@ def test_cli(stack, tmp_path):
     out = tmp_path / "cli" / "model.onnx"
     res = qonnx_cli(
         "quantize", path, "-o", out, "--scheme", "w8a8", "--calib-data", npz, "--calib-samples", "3",
-        "--calib-method", "percentile", "--smooth-quant", "0.6", "--json",
+        "--calib-method", "percentile", "--smooth-quant", "0.6", "--keep-float", "0", "--json",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
