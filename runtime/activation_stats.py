@@ -22,7 +22,7 @@ from qonnx.runtime.observers import TensorObserver
 __all__ = ["TensorStats", "collect_activation_stats", "ACTIVATION_BUDGET"]
 
 #: Bytes of captured activations one ONNX Runtime run may hand over at once (estimated from the first run).
-ACTIVATION_BUDGET = 256 << 20
+ACTIVATION_BUDGET = 128 << 20
 
 
 @dataclasses.dataclass

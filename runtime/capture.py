@@ -68,7 +68,7 @@ def capture(
     step = max_outputs or len(inner)
     for start in range(0, len(inner), step):
         group = inner[start : start + step]
-        session = make_session(_exposed(path, group), device, external_data_dir=path.parent)
+        session = make_session(_exposed(path, group), device, external_data_dir=path.parent, lean=True)
         for feeds in feeds_list:
             values = session.run(group, dict(feeds))
             on_batch(dict(zip(group, values, strict=True)))

@@ -58,6 +58,7 @@ def make_session(
     qdq_accuracy_level: str | None = PRECISE_QDQ,
     optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     external_data_dir: str | os.PathLike | None = None,
+    lean: bool = False,
 ) -> ort.InferenceSession:
     """An InferenceSession on ``device`` ("cpu", "cuda" or "auto").
 
@@ -69,6 +70,8 @@ def make_session(
             None leaves ONNX Runtime's default.
         optimization: graph optimization level.
         external_data_dir: for model bytes, the folder their external data paths are relative to.
+        lean: for a few runs that hand over large outputs (calibration): weights used as stored (no
+            prepacked copies) and no CPU memory arena, so that memory is returned after each run.
     """
     device = resolve_device(device)
     so = ort.SessionOptions()
@@ -80,6 +83,9 @@ def make_session(
         so.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", os.fspath(external_data_dir)
         )
+    if lean:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        so.enable_cpu_mem_arena = False
     if qdq_accuracy_level is not None:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", qdq_accuracy_level)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]

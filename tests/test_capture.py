@@ -14,8 +14,9 @@ from qonnx.runtime.session import make_session
 
 
 def test_capture_matches_exposed_values_in_groups(tmp_path, rng):
-    src = build_decoder_stack(tmp_path / "m" / "model.onnx", hidden=32, intermediate=64, layers=2, vocab=50,
-                              external_data=True)
+    src = build_decoder_stack(
+        tmp_path / "m" / "model.onnx", hidden=32, intermediate=64, layers=2, vocab=50, external_data=True
+    )
     before = sorted(p.name for p in src.parent.iterdir())
     model = qonnx.load(src)
     names = [n.inputs[0].name for n in model.graph if n.op_type == "MatMul"] + ["x"]
