@@ -47,6 +47,7 @@ def main() -> int:
     p.add_argument("--work", default="/tmp/da")
     p.add_argument("--out", required=True)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--budget", type=float, default=100.0, help="seconds per speed comparison")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -79,7 +80,7 @@ def main() -> int:
     for name in ("w8a8-cpu", "dynamic"):
         buf = io.StringIO()
         with redirect_stdout(buf):
-            ba.speed_child(str(fp32), str(work / name), args.rounds, (8, 16), 240.0)
+            ba.speed_child(str(fp32), str(work / name), args.rounds, (8, 16), args.budget)
         figures = json.loads(buf.getvalue().strip().splitlines()[-1])
         res[f"speed_{name}"] = {
             kind: {
