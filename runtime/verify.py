@@ -4,6 +4,9 @@ Inputs come from the caller (calibration data) or are made from the declared inp
 dynamic dimensions take sizes by name (batch 1, sequence 16, past length 0, others 1) unless overridden,
 token ids are drawn below the vocabulary size read off the logits output, masks are ones, position ids
 count up, and float inputs are standard normal.
+
+The original runs first (``quantize`` starts it in a background thread before quantizing) and its session is
+freed before the quantized model's is built; both sessions are made for one run (``verification_session``).
 """
 
 from __future__ import annotations
