@@ -75,7 +75,7 @@ class InsertActivationQDQPass(ir.passes.InPlacePass):
         self.inserted = 0
         for name, p in self.params.items():
             x = values[name]
-            dtype = x.dtype or ir.DataType.FLOAT
+            dtype = x.dtype or _reader_dtype(p.readers)
             base = _unique(f"{name}_act", taken)
             scale = _constant(graph, f"{base}_scale", np.array(p.scale, dtype=dtype.numpy()), taken)
             zp = _constant(graph, f"{base}_zero_point", _zero_point_array(p.kind, p.zero_point), taken)
@@ -91,6 +91,17 @@ class InsertActivationQDQPass(ir.passes.InPlacePass):
                 node.replace_input_with(index, dq.outputs[0])
             self.inserted += 1
         return ir.passes.PassResult(model, modified=bool(self.inserted))
+
+
+def _reader_dtype(readers: Sequence[tuple[ir.Node, int]]) -> ir.DataType:
+    """A tensor's float type when shape inference left it unknown: that of its readers' other operands."""
+    for node, index in readers:
+        for i, v in enumerate(node.inputs):
+            if i != index and v is not None and v.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+                return v.dtype
+            if i != index and v is not None and v.dtype == ir.DataType.FLOAT:
+                return v.dtype
+    return ir.DataType.FLOAT
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:

@@ -215,7 +215,7 @@ def fold(graph: ir.Graph, x: ir.Value, group: SmoothGroup, s: np.ndarray, taken:
             _set_const(w, w.const_value.numpy().astype(np.float32) / s[None, :])
             return x, f"the weight columns of {node.op_type} '{node.name}'"
     # Nothing can absorb it: an explicit Mul in front of the smoothed readers.
-    dtype = x.dtype or ir.DataType.FLOAT
+    dtype = x.dtype or (group.readers[0][1].const_value.dtype if group.readers[0][1].const_value else ir.DataType.FLOAT)
     name = _unique(f"{x.name}_smooth", taken)
     inv = ir.tensor((1.0 / s).astype(dtype.numpy()), name=f"{name}_factors")
     taken.add(inv.name or "")

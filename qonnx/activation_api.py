@@ -64,6 +64,9 @@ def plan_activations(model: ir.Model, targets: Targets, plan: Plan) -> Activatio
         scheme, _ = targets.resolve(cand.node.op_type, names)
         if not isinstance(scheme, ActivationConfig):
             continue
+        if scheme.dynamic_on_cpu and cfg.format == "matmulnbits":
+            notes[id(cand.node)] = "activations int8 at run time (MatMulNBits accuracy_level 4, W4A8 on CPU)"
+            continue
         x = cand.node.inputs[0]
         if cand.graph is not model.graph or x is None or not x.name:
             notes[id(cand.node)] = "activations stay float (node in a subgraph)"
@@ -180,9 +183,9 @@ def apply_activation_scheme(
     params: dict[str, ActivationQParams] = {}
     noise = {name: _output_noise(model, plan, name, observers[name], smoothing.get(name), cfg) for name in tensors}
     ranked = sorted(tensors, key=lambda n: -noise[n])
-    if cfg.keep_float == "auto":
+    if cfg.keep_float == "auto":  # the few that stand out: over a tenth of the worst, at most 5% of them
         top = noise[ranked[0]] if ranked else 0.0
-        count = sum(1 for n in ranked[: max(1, len(ranked) // 20)] if top > 0 and noise[n] > 0.1 * top)
+        count = sum(1 for n in ranked[: len(ranked) // 20] if top > 0 and noise[n] > 0.1 * top)
     else:
         count = int(cfg.keep_float)
     kept = set(ranked[:count])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Literal
 
-from qonnx.config import GPTQ, SCHEMES, SchemeConfig, WeightOnlyConfig
+from qonnx.config import GPTQ, MATMULNBITS_BLOCK_SIZES, SCHEMES, SchemeConfig, WeightOnlyConfig
 from qonnx.errors import ConfigError
 
 __all__ = [
@@ -151,8 +151,23 @@ class ActivationConfig(SchemeConfig):
         if self.target == "tensorrt" and not self.weight_symmetric:
             raise ConfigError(f"{self.name}: TensorRT needs symmetric weights (weight_symmetric=True)")
 
+    @property
+    def dynamic_on_cpu(self) -> bool:
+        """W4A8 lowered for ONNX Runtime's CPU provider: MatMulNBits with int8 activations at run time.
+
+        ONNX Runtime 1.31 leaves a blocked int4 weight DequantizeLinear unfused when the activation is also
+        Q/DQ'd, and dequantizes the whole weight on every call (0.03x fp32 on a 4096 layer, bench_targets);
+        its MatMulNBits kernel with ``accuracy_level=4`` quantizes each row of activations to int8 per block
+        as it runs, which is the fast W4A8 there.
+        """
+        return self.target == "cpu" and self.weight_bits == 4 and self.act_type == "int8"
+
     def weight_config(self) -> WeightOnlyConfig:
         """The weight-only config that quantizes this scheme's weights (as DequantizeLinear)."""
+        if self.dynamic_on_cpu and self.block_size in MATMULNBITS_BLOCK_SIZES:
+            return WeightOnlyConfig(
+                bits=4, block_size=self.block_size, symmetric=self.weight_symmetric, accuracy_level=4, algo=self.algo
+            )
         return WeightOnlyConfig(
             bits=self.weight_bits,
             block_size=self.block_size,

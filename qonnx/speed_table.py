@@ -16,14 +16,17 @@ __all__ = ["MEASURED", "warn_if_slow"]
 
 #: (scheme name, target) -> (ratio vs float, what was measured, where)
 MEASURED: dict[tuple[str, str], tuple[float, str, str]] = {
-    # ../shared/device/README.md (H100, ORT 1.31.1 CUDA provider, 4096x4096 MatMul, batch 64): QDQ int8 99 us,
-    # fp16 33 us.
-    ("w8a8", "cuda"): (0.33, "QDQ int8 MatMul 4096x4096 at batch 64 vs fp16, CUDA provider, H100", "device README"),
-    ("w4a8", "cuda"): (
-        0.33,
-        "QDQ int8 activations run as float MatMul after dequantization, CUDA provider",
-        "device README",
-    ),
+    # benchmarks/bench_targets.py (RESULTS.md sections bench_targets_cpu16 / bench_targets_cuda): one 4096x4096
+    # layer, the smaller ratio of M=16 (batched decode) and M=256 (prefill); CPU: the 16-core host, fp32;
+    # CUDA: an H100, fp16, per layer of 8 chained; ONNX Runtime 1.31.1.
+    ("w8a8", "cpu"): (2.43, "W8A8 QDQ layer (MatMulIntegerToFloat) vs fp32, CPU provider, 16 cores", "bench_targets"),
+    # W4A8 for the CPU is emitted as MatMulNBits with accuracy_level 4 (as QDQ it ran 0.03x: bench_targets);
+    # that kernel ran 0.93x fp32 at M=64 and 1.08x at M=1 on a 4096 layer (16 cores, ../shared/device/README.md).
+    ("w4a8", "cpu"): (0.93, "W4A8 as MatMulNBits accuracy_level 4 vs fp32 at M=64, CPU provider", "device README"),
+    ("fp8", "cpu"): (0.5, "FP8 QDQ layer vs fp32, CPU provider: no float8 kernel, Q/DQ simulated", "bench_targets"),
+    ("w8a8", "cuda"): (0.26, "W8A8 QDQ layer vs fp16, CUDA provider, H100", "bench_targets"),
+    ("w4a8", "cuda"): (0.2, "W4A8 QDQ layer vs fp16, CUDA provider, H100", "bench_targets"),
+    ("fp8", "cuda"): (0.63, "FP8 QDQ layer vs fp16, CUDA provider, H100 (GemmFloat8: 0.07-0.22x)", "bench_targets"),
 }
 
 

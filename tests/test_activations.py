@@ -327,3 +327,27 @@ def test_cli(stack, tmp_path):
         "--strict",
     )
     assert_one_line_error(res, "slower")
+
+
+def test_w4a8_lowered_for_cpu(stack, tmp_path):
+    """W4A8 for the CPU provider is MatMulNBits with int8 activations at run time, not Q/DQ (0.03x fp32 there)."""
+    path, npz, test = stack
+    cfg = W4A8(target="cpu", calibration=Calibration(data=str(npz), samples=2))
+    assert cfg.dynamic_on_cpu and cfg.weight_config().accuracy_level == 4
+    summary = qonnx.quantize(path, cfg, output=tmp_path / "c" / "model.onnx")
+    ops = [n.op_type for n in onnx.load(summary.outputs[0]).graph.node]
+    assert "QuantizeLinear" not in ops and ops.count("MatMulNBits") == len(summary.quantized)
+    for x in test:
+        assert sqnr_db(run(path, {"x": x})[0], run(summary.outputs[0], {"x": x})[0]) > 12
+
+
+def test_slow_target_warns_through_targets(stack, tmp_path, capsys):
+    """The speed warning follows the activation scheme, also when it comes through targets."""
+    path, npz, _ = stack
+    cal = Calibration(data=str(npz), samples=2)
+    from qonnx import W4A16
+
+    qonnx.quantize(
+        path, W4A16(), output=tmp_path / "t" / "model.onnx", targets={"MatMul": W8A8(target="cuda", calibration=cal)}
+    )
+    assert "measured 0.26x" in capsys.readouterr().err
