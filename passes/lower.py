@@ -223,22 +223,14 @@ class FuseForOrtPass(ir.passes.InPlacePass):
             if not blockers:
                 fuse("gqa", apply_fusion_rules(gqa_rules))
                 fuse("packed_qkv_for_gqa", gqa_packed_qkv.fuse_qkv_gqa)
-            mha_count = 0
-            if self.target == "cuda":
-                # Measured on an H100 (benchmarks/RESULTS.md, bench_gpu): ONNX Runtime 1.31's CUDA
-                # MultiHeadAttention with the past KV as separate inputs takes ~2 ms per decode call on a
-                # 7B shape, ten times the unfused attention; a 7B decode step went 17 ms -> 169 ms.
-                self.notes.append("MultiHeadAttention not fused on CUDA (slower there than unfused attention)")
-            else:
-                mha_count = fuse("mha1", apply_fusion_rules(mha_past_rules))
-                mha_count += fuse("mha2", apply_fusion_rules(mha_rules))
+            mha_count = fuse("mha1", apply_fusion_rules(mha_past_rules)) + fuse("mha2", apply_fusion_rules(mha_rules))
             fuse("mha_scale", mha_scale.fuse_mha_scale)
             if mha_count:
                 fuse("mha_bias", mha_bias.fuse_mha_bias)
                 fuse("attention", mha_attention.fuse_attention)
         fuse("gelu", gelu.fuse_gelu)
         fuse("bias_gelu", bias_gelu.fuse_bias_gelu)
-        if self.attention and self.target != "cuda":
+        if self.attention:
             fuse("sdpa_via_mha", sdpa_via_mha.replace_sdpa_by_mha)
         # Inline what was matched but not consumed by a later fusion (e.g. a rotary embedding without a
         # cos/sin cache goes back to plain ops), drop the dead mask computation, then tidy up as
