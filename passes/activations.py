@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["ActivationQParams", "InsertActivationQDQPass"]
+__all__ = ["ActivationQParams", "InsertActivationQDQPass", "unique_name"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +76,15 @@ class InsertActivationQDQPass(ir.passes.InPlacePass):
         for name, p in self.params.items():
             x = values[name]
             dtype = x.dtype or _reader_dtype(p.readers)
-            base = _unique(f"{name}_act", taken)
+            base = unique_name(f"{name}_act", taken)
             scale = _constant(graph, f"{base}_scale", np.array(p.scale, dtype=dtype.numpy()), taken)
             zp = _constant(graph, f"{base}_zero_point", _zero_point_array(p.kind, p.zero_point), taken)
-            q = ir.node("QuantizeLinear", [x, scale, zp], name=_unique(f"{base}_QuantizeLinear", taken))
-            q.outputs[0].name = _unique(f"{base}_quantized", taken)
-            dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=_unique(f"{base}_DequantizeLinear", taken))
-            dq.outputs[0].name = _unique(f"{base}_dequantized", taken)
+            q = ir.node("QuantizeLinear", [x, scale, zp], name=unique_name(f"{base}_QuantizeLinear", taken))
+            q.outputs[0].name = unique_name(f"{base}_quantized", taken)
+            dq = ir.node(
+                "DequantizeLinear", [q.outputs[0], scale, zp], name=unique_name(f"{base}_DequantizeLinear", taken)
+            )
+            dq.outputs[0].name = unique_name(f"{base}_dequantized", taken)
             dq.outputs[0].dtype = dtype
             dq.outputs[0].shape = x.shape
             anchor = _first_reader(graph, p.readers)
@@ -129,7 +131,8 @@ def _constant(graph: ir.Graph, name: str, array: np.ndarray, taken: set[str]) ->
     return value
 
 
-def _unique(base: str, taken: set[str]) -> str:
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``... : the first name not in ``taken``, which then holds it."""
     name, i = base, 1
     while name in taken:
         name = f"{base}_{i}"

@@ -30,6 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qonnx import quant
+from qonnx.passes.activations import unique_name
 
 __all__ = ["ALPHA_GRID", "SmoothGroup", "factors", "search_alpha", "fold"]
 
@@ -216,7 +217,7 @@ def fold(graph: ir.Graph, x: ir.Value, group: SmoothGroup, s: np.ndarray, taken:
             return x, f"the weight columns of {node.op_type} '{node.name}'"
     # Nothing can absorb it: an explicit Mul in front of the smoothed readers.
     dtype = x.dtype or (group.readers[0][1].const_value.dtype if group.readers[0][1].const_value else ir.DataType.FLOAT)
-    name = _unique(f"{x.name}_smooth", taken)
+    name = unique_name(f"{x.name}_smooth", taken)
     inv = ir.tensor((1.0 / s).astype(dtype.numpy()), name=f"{name}_factors")
     taken.add(inv.name or "")
     inv_value = ir.Value(name=inv.name, shape=ir.Shape([k]), type=ir.TensorType(inv.dtype), const_value=inv)
@@ -241,12 +242,3 @@ def fake_quantize_weight(bits: int, block_size: int | None, symmetric: bool) -> 
         return quant.quantize_kn(w, bits, block_size, symmetric).dequantize()
 
     return run
-
-
-def _unique(base: str, taken: set[str]) -> str:
-    name, i = base, 1
-    while name in taken:
-        name = f"{base}_{i}"
-        i += 1
-    taken.add(name)
-    return name

@@ -26,10 +26,11 @@ import onnx_ir as ir
 from qonnx import quant
 from qonnx.config import Targets, WeightOnlyConfig
 from qonnx.passes import _emit, cleanup
+from qonnx.passes.activations import unique_name
 from qonnx.passes.gptq import gptq_quantize
 from qonnx.passes.weights import WeightCandidate, find_weight_candidates
 
-__all__ = ["LayerRecord", "QuantizeWeightsPass", "hessian_key", "needed_opset", "quantize_weight"]
+__all__ = ["LayerRecord", "QuantizeWeightsPass", "all_value_names", "hessian_key", "needed_opset", "quantize_weight"]
 
 QDQ_OPSET = 21
 _CHAIN_OPS = ("Transpose", "Cast", "Identity")
@@ -209,7 +210,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 self.records.append(
                     LayerRecord(cand.node.name or "", cand.node.op_type, cand.weight_name, shape, False, reason)
                 )
-        names = _all_names(model)
+        names = all_value_names(model)
         emitted: dict[tuple, tuple[list[ir.Value | None], _emit.QuantizedWeight, str]] = {}
         replaced: list[ir.Value | None] = []
         count = 0
@@ -296,9 +297,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if qw.format == "matmulnbits" and len(weight_inputs) == 2:
                 weight_inputs.append(None)
             if qw.format == "qdq":
-                dq = _emit.dequantize_node(weight_inputs, qw.attrs, name=_unique(f"{base}_DequantizeLinear", names))
+                dq = _emit.dequantize_node(weight_inputs, qw.attrs, name=unique_name(f"{base}_DequantizeLinear", names))
                 graph.insert_before(node, dq)
-                dq.outputs[0].name = _unique(f"{base}_dequantized", names)
+                dq.outputs[0].name = unique_name(f"{base}_dequantized", names)
                 weight_inputs = [dq.outputs[0]]
             emitted[key] = (weight_inputs, qw, node.name or base)
             record.bytes_before, record.bytes_after = _stored_nbytes(cand), qw.nbytes
@@ -333,7 +334,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         out = new.outputs[0]
         extra: list[ir.Node] = []
         if has_c and bias_value is None:  # C computed at run time (beta == 1, checked in plan): add it
-            out.name = _unique(f"{node.outputs[0].name}_nobias", names)
+            out.name = unique_name(f"{node.outputs[0].name}_nobias", names)
             add = ir.node("Add", [out, node.inputs[2]], name=f"{node.name}_bias")
             extra.append(add)
             out = add.outputs[0]
@@ -426,7 +427,7 @@ def _float_reader(value: ir.Value, chosen: set[int]) -> str | None:
     return None
 
 
-def _all_names(model: ir.Model) -> set[str]:
+def all_value_names(model: ir.Model) -> set[str]:
     """Every value name in the model, subgraphs included (new names must not shadow outer ones)."""
     names: set[str] = set()
     for graph in model.graphs():
@@ -436,15 +437,6 @@ def _all_names(model: ir.Model) -> set[str]:
         for node in graph:
             names.update(v.name for v in node.outputs if v.name)
     return names
-
-
-def _unique(base: str, names: set[str]) -> str:
-    name, i = base, 1
-    while name in names:
-        name = f"{base}_{i}"
-        i += 1
-    names.add(name)
-    return name
 
 
 def _act_dtype(cand: WeightCandidate) -> ir.DataType:

@@ -33,7 +33,7 @@ from qonnx.config_activations import ActivationConfig, Calibration
 from qonnx.errors import ConfigError
 from qonnx.passes.activations import ActivationQParams, InsertActivationQDQPass
 from qonnx.passes.smooth_quant import SmoothGroup, factors, fake_quantize_weight, fold, search_alpha
-from qonnx.passes.weight_only import Plan
+from qonnx.passes.weight_only import Plan, all_value_names
 
 __all__ = ["ActivationPlan", "plan_activations", "apply_activation_scheme"]
 
@@ -179,7 +179,7 @@ def apply_activation_scheme(
             if cal.cache:
                 _write_cache(cal, key, observers, smoothing)
                 info["cache"] = f"wrote {cal.cache}"
-    taken = _all_names(model)
+    taken = all_value_names(model)
     params: dict[str, ActivationQParams] = {}
     noise = {name: _output_noise(model, plan, name, observers[name], smoothing.get(name), cfg) for name in tensors}
     ranked = sorted(tensors, key=lambda n: -noise[n])
@@ -321,15 +321,6 @@ def _value(graph: ir.Graph, name: str) -> ir.Value:
     raise KeyError(name)
 
 
-def _all_names(model: ir.Model) -> set[str]:
-    names: set[str] = set()
-    for graph in model.graphs():
-        names.update(v.name for v in (*graph.inputs, *graph.initializers.values()) if v.name)
-        for node in graph:
-            names.update(v.name for v in node.outputs if v.name)
-    return names
-
-
 def _read_cache(cal: Calibration, key: str, tensors: list[str]) -> tuple[dict[str, Any], dict[str, tuple]] | None:
     """The cached observers and smoothing of ``tensors``, or None when there is no cache file yet.
 
@@ -385,8 +376,11 @@ def _write_cache(cal: Calibration, key: str, observers: dict[str, Any], smoothin
         "smoothing": {n: [float(a), None if e is None else float(e)] for n, (a, _, e) in smoothing.items()},
     }
     target = Path(cal.cache)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".calib-", suffix=".npz", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".calib-", suffix=".npz", dir=target.parent)
+    except OSError as e:
+        raise ConfigError(f"{target}: cannot write the calibration cache there: {e.strerror or e}") from None
     os.close(fd)
     try:
         with open(tmp, "wb") as f:
