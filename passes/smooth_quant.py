@@ -58,6 +58,12 @@ class SmoothGroup:
         w = value.const_value.numpy().astype(np.float32)
         return w.T if transposed else w
 
+    def release(self) -> None:
+        """Unmap the readers' stored weights (external data) until they are read again."""
+        for _, value, _ in self.readers:
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value.release()
+
     def weight_absmax(self) -> np.ndarray:
         """Max |W[j, :]| over every reader, per input channel j: [K]."""
         return np.max([np.abs(self.weight_kn(i)).max(axis=1) for i in range(len(self.readers))], axis=0)
@@ -159,6 +165,29 @@ def _set_const(value: ir.Value, array: np.ndarray) -> None:
     value.const_value = ir.tensor(array.astype(dtype), name=value.name)
 
 
+def _scale_lazily(value: ir.Value, rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> None:
+    """Multiply a stored 2-D weight by ``rows[:, None]`` and/or divide it by ``cols[None, :]``, when it is read.
+
+    The weight stays where it is stored (memory-mapped when external) and the scaled copy exists only while
+    a pass reads it: smoothing a model costs no second copy of its weights. Composes with earlier scalings.
+    """
+    old = value.const_value
+    assert old is not None
+    dtype = old.dtype
+
+    def compute() -> ir.TensorProtocol:
+        w = old.numpy().astype(np.float32)
+        if rows is not None:
+            w = w * rows[:, None]
+        if cols is not None:
+            w = w / cols[None, :]
+        if isinstance(old, ir.ExternalTensor):
+            old.release()
+        return ir.tensor(w.astype(dtype.numpy()))
+
+    value.const_value = ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(old.shape.numpy()), name=value.name)
+
+
 def _linear_producer(value: ir.Value) -> tuple[ir.Node, ir.Value] | None:
     """The MatMul x @ W (W a constant [K', K] read by it alone) whose output is ``value``, with W."""
     producer = value.producer()
@@ -175,9 +204,11 @@ def _linear_producer(value: ir.Value) -> tuple[ir.Node, ir.Value] | None:
 def fold(graph: ir.Graph, x: ir.Value, group: SmoothGroup, s: np.ndarray, taken: set[str]) -> tuple[ir.Value, str]:
     """Apply ``X / s`` and ``s W`` for one group; returns (the value the readers now read, where X / s went)."""
     k = s.shape[0]
-    for i, (_, value, transposed) in enumerate(group.readers):
-        w = group.weight_kn(i) * s[:, None]
-        _set_const(value, w.T if transposed else w)
+    for _, value, transposed in group.readers:
+        if transposed:  # Gemm transB: stored [N, K]
+            _scale_lazily(value, cols=1.0 / s)
+        else:
+            _scale_lazily(value, rows=s)
     readers = {id(node) for node, _, _ in group.readers}
     exclusive = not x.is_graph_output() and all(id(user) in readers for user, _ in x.uses())
     producer = x.producer()
@@ -206,14 +237,14 @@ def fold(graph: ir.Graph, x: ir.Value, group: SmoothGroup, s: np.ndarray, taken:
             if linear is not None:
                 node, w = linear
                 assert w.const_value is not None
-                _set_const(w, w.const_value.numpy().astype(np.float32) / s[None, :])
+                _scale_lazily(w, cols=s)
                 return x, f"the weight columns of {node.op_type} '{node.name}'"
     if exclusive:
         linear = _linear_producer(x)
         if linear is not None:
             node, w = linear
             assert w.const_value is not None
-            _set_const(w, w.const_value.numpy().astype(np.float32) / s[None, :])
+            _scale_lazily(w, cols=s)
             return x, f"the weight columns of {node.op_type} '{node.name}'"
     # Nothing can absorb it: an explicit Mul in front of the smoothed readers.
     dtype = x.dtype or (group.readers[0][1].const_value.dtype if group.readers[0][1].const_value else ir.DataType.FLOAT)

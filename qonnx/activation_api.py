@@ -307,6 +307,7 @@ def _choose_smoothing(plan: ActivationPlan, stats: dict[str, Any], cfg: Activati
         else:
             alpha = float(cfg.smooth_quant or 0.0)
             chosen[name] = (alpha, factors(absmax, group.weight_absmax(), alpha), None)
+        group.release()  # the next capture pass needs the memory more than these pages
     return chosen
 
 

@@ -99,7 +99,7 @@ def calibration_feeds(
     except ModelLoadError as e:
         raise ModelLoadError(f"{e}; pass a .npz file of input feeds for calibration instead") from None
     start = CALIBRATION_START if str(data) == PYDOC else 0
-    windows = calibration_windows(corpus_tokens(folder, data), seq_len, samples, start=start)
+    windows = calibration_windows(corpus_tokens(folder, data, lean=True), seq_len, samples, start=start)
     return [feed(ids) for ids in windows]
 
 
