@@ -36,7 +36,8 @@ START, END = "<!-- bench_activations:start -->", "<!-- bench_activations:end -->
 MB = 1e6
 CALIB_SAMPLES, CALIB_LEN = 8, 512  # calibration windows (qonnx and ORT alike), from token 60,000 of pydoc
 BATCH, PROMPT = 16, 128  # speed: prefill batch x tokens; decode after a cache of PROMPT tokens
-DISTURBED = 0.25  # cores used by other processes during a measured pair that make it be repeated
+SPEED_PROTOCOL = 2  # bumped when the speed measurement changes: --reuse then measures speed again
+DISTURBED = 0.25  # cores used by other processes during a measurement that make it be repeated
 MEMORY_FLOOR = 1.5e9  # an ORT child stops itself when the machine has less memory available than this
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -257,8 +258,8 @@ class Probe:
 
 
 def speed_child(fp32: str, model: str, rounds: int, steps: tuple[int, int], budget: float) -> None:
-    """fp32 and one model measured in pairs, back to back, the order alternating by round; each pair is repeated
-    while other processes disturbed it (:class:`Undisturbed`). Prints one JSON line."""
+    """fp32 and one model measured in pairs, back to back, the order alternating by round; each measurement is
+    repeated while other processes disturbed it (:class:`Undisturbed`). Prints one JSON line."""
     import numpy as np
 
     from qonnx.models.hf import load_tokenizer
@@ -281,10 +282,12 @@ def speed_child(fp32: str, model: str, rounds: int, steps: tuple[int, int], budg
     for r in range(rounds):
         order = ["fp32", "model"] if r % 2 == 0 else ["model", "fp32"]
         for kind in SPEEDS:
-            pair, others = guard(lambda kind=kind, order=order: {n: measure[kind](probes[n]) for n in order})
+            worst = 0.0  # the more disturbed half of the pair
             for n in order:
-                res[kind][n].append(pair[n])
-            res[kind]["others"].append(others)
+                value, others = guard(lambda n=n, kind=kind: measure[kind](probes[n]))
+                res[kind][n].append(value)
+                worst = max(worst, others)
+            res[kind]["others"].append(worst)
     res["retries"] = guard.retries
     print(json.dumps(res))
 
@@ -436,12 +439,15 @@ def run_rows(rows: list[Row], src: Path, work: Path, args, now: str) -> dict:
     """Quantize, evaluate and time every row; one record per row, kept in work/records/KEY.json for --reuse."""
     (work / "records").mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    settings = {"windows": args.windows, "rounds": args.rounds, "steps": list(args.steps), "fp32": str(src)}
+    settings = {
+        "ppl": {"windows": args.windows, "fp32": str(src)},
+        "speed": {"rounds": args.rounds, "steps": list(args.steps), "fp32": str(src), "protocol": SPEED_PROTOCOL},
+    }
     records: dict[str, dict] = {}
     for row in rows:
         path = work / "records" / f"{row.key}.json"
         old = json.loads(path.read_text()) if args.reuse and path.exists() else {}
-        rec: dict = {"args": list(row.args)}
+        rec: dict = {"args": list(row.args), "dates": {}}
         if row.tool == "fp32":
             folder = src
         else:
@@ -449,11 +455,13 @@ def run_rows(rows: list[Row], src: Path, work: Path, args, now: str) -> dict:
             same = old.get("args") == list(row.args) and (folder / "model.onnx").exists()
             if same and old.get("quantize", {}).get("status") == "ok":
                 rec["quantize"] = old["quantize"]
+                rec["dates"]["quantize"] = old.get("dates", {}).get("quantize", "an earlier run")
                 print(f"  {row.key:16s} quantize: reused {folder}", flush=True)
             else:
                 old = {}
                 timeout = args.ort_timeout if row.tool == "ort" else args.timeout
                 rec["quantize"] = q = quantize_row(row, src, work, timeout)
+                rec["dates"]["quantize"] = now
                 print(
                     f"  {row.key:16s} quantize: {q['wall_s']:6.1f} s wall {q['cpu_s']:6.1f} s CPU "
                     f"{q['maxrss'] / 1e9:5.2f} GB  {q['out_bytes'] / MB:6.1f} MB  {q['status']}",
@@ -464,21 +472,21 @@ def run_rows(rows: list[Row], src: Path, work: Path, args, now: str) -> dict:
                 path.write_text(json.dumps(rec, indent=1))
                 continue
         rec["bytes"] = model_bytes(folder)
-        keep = old.get("settings", {}) == settings
-        rec["ppl"] = old["ppl"] if keep and "perplexity" in old.get("ppl", {}) else None
+        keep = {k: old.get("settings", {}).get(k) == v for k, v in settings.items()}
+        rec["ppl"] = old["ppl"] if keep["ppl"] and "perplexity" in old.get("ppl", {}) else None
+        rec["dates"]["ppl"] = old.get("dates", {}).get("ppl", "an earlier run") if rec["ppl"] else now
         if rec["ppl"] is None:
             rec["ppl"] = perplexity_row(folder, args.windows, work / "logs" / f"ppl-{row.key}.log", args.timeout)
         print(f"  {row.key:16s} perplexity: {rec['ppl'].get('perplexity', rec['ppl'].get('error'))}", flush=True)
         if row.tool != "fp32" and not args.no_speed:
-            rec["speed"] = old["speed"] if keep and "prefill" in old.get("speed", {}) else None
+            rec["speed"] = old["speed"] if keep["speed"] and "prefill" in old.get("speed", {}) else None
+            rec["dates"]["speed"] = old.get("dates", {}).get("speed", "an earlier run") if rec["speed"] else now
             if rec["speed"] is None:
                 rec["speed"] = speed_row(src, folder, args, work / "logs" / f"speed-{row.key}.log")
             sp = rec["speed"]
             shown = ", ".join(f"{k} {ratio(sp, k):.2f}x" for k in SPEEDS) if "prefill" in sp else sp.get("error")
             print(f"  {row.key:16s} speed vs fp32: {shown}", flush=True)
         rec["settings"] = settings
-        reused = all(rec.get(k) is old.get(k) for k in ("quantize", "ppl", "speed") if k in rec)
-        rec["measured"] = old.get("measured", now) if reused and old else now
         records[row.key] = rec
         path.write_text(json.dumps(rec, indent=1))
     return records
@@ -506,7 +514,8 @@ def _speed_cells(rec: dict, row: Row, fp32: dict) -> list[str]:
             cells += [f"{best(vals):.0f}{dag}" if vals else "", ""]
         elif kind in sp:
             dag = "\u2020" if min(sp[kind]["others"]) >= DISTURBED else ""
-            cells += [f"{best(sp[kind]['model']):.0f}{dag}", f"{ratio(sp, kind):.2f}x"]
+            most = "\u2020" if median(sp[kind]["others"]) >= DISTURBED else ""
+            cells += [f"{best(sp[kind]['model']):.0f}{dag}", f"{ratio(sp, kind):.2f}x{most}"]
         else:
             cells += ["", ""]
     return cells
@@ -520,10 +529,8 @@ def render(rows: list[Row], records: dict, meta: dict, args, png: Path | None) -
     bppl, bbytes = base.get("ppl", {}).get("perplexity", math.nan), base.get("bytes", math.nan)
     export = "reused" if meta["export_s"] is None else f"exported in {meta['export_s']:.0f} s"
     retries = sum(r.get("speed", {}).get("retries", 0) for r in records.values())
-    most = max(
-        (x for r in records.values() for k in SPEEDS for x in r.get("speed", {}).get(k, {}).get("others", [])),
-        default=math.nan,
-    )
+    others = [x for r in records.values() for k in SPEEDS for x in (r.get("speed") or {}).get(k, {}).get("others", [])]
+    disturbed = sum(1 for x in others if x >= DISTURBED)
     lines = [
         START,
         "## Weight+activation schemes on the reference model, beside ONNX Runtime's quantize_static (CPU)",
@@ -560,11 +567,12 @@ def render(rows: list[Row], records: dict, meta: dict, args, png: Path | None) -
         f"(logits for every position, as exported). Decode: greedy steps from the model's own {PROMPT}-token KV "
         f"cache, {args.steps[0]} steps at batch {BATCH} ({BATCH} new tokens a step) and {args.steps[1]} steps at "
         f"batch 1. fp32 and the row are measured back to back (fp32 first in even rounds, the row first in odd "
-        f"ones), {args.rounds} round(s); a pair during which other processes used more than {DISTURBED} cores "
-        f"(from /proc/stat, minus this process) is repeated after a quiet moment, within {args.speed_budget:.0f} s "
-        f"per row ({retries} repeats in all; other processes used at most {most:.2f} cores during a kept pair). "
+        f"ones), {args.rounds} round(s); a measurement during which other processes used more than {DISTURBED} "
+        "cores (from /proc/stat, minus this process) is repeated after a quiet moment, within "
+        f"{args.speed_budget:.0f} s per row, after which the least disturbed attempt is kept ({retries} repeats in "
+        f"all; {disturbed} of {len(others)} kept pairs had a half disturbed, median {median(others):.2f} cores). "
         "Columns: the best round's tokens/s (\u2020: every round disturbed) and the median over rounds of "
-        "row / fp32 within each pair. fp32's tokens/s: the best over all pairs.",
+        "row / fp32 within each pair (\u2020: most pairs disturbed). fp32's tokens/s: the best over all pairs.",
         "",
         "| model | perplexity | vs fp32 | size (MB) | vs fp32 | quantize wall (s) | CPU (s) | peak RSS (GB) | "
         + " | ".join(f"{SPEED_TITLES[k]} | vs fp32" for k in SPEEDS)
@@ -601,13 +609,17 @@ def render(rows: list[Row], records: dict, meta: dict, args, png: Path | None) -
 
 
 def _reused_text(rows: list[Row], records: dict, meta: dict) -> str:
-    """Which rows come from an earlier run of this script (``--reuse``), with when they were measured."""
-    earlier = [
-        f"{r.label} ({records[r.key]['measured']})"
-        for r in rows
-        if records.get(r.key, {}).get("measured", meta["date"]) != meta["date"]
-    ]
-    return f"; rows reused from earlier runs (`--reuse`), measured then: {', '.join(earlier)}" if earlier else ""
+    """Which figures come from earlier runs of this script (``--reuse``: same flags and settings), and when."""
+    earlier: dict[str, list[str]] = {}
+    for r in rows:
+        dates = records.get(r.key, {}).get("dates", {})
+        parts = [p for p in ("quantize", "ppl", "speed") if dates.get(p, meta["date"]) != meta["date"]]
+        for p in parts:
+            earlier.setdefault(dates[p], []).append(f"{r.key} {p.replace('ppl', 'perplexity')}")
+    if not earlier:
+        return ""
+    said = "; ".join(f"{date}: {', '.join(what)}" for date, what in sorted(earlier.items()))
+    return f". Figures reused from earlier runs (`--reuse`, same flags and settings), by date: {said}"
 
 
 def notes(rows: list[Row], records: dict) -> list[str]:
