@@ -700,16 +700,18 @@ def plot(rows: list[Row], records: dict, folder: Path) -> Path | None:
         "prefill b16x128 speed vs fp32": lambda rec: ratio(rec["speed"], "prefill") if "speed" in rec else 1.0,
         "decode b1 speed vs fp32": lambda rec: ratio(rec["speed"], "decode1") if "speed" in rec else 1.0,
     }
+    panels = []
     for ax, (title, fx) in zip(axes, xs.items(), strict=True):
-        for r in done:
-            rec = records[r.key]
-            x, y = fx(rec), rec["ppl"]["perplexity"]
-            if math.isnan(x):
-                continue
+        points = sorted(
+            ((fx(records[r.key]), records[r.key]["ppl"]["perplexity"], r) for r in done), key=lambda p: p[1]
+        )
+        points = [p for p in points if not math.isnan(p[0])]
+        panels.append((ax, points))
+        for x, y, r in points:
             ax.scatter(x, y, color=colors[r.tool], marker=markers[r.tool], s=70, zorder=3)
-            ax.annotate(r.key, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
         ax.set_xlabel(title + ("" if "MB" in title else " (right is faster)"))
         ax.set_yscale("log")
+        ax.margins(x=0.15, y=0.08)
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.grid(alpha=0.3, which="both")
@@ -717,6 +719,24 @@ def plot(rows: list[Row], records: dict, folder: Path) -> Path | None:
             ax.axhline(records["fp32"]["ppl"]["perplexity"], color="black", lw=0.6, ls=":")
         if "MB" not in title:
             ax.axvline(1.0, color="gray", lw=0.8, ls="--")
+    for ax, points in panels:  # labels once every panel's limits are final (the y axis is shared)
+        ax.autoscale_view()
+        to_axes = ax.transData + ax.transAxes.inverted()
+        placed: list[tuple[float, float]] = []  # label positions (axes fraction), to keep labels apart
+        for x, y, r in points:
+            fx0, fy0 = to_axes.transform((x, y))
+            ly = fy0
+            while any(abs(px - fx0) < 0.15 and abs(py - ly) < 0.04 for px, py in placed):
+                ly += 0.04
+            placed.append((fx0, ly))
+            ax.annotate(
+                r.key,
+                (x, y),
+                xytext=(fx0 + 0.015, ly + 0.01),
+                textcoords="axes fraction",
+                fontsize=7,
+                arrowprops=dict(arrowstyle="-", color="gray", lw=0.5) if ly - fy0 > 0.02 else None,
+            )
     axes[0].set_ylabel(f"perplexity (pydoc, {args_windows(records)} x 512 tokens, log scale)")
     fig.suptitle("SmolLM2-135M-Instruct: weight+activation schemes (qonnx: circles, ORT quantize_static: squares)")
     fig.tight_layout()
