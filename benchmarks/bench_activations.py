@@ -455,6 +455,7 @@ def run_rows(rows: list[Row], src: Path, work: Path, args, now: str) -> dict:
             same = old.get("args") == list(row.args) and (folder / "model.onnx").exists()
             if same and old.get("quantize", {}).get("status") == "ok":
                 rec["quantize"] = old["quantize"]
+                rec["quantize"]["graph"] = graph_counts(folder / "model.onnx")  # counted by this version
                 rec["dates"]["quantize"] = old.get("dates", {}).get("quantize", "an earlier run")
                 print(f"  {row.key:16s} quantize: reused {folder}", flush=True)
             else:
@@ -652,17 +653,17 @@ def notes(rows: list[Row], records: dict) -> list[str]:
                 f"of {g['MatMul']} MatMuls read a quantized activation, {g['MatMul of two quantized activations']} "
                 "of them two (the attention MatMuls"
             )
-            if g["lm_head MatMul of two quantized activations"]:
+            if g.get("lm_head MatMul of two quantized activations"):
                 text += ", and the lm_head: its weight is the embedding behind a Transpose, quantized per tensor"
             text += ")"
-            if g["outputs through Q/DQ"]:
+            if g.get("outputs through Q/DQ"):
                 text += f"; graph outputs quantized too: {', '.join(g['outputs through Q/DQ'][:3])}"
                 more = len(g["outputs through Q/DQ"]) - 3
                 text += f" and {more} more" if more > 0 else ""
             out.append(text + ".")
         act = (records.get(row.key, {}).get("quantize", {}).get("phases") or {}).get("activations")
         if row.tool == "qonnx" and g and not act and g["MatMulNBits"]:
-            levels = ", ".join(map(str, g["MatMulNBits accuracy levels"])) or "none"
+            levels = ", ".join(map(str, g.get("MatMulNBits accuracy levels", []))) or "none"
             out.append(
                 f"- {row.label}: {g['MatMulNBits']} MatMulNBits (accuracy_level {levels}), "
                 f"{g['QuantizeLinear']} QuantizeLinear."
