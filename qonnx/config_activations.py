@@ -182,6 +182,10 @@ class ActivationConfig(SchemeConfig):
         out = {"scheme": self.name, **dataclasses.asdict(self)}
         if isinstance(self.algo, GPTQ):
             out["algo"] = self.algo.to_dict()
+        if self.dynamic_on_cpu:  # what was really done: no calibration, no smoothing, no activation Q/DQ
+            out["emitted_as"] = "MatMulNBits accuracy_level 4 (int8 activations at run time)"
+            for unused in ("smooth_quant", "calibration", "keep_float", "act_symmetric"):
+                out.pop(unused, None)
         return out
 
 

@@ -334,6 +334,7 @@ def test_w4a8_lowered_for_cpu(stack, tmp_path):
     path, npz, test = stack
     cfg = W4A8(target="cpu", calibration=Calibration(data=str(npz), samples=2))
     assert cfg.dynamic_on_cpu and cfg.weight_config().accuracy_level == 4
+    assert "smooth_quant" not in cfg.to_dict() and "emitted_as" in cfg.to_dict()  # records what is done
     summary = qonnx.quantize(path, cfg, output=tmp_path / "c" / "model.onnx")
     ops = [n.op_type for n in onnx.load(summary.outputs[0]).graph.node]
     assert "QuantizeLinear" not in ops and ops.count("MatMulNBits") == len(summary.quantized)
