@@ -9,7 +9,7 @@ Example::
 from __future__ import annotations
 
 from qonnx.api import QuantizeSummary, quantize
-from qonnx.config import GPTQ, W4A16, W8A16, SchemeConfig, Targets, WeightOnlyConfig
+from qonnx.config import AWQ, GPTQ, HQQ, W4A16, W8A16, SchemeConfig, Targets, WeightOnlyConfig
 from qonnx.config_activations import FP8, W4A8, W8A8, ActivationConfig, Calibration, Dynamic
 from qonnx.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError, QonnxError
 from qonnx.modelfile import load, save
@@ -18,7 +18,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FP8",
+    "AWQ",
     "GPTQ",
+    "HQQ",
     "W4A8",
     "W8A8",
     "ActivationConfig",

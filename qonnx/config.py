@@ -15,7 +15,9 @@ from typing import Any, ClassVar, Literal
 from qonnx.errors import ConfigError
 
 __all__ = [
+    "AWQ",
     "GPTQ",
+    "HQQ",
     "SchemeConfig",
     "WeightOnlyConfig",
     "W4A16",
@@ -79,6 +81,122 @@ class GPTQ:
         return {"name": self.name, **dataclasses.asdict(self)}
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AWQ:
+    """AWQ (Lin et al., 2023): scale each weight's input channels by ``s = mean|x|^a`` before rounding.
+
+    The inputs that carry the most activation energy get finer weight grids; ``1/s`` is folded into what
+    produces the input (the preceding RMSNorm/LayerNorm weight, the preceding linear's columns, or an explicit
+    Mul). ``a`` is searched per group of layers that read the same input, and each block's range is then
+    shrunk (clip search), both for the least output error on calibration data. With ``gptq`` set the
+    scaled weights are then rounded by GPTQ ("awq+gptq").
+
+    Attributes:
+        grid: values of ``a`` tried in [0, 1) (``grid`` evenly spaced points).
+        clip_search: search each block's range shrink for the least output error.
+        calib_samples, calib_seq_len, calib_data: calibration data, as for :class:`GPTQ`.
+        gptq: round the scaled weights with GPTQ instead of to nearest.
+    """
+
+    name: ClassVar[str] = "awq"
+    grid: int = 20
+    clip_search: bool = True
+    calib_samples: int = 16
+    calib_seq_len: int = 512
+    calib_data: str = "pydoc"
+    gptq: GPTQ | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.grid, int) or self.grid < 1:
+            raise ConfigError(f"awq: grid must be a positive integer, got {self.grid!r}")
+        if not isinstance(self.clip_search, bool):
+            raise ConfigError(f"awq: clip_search must be True or False, got {self.clip_search!r}")
+        if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
+            raise ConfigError(f"awq: calib_samples must be a positive integer, got {self.calib_samples!r}")
+        if not isinstance(self.calib_seq_len, int) or self.calib_seq_len < 2:
+            raise ConfigError(f"awq: calib_seq_len must be an integer >= 2, got {self.calib_seq_len!r}")
+        if self.gptq is not None:
+            if not isinstance(self.gptq, GPTQ):
+                raise ConfigError(f"awq: gptq must be a GPTQ(...) config or None, got {self.gptq!r}")
+            # one calibration run serves both: GPTQ uses AWQ's data
+            object.__setattr__(
+                self,
+                "gptq",
+                dataclasses.replace(
+                    self.gptq,
+                    calib_samples=self.calib_samples,
+                    calib_seq_len=self.calib_seq_len,
+                    calib_data=self.calib_data,
+                ),
+            )
+
+    @property
+    def label(self) -> str:
+        """"awq+gptq" when GPTQ rounds the scaled weights, else "awq"."""
+        return "awq+gptq" if self.gptq is not None else "awq"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description, with the algorithm name."""
+        out = {"name": self.label, **dataclasses.asdict(self)}
+        out["gptq"] = None if self.gptq is None else self.gptq.to_dict()
+        return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HQQ:
+    """HQQ (Badri & Shaji, 2023): half-quadratic optimisation of each block's zero point, no data needed.
+
+    Minimises ``|| W - dequant(quant(W)) ||_p`` (``p`` < 1 favours fitting most weights exactly and
+    letting outliers go) by alternating a shrinkage step on the error with a closed-form zero-point update.
+
+    Attributes:
+        iterations: optimisation steps per weight.
+        lp_norm: ``p`` of the error norm.
+        beta: initial weight of the quadratic penalty; multiplied by ``kappa`` every step.
+        kappa: growth of ``beta`` per step.
+    """
+
+    name: ClassVar[str] = "hqq"
+    iterations: int = 20
+    lp_norm: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ConfigError(f"hqq: iterations must be a positive integer, got {self.iterations!r}")
+        if not isinstance(self.lp_norm, (int, float)) or not 0 < self.lp_norm <= 2:
+            raise ConfigError(f"hqq: lp_norm must be in (0, 2], got {self.lp_norm!r}")
+        if not isinstance(self.beta, (int, float)) or self.beta <= 0:
+            raise ConfigError(f"hqq: beta must be positive, got {self.beta!r}")
+        if not isinstance(self.kappa, (int, float)) or self.kappa < 1:
+            raise ConfigError(f"hqq: kappa must be >= 1, got {self.kappa!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description, with the algorithm name."""
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+
+#: ``algo=`` strings and the configs they stand for.
+ALGOS = ("rtn", "gptq", "awq", "awq+gptq", "hqq")
+Algo = Literal["rtn"] | GPTQ | AWQ | HQQ
+
+
+def algo_from_name(name: str) -> Algo:
+    """The default config of an algorithm named on the command line (``rtn`` stays a string)."""
+    table: dict[str, Any] = {
+        "rtn": "rtn",
+        "gptq": GPTQ(),
+        "awq": AWQ(),
+        "awq+gptq": AWQ(gptq=GPTQ()),
+        "hqq": HQQ(),
+    }
+    try:
+        return table[name.lower()]
+    except (KeyError, AttributeError):
+        raise ConfigError(f"unknown algo {name!r}; choose one of {', '.join(ALGOS)}") from None
+
+
 class SchemeConfig:
     """Base of every scheme config (weight-only and weight+activation); ``name`` is the CLI name."""
 
@@ -102,7 +220,7 @@ class WeightOnlyConfig(SchemeConfig):
     """Weight-only quantization: weights stored in ``bits`` bits, activations stay floating point.
 
     Attributes:
-        bits: code width (4 or 8).
+        bits: code width: 4 or 8; 2 and 3 are stored in 4-bit containers (no ONNX Runtime kernel reads 3-bit codes).
         block_size: weights per scale along the reduction axis K; ``None`` means one scale per output
             channel (only with ``format="qdq"``; MatMulNBits needs blocks of 16..256).
         symmetric: signed codes and no zero point; otherwise unsigned codes with a zero point per block.
@@ -121,16 +239,18 @@ class WeightOnlyConfig(SchemeConfig):
     symmetric: bool = False
     format: Format = "matmulnbits"
     accuracy_level: int | None = None
-    algo: Literal["rtn"] | GPTQ = "rtn"
+    algo: Algo = "rtn"
     float8: bool = False
 
     def __post_init__(self) -> None:
-        if self.algo == "gptq":
-            object.__setattr__(self, "algo", GPTQ())
-        elif not (self.algo == "rtn" or isinstance(self.algo, GPTQ)):
-            raise ConfigError(f"{self.name}: algo must be 'rtn', 'gptq' or a GPTQ(...) config, got {self.algo!r}")
-        if self.bits not in (4, 8):
-            raise ConfigError(f"{self.name}: bits must be 4 or 8, got {self.bits}")
+        if isinstance(self.algo, str):
+            object.__setattr__(self, "algo", algo_from_name(self.algo))
+        elif not isinstance(self.algo, (GPTQ, AWQ, HQQ)):
+            raise ConfigError(
+                f"{self.name}: algo must be one of {', '.join(ALGOS)} or a GPTQ/AWQ/HQQ(...) config, got {self.algo!r}"
+            )
+        if self.bits not in (2, 3, 4, 8):
+            raise ConfigError(f"{self.name}: bits must be 2, 3, 4 or 8, got {self.bits}")
         if self.format not in ("matmulnbits", "qdq"):
             raise ConfigError(f"{self.name}: format must be 'matmulnbits' or 'qdq', got {self.format!r}")
         if self.block_size is not None:
@@ -159,7 +279,7 @@ class WeightOnlyConfig(SchemeConfig):
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, with the scheme name."""
         out = {"scheme": self.name, **dataclasses.asdict(self)}
-        if isinstance(self.algo, GPTQ):
+        if not isinstance(self.algo, str):
             out["algo"] = self.algo.to_dict()
         return out
 
@@ -169,8 +289,25 @@ class WeightOnlyConfig(SchemeConfig):
 
     @property
     def gptq(self) -> GPTQ | None:
-        """The GPTQ options when ``algo`` is GPTQ, else None."""
+        """The GPTQ options when the weights are rounded by GPTQ (``algo`` GPTQ or AWQ+GPTQ), else None."""
+        if isinstance(self.algo, AWQ):
+            return self.algo.gptq
         return self.algo if isinstance(self.algo, GPTQ) else None
+
+    @property
+    def awq(self) -> AWQ | None:
+        """The AWQ options when ``algo`` is AWQ (with or without GPTQ), else None."""
+        return self.algo if isinstance(self.algo, AWQ) else None
+
+    @property
+    def hqq(self) -> HQQ | None:
+        """The HQQ options when ``algo`` is HQQ, else None."""
+        return self.algo if isinstance(self.algo, HQQ) else None
+
+    @property
+    def calibrated(self) -> GPTQ | AWQ | None:
+        """The algorithm config that needs calibration Hessians (GPTQ or AWQ), else None."""
+        return self.algo if isinstance(self.algo, (GPTQ, AWQ)) else None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
