@@ -132,7 +132,7 @@ class AWQ:
 
     @property
     def label(self) -> str:
-        """"awq+gptq" when GPTQ rounds the scaled weights, else "awq"."""
+        """ "awq+gptq" when GPTQ rounds the scaled weights, else "awq"."""
         return "awq+gptq" if self.gptq is not None else "awq"
 
     def to_dict(self) -> dict[str, Any]:
