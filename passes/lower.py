@@ -17,8 +17,13 @@ additions for the graphs ``qonnx export`` writes:
 - onnxscript's MultiHeadAttention and GroupQueryAttention rules do not check that the attention output
   is reshaped to [batch, sequence, hidden]; GPT-2 reshapes it to [batch * sequence, hidden] for a Gemm, and
   the fused model would not load. :class:`_Rank3Output` adds that check.
-- ONNX Runtime's CUDA GroupQueryAttention takes float16/bfloat16 only: ``target="cuda"`` keeps float32
-  models on MultiHeadAttention.
+- ONNX Runtime's CUDA GroupQueryAttention takes float16/bfloat16 only, and its CUDA MultiHeadAttention
+  measured 10x slower at decode than the unfused ops: ``target="cuda"`` fuses attention only into
+  GroupQueryAttention and leaves it unfused otherwise (float32 models, non-causal masks).
+- transformers repeats K and V across query heads only when there are fewer KV heads; with equal counts
+  (Llama-2-7B) an identity repeat is exposed first (:func:`_expose_kv_repeat`) so that GroupQueryAttention
+  (kv_num_heads == num_heads) applies. A float16 export rounds the attention scale (1/sqrt(128) becomes
+  0.08838 + 2e-5): a scale within :data:`SCALE_TOLERANCE` of 1/sqrt(head size) counts as the default.
 
 The model's inputs and outputs stay as they are (past and present KV cache included). A model with
 GroupQueryAttention ignores ``attention_mask``: it computes as if the mask were all ones (no padding),
@@ -111,6 +116,67 @@ class _Rank3Output(pattern.RewriteRuleClassBase):
         if out is not None and out.shape is not None and out.shape.rank() != 3:
             return MatchResult().fail(f"the attention output has rank {out.shape.rank()}, not 3", out)
         return super().check(context, **bindings)  # type: ignore[misc]
+
+
+#: Relative difference from 1/sqrt(head size) still taken as the default scale: a float16 export rounds the
+#: scale it multiplies by (1/sqrt(32) becomes 0.17674, 2e-4 off); GroupQueryAttention uses the exact value.
+SCALE_TOLERANCE = 1e-3
+
+
+def _default_scale(node: ir.Node) -> bool:
+    """Whether an SDPA node's scale is 1/sqrt(head size), up to the rounding of a float16 export."""
+    attr = node.attributes.get("scale")
+    if attr is None:
+        return True
+    query = node.inputs[0]
+    head = query.shape[-1] if query is not None and query.shape is not None and query.shape.rank() else None
+    if not isinstance(head, int) or head <= 0:
+        return False
+    return abs(float(attr.as_float()) * head**0.5 - 1.0) <= SCALE_TOLERANCE
+
+
+def _expose_kv_repeat(model: ir.Model) -> int:
+    """Give attentions with as many KV heads as query heads the KV repeat GroupQueryAttention's rule expects.
+
+    transformers repeats K and V across the query heads that share them (Unsqueeze, Expand, Reshape) only
+    when there are fewer KV heads; with equal counts (Llama-2-7B) the rule finds no repeat and the attention
+    would become MultiHeadAttention, measured 10x slower on CUDA. An identity repeat (Expand to the same
+    shape) is inserted between the concatenated cache and the attention; GroupQueryAttention with
+    kv_num_heads == num_heads replaces it, and if nothing does, it computes the same values. Returns the
+    attentions changed.
+    """
+    changed = 0
+    for node in list(model.graph):
+        if node.domain != _FUSION_DOMAIN or node.op_type != "SDPA" or len(node.inputs) < 3:
+            continue
+        query, key, value = node.inputs[:3]
+        heads = [
+            v.shape[1] if v is not None and v.shape is not None and v.shape.rank() == 4 else None
+            for v in (query, key, value)
+        ]
+        if None in heads or not isinstance(heads[0], int) or len(set(heads)) != 1:
+            continue
+        if any(v is None or v.producer() is None or v.producer().op_type == "Reshape" for v in (key, value)):  # type: ignore[union-attr]
+            continue  # already repeated (fewer KV heads), or not the cache layout the rule knows
+        head_size = key.shape[3] if key is not None and key.shape is not None else None  # type: ignore[union-attr]
+        if not isinstance(head_size, int):
+            continue
+        for index, kv in ((1, key), (2, value)):
+            assert kv is not None
+            tag = f"{node.name or 'sdpa'}_kv{index}"
+            unsq = ir.node("Unsqueeze", [kv, ir.val(f"{tag}_axes", const_value=ir.tensor([2], ir.DataType.INT64))])
+            ones = ir.val(f"{tag}_ones", const_value=ir.tensor([1, 1, 1, 1, 1], ir.DataType.INT64))
+            expand = ir.node("Expand", [unsq.outputs[0], ones])
+            target = ir.val(f"{tag}_shape", const_value=ir.tensor([0, 0, -1, head_size], ir.DataType.INT64))
+            reshape = ir.node("Reshape", [expand.outputs[0], target])
+            for const in (unsq.inputs[1], ones, target):
+                model.graph.register_initializer(const)  # type: ignore[arg-type]
+            model.graph.insert_before(node, [unsq, expand, reshape])
+            reshape.outputs[0].shape = kv.shape
+            reshape.outputs[0].dtype = kv.dtype
+            node.replace_input_with(index, reshape.outputs[0])
+        changed += 1
+    return changed
 
 
 def _attention_rules() -> tuple[pattern.RewriteRuleSet, pattern.RewriteRuleSet, pattern.RewriteRuleSet]:
@@ -215,12 +281,29 @@ class FuseForOrtPass(ir.passes.InPlacePass):
         fuse("cos_sin_cache", cos_sin_cache.fuse_cos_sin_cache)
         common_passes.CommonSubexpressionEliminationPass()(model)
         fuse("partial_rotary_embedding", rotary_embedding.fuse_partial_rotary_embedding)
-        if self.attention:
+        attention = self.attention
+        if attention and self.target == "cuda":
+            # Only GroupQueryAttention is worth it on CUDA; find out on a copy whether it applies, since the
+            # SDPA fusion it starts from cannot be undone.
+            probe = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+            sdpa.fuse_sdpa(probe, apply_shape_inference=True)
+            blockers = self._gqa_blockers(probe)
+            del probe
+            if blockers:
+                attention = False
+                self.notes += [f"GroupQueryAttention not fused: {b}" for b in blockers]
+                # ORT 1.31's CUDA MultiHeadAttention with a KV cache: 2.06 ms per decode call on an H100 (7B
+                # shape), 10x slower than the unfused attention (benchmarks/RESULTS.md, bench_gpu).
+                self.notes.append(
+                    "attention left unfused: MultiHeadAttention measured 10x slower than the plain ops on CUDA"
+                )
+        if attention:
             gqa_rules, mha_past_rules, mha_rules = _attention_rules()
             fuse("sdpa", sdpa.fuse_sdpa, apply_shape_inference=True)
             blockers = self._gqa_blockers(model)
             self.notes += [f"GroupQueryAttention not fused: {b}" for b in blockers]
             if not blockers:
+                counts["kv_repeat_exposed"] = _expose_kv_repeat(model)
                 fuse("gqa", apply_fusion_rules(gqa_rules))
                 fuse("packed_qkv_for_gqa", gqa_packed_qkv.fuse_qkv_gqa)
             mha_count = fuse("mha1", apply_fusion_rules(mha_past_rules)) + fuse("mha2", apply_fusion_rules(mha_rules))
@@ -230,7 +313,7 @@ class FuseForOrtPass(ir.passes.InPlacePass):
                 fuse("attention", mha_attention.fuse_attention)
         fuse("gelu", gelu.fuse_gelu)
         fuse("bias_gelu", bias_gelu.fuse_bias_gelu)
-        if self.attention:
+        if attention:
             fuse("sdpa_via_mha", sdpa_via_mha.replace_sdpa_by_mha)
         # Inline what was matched but not consumed by a later fusion (e.g. a rotary embedding without a
         # cos/sin cache goes back to plain ops), drop the dead mask computation, then tidy up as
@@ -261,7 +344,7 @@ class FuseForOrtPass(ir.passes.InPlacePass):
             return []
         if self.target == "cuda" and any(n.inputs[0] is None or n.inputs[0].dtype not in _HALF for n in attentions):
             return ["ONNX Runtime's CUDA kernel takes float16/bfloat16 only"]
-        if any("scale" in n.attributes for n in attentions):
+        if any(not _default_scale(n) for n in attentions):
             return ["an attention uses a non-default scale"]
         masks = {n.inputs[3] for n in attentions if len(n.inputs) > 3}
         if None in masks or len(masks) == 0:

@@ -161,10 +161,10 @@ def lower(
         model: a .onnx file or a folder holding model.onnx (an export, quantized or not).
         output: a .onnx path or a folder (a folder input is mirrored there: tokenizer and config files).
         target: "cpu" or "cuda", the execution provider the model is for.
-        attention: fuse attention too (False: RMSNorm and rotary embedding only). Default: on for the CPU,
-            off for CUDA, where ONNX Runtime 1.31's fused attention measured slower than the unfused graph on
-            an H100 (7B shape, MultiHeadAttention ~2 ms per decode call: step 17 -> 169 ms), while norms and
-            rotary alone took the step from 16.7 to 9.3 ms (benchmarks/RESULTS.md, bench_gpu).
+        attention: fuse attention too (False: RMSNorm and rotary embedding only). Default on. For CUDA only
+            into GroupQueryAttention (float16/bfloat16, causal mask): ONNX Runtime 1.31's CUDA
+            MultiHeadAttention measured 10x slower than the unfused graph on an H100 (7B shape, ~2 ms per decode
+            call), so attention that cannot become GroupQueryAttention stays unfused there.
         verify: compare the lowered model with the input before writing (default: up to 2 GiB of files).
         external_data: see :func:`qonnx.modelfile.save`.
 
@@ -179,7 +179,7 @@ def lower(
     out_path, mirror = _output_path(output, source, model)
     size = sum(p.stat().st_size for p in protect)
     if attention is None:
-        attention = target != "cuda"
+        attention = True
     fuse = FuseForOrtPass(target, attention=attention)
     try:
         fuse(ir_model)

@@ -118,12 +118,16 @@ def test_rope_angles_rewrite_keeps_the_values(llama, tmp_path):
     _assert_close(_run_both(llama, out), atol=0)
 
 
-def test_cuda_target_keeps_float32_attention_off_gqa(llama, tmp_path):
+def test_cuda_target_leaves_float32_attention_unfused(llama, tmp_path):
+    """CUDA's GroupQueryAttention takes float16 only, and its MultiHeadAttention is slow: nothing is fused."""
     out = tmp_path / "cuda.onnx"
     fuse = _lower(llama, out, target="cuda")
-    assert "GroupQueryAttention" not in fuse.fused and fuse.fused["MultiHeadAttention"] == 2
+    assert "GroupQueryAttention" not in fuse.fused and "MultiHeadAttention" not in fuse.fused
     assert fuse.fused["RotaryEmbedding"] == 4
-    assert fuse.notes == ["GroupQueryAttention not fused: ONNX Runtime's CUDA kernel takes float16/bfloat16 only"]
+    assert fuse.notes == [
+        "GroupQueryAttention not fused: ONNX Runtime's CUDA kernel takes float16/bfloat16 only",
+        "attention left unfused: MultiHeadAttention measured 10x slower than the plain ops on CUDA",
+    ]
     _assert_close(_run_both(llama, out), atol=1e-5)  # the CUDA-shaped graph runs on the CPU provider too
 
 
@@ -222,16 +226,19 @@ def test_cli_lower_refuses_a_model_that_computes_other_numbers(llama, tmp_path, 
     assert not (out / "model.onnx").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
-    ("dtype", "overrides", "fused"),
+    ("dtype", "overrides", "target"),
     [
-        ("fp16", {}, "GroupQueryAttention"),  # what bench_gpu lowers for the 1B shape
-        ("fp32", {"num_key_value_heads": 4}, "MultiHeadAttention"),  # as many KV heads as query heads (7B shape)
+        ("fp16", {}, "cuda"),  # the 1B shape: fewer KV heads
+        ("fp16", {"num_key_value_heads": 4}, "cuda"),  # as many KV heads as query heads (Llama-2-7B shape)
+        ("fp32", {"num_key_value_heads": 4}, "cpu"),
+        # head size 32: a float16 export rounds 1/sqrt(32) to 0.17674; still the default scale
+        ("fp16", {"hidden_size": 128, "num_key_value_heads": 4}, "cuda"),
     ],
 )
-def test_other_attention_shapes(tmp_path_factory, tmp_path, dtype, overrides, fused):
+def test_group_query_attention_for_other_shapes(tmp_path_factory, tmp_path, dtype, overrides, target):
     path = _export(tmp_path_factory, "llama", dtype=dtype, **overrides)
-    fuse = _lower(path, tmp_path / "lowered.onnx", target="cuda" if dtype == "fp16" else "cpu")
-    assert fuse.fused[fused] == 2
+    fuse = _lower(path, tmp_path / "lowered.onnx", target=target)
+    assert fuse.fused["GroupQueryAttention"] == 2 and "MultiHeadAttention" not in fuse.fused, fuse.notes
+    assert fuse.nodes_after < fuse.nodes_before / 3
     _assert_close(_run_both(path, tmp_path / "lowered.onnx"), atol=2e-3 if dtype == "fp16" else 1e-5)
