@@ -173,7 +173,7 @@ def _expose_kv_repeat(model: ir.Model) -> int:
                 model.graph.register_initializer(const)  # type: ignore[arg-type]
             model.graph.insert_before(node, [unsq, expand, reshape])
             reshape.outputs[0].shape = kv.shape
-            reshape.outputs[0].dtype = kv.dtype
+            reshape.outputs[0].dtype = kv.dtype  # type: ignore[assignment]
             node.replace_input_with(index, reshape.outputs[0])
         changed += 1
     return changed
