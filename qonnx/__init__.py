@@ -8,10 +8,12 @@ Example::
 
 from __future__ import annotations
 
+from qonnx.analysis import LayerSensitivity, Sensitivity, analyze
 from qonnx.api import QuantizeSummary, quantize
 from qonnx.config import AWQ, GPTQ, HQQ, W4A16, W8A16, SchemeConfig, Targets, WeightOnlyConfig
 from qonnx.config_activations import FP8, W4A8, W8A8, ActivationConfig, Calibration, Dynamic
 from qonnx.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError, QonnxError
+from qonnx.mixed_precision import Budget, MixedPrecision, mixed_precision
 from qonnx.modelfile import load, save
 
 __version__ = "0.1.0"
@@ -21,9 +23,13 @@ __all__ = [
     "AWQ",
     "GPTQ",
     "HQQ",
+    "LayerSensitivity",
+    "MixedPrecision",
+    "Sensitivity",
     "W4A8",
     "W8A8",
     "ActivationConfig",
+    "Budget",
     "Calibration",
     "Dynamic",
     "SchemeConfig",
@@ -38,7 +44,9 @@ __all__ = [
     "Targets",
     "WeightOnlyConfig",
     "__version__",
+    "analyze",
     "load",
+    "mixed_precision",
     "quantize",
     "save",
 ]

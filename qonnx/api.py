@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -21,6 +22,7 @@ from qonnx import modelfile
 from qonnx.activation_api import apply_activation_scheme, plan_activations
 from qonnx.config import W4A16, SchemeConfig, Targets
 from qonnx.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError
+from qonnx.mixed_precision import Budget, MixedPrecision, mixed_precision
 from qonnx.passes.cleanup import RemoveUnusedInitializersPass
 from qonnx.passes.opset import OpsetConversionError, UpgradeOpsetPass
 from qonnx.passes.weight_only import QDQ_OPSET, LayerRecord, Plan, QuantizeWeightsPass, hessian_key
@@ -58,6 +60,7 @@ class QuantizeSummary:
     model: ir.Model = dataclasses.field(repr=False)
     verification: Verification = dataclasses.field(default_factory=lambda: Verification(False))
     activations: dict[str, Any] | None = None
+    mixed_precision: dict[str, Any] | None = None
 
     @property
     def quantized(self) -> list[LayerRecord]:
@@ -85,6 +88,7 @@ class QuantizeSummary:
             "outputs": [str(p) for p in self.outputs],
             "verification": self.verification.to_dict(),
             "activations": self.activations,
+            "mixed_precision": self.mixed_precision,
             "layers": [r.to_dict() for r in self.layers],
         }
 
@@ -136,6 +140,7 @@ def quantize(
     external_data: bool | None = None,
     workers: int | None = None,
     verify: VerifyOptions | bool | None = None,
+    budget: Budget | None = None,
 ) -> QuantizeSummary:
     """Quantize a model: its weights, and with a weight+activation scheme (W8A8, W4A8, FP8) its activations.
 
@@ -155,6 +160,10 @@ def quantize(
             per-output SQNR, cosine, max error and top-1 agreement (:class:`VerifyOptions`; True/False to
             force it on/off; default on for models up to 2 GiB). The figures go into the output's
             ``metadata_props``; ``VerifyOptions(min_sqnr=...)`` refuses to write a worse model.
+        budget: mixed precision (weight-only schemes): keep the layers whose quantization hurts most in
+            8 bits, or floating point, to meet ``Budget(target_bits=...)`` or ``Budget(max_ppl_increase=...)``
+            (see :mod:`qonnx.mixed_precision`); the promotions go into the layer records, the summary and
+            the output's metadata.
 
     Returns:
         A :class:`QuantizeSummary`.
@@ -167,6 +176,10 @@ def quantize(
     config = W4A16() if config is None else config
     if not isinstance(config, SchemeConfig):
         raise ConfigError(f"config must be a scheme config such as W4A16(), not {type(config).__name__}")
+    mixed = None
+    if budget is not None:  # measured on the float model, before anything changes it
+        mixed = mixed_precision(model, config, budget, targets=targets, progress=progress)
+        targets = {**(targets or {}), **mixed.targets}
     resolved = Targets(config, targets)
     ir_model, source = _load(model)
     protect = modelfile.model_files(ir_model, source) if source is not None else []
@@ -242,6 +255,8 @@ def quantize(
 
     if activations is not None:
         _note_activations(qpass.records, activations, act_info or {})
+    mixed_info = None if mixed is None else _note_mixed_precision(qpass.records, mixed)
+    extra_props = {} if mixed_info is None else {"qonnx.mixed_precision": json.dumps(mixed_info, sort_keys=True)}
     quantized = sum(1 for r in qpass.records if r.quantized)
     skipped = len(qpass.records) - quantized
     checked = Verification(False, note=skip_note or "verification disabled")
@@ -253,7 +268,7 @@ def quantize(
         assert original is not None or not wants_check
         if not skip_note:
             checked = run_verify(reference or original or b"", tmp_model, options, bytes_before)
-        props = verification_metadata(config.to_dict(), checked, quantized, skipped)
+        props = {**verification_metadata(config.to_dict(), checked, quantized, skipped), **extra_props}
         if protect:  # the whole model must shrink: scales, nodes and metadata can outweigh tiny layers
             size = sum(p.stat().st_size for p in tmp_model.parent.iterdir() if p.is_file())
             size += sum(len(k) + len(v) + 8 for k, v in props.items())
@@ -276,7 +291,8 @@ def quantize(
         if wants_check:
             modelfile.make_runtime_compatible(ir_model)
             checked = run_verify(reference or original or b"", modelfile.to_bytes(ir_model), options, bytes_before)
-        for key, value in verification_metadata(config.to_dict(), checked, quantized, skipped).items():
+        props = {**verification_metadata(config.to_dict(), checked, quantized, skipped), **extra_props}
+        for key, value in props.items():
             ir_model.metadata_props[key] = value
     return QuantizeSummary(
         config=config.to_dict(),
@@ -288,6 +304,7 @@ def quantize(
         model=ir_model,
         verification=checked,
         activations=act_info,
+        mixed_precision=mixed_info,
     )
 
 
@@ -345,6 +362,21 @@ def _note_activations(records: list[LayerRecord], plan: Any, info: dict[str, Any
     for record in records:
         if record.quantized and record.node in by_node:
             record.reason = f"{by_node[record.node]}; weights: {record.reason}"
+
+
+def _note_mixed_precision(records: list[LayerRecord], mixed: MixedPrecision) -> dict[str, Any]:
+    """Say in each promoted layer's record why; the budget's figures with the bits per weight as written."""
+    params = stored = 0
+    for record in records:
+        why = mixed.reason(record.weight)
+        if why is not None:
+            record.reason = f"{record.reason}; {why}" if record.quantized else why
+        if record.quantized and record.shared_with is None and record.shape is not None:
+            params += record.shape[0] * record.shape[1]
+            stored += record.bytes_after
+    info = mixed.to_dict()
+    info["bits_per_weight"]["output"] = round(8 * stored / params, 4) if params else None
+    return info
 
 
 def _weight_bytes(model: ir.Model) -> int:

@@ -159,6 +159,21 @@ def cli() -> None:
     "REGEX in floating point (repeatable).",
 )
 @click.option(
+    "--target-bits",
+    type=click.FloatRange(min=0, min_open=True, max=32),
+    default=None,
+    metavar="B",
+    help="Mixed precision (w4a16): keep the layers that hurt most (measured alone on calibration windows) in "
+    "8 bits while the average stored bits per weight, scales and zero points included, stays <= B.",
+)
+@click.option(
+    "--max-ppl-increase",
+    default=None,
+    metavar="P%",
+    help="Mixed precision (w4a16, causal LMs): promote the most sensitive layers to 8 bits, then floating point, "
+    "until the calibration perplexity is within P% of the float model's.",
+)
+@click.option(
     "--external-data/--no-external-data",
     default=None,
     help="Force weights into a separate .data file, or into the .onnx file (default: above 256 MiB).",
@@ -212,6 +227,8 @@ def quantize(
     attention: bool,
     keep_float: int | None,
     exclude: tuple[str, ...],
+    target_bits: float | None,
+    max_ppl_increase: str | None,
     external_data: bool | None,
     verify: bool | None,
     min_sqnr: float | None,
@@ -250,6 +267,7 @@ def quantize(
             raise click.UsageError(f"--{next(iter(calib)).replace('_', '-')} applies to --algo gptq only")
         config = scheme_from_name(scheme, **options)
     targets = {f"re:{r}": None for r in exclude}
+    budget = _budget(target_bits, max_ppl_increase, scheme)
     show = sys.stderr.isatty() if progress is None else progress
     checks = VerifyOptions(
         enabled=True if (min_sqnr is not None and verify is None) else verify,
@@ -258,7 +276,14 @@ def quantize(
         dims=_parse_dims(dims),
     )
     summary = run_quantize(
-        model, config, output=output, targets=targets, progress=show, external_data=external_data, verify=checks
+        model,
+        config,
+        output=output,
+        targets=targets,
+        progress=show,
+        external_data=external_data,
+        verify=checks,
+        budget=budget,
     )
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
@@ -271,6 +296,8 @@ def quantize(
     for reason, names in _group_reasons(summary.skipped):
         who = names[0] if len(names) == 1 else f"{len(names)} layers (e.g. {names[0]})"
         click.echo(f"  skipped {who}: {reason}")
+    if summary.mixed_precision is not None:
+        _echo_mixed_precision(summary.mixed_precision)
     click.echo(
         f"size: {_human_bytes(summary.bytes_before)} -> {_human_bytes(summary.bytes_after)} ({ratio:.2f}x smaller)"
     )
@@ -402,6 +429,44 @@ def _activation_config(
     return scheme_from_name(scheme, **options)
 
 
+def _budget(target_bits: float | None, max_ppl_increase: str | None, scheme: str) -> Any:
+    """The mixed-precision Budget from --target-bits / --max-ppl-increase, or None."""
+    if target_bits is None and max_ppl_increase is None:
+        return None
+    if target_bits is not None and max_ppl_increase is not None:
+        raise click.UsageError("give --target-bits or --max-ppl-increase, not both")
+    if scheme.lower() in ACTIVATION_SCHEMES:
+        raise click.UsageError("--target-bits and --max-ppl-increase apply to weight-only schemes (w4a16, w8a16)")
+    from qonnx.mixed_precision import Budget, parse_percent
+
+    if max_ppl_increase is not None:
+        return Budget(max_ppl_increase=parse_percent(max_ppl_increase))
+    return Budget(target_bits=target_bits)
+
+
+def _echo_mixed_precision(info: dict[str, Any]) -> None:
+    promoted = info["promoted"]
+    bits = info["bits_per_weight"]
+    ppl = info["calibration_ppl"]
+    kinds: dict[str, int] = {}
+    for p in promoted:
+        kinds[p["to"]] = kinds.get(p["to"], 0) + 1
+    what = ", ".join(f"{n} to {k}" for k, n in kinds.items()) or "none"
+    after = bits["output"] or bits["mixed"]
+    click.echo(
+        f"mixed precision: promoted {what}; bits per weight {bits['scheme']:.3f} -> {after:.3f}"
+        + (
+            f"; calibration ppl float {ppl['float']:.3f}, scheme {ppl['scheme']:.3f}, mixed {ppl['mixed']:.3f}"
+            if ppl.get("float") is not None
+            else ""
+        )
+    )
+    for p in promoted[:8]:
+        click.echo(f"  {p['to']}: {p['module'] or p['node'] or p['weight']} (rank {p['rank']})")
+    if len(promoted) > 8:
+        click.echo(f"  ({len(promoted) - 8} more in --json)")
+
+
 def _outputs_to_show(outputs: list[Any]) -> list[Any]:
     """All outputs of a small model; else those not named like a KV cache, plus the worst one."""
     if len(outputs) <= 4:
@@ -424,8 +489,10 @@ def _group_reasons(records: list[Any]) -> list[tuple[str, list[str]]]:
 
 def _register_model_commands() -> None:
     """``export`` and ``eval`` live in qonnx.cli_models (they import torch/transformers only when run)."""
+    from qonnx.cli_analyze import analyze_command
     from qonnx.cli_models import eval_command, export_command, generate_command, lower_command, report_command
 
+    cli.add_command(analyze_command)
     cli.add_command(export_command)
     cli.add_command(eval_command)
     cli.add_command(generate_command)

@@ -1,0 +1,427 @@
+"""``qonnx.analyze``: rank layers by the error they cause when quantized alone.
+
+Every layer the scheme would quantize is fake-quantized on its own (its weight quantized exactly as
+``qonnx.quantize`` would store it, then dequantized) and fed into one ONNX Runtime session of the float model
+(:class:`qonnx.runtime.sensitivity.WeightSwapSession`), run over calibration windows: the output SQNR and,
+for a causal LM, the increase of the mean negative log-likelihood (the perplexity change) are that layer's
+sensitivity. The ranking is what mixed precision (:mod:`qonnx.mixed_precision`) spends its budget on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qonnx import modelfile
+from qonnx.config import W4A16, SchemeConfig, Targets, WeightOnlyConfig
+from qonnx.errors import ConfigError, NothingToQuantizeError
+from qonnx.passes._emit import QuantizedWeight
+from qonnx.passes.weight_only import Plan, QuantizeWeightsPass, _act_dtype, _float_reader, quantize_weight
+from qonnx.passes.weights import WeightCandidate
+from qonnx.quant import unpack_matmulnbits
+from qonnx.runtime.data import PYDOC
+from qonnx.runtime.sensitivity import Measurement, WeightSwapSession, sensitivity_feeds
+
+__all__ = ["LayerSensitivity", "Sensitivity", "analyze"]
+
+
+@dataclasses.dataclass
+class LayerSensitivity:
+    """One layer quantized alone, against the float model.
+
+    Attributes:
+        index: position among the analysed layers, in graph order.
+        node, module, op_type: the (first) node reading the weight and its source module path.
+        weight: the stored weight (initializer) name.
+        shape: the weight as the node reads it ([K, N] for MatMul/Gemm).
+        params: weights in the layer.
+        sqnr_db: output SQNR (a causal LM's logits; else the worst float output).
+        kl: mean KL divergence of the next-token distribution from the float model's (causal LMs), in nats
+            per token: what causal LMs are ranked by (the NLL change of a single layer is mostly noise).
+        nll_increase: mean negative log-likelihood per token minus the float model's (causal LMs), in nats.
+        bytes_float, bytes_quantized: the weight's bytes in floating point and as quantized (codes, scales,
+            zero points).
+    """
+
+    index: int
+    node: str
+    module: str
+    op_type: str
+    weight: str
+    shape: tuple[int, ...]
+    params: int
+    sqnr_db: float
+    kl: float | None
+    nll_increase: float | None
+    bytes_float: int
+    bytes_quantized: int
+
+    @property
+    def ppl_change(self) -> float | None:
+        """Relative perplexity change (0.01 = +1%), for causal LMs."""
+        return None if self.nll_increase is None else math.expm1(self.nll_increase)
+
+    @property
+    def score(self) -> float:
+        """What the ranking sorts on, larger is worse: the KL divergence, else the relative output noise power."""
+        if self.kl is not None:
+            return self.kl
+        return 10 ** (-self.sqnr_db / 10) if math.isfinite(self.sqnr_db) else (0.0 if self.sqnr_db > 0 else math.inf)
+
+    @property
+    def label(self) -> str:
+        """The most readable name: module path, else node, else weight."""
+        return self.module or self.node or self.weight
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        d = dataclasses.asdict(self)
+        d["sqnr_db"] = round(min(self.sqnr_db, 999.0), 3) if math.isfinite(self.sqnr_db) or self.sqnr_db > 0 else None
+        d["ppl_change"] = None if self.ppl_change is None else round(self.ppl_change, 6)
+        return d
+
+
+@dataclasses.dataclass
+class Sensitivity:
+    """What :func:`analyze` measured: layers worst first, and what they were measured on."""
+
+    model: str
+    config: dict[str, Any]
+    layers: list[LayerSensitivity]
+    skipped: list[tuple[str, str]]
+    causal_lm: bool
+    feeds: int
+    seq_len: int | None
+    float_nll: float | None
+    all_quantized: Measurement
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        ppl = None if self.float_nll is None else math.exp(self.float_nll)
+        q_nll = self.all_quantized.nll
+        return {
+            "model": self.model,
+            "config": self.config,
+            "measured_on": {"causal_lm": self.causal_lm, "feeds": self.feeds, "seq_len": self.seq_len},
+            "float_ppl": ppl,
+            "all_quantized": {
+                "sqnr_db": _finite(self.all_quantized.sqnr_db),
+                "ppl": None if q_nll is None else math.exp(q_nll),
+            },
+            "seconds": round(self.seconds, 2),
+            "layers": [r.to_dict() for r in self.layers],
+            "skipped": [{"layer": n, "reason": why} for n, why in self.skipped],
+        }
+
+    def table(self, top: int | None = None) -> str:
+        """A text table, worst first (``top`` rows)."""
+        rows = self.layers if top is None else self.layers[:top]
+        width = max([len(r.label) for r in rows] + [5])
+        head = f"{'rank':>4}  {'layer':<{width}}  {'params':>9}  {'SQNR dB':>7}"
+        if self.causal_lm:
+            head += f"  {'KL nats':>9}  {'dNLL':>8}  {'ppl':>7}"
+        lines = [head]
+        for i, r in enumerate(rows):
+            line = f"{i + 1:>4}  {r.label:<{width}}  {r.params:>9,}  {r.sqnr_db:>7.2f}"
+            if r.kl is not None and r.nll_increase is not None and r.ppl_change is not None:
+                line += f"  {r.kl:>9.6f}  {r.nll_increase:>+8.5f}  {r.ppl_change:>+7.2%}"
+            lines.append(line)
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """A PNG, per layer in graph order, coloured by projection: perplexity change and KL (causal LMs), or SQNR."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        by_order = sorted(self.layers, key=lambda r: r.index)
+        kinds = [(r.module or r.node or r.weight).rsplit(".", 1)[-1] for r in by_order]
+        palette = plt.get_cmap("tab10")
+        colors = {k: palette(i % 10) for i, k in enumerate(dict.fromkeys(kinds))}
+        if self.causal_lm:
+            panels = [
+                ([100 * (r.ppl_change or 0.0) for r in by_order], "ppl change, quantized alone (%)"),
+                ([r.kl or 0.0 for r in by_order], "KL vs float (nats/token)"),
+            ]
+        else:
+            panels = [([r.sqnr_db if math.isfinite(r.sqnr_db) else np.nan for r in by_order], "output SQNR (dB)")]
+        width = max(8.0, min(24.0, len(by_order) * 0.08))
+        fig, axes = plt.subplots(len(panels), 1, figsize=(width, 2.6 * len(panels) + 0.8), sharex=True, squeeze=False)
+        for ax, (values, label) in zip(axes[:, 0], panels, strict=True):
+            ax.bar(range(len(values)), values, color=[colors[k] for k in kinds], width=0.85)
+            ax.set_ylabel(label, fontsize=8)
+            ax.grid(axis="y", alpha=0.3)
+        top = axes[0, 0]
+        for kind, color in colors.items():
+            top.bar([], [], color=color, label=kind)
+        if len(colors) <= 12:
+            top.legend(fontsize=7, ncol=min(len(colors), 7), loc="upper left")
+        axes[-1, 0].set_xlabel("quantized layer, in graph order")
+        scheme = self.config.get("scheme", "")
+        measured = f"{self.feeds} x {self.seq_len} calibration tokens" if self.causal_lm else f"{self.feeds} feeds"
+        name = Path(self.model).parent.name or self.model
+        top.set_title(f"{name}: {scheme}, each layer quantized alone ({measured})", fontsize=9)
+        fig.tight_layout()
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        return out
+
+
+def _finite(x: float) -> float | None:
+    return round(x, 3) if math.isfinite(x) else None
+
+
+@dataclasses.dataclass
+class _Layer:
+    """A stored weight to analyse: the planned nodes that read it (one quantized weight) and its config."""
+
+    cand: WeightCandidate
+    cfg: WeightOnlyConfig
+    nodes: list[str]
+
+    @property
+    def name(self) -> str:
+        return self.cand.weight_name
+
+    @property
+    def params(self) -> int:
+        return int(self.cand.tensor().size)
+
+
+def dequantized(qw: QuantizedWeight) -> np.ndarray:
+    """The float32 weight that quantized arrays stand for, as the node reads it ([K, N] for MatMul/Gemm)."""
+    a = qw.arrays
+    if qw.format == "matmulnbits":
+        bs = qw.attrs["block_size"]
+        codes, zps = unpack_matmulnbits(
+            a["B"], a.get("zero_points"), k=qw.k, n=qw.n, bits=qw.attrs["bits"], block_size=bs
+        )
+        rows = np.arange(qw.k) // bs
+        scales = a["scales"].reshape(qw.n, -1).astype(np.float32)
+        return ((codes.astype(np.float32) - zps[:, rows].astype(np.float32)) * scales[:, rows]).T
+    x, s = a["x"].astype(np.float32), a["scale"].astype(np.float32)
+    z = a["zero_point"].astype(np.float32) if "zero_point" in a else np.zeros_like(s)
+    axis = qw.attrs.get("axis", 1) % x.ndim
+    block = qw.attrs.get("block_size", 0)
+    if block:
+        idx = np.arange(x.shape[axis]) // block
+        return (x - np.take(z, idx, axis=axis)) * np.take(s, idx, axis=axis)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return (x - z.reshape(shape)) * s.reshape(shape)
+
+
+def to_stored(cand: WeightCandidate, w: np.ndarray) -> np.ndarray:
+    """``w`` (the weight as the node reads it) in the layout and dtype of the stored tensor: the chain undone."""
+    node = cand.node
+    if node.op_type == "Gemm":
+        alpha = node.attributes.get_float("alpha", 1.0)
+        if alpha != 1.0:
+            w = w / np.float32(alpha)
+        if node.attributes.get_int("transB", 0):
+            w = w.T
+    for link in reversed(cand.chain):
+        if link.op_type == "Transpose":
+            perm = link.attributes.get_ints("perm", None)
+            w = np.transpose(w, np.argsort(perm)) if perm is not None else w.T
+    return np.ascontiguousarray(w, dtype=cand.tensor().dtype.numpy())
+
+
+def _plan_layers(model: ir.Model, plan: Plan) -> tuple[list[_Layer], list[tuple[str, str]]]:
+    """Group the planned nodes by stored weight; say why a weight cannot be fed on its own."""
+    chosen = {id(c.node) for c, cfg, _ in plan if cfg is not None}
+    groups: dict[int, list[tuple[WeightCandidate, WeightOnlyConfig]]] = {}
+    for cand, cfg, _ in plan:
+        if cfg is not None:
+            groups.setdefault(id(cand.source), []).append((cand, cfg))
+    layers, skipped = [], []
+    for group in groups.values():
+        cand, cfg = group[0]
+        src = cand.source
+        assert src is not None
+        why = None
+        if not src.is_initializer() or src.graph is not model.graph:
+            why = "its weight is not an initializer of the main graph (a Constant, or in a subgraph): it cannot be fed"
+        elif len({(c.key, g) for c, g in group}) > 1:
+            why = "its weight is read through different Transpose/Cast chains or configs"
+        elif (reader := _float_reader(src, chosen)) is not None:
+            why = f"its float weight is also read by {reader}"
+        if why is not None:
+            skipped.append((cand.module or cand.node.name or cand.weight_name, why))
+            continue
+        layers.append(_Layer(cand, cfg, [c.node.name or "" for c, _ in group]))
+    return layers, skipped
+
+
+class _Context:
+    """The model, its analysable layers, their quantized weights (cached) and the session that measures them."""
+
+    def __init__(
+        self,
+        model: Any,
+        config: SchemeConfig | None,
+        targets: Mapping[str, SchemeConfig | None] | None,
+        *,
+        samples: int,
+        seq_len: int,
+        data: str | os.PathLike,
+        device: str,
+        progress: bool,
+    ) -> None:
+        from qonnx.api import _hessians, _load
+
+        config = W4A16() if config is None else config
+        if not isinstance(config, WeightOnlyConfig):
+            raise ConfigError(
+                f"sensitivity analysis measures weight-only schemes (w4a16, w8a16), not {type(config).__name__}"
+            )
+        self.config = config
+        self._tmp = tempfile.TemporaryDirectory(prefix="qonnx-analyze-")
+        self.model, source = _load(model)
+        self.path = source
+        if source is None or self.model.ir_version > modelfile.MAX_RUNTIME_IR_VERSION:
+            version = self.model.ir_version
+            self.path = Path(self._tmp.name) / modelfile.MODEL_FILENAME
+            modelfile.save(self.model, self.path)
+            self.model.ir_version = version
+        self.plan = QuantizeWeightsPass(Targets(config, targets)).plan(self.model)
+        for cand, cfg, _ in self.plan:
+            if cfg is not None and cfg.awq is not None:
+                raise ConfigError(
+                    f"{cand.node.op_type} '{cand.node.name}': AWQ folds scales into other layers, so its layers "
+                    "cannot be measured alone; analyse with algo rtn, gptq or hqq"
+                )
+        self.layers, self.skipped = _plan_layers(self.model, self.plan)
+        if not self.layers:
+            reasons = "; ".join(sorted({why for _, why in self.skipped})[:3]) or "no MatMul or Gemm layer to quantize"
+            raise NothingToQuantizeError(f"nothing to analyse in the model ({reasons})")
+        self.hessians: dict[str, np.ndarray] = {}
+        if any(cfg.gptq is not None for _, cfg, _ in self.plan if cfg is not None):
+            self.hessians = _hessians(self.model, source, self.plan, progress)
+        feeds, causal_lm = sensitivity_feeds(self.path, data, samples=samples, seq_len=seq_len)
+        self.session = WeightSwapSession(
+            self.path, [layer.name for layer in self.layers], feeds, causal_lm=causal_lm, device=device
+        )
+        self.seq_len = seq_len if causal_lm else None
+        self._cache: dict[tuple[int, WeightOnlyConfig], QuantizedWeight] = {}
+
+    def quantized(self, i: int, cfg: WeightOnlyConfig | None = None) -> QuantizedWeight:
+        """Layer ``i``'s weight quantized by ``cfg`` (default: its planned config), as quantize would store it."""
+        layer = self.layers[i]
+        cfg = layer.cfg if cfg is None else cfg
+        key = (i, cfg)
+        if key not in self._cache:
+            cand = layer.cand
+            hessian = None
+            if cfg.gptq is not None:
+                from qonnx.passes.weight_only import hessian_key
+
+                hessian = np.asarray(self.hessians[hessian_key(cand)])
+            self._cache[key] = quantize_weight(cand, cfg, _act_dtype(cand), hessian)
+            cand.release()
+        return self._cache[key]
+
+    def fake(self, i: int, cfg: WeightOnlyConfig | None = None) -> np.ndarray:
+        """Layer ``i``'s weight quantized then dequantized, in its stored layout (a feed for the session)."""
+        return to_stored(self.layers[i].cand, dequantized(self.quantized(i, cfg)))
+
+    def measure(self, configs: Mapping[int, WeightOnlyConfig]) -> Measurement:
+        """The model with the layers in ``configs`` fake-quantized by their configs, the others float."""
+        return self.session.measure({self.layers[i].name: self.fake(i, cfg) for i, cfg in configs.items()})
+
+    def sensitivity(self, progress: bool, start: float) -> Sensitivity:
+        """Every layer quantized alone, then all of them at once."""
+        from tqdm import tqdm
+
+        rows = []
+        float_nll = self.session.float_nll
+        for i in tqdm(range(len(self.layers)), desc="sensitivity", unit="layer", file=sys.stderr, disable=not progress):
+            layer = self.layers[i]
+            m = self.session.measure({layer.name: self.fake(i)})
+            cand = layer.cand
+            rows.append(
+                LayerSensitivity(
+                    index=i,
+                    node=cand.node.name or "",
+                    module=cand.module,
+                    op_type=cand.node.op_type,
+                    weight=layer.name,
+                    shape=tuple(int(d) for d in (cand.shape or (cand.k, cand.n))),
+                    params=layer.params,
+                    sqnr_db=m.sqnr_db,
+                    kl=m.kl,
+                    nll_increase=None if m.nll is None or float_nll is None else m.nll - float_nll,
+                    bytes_float=int(cand.tensor().nbytes),
+                    bytes_quantized=self.quantized(i).nbytes,
+                )
+            )
+        everything = self.measure({i: layer.cfg for i, layer in enumerate(self.layers)})
+        rows.sort(key=lambda r: (-r.score, r.sqnr_db, r.index))
+        return Sensitivity(
+            model=str(self.path),
+            config=self.config.to_dict(),
+            layers=rows,
+            skipped=self.skipped,
+            causal_lm=self.session.causal_lm,
+            feeds=len(self.session.feeds),
+            seq_len=self.seq_len,
+            float_nll=float_nll,
+            all_quantized=everything,
+            seconds=time.perf_counter() - start,
+        )
+
+    def close(self) -> None:
+        """Drop the session and temporary files."""
+        self.session = None  # type: ignore[assignment]
+        self._cache.clear()
+        self._tmp.cleanup()
+
+
+def analyze(
+    model: Any,
+    config: SchemeConfig | None = None,
+    *,
+    targets: Mapping[str, SchemeConfig | None] | None = None,
+    samples: int = 4,
+    seq_len: int = 256,
+    data: str | os.PathLike = PYDOC,
+    device: str = "cpu",
+    progress: bool = False,
+) -> Sensitivity:
+    """Rank the layers ``config`` would quantize by the error each causes when quantized alone.
+
+    Args:
+        model: a .onnx path, a folder holding model.onnx, an ``onnx.ModelProto`` or an ``onnx_ir.Model``.
+        config: a weight-only scheme (default ``W4A16()``); ``algo="gptq"`` collects its calibration Hessians.
+        targets: per-layer overrides as for :func:`qonnx.quantize` (``None`` leaves a layer out).
+        samples: calibration windows (or .npz batches, or made-up inputs for a model without tokenizer).
+        seq_len: tokens per window.
+        data: ``"pydoc"`` (from token 60,000, never the evaluation windows), a text file, or a ``.npz`` of feeds.
+        device: where ONNX Runtime runs ("cpu", "cuda" or "auto").
+        progress: a progress bar on stderr.
+
+    Returns:
+        A :class:`Sensitivity`, layers worst first.
+    """
+    start = time.perf_counter()
+    ctx = _Context(
+        model, config, targets, samples=samples, seq_len=seq_len, data=data, device=device, progress=progress
+    )
+    try:
+        return ctx.sensitivity(progress, start)
+    finally:
+        ctx.close()
