@@ -262,6 +262,9 @@ class FuseForOrtPass(ir.passes.InPlacePass):
         self.nodes_before = sum(1 for _ in model.graph.all_nodes())
         self.notes = []
         counts: dict[str, int] = {}
+        # Fold constants first: a model cast to float16 after construction holds inv_freq in float16 and casts
+        # it back at run time (Cast of a constant), which the rotary rules must see as a float32 constant.
+        optimize(model)
         counts["rope_angles_as_matmul"] = pattern.RewriteRuleSet([RopeAnglesAsMatMul.rule()]).apply_to_model(model)
         # As optimize_for_ort does: shapes (the rules check ranks and head counts), then shape simplification.
         common_passes.ShapeInferencePass()(model)
@@ -287,7 +290,14 @@ class FuseForOrtPass(ir.passes.InPlacePass):
             # SDPA fusion it starts from cannot be undone.
             probe = ir.serde.deserialize_model(ir.serde.serialize_model(model))
             sdpa.fuse_sdpa(probe, apply_shape_inference=True)
+            found = sum(1 for n in probe.graph if n.domain == _FUSION_DOMAIN and n.op_type == "SDPA")
             blockers = self._gqa_blockers(probe)
+            if not blockers and found:
+                _expose_kv_repeat(probe)
+                apply_fusion_rules(_attention_rules()[0])(probe)
+                left = sum(1 for n in probe.graph if n.domain == _FUSION_DOMAIN and n.op_type == "SDPA")
+                if left:
+                    blockers = [f"its pattern matched {found - left} of {found} attentions"]
             del probe
             if blockers:
                 attention = False
