@@ -10,6 +10,7 @@ sensitivity. The ranking is what mixed precision (:mod:`qonnx.mixed_precision`) 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -109,20 +110,66 @@ class Sensitivity:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
         ppl = None if self.float_nll is None else math.exp(self.float_nll)
-        q_nll = self.all_quantized.nll
+        everything = self.all_quantized
         return {
             "model": self.model,
             "config": self.config,
             "measured_on": {"causal_lm": self.causal_lm, "feeds": self.feeds, "seq_len": self.seq_len},
             "float_ppl": ppl,
+            "float_nll": self.float_nll,
             "all_quantized": {
-                "sqnr_db": _finite(self.all_quantized.sqnr_db),
-                "ppl": None if q_nll is None else math.exp(q_nll),
+                "sqnr_db": _finite(everything.sqnr_db),
+                "ppl": None if everything.nll is None else math.exp(everything.nll),
+                "nll": everything.nll,
+                "kl": everything.kl,
             },
             "seconds": round(self.seconds, 2),
             "layers": [r.to_dict() for r in self.layers],
             "skipped": [{"layer": n, "reason": why} for n, why in self.skipped],
         }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Sensitivity:
+        """The inverse of :meth:`to_dict` (``qonnx analyze --json``)."""
+        names = [f.name for f in dataclasses.fields(LayerSensitivity)]
+        layers = []
+        for row in d["layers"]:
+            values = {n: row[n] for n in names}
+            values["shape"] = tuple(values["shape"])
+            values["sqnr_db"] = -math.inf if values["sqnr_db"] is None else float(values["sqnr_db"])
+            layers.append(LayerSensitivity(**values))
+        measured, everything = d["measured_on"], d["all_quantized"]
+
+        def nll(value: Any, ppl: Any) -> float | None:
+            return float(value) if value is not None else (math.log(ppl) if ppl else None)
+
+        return cls(
+            model=d["model"],
+            config=dict(d["config"]),
+            layers=layers,
+            skipped=[(x["layer"], x["reason"]) for x in d.get("skipped", [])],
+            causal_lm=bool(measured["causal_lm"]),
+            feeds=int(measured["feeds"]),
+            seq_len=measured["seq_len"],
+            float_nll=nll(d.get("float_nll"), d.get("float_ppl")),
+            all_quantized=Measurement(
+                -math.inf if everything["sqnr_db"] is None else everything["sqnr_db"],
+                nll(everything.get("nll"), everything.get("ppl")),
+                everything.get("kl"),
+            ),
+            seconds=float(d.get("seconds", 0.0)),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Sensitivity:
+        """Read a ``qonnx analyze --json`` file."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f))
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the sensitivity file: {e.strerror}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{path}: not a 'qonnx analyze --json' file ({type(e).__name__}: {e})") from None
 
     def table(self, top: int | None = None) -> str:
         """A text table, worst first (``top`` rows)."""

@@ -174,6 +174,13 @@ def cli() -> None:
     "until the calibration perplexity is within P% of the float model's.",
 )
 @click.option(
+    "--sensitivity",
+    default=None,
+    metavar="PATH.json",
+    help="With --target-bits / --max-ppl-increase: rank layers by this 'qonnx analyze --json' output of the same "
+    "model and scheme instead of measuring them again.",
+)
+@click.option(
     "--external-data/--no-external-data",
     default=None,
     help="Force weights into a separate .data file, or into the .onnx file (default: above 256 MiB).",
@@ -229,6 +236,7 @@ def quantize(
     exclude: tuple[str, ...],
     target_bits: float | None,
     max_ppl_increase: str | None,
+    sensitivity: str | None,
     external_data: bool | None,
     verify: bool | None,
     min_sqnr: float | None,
@@ -267,7 +275,7 @@ def quantize(
             raise click.UsageError(f"--{next(iter(calib)).replace('_', '-')} applies to --algo gptq only")
         config = scheme_from_name(scheme, **options)
     targets = {f"re:{r}": None for r in exclude}
-    budget = _budget(target_bits, max_ppl_increase, scheme)
+    budget = _budget(target_bits, max_ppl_increase, sensitivity, scheme)
     show = sys.stderr.isatty() if progress is None else progress
     checks = VerifyOptions(
         enabled=True if (min_sqnr is not None and verify is None) else verify,
@@ -429,9 +437,11 @@ def _activation_config(
     return scheme_from_name(scheme, **options)
 
 
-def _budget(target_bits: float | None, max_ppl_increase: str | None, scheme: str) -> Any:
-    """The mixed-precision Budget from --target-bits / --max-ppl-increase, or None."""
+def _budget(target_bits: float | None, max_ppl_increase: str | None, sensitivity: str | None, scheme: str) -> Any:
+    """The mixed-precision Budget from --target-bits / --max-ppl-increase (and --sensitivity), or None."""
     if target_bits is None and max_ppl_increase is None:
+        if sensitivity is not None:
+            raise click.UsageError("--sensitivity applies with --target-bits or --max-ppl-increase")
         return None
     if target_bits is not None and max_ppl_increase is not None:
         raise click.UsageError("give --target-bits or --max-ppl-increase, not both")
@@ -440,8 +450,8 @@ def _budget(target_bits: float | None, max_ppl_increase: str | None, scheme: str
     from qonnx.mixed_precision import Budget, parse_percent
 
     if max_ppl_increase is not None:
-        return Budget(max_ppl_increase=parse_percent(max_ppl_increase))
-    return Budget(target_bits=target_bits)
+        return Budget(max_ppl_increase=parse_percent(max_ppl_increase), sensitivity=sensitivity)
+    return Budget(target_bits=target_bits, sensitivity=sensitivity)
 
 
 def _echo_mixed_precision(info: dict[str, Any]) -> None:

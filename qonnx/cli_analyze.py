@@ -12,8 +12,6 @@ from typing import Any
 
 import click
 
-from qonnx.config import SCHEMES
-
 __all__ = ["analyze_command"]
 
 
@@ -21,7 +19,7 @@ __all__ = ["analyze_command"]
 @click.argument("model", type=click.Path(path_type=str))
 @click.option(
     "--scheme",
-    type=click.Choice(sorted(SCHEMES), case_sensitive=False),
+    type=click.Choice(["w4a16", "w8a16"], case_sensitive=False),
     default="w4a16",
     show_default=True,
     help="Weight-only scheme to measure each layer with.",
@@ -65,7 +63,13 @@ __all__ = ["analyze_command"]
     metavar="REGEX",
     help="Leave out layers whose node name, weight name or module path matches REGEX (repeatable).",
 )
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Where ONNX Runtime runs the measurements.",
+)
 @click.option("-o", "--output", default=None, metavar="PATH.png", help="Write the per-layer plot (graph order) here.")
 @click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="Rows of the table.")
 @click.option("--json", "as_json", is_flag=True, help="Print every layer as JSON on stdout.")

@@ -19,7 +19,9 @@ Sensitivity is :func:`qonnx.analyze`'s: each layer quantized alone. The result i
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -43,6 +45,8 @@ class Budget:
         max_ppl_increase: allowed relative calibration-perplexity increase over the float model (0.05 = 5%).
         samples, seq_len, data: the calibration windows sensitivity and perplexity are measured on.
         device: where ONNX Runtime runs the measurements.
+        sensitivity: a ``qonnx analyze --json`` file of this model and scheme: rank by it instead of
+            measuring every layer again (the budget's own measurements still run).
     """
 
     target_bits: float | None = None
@@ -51,6 +55,7 @@ class Budget:
     seq_len: int = 256
     data: str = PYDOC
     device: str = "cpu"
+    sensitivity: str | None = None
 
     def __post_init__(self) -> None:
         if (self.target_bits is None) == (self.max_ppl_increase is None):
@@ -128,6 +133,37 @@ def eight_bit(cfg: WeightOnlyConfig) -> W8A16:
     return W8A16(**fields)
 
 
+def _rtn(cfg: WeightOnlyConfig) -> WeightOnlyConfig:
+    return dataclasses.replace(cfg, algo="rtn")
+
+
+#: Config fields that change how a layer is stored but not the numbers it computes.
+_STORAGE_ONLY = ("format", "accuracy_level")
+
+
+def _reuse(ctx: _Context, source: str | os.PathLike | Sensitivity) -> Sensitivity:
+    """A saved analysis, checked against this model and scheme, its layers indexed as ``ctx``'s."""
+    s = source if isinstance(source, Sensitivity) else Sensitivity.load(source)
+    where = "sensitivity" if isinstance(source, Sensitivity) else str(source)
+
+    def numbers(config: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.items() if k not in _STORAGE_ONLY}
+
+    if numbers(s.config) != numbers(json.loads(json.dumps(ctx.config.to_dict()))):
+        raise ConfigError(
+            f"{where}: measured with {s.config.get('scheme')} {numbers(s.config)}, not the scheme asked for now; "
+            "run qonnx analyze again with the same options"
+        )
+    index = {layer.name: i for i, layer in enumerate(ctx.layers)}
+    saved = {r.weight for r in s.layers}
+    if saved != set(index):
+        raise ConfigError(
+            f"{where}: its {len(saved)} layers are not the {len(index)} this model quantizes "
+            f"({len(saved ^ set(index))} differ); run qonnx analyze on this model with the same --exclude"
+        )
+    return dataclasses.replace(s, layers=[dataclasses.replace(r, index=index[r.weight]) for r in s.layers])
+
+
 def _smallest(ok: Callable[[int], bool], lo: int, hi: int) -> int:
     """The smallest k in (lo, hi] with ok(k), given ok(hi) and not ok(lo): galloping up from lo, then bisection."""
     step, last_bad = 1, lo
@@ -189,18 +225,24 @@ def mixed_precision(
             raise ConfigError(
                 "max_ppl_increase needs a causal LM export with its tokenizer (perplexity); use target_bits"
             )
-        analysis = ctx.sensitivity(progress, start)
+        if budget.sensitivity is not None:
+            analysis = _reuse(ctx, budget.sensitivity)
+            everything = ctx.measure({i: layer.cfg for i, layer in enumerate(ctx.layers)})
+        else:
+            analysis = ctx.sensitivity(progress, start)
+            everything = analysis.all_quantized
         ranked = [r.index for r in analysis.layers]  # worst first
         low = [i for i in ranked if ctx.layers[i].cfg.bits < 8 and not ctx.layers[i].cfg.float8]
         params = sum(layer.params for layer in ctx.layers)
-        q_bytes = {i: ctx.quantized(i).nbytes for i in range(len(ctx.layers))}
+        # sizes do not depend on how codes are chosen: round to nearest, without GPTQ's cost
+        q_bytes = {i: ctx.quantized(i, _rtn(layer.cfg)).nbytes for i, layer in enumerate(ctx.layers)}
         base_bits = 8 * sum(q_bytes.values()) / params
         choice: dict[int, WeightOnlyConfig | None] = {}
         if budget.target_bits is not None:
             choice = _by_bits(ctx, analysis, low, q_bytes, params, budget.target_bits)
         else:
             max_nll = math.log1p(float(budget.max_ppl_increase or 0.0))
-            choice = _by_ppl(ctx, low, max_nll, analysis.all_quantized, progress)
+            choice = _by_ppl(ctx, low, max_nll, everything, progress)
         mixed = {i: choice.get(i, layer.cfg) for i, layer in enumerate(ctx.layers)}
         final = ctx.measure({i: c for i, c in mixed.items() if c is not None})
         kept = [i for i, c in mixed.items() if c is not None]
@@ -214,6 +256,7 @@ def mixed_precision(
                 "node": ctx.layers[i].cand.node.name or "",
                 "to": "float" if choice[i] is None else choice[i].name,  # type: ignore[union-attr]
                 "rank": ranked.index(i) + 1,
+                "kl": by_index[i].kl,
                 "nll_increase": by_index[i].nll_increase,
                 "sqnr_db": round(by_index[i].sqnr_db, 3),
             }
@@ -228,7 +271,7 @@ def mixed_precision(
             bits={"scheme": base_bits, "mixed": 8 * stored / kept_params if kept_params else 0.0},
             calibration={
                 "float": None if float_nll is None else math.exp(float_nll),
-                "scheme": _ppl(analysis.all_quantized),
+                "scheme": _ppl(everything),
                 "mixed": _ppl(final),
             },
             sensitivity=analysis,
@@ -252,9 +295,7 @@ def _by_bits(
     score = {r.index: r.score for r in analysis.layers}
     extra = {}
     for i in low:
-        cfg8 = eight_bit(ctx.layers[i].cfg)
-        # the size does not depend on how codes are chosen: round to nearest, without GPTQ's cost
-        extra[i] = ctx.quantized(i, dataclasses.replace(cfg8, algo="rtn")).nbytes - q_bytes[i]
+        extra[i] = ctx.quantized(i, _rtn(eight_bit(ctx.layers[i].cfg))).nbytes - q_bytes[i]
     order = sorted((i for i in low if score[i] > 0 and extra[i] > 0), key=lambda i: -score[i] / extra[i])
     choice: dict[int, WeightOnlyConfig | None] = {}
     for i in order:

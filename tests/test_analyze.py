@@ -232,6 +232,19 @@ def test_cli_analyze_and_budget_json(tmp_path):
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)["mixed_precision"]
     assert info["promoted"][0]["weight"] == OUTLIER and info["bits_per_weight"]["output"] <= 5.6
+    saved = tmp_path / "sens.json"
+    saved.write_text(json.dumps(data))
+    res = qonnx_cli(
+        "quantize", path, "-o", tmp_path / "q1.onnx", "--block-size", "32", "--target-bits", "5.6", "--json",
+        "--sensitivity", saved,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    reused = json.loads(res.stdout)["mixed_precision"]["promoted"]  # ranked on 2 feeds instead of 4: same choice
+    assert [(p["weight"], p["to"]) for p in reused] == [(p["weight"], p["to"]) for p in info["promoted"]]
+    res = qonnx_cli("quantize", path, "-o", tmp_path / "q1.onnx", "--target-bits", "5.6", "--sensitivity", saved)
+    assert_one_line_error(res, "sens.json: measured with w4a16", "not the scheme asked for")
+    res = qonnx_cli("quantize", path, "-o", tmp_path / "q1.onnx", "--sensitivity", saved)
+    assert_one_line_error(res, "--sensitivity applies with --target-bits or --max-ppl-increase")
     res = qonnx_cli("quantize", path, "-o", tmp_path / "q2.onnx", "--block-size", "32", "--target-bits", "2")
     assert_one_line_error(res, "below what the scheme itself stores")
     res = qonnx_cli("quantize", path, "-o", tmp_path / "q3.onnx", "--target-bits", "5", "--max-ppl-increase", "5%")
