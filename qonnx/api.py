@@ -220,7 +220,8 @@ def quantize(
         detail = f" ({'; '.join(reasons[:3])})" if reasons else " (no MatMul or Gemm nodes)"
         raise NothingToQuantizeError(f"nothing to quantize in the model{detail}")
     if any(cfg.gptq is not None for cfg in todo):  # before any rewrite: ONNX Runtime runs the float model
-        qpass.hessians = _hessians(ir_model, source, plan, progress)
+        reuse = mixed.hessians if mixed is not None else {}  # the budget's measurements collected them already
+        qpass.hessians = reuse or _hessians(ir_model, source, plan, progress)
     if any(c.format == "qdq" for c in todo) and ir_model.opset_imports.get("", 1) < QDQ_OPSET:
         try:
             UpgradeOpsetPass(QDQ_OPSET)(ir_model)

@@ -89,6 +89,7 @@ class MixedPrecision:
         bits: average stored bits per quantized weight: ``scheme`` (nothing promoted) and ``mixed``.
         calibration: for causal LMs, the calibration perplexities: float, scheme everywhere, mixed.
         sensitivity: the per-layer analysis.
+        hessians: GPTQ's calibration Hessians when the scheme uses GPTQ (quantize reuses them).
     """
 
     budget: Budget
@@ -98,6 +99,7 @@ class MixedPrecision:
     calibration: dict[str, float | None]
     sensitivity: Sensitivity
     seconds: float
+    hessians: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def reason(self, weight: str) -> str | None:
         """Why a layer was promoted, for its layer record (None when it was not)."""
@@ -276,6 +278,7 @@ def mixed_precision(
             },
             sensitivity=analysis,
             seconds=time.perf_counter() - start,
+            hessians=ctx.hessians,
         )
     finally:
         ctx.close()

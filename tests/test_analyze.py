@@ -282,3 +282,23 @@ def test_ppl_search_keeps_float_when_8_bit_is_not_enough():
     assert 0.01 * (11 - len(eights)) <= 0.05 < 0.01 * (12 - len(eights))  # the fewest 8-bit layers that fit
     assert _smallest(lambda k: k >= 37, 0, 100) == 37 and _smallest(lambda k: True, 0, 5) == 1
     assert _smallest(lambda k: k >= 5, 0, 5) == 5
+
+
+def test_gptq_budget_collects_hessians_once(tiny_llm, tmp_path, monkeypatch):
+    import qonnx.api
+
+    calls = []
+    real = qonnx.api._hessians
+    monkeypatch.setattr(qonnx.api, "_hessians", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = qonnx.W4A16(block_size=16, algo=qonnx.GPTQ(calib_samples=2, calib_seq_len=32))
+    summary = qonnx.quantize(
+        tiny_llm, cfg, output=tmp_path / "out", budget=Budget(target_bits=7.0, samples=2, seq_len=64), verify=False
+    )
+    assert len(calls) == 1
+    info = summary.mixed_precision
+    assert info is not None and info["promoted"] and info["bits_per_weight"]["output"] <= 7.0
+    promoted = {p["weight"] for p in info["promoted"]}
+    assert info["promoted"][0]["module"].endswith("layers.1.mlp.up_proj")
+    for r in summary.layers:
+        if r.weight in promoted:
+            assert r.quantized and "w8a16 gptq" in r.reason and "promoted to w8a16" in r.reason
