@@ -43,7 +43,7 @@ from onnxscript.rewriter._basics import MatchResult
 from qonnx.errors import ConfigError
 from qonnx.passes._attention_mask import causal_mask_problem
 
-__all__ = ["FuseForOrtPass", "RopeAnglesAsMatMul", "FUSED_OPS", "TARGETS"]
+__all__ = ["FuseForOrtPass", "RopeAnglesAsMatMul", "RopeInvFreqExpanded", "FUSED_OPS", "TARGETS"]
 
 TARGETS = ("cpu", "cuda")
 #: The contrib ops the fusions produce (com.microsoft, but SimplifiedLayerNormalization, which ONNX Runtime
@@ -104,6 +104,32 @@ class RopeAnglesAsMatMul(pattern.RewriteRuleClassBase):
         positions = op.Cast(op.Unsqueeze(position_ids, op.Constant(value_ints=[1])), to=ir.DataType.FLOAT)
         angles = op.MatMul(op.Constant(value=ir.tensor(column, name=f"{inv_freq.name}_column")), positions)
         return op.Transpose(angles, perm=[0, 2, 1])
+
+
+class RopeInvFreqExpanded(pattern.RewriteRuleClassBase):
+    """``MatMul(Cast(Expand(inv_freq[1,E,1], shape), to=float), positions)`` -> ``MatMul(inv_freq_f32, positions)``.
+
+    transformers < 5.20 expands inv_freq to the batch before the product; in a model cast to float16 after
+    construction inv_freq is a float16 constant cast back to float32. The broadcasting MatMul computes the same
+    products from the constant itself (the float16 -> float32 cast is exact), which the cos/sin cache rule needs.
+    """
+
+    def pattern(self, op, inv_freq, shape, positions):  # type: ignore[no-untyped-def]
+        """The angles as transformers < 5.20 computes them."""
+        return op.MatMul(op.Cast(op.Expand(inv_freq, shape), to=ir.DataType.FLOAT), positions)
+
+    def check(self, context, inv_freq, **_) -> MatchResult:  # type: ignore[override]
+        """inv_freq is a constant [1, E, 1]."""
+        del context
+        const = inv_freq.const_value
+        if const is None or len(const.shape) != 3 or const.shape[0] != 1 or const.shape[2] != 1:
+            return MatchResult().fail("inv_freq is not a constant [1, E, 1]", inv_freq)
+        return MatchResult()
+
+    def rewrite(self, op, inv_freq, positions, **_):  # type: ignore[no-untyped-def]
+        """The same products, broadcast over the batch by MatMul."""
+        column = inv_freq.const_value.numpy().astype("float32")
+        return op.MatMul(op.Constant(value=ir.tensor(column, name=f"{inv_freq.name}_f32")), positions)
 
 
 class _Rank3Output(pattern.RewriteRuleClassBase):
@@ -265,7 +291,9 @@ class FuseForOrtPass(ir.passes.InPlacePass):
         # Fold constants first: a model cast to float16 after construction holds inv_freq in float16 and casts
         # it back at run time (Cast of a constant), which the rotary rules must see as a float32 constant.
         optimize(model)
-        counts["rope_angles_as_matmul"] = pattern.RewriteRuleSet([RopeAnglesAsMatMul.rule()]).apply_to_model(model)
+        counts["rope_angles_as_matmul"] = pattern.RewriteRuleSet(
+            [RopeAnglesAsMatMul.rule(), RopeInvFreqExpanded.rule()]
+        ).apply_to_model(model)
         # As optimize_for_ort does: shapes (the rules check ranks and head counts), then shape simplification.
         common_passes.ShapeInferencePass()(model)
         optimize(model)

@@ -242,3 +242,49 @@ def test_group_query_attention_for_other_shapes(tmp_path_factory, tmp_path, dtyp
     assert fuse.fused["GroupQueryAttention"] == 2 and "MultiHeadAttention" not in fuse.fused, fuse.notes
     assert fuse.nodes_after < fuse.nodes_before / 3
     _assert_close(_run_both(path, tmp_path / "lowered.onnx"), atol=2e-3 if dtype == "fp16" else 1e-5)
+
+
+def _as_expanded_inv_freq(path, out):
+    """The rotary angles rewritten the way transformers < 5.20 exports a model cast to float16 after construction:
+    ``Transpose(MatMul(Cast(Expand(inv_freq_fp16[1,E,1], [B,1,1]), float), Cast(Unsqueeze(position_ids, 1))))``."""
+    model = ir.load(path)
+    mul = next(
+        n
+        for n in model.graph
+        if n.op_type == "Mul"
+        and any(i is not None and i.const_value is not None and i.const_value.shape.rank() == 1 for i in n.inputs)
+    )
+    inv = next(i for i in mul.inputs if i is not None and i.const_value is not None)
+    pos = next(v for v in model.graph.inputs if v.name == "position_ids")
+    column = inv.const_value.numpy().astype(np.float16).reshape(1, -1, 1)
+    const = ir.val("inv_freq_fp16", const_value=ir.tensor(column))
+    batch = ir.node("Shape", [pos], attributes={"start": 0, "end": 1})
+    ones = ir.val("ones_2", const_value=ir.tensor(np.array([1, 1], np.int64)))
+    shape = ir.node("Concat", [batch.outputs[0], ones], attributes={"axis": 0})
+    expand = ir.node("Expand", [const, shape.outputs[0]])
+    cast = ir.node("Cast", [expand.outputs[0]], attributes={"to": ir.DataType.FLOAT})
+    axes = ir.val("axes_1", const_value=ir.tensor(np.array([1], np.int64)))
+    unsq = ir.node("Unsqueeze", [pos, axes])
+    pcast = ir.node("Cast", [unsq.outputs[0]], attributes={"to": ir.DataType.FLOAT})
+    mm = ir.node("MatMul", [cast.outputs[0], pcast.outputs[0]])
+    tr = ir.node("Transpose", [mm.outputs[0]], attributes={"perm": [0, 2, 1]})
+    for v in (const, ones, axes):
+        model.graph.register_initializer(v)
+    model.graph.insert_before(mul, [batch, shape, expand, cast, unsq, pcast, mm, tr])
+    tr.outputs[0].dtype = ir.DataType.FLOAT
+    ir.convenience.replace_all_uses_with(mul.outputs[0], tr.outputs[0])
+    common = __import__("onnx_ir.passes.common", fromlist=["RemoveUnusedNodesPass"])
+    common.RemoveUnusedNodesPass()(model)
+    ir.save(model, out)
+    return out
+
+
+def test_expanded_float16_inv_freq_still_fuses_rotary_and_gqa(tmp_path_factory, tmp_path):
+    """transformers < 5.20 (the GPU machine's 5.17) expands a float16 inv_freq per batch: GQA must still apply."""
+    path = _export(tmp_path_factory, "llama", dtype="fp16")
+    old = _as_expanded_inv_freq(path, tmp_path / "old.onnx")
+    _assert_close(_run_both(path, old), atol=2e-3)  # the rewritten export computes what the original does
+    fuse = _lower(old, tmp_path / "lowered.onnx", target="cuda")
+    assert fuse.fused["GroupQueryAttention"] == 2, fuse.notes
+    assert fuse.fusions["rope_angles_as_matmul"] == 1
+    _assert_close(_run_both(old, tmp_path / "lowered.onnx"), atol=2e-3)
