@@ -27,7 +27,7 @@ from qonnx.passes.cleanup import RemoveUnusedInitializersPass
 from qonnx.passes.opset import OpsetConversionError, UpgradeOpsetPass
 from qonnx.passes.weight_only import QDQ_OPSET, LayerRecord, Plan, QuantizeWeightsPass, hessian_key
 from qonnx.speed_table import warn_if_slow
-from qonnx.verification import Verification, VerifyOptions, start_reference
+from qonnx.verification import Verification, VerifyOptions, start_reference, start_verify
 from qonnx.verification import metadata as verification_metadata
 from qonnx.verification import verify as run_verify
 
@@ -264,11 +264,15 @@ def quantize(
     if skip_note:
         print(f"qonnx: WARNING: {skip_note}", file=sys.stderr)
 
+    # The quantized model runs from memory, in a background thread while the output is written.
+    use = reference or original or b""
+    pending = None if skip_note or out_path is None else start_verify(use, ir_model, options, bytes_before)
+
     def finalize(tmp_model: Path) -> dict[str, str]:
         nonlocal checked
         assert original is not None or not wants_check
-        if not skip_note:
-            checked = run_verify(reference or original or b"", tmp_model, options, bytes_before)
+        if pending is not None:
+            checked = pending.result()
         props = {**verification_metadata(config.to_dict(), checked, quantized, skipped), **extra_props}
         if protect:  # the whole model must shrink: scales, nodes and metadata can outweigh tiny layers
             size = sum(p.stat().st_size for p in tmp_model.parent.iterdir() if p.is_file())
@@ -291,7 +295,7 @@ def quantize(
         bytes_after = _weight_bytes(ir_model)
         if wants_check:
             modelfile.make_runtime_compatible(ir_model)
-            checked = run_verify(reference or original or b"", modelfile.to_bytes(ir_model), options, bytes_before)
+            checked = run_verify(use, ir_model, options, bytes_before)
         props = {**verification_metadata(config.to_dict(), checked, quantized, skipped), **extra_props}
         for key, value in props.items():
             ir_model.metadata_props[key] = value

@@ -11,7 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 
 import onnx
@@ -279,7 +279,7 @@ def save(
             else:
                 ir.save(model, tmp_model)
         if finalize is not None:
-            _add_metadata(tmp_model, finalize(tmp_model))
+            _add_metadata(tmp_model, finalize(tmp_model), written=model.metadata_props.keys())
         written = []
         if (tmp / data_name).exists():
             os.replace(tmp / data_name, data_path)
@@ -293,9 +293,22 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _add_metadata(model_path: Path, props: dict[str, str]) -> None:
-    """Set ``metadata_props`` in a saved model file (its external data is not touched)."""
+def _add_metadata(model_path: Path, props: dict[str, str], written: Collection[str] = ()) -> None:
+    """Set ``metadata_props`` in a saved model file (its external data is not touched).
+
+    Keys not among those ``written`` in the file are appended to it: a protobuf parser merges concatenated
+    messages, repeated fields by appending, so a file that ends in a ModelProto holding only the new entries
+    reads as the model with them. That spares re-reading and re-writing a model whose weights are inside the
+    file (up to 256 MiB). Replacing existing keys rewrites the file.
+    """
     if not props:
+        return
+    if not any(key in written for key in props):
+        extra = onnx.ModelProto()
+        for key, value in props.items():
+            extra.metadata_props.add(key=key, value=value)
+        with open(model_path, "ab") as f:
+            f.write(extra.SerializeToString())
         return
     proto = onnx.load(os.fspath(model_path), load_external_data=False)
     existing = {p.key: p for p in proto.metadata_props}

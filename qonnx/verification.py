@@ -7,7 +7,9 @@ import json
 import math
 import os
 import sys
+import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,9 +17,12 @@ import numpy as np
 from qonnx.errors import QonnxError
 
 if TYPE_CHECKING:
+    import onnx_ir as ir
+
+    from qonnx.runtime.session import InMemoryModel
     from qonnx.runtime.verify import ReferenceRun
 
-__all__ = ["VerifyOptions", "Verification", "VerificationError", "start_reference", "verify"]
+__all__ = ["VerifyOptions", "Verification", "VerificationError", "start_reference", "start_verify", "verify"]
 
 #: Below this SQNR (dB) on any output, the run warns loudly: the model has lost most of its signal.
 DEFAULT_WARN_SQNR = 10.0
@@ -91,20 +96,34 @@ def start_reference(original: str | os.PathLike | bytes, options: VerifyOptions)
     ).start()
 
 
-def verify(
-    original: str | os.PathLike | bytes | ReferenceRun,
-    quantized: str | os.PathLike | bytes,
-    options: VerifyOptions,
-    size: int,
-) -> Verification:
-    """Compare the models as ``options`` say; raises VerificationError below ``min_sqnr``.
+def start_verify(
+    original: str | os.PathLike | bytes | ReferenceRun, quantized: ir.Model, options: VerifyOptions, size: int
+) -> Future[Verification]:
+    """:func:`verify` the quantized model as it is now, in a background thread (e.g. while it is written).
 
-    ``original`` is the model itself or its run started by :func:`start_reference`.
+    The model is taken on this thread (:class:`~qonnx.runtime.session.InMemoryModel`) and may be saved
+    meanwhile, but not changed. ``result()`` returns what :func:`verify` returns, or raises what it raises.
     """
-    import time
+    from qonnx.runtime.session import InMemoryModel
 
-    from qonnx.runtime.verify import verify_models
+    future: Future[Verification] = Future()
+    skipped = _skipped(options, size)
+    if skipped is not None:
+        future.set_result(skipped)
+        return future
+    snapshot = InMemoryModel.of(quantized)
 
+    def work() -> None:
+        try:
+            future.set_result(verify(original, snapshot, options, size))
+        except BaseException as e:  # handed to the caller by result()
+            future.set_exception(e)
+
+    threading.Thread(target=work, name="qonnx-verify-quantized").start()
+    return future
+
+
+def _skipped(options: VerifyOptions, size: int) -> Verification | None:
     if options.enabled is False:
         return Verification(False, note="verification disabled")
     if options.enabled is None and size > options.max_bytes:
@@ -113,6 +132,27 @@ def verify(
             note=f"verification skipped: model over {options.max_bytes >> 20} MiB "
             "(both models would be loaded; ask for it explicitly)",
         )
+    return None
+
+
+def verify(
+    original: str | os.PathLike | bytes | ReferenceRun,
+    quantized: str | os.PathLike | bytes | ir.Model | InMemoryModel,
+    options: VerifyOptions,
+    size: int,
+) -> Verification:
+    """Compare the models as ``options`` say; raises VerificationError below ``min_sqnr``.
+
+    ``original`` is the model itself or its run started by :func:`start_reference`; ``quantized`` a file,
+    bytes, or a model in memory.
+    """
+    import time
+
+    from qonnx.runtime.verify import verify_models
+
+    skipped = _skipped(options, size)
+    if skipped is not None:
+        return skipped
     start = time.perf_counter()
     try:
         metrics = verify_models(

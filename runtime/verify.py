@@ -7,6 +7,8 @@ count up, and float inputs are standard normal.
 
 The original runs first (``quantize`` starts it in a background thread before quantizing) and its session is
 freed before the quantized model's is built; both sessions are made for one run (``verification_session``).
+The quantized model is run straight from memory (:class:`~qonnx.runtime.session.InMemoryModel`), in a
+second background thread while the output is written.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ import re
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 
-from qonnx.runtime.session import PRECISE_QDQ, resolve_device
+from qonnx.runtime.session import PRECISE_QDQ, InMemoryModel, resolve_device
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 __all__ = [
     "OutputMetrics",
@@ -293,14 +298,17 @@ def text_token_ids(folder: Path, length: int = 128) -> np.ndarray | None:
 REFERENCE_BUDGET_BYTES = 512 << 20
 
 
-def verification_session(model: str | os.PathLike | bytes, device: str, *, prepack: bool) -> ort.InferenceSession:
+def verification_session(
+    model: str | os.PathLike | bytes | InMemoryModel, device: str, *, prepack: bool
+) -> ort.InferenceSession:
     """A session built for a single comparison run, as fast to build as ONNX Runtime allows.
 
     No graph optimization (the model's own ops, exactly as written). Without ``prepack`` weights are used
     where they lie (external data stays memory-mapped) instead of being copied into packed layouts: that
     saves the float original most of its build time and memory, at a slower run. The quantized model keeps
     prepacking: its 4-bit MatMulNBits kernels run far slower unpacked than the packing costs. Idle threads
-    do not spin: they would take the cores from quantization and from the comparison.
+    do not spin: they would take the cores from quantization and from the comparison. An
+    :class:`InMemoryModel` is built from memory, its weights used where they lie.
     """
     device = resolve_device(device)
     so = ort.SessionOptions()
@@ -311,11 +319,16 @@ def verification_session(model: str | os.PathLike | bytes, device: str, *, prepa
     if not prepack:
         so.add_session_config_entry("session.disable_prepacking", "1")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    if not isinstance(model, bytes):
+    keep: list[ort.OrtValue] = []
+    if isinstance(model, InMemoryModel):
+        keep, model = model.add_to(so), model.proto
+    elif not isinstance(model, bytes):
         from qonnx.modelfile import resolve_model_path
 
         model = os.fspath(resolve_model_path(model))
-    return ort.InferenceSession(model, so, providers=providers)
+    session = ort.InferenceSession(model, so, providers=providers)
+    session._qonnx_weights = keep  # type: ignore[attr-defined]  # ONNX Runtime reads them where they lie
+    return session
 
 
 def _float_outputs(session: ort.InferenceSession) -> list[str]:
@@ -401,7 +414,7 @@ class ReferenceRun:
 
 def verify_models(
     original: str | os.PathLike | bytes | ReferenceRun,
-    quantized: str | os.PathLike | bytes,
+    quantized: str | os.PathLike | bytes | ir.Model | InMemoryModel,
     *,
     feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -410,8 +423,11 @@ def verify_models(
 ) -> list[OutputMetrics]:
     """Run both models on the same inputs; one metrics row per float output, over all batches.
 
-    ``original`` may be a :class:`ReferenceRun` already started (its own inputs and device are used).
+    ``original`` may be a :class:`ReferenceRun` already started (its own inputs and device are used);
+    ``quantized`` a file, bytes, or a model in memory (run from there, see :class:`InMemoryModel`).
     """
+    if not isinstance(quantized, (str, os.PathLike, bytes, InMemoryModel)):
+        quantized = InMemoryModel.of(quantized)
     if isinstance(original, ReferenceRun):
         reference = original
     else:

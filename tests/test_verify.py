@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from conftest import matmul_model, sqnr_db
@@ -15,9 +16,12 @@ from onnx import TensorProto, helper, numpy_helper
 from test_cli import assert_one_line_error, qonnx_cli
 
 import qonnx
+from qonnx import modelfile
 from qonnx.errors import QonnxError
+from qonnx.models import build_decoder_stack
 from qonnx.passes.weight_only import QuantizeWeightsPass
-from qonnx.runtime.session import make_session
+from qonnx.runtime import verify as verify_module
+from qonnx.runtime.session import InMemoryModel, make_session
 from qonnx.runtime.verify import (
     ReferenceRun,
     compare_outputs,
@@ -233,3 +237,72 @@ def test_background_errors_surface_and_nothing_is_written(tmp_path, tiny_model):
     with pytest.raises(QonnxError, match=r"verification could not run the models: .*Invalid rank for input: x"):
         qonnx.quantize(tiny_model, output=tmp_path / "q.onnx", verify=VerifyOptions(shapes={"x": (2,)}))
     assert [p.name for p in tmp_path.iterdir()] == ["tiny.onnx"]
+
+
+@pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
+def test_in_memory_model_runs_like_its_file(tmp_path, rng, fmt):
+    """A model run from memory (weights handed over where they lie; int4 and external ones included) gives
+    the written file's outputs bit for bit, holds the weights outside its protobuf, and leaves the model as
+    it was."""
+    src = build_decoder_stack(tmp_path / "in" / "m.onnx", hidden=64, intermediate=128, layers=2, external_data=True)
+    config = qonnx.W4A16(block_size=32, format=fmt)
+    model = qonnx.quantize(src, config, targets={"re:lm_head": None}, verify=False).model
+    model.ir_version = 14  # above what ONNX Runtime accepts: the snapshot is taken at a version it does
+    before = {v.name: v.const_value for v in model.graph.initializers.values()}
+    assert isinstance(before["lm_head.weight"], ir.ExternalTensor)  # mapped from the input's data file
+    snapshot = InMemoryModel.of(model)
+    assert model.ir_version == 14 and {v.name: v.const_value for v in model.graph.initializers.values()} == before
+    sub_byte = {name for name, t in before.items() if t.dtype in (ir.DataType.INT4, ir.DataType.UINT4)}
+    assert bool(sub_byte) == (fmt == "qdq") and not sub_byte & set(snapshot.weights)  # those stay in the proto
+    assert "lm_head.weight" in snapshot.weights
+    qonnx.save(model, tmp_path / "q.onnx")
+    if fmt == "matmulnbits":
+        assert len(snapshot.proto) < sum(a.nbytes for a in snapshot.weights.values())
+    feeds = {"x": rng.standard_normal((2, 5, 64)).astype(np.float32)}
+    from_memory = verification_session(snapshot, "cpu", prepack=True).run(None, feeds)
+    from_file = verification_session(tmp_path / "q.onnx", "cpu", prepack=True).run(None, feeds)
+    assert all(np.array_equal(a, b) for a, b in zip(from_memory, from_file, strict=True))
+
+
+def test_metadata_is_appended_and_replaced(tmp_path, tiny_model):
+    """New metadata keys are appended to the written file (protobuf merges them); keys the model already
+    holds are replaced, never duplicated. ONNX Runtime and onnx read both the same."""
+    model = qonnx.load(tiny_model)
+    model.metadata_props["keep"] = "1"
+    out = tmp_path / "m.onnx"
+    modelfile.save(model, out, finalize=lambda _: {"qonnx.a": "x", "qonnx.b": "y"})
+    onnx.checker.check_model(str(out), full_check=True)
+    assert [(p.key, p.value) for p in onnx.load(out).metadata_props] == [
+        ("keep", "1"),
+        ("qonnx.a", "x"),
+        ("qonnx.b", "y"),
+    ]
+    assert make_session(out).get_modelmeta().custom_metadata_map == {"keep": "1", "qonnx.a": "x", "qonnx.b": "y"}
+    modelfile.save(model, out, finalize=lambda _: {"keep": "2", "qonnx.a": "z"})
+    assert [(p.key, p.value) for p in onnx.load(out).metadata_props] == [("keep", "2"), ("qonnx.a", "z")]
+
+
+def test_quantized_model_verified_from_memory_while_written(tmp_path, tiny_model, monkeypatch):
+    """The quantized model is compared from memory in a background thread that overlaps the writing, with the
+    figures of the written file; a refusal there still leaves nothing written."""
+    events: list[tuple[str, str]] = []
+    session, save = verify_module.verification_session, ir.save
+    monkeypatch.setattr(
+        verify_module,
+        "verification_session",
+        lambda m, *a, **k: (events.append((type(m).__name__, threading.current_thread().name)), session(m, *a, **k))[1],
+    )
+    monkeypatch.setattr(
+        ir, "save", lambda *a, **k: (events.append(("save", threading.current_thread().name)), save(*a, **k))[1]
+    )
+    s = qonnx.quantize(tiny_model, qonnx.W4A16(block_size=32), output=tmp_path / "q.onnx")
+    assert ("InMemoryModel", "qonnx-verify-quantized") in events and ("save", "MainThread") in events
+    from_file = verify_models(tiny_model, tmp_path / "q.onnx")
+    assert [m.to_dict() for m in s.verification.outputs] == [m.to_dict() for m in from_file]
+    props = {p.key: p.value for p in onnx.load(tmp_path / "q.onnx").metadata_props}
+    assert float(props["qonnx.worst_sqnr_db"]) == pytest.approx(s.verification.worst_sqnr, abs=1e-3)
+    with pytest.raises(VerificationError):
+        qonnx.quantize(
+            tiny_model, output=tmp_path / "r.onnx", verify=VerifyOptions(min_sqnr=s.verification.worst_sqnr + 1)
+        )
+    assert not (tmp_path / "r.onnx").exists() and not list(tmp_path.glob(".r.onnx*"))
