@@ -34,7 +34,9 @@ rewrite is left out: ONNX Runtime does it when it loads the model, and a plain M
 from __future__ import annotations
 
 import collections
+from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 from onnxscript.rewriter import _ir_utils, pattern
@@ -205,6 +207,46 @@ def _expose_kv_repeat(model: ir.Model) -> int:
     return changed
 
 
+def _lengths_from_mask_shape(model: ir.Model) -> int:
+    """Feed every GroupQueryAttention its lengths from the shape of ``attention_mask``, not from position_ids.
+
+    onnxscript's rule computes ``seqlens_k`` and ``total_sequence_length`` with ReduceMax over the values of
+    ``position_ids``. On ONNX Runtime 1.31's CUDA provider those run on the GPU, and the kernel, which reads
+    ``total_sequence_length`` as a CPU input, then sees a wrong value: a prompt of more than one token fails
+    ("total sequence length must be positive") and a decoding step's present KV cache does not grow (measured
+    on an H100). ``attention_mask`` is [batch, past + new] (GroupQueryAttention already assumes no padding), so
+    ``Shape`` gives the same lengths on the CPU: total = its second dimension, seqlens_k = total - 1 per row.
+    Returns the nodes changed.
+    """
+    nodes = [n for n in model.graph if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
+    mask = next((v for v in model.graph.inputs if v.name == "attention_mask"), None)
+    if not nodes or mask is None:
+        return 0
+
+    def const(name: str, array: Any) -> ir.Value:
+        value = ir.val(name, const_value=ir.tensor(array))
+        model.graph.register_initializer(value)
+        return value
+
+    shape = ir.node("Shape", [mask])
+    total64 = ir.node("Gather", [shape.outputs[0], const("gqa_axis_1", np.array(1, np.int64))], attributes={"axis": 0})
+    total = ir.node("Cast", [total64.outputs[0]], attributes={"to": ir.DataType.INT32})
+    last = ir.node("Sub", [total.outputs[0], const("gqa_one_i32", np.array(1, np.int32))])
+    batch = ir.node(
+        "Slice",
+        [shape.outputs[0], const("gqa_start_0", np.array([0], np.int64)), const("gqa_end_1", np.array([1], np.int64))],
+    )
+    seqlens = ir.node("Expand", [last.outputs[0], batch.outputs[0]])
+    total.outputs[0].name, seqlens.outputs[0].name = "gqa_total_sequence_length", "gqa_seqlens_k"
+    total.outputs[0].dtype = seqlens.outputs[0].dtype = ir.DataType.INT32
+    total.outputs[0].shape = ir.Shape([])
+    model.graph.insert_before(nodes[0], [shape, total64, total, last, batch, seqlens])
+    for node in nodes:
+        node.replace_input_with(5, seqlens.outputs[0])
+        node.replace_input_with(6, total.outputs[0])
+    return len(nodes)
+
+
 def _attention_rules() -> tuple[pattern.RewriteRuleSet, pattern.RewriteRuleSet, pattern.RewriteRuleSet]:
     """The GQA, MHA-with-past and MHA-without-past rule sets, with the rank-3 output check."""
     from onnxscript.rewriter.ort_fusions import gqa, mha
@@ -344,6 +386,7 @@ class FuseForOrtPass(ir.passes.InPlacePass):
                 counts["kv_repeat_exposed"] = _expose_kv_repeat(model)
                 fuse("gqa", apply_fusion_rules(gqa_rules))
                 fuse("packed_qkv_for_gqa", gqa_packed_qkv.fuse_qkv_gqa)
+                counts["gqa_lengths_from_mask_shape"] = _lengths_from_mask_shape(model)
             mha_count = fuse("mha1", apply_fusion_rules(mha_past_rules)) + fuse("mha2", apply_fusion_rules(mha_rules))
             fuse("mha_scale", mha_scale.fuse_mha_scale)
             if mha_count:
