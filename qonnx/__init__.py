@@ -8,13 +8,18 @@ Example::
 
 from __future__ import annotations
 
-from qonnx.analysis import LayerSensitivity, Sensitivity, analyze
-from qonnx.api import QuantizeSummary, quantize
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from qonnx.config import AWQ, GPTQ, HQQ, W4A16, W8A16, SchemeConfig, Targets, WeightOnlyConfig
 from qonnx.config_activations import FP8, W4A8, W8A8, ActivationConfig, Calibration, Dynamic
 from qonnx.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError, QonnxError
-from qonnx.mixed_precision import Budget, MixedPrecision, mixed_precision
-from qonnx.modelfile import load, save
+
+if TYPE_CHECKING:
+    from qonnx.analysis import LayerSensitivity, Sensitivity, analyze
+    from qonnx.api import QuantizeSummary, quantize
+    from qonnx.mixed_precision import Budget, MixedPrecision, mixed_precision
+    from qonnx.modelfile import load, save
 
 __version__ = "0.1.0"
 
@@ -50,3 +55,32 @@ __all__ = [
     "quantize",
     "save",
 ]
+
+
+#: Names imported on first use (PEP 562), so that ``qonnx.cli`` starts without loading onnx_ir, onnxscript
+#: and the passes: ``qonnx quantize`` starts verifying the original meanwhile.
+_LAZY = {
+    "LayerSensitivity": "qonnx.analysis",
+    "Sensitivity": "qonnx.analysis",
+    "analyze": "qonnx.analysis",
+    "QuantizeSummary": "qonnx.api",
+    "quantize": "qonnx.api",
+    "Budget": "qonnx.mixed_precision",
+    "MixedPrecision": "qonnx.mixed_precision",
+    "mixed_precision": "qonnx.mixed_precision",
+    "load": "qonnx.modelfile",
+    "save": "qonnx.modelfile",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qonnx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -15,7 +15,7 @@ import click
 from qonnx import __version__
 from qonnx.config import GPTQ, SCHEMES, scheme_from_name
 from qonnx.errors import QonnxError
-from qonnx.verification import VerificationError, VerifyOptions
+from qonnx.verification import VerificationError, VerifyOptions, start_reference_early
 
 __all__ = ["main", "cli"]
 
@@ -246,8 +246,6 @@ def quantize(
     progress: bool | None,
 ) -> None:
     """Quantize MODEL (a .onnx file or a folder holding model.onnx) into OUTPUT."""
-    from qonnx.api import quantize as run_quantize
-
     given: dict[str, Any] = {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len, "calib_data": calib_data}
     calib = {k: v for k, v in given.items() if v is not None}
     act_options = {
@@ -283,6 +281,9 @@ def quantize(
         shapes=_parse_shapes(input_shapes),
         dims=_parse_dims(dims),
     )
+    start_reference_early(model, checks)  # the original runs in ONNX Runtime while the rest loads
+    from qonnx.api import quantize as run_quantize
+
     summary = run_quantize(
         model,
         config,

@@ -22,7 +22,15 @@ if TYPE_CHECKING:
     from qonnx.runtime.session import InMemoryModel
     from qonnx.runtime.verify import ReferenceRun
 
-__all__ = ["VerifyOptions", "Verification", "VerificationError", "start_reference", "start_verify", "verify"]
+__all__ = [
+    "VerifyOptions",
+    "Verification",
+    "VerificationError",
+    "start_reference",
+    "start_reference_early",
+    "start_verify",
+    "verify",
+]
 
 #: Below this SQNR (dB) on any output, the run warns loudly: the model has lost most of its signal.
 DEFAULT_WARN_SQNR = 10.0
@@ -84,13 +92,47 @@ class Verification:
         }
 
 
+#: Runs started by :func:`start_reference_early`, each waiting for :func:`start_reference` to take it.
+_EARLY: list[tuple[str, VerifyOptions, ReferenceRun]] = []
+
+
+def start_reference_early(model: str | os.PathLike, options: VerifyOptions) -> None:
+    """Start the original's run as soon as its path is known: before quantize and what it imports load.
+
+    :func:`start_reference` for the same file with the same ``options`` object takes the run over. Nothing
+    starts where verification might not run: disabled, or the model's folder over ``max_bytes``.
+    """
+    from pathlib import Path
+
+    path = Path(model) / "model.onnx" if Path(model).is_dir() else Path(model)
+    if options.enabled is False or not path.is_file():
+        return
+    try:  # the folder's files bound the model's size from above
+        size = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
+    except OSError:  # quantize reports what is wrong with the path
+        return
+    if options.enabled is None and size > options.max_bytes:
+        return
+    from qonnx.runtime.verify import ReferenceRun
+
+    run = ReferenceRun(path, feeds=options.feeds, shapes=options.shapes, dims=options.dims, device=options.device)
+    _EARLY.append((os.path.realpath(path), options, run.start()))
+
+
 def start_reference(original: str | os.PathLike | bytes, options: VerifyOptions) -> ReferenceRun:
     """Start running the original model in the background, to overlap with quantization.
 
-    Pass the result to :func:`verify` as ``original``; errors surface there.
+    Pass the result to :func:`verify` as ``original``; errors surface there. A run that
+    :func:`start_reference_early` started for the same file and ``options`` is returned instead.
     """
     from qonnx.runtime.verify import ReferenceRun
 
+    if not isinstance(original, bytes):
+        key = os.path.realpath(original)
+        for i, (path, opts, early) in enumerate(_EARLY):
+            if path == key and opts is options:
+                del _EARLY[i]
+                return early
     return ReferenceRun(
         original, feeds=options.feeds, shapes=options.shapes, dims=options.dims, device=options.device
     ).start()

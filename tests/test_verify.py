@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -17,6 +19,7 @@ from test_cli import assert_one_line_error, qonnx_cli
 
 import qonnx
 from qonnx import modelfile
+from qonnx import verification as verification_module
 from qonnx.errors import QonnxError
 from qonnx.models import build_decoder_stack
 from qonnx.passes.weight_only import QuantizeWeightsPass
@@ -30,7 +33,7 @@ from qonnx.runtime.verify import (
     verification_session,
     verify_models,
 )
-from qonnx.verification import VerificationError, VerifyOptions
+from qonnx.verification import VerificationError, VerifyOptions, start_reference_early
 
 
 def test_compare_outputs_math():
@@ -306,3 +309,30 @@ def test_quantized_model_verified_from_memory_while_written(tmp_path, tiny_model
             tiny_model, output=tmp_path / "r.onnx", verify=VerifyOptions(min_sqnr=s.verification.worst_sqnr + 1)
         )
     assert not (tmp_path / "r.onnx").exists() and not list(tmp_path.glob(".r.onnx*"))
+
+
+def test_reference_started_early_is_taken_over(tmp_path, tiny_model, monkeypatch):
+    """The CLI starts the original's run before quantize is imported; quantize takes that run over instead of
+    starting another. Nothing starts where verification would not run."""
+    starts: list[str] = []
+    start = ReferenceRun.start
+    monkeypatch.setattr(ReferenceRun, "start", lambda self: (starts.append(str(self.original)), start(self))[1])
+    options = VerifyOptions()
+    start_reference_early(tiny_model.parent, options)  # a folder without model.onnx: nothing to start
+    start_reference_early(tiny_model, VerifyOptions(enabled=False))
+    start_reference_early(tiny_model, VerifyOptions(max_bytes=tiny_model.stat().st_size - 1))
+    assert starts == []
+    start_reference_early(tiny_model, options)
+    assert starts == [str(tiny_model)]
+    s = qonnx.quantize(tiny_model, qonnx.W8A16(block_size=32), output=tmp_path / "q.onnx", verify=options)
+    assert starts == [str(tiny_model)] and s.verification.ran and s.verification.worst_sqnr > 30
+    assert not verification_module._EARLY
+    qonnx.quantize(tiny_model, qonnx.W8A16(block_size=32), output=tmp_path / "r.onnx", verify=VerifyOptions())
+    assert len(starts) == 2  # other options: a run of its own
+
+
+def test_cli_starts_without_the_passes():
+    """``qonnx.cli`` imports neither onnx_ir nor the passes: the original's run starts before they load."""
+    code = "import sys, qonnx.cli; print(sorted(m for m in ('onnx_ir', 'onnxscript', 'qonnx.api') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == "[]"
