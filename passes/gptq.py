@@ -21,6 +21,7 @@ happened not to exercise.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,7 +38,19 @@ def torch_device() -> str:
     """The torch device GPTQ runs on: "cuda" when torch sees a GPU, else "cpu"."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    with _CUDA_WARMUP:  # once: torch loads its CUDA linear algebra lazily, and two threads doing that race
+        if not _CUDA_READY:  # ("lazy wrapper should be called at most once", seen with 4 quantizing threads)
+            eye = torch.eye(2, device="cuda")
+            lower, _ = torch.linalg.cholesky_ex(eye)
+            torch.cholesky_inverse(lower)
+            _CUDA_READY.append(True)
+    return "cuda"
+
+
+_CUDA_WARMUP = threading.Lock()
+_CUDA_READY: list[bool] = []
 
 
 class HessianAccumulator:
