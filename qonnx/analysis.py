@@ -192,6 +192,7 @@ class Sensitivity:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
 
         by_order = sorted(self.layers, key=lambda r: r.index)
         kinds = [(r.module or r.node or r.weight).rsplit(".", 1)[-1] for r in by_order]
@@ -211,10 +212,14 @@ class Sensitivity:
             ax.set_ylabel(label, fontsize=8)
             ax.grid(axis="y", alpha=0.3)
         top = axes[0, 0]
-        for kind, color in colors.items():
-            top.bar([], [], color=color, label=kind)
         if len(colors) <= 12:
-            top.legend(fontsize=7, ncol=min(len(colors), 7), loc="upper left")
+            handles = [Patch(color=color, label=kind) for kind, color in colors.items()]
+            top.legend(handles=handles, fontsize=7, ncol=min(len(colors), 7), loc="upper left")
+        worst = axes[-1, 0]  # name the three worst layers where the ranking is drawn
+        for r in self.layers[:3]:
+            value = (r.kl or 0.0) if self.causal_lm else r.sqnr_db
+            if math.isfinite(value):
+                worst.annotate(r.label, (by_order.index(r), value), fontsize=6, rotation=0, ha="center", va="bottom")
         axes[-1, 0].set_xlabel("quantized layer, in graph order")
         scheme = self.config.get("scheme", "")
         measured = f"{self.feeds} x {self.seq_len} calibration tokens" if self.causal_lm else f"{self.feeds} feeds"
@@ -329,7 +334,7 @@ class _Context:
         device: str,
         progress: bool,
     ) -> None:
-        from qonnx.api import _hessians, _load
+        from qonnx.api import _load
 
         config = W4A16() if config is None else config
         if not isinstance(config, WeightOnlyConfig):
@@ -356,15 +361,37 @@ class _Context:
         if not self.layers:
             reasons = "; ".join(sorted({why for _, why in self.skipped})[:3]) or "no MatMul or Gemm layer to quantize"
             raise NothingToQuantizeError(f"nothing to analyse in the model ({reasons})")
-        self.hessians: dict[str, np.ndarray] = {}
-        if any(cfg.gptq is not None for _, cfg, _ in self.plan if cfg is not None):
-            self.hessians = _hessians(self.model, source, self.plan, progress)
-        feeds, causal_lm = sensitivity_feeds(self.path, data, samples=samples, seq_len=seq_len)
-        self.session = WeightSwapSession(
-            self.path, [layer.name for layer in self.layers], feeds, causal_lm=causal_lm, device=device
-        )
-        self.seq_len = seq_len if causal_lm else None
+        self._source, self._progress = source, progress
+        self._data, self._samples, self._seq_len, self._device = data, samples, seq_len, device
+        self._session: WeightSwapSession | None = None
+        self._hessians: dict[str, np.ndarray] | None = None
         self._cache: dict[tuple[int, WeightOnlyConfig], QuantizedWeight] = {}
+
+    @property
+    def session(self) -> WeightSwapSession:
+        """The measuring session, built (and the float model run) on first use."""
+        if self._session is None:
+            feeds, causal_lm = sensitivity_feeds(self.path, self._data, samples=self._samples, seq_len=self._seq_len)
+            self._session = WeightSwapSession(
+                self.path, [layer.name for layer in self.layers], feeds, causal_lm=causal_lm, device=self._device
+            )
+        return self._session
+
+    @property
+    def seq_len(self) -> int | None:
+        """Tokens per window when the model is measured on text (causal LMs), else None."""
+        return self._seq_len if self.session.causal_lm else None
+
+    @property
+    def hessians(self) -> dict[str, np.ndarray]:
+        """GPTQ's calibration Hessians, collected on first use (empty when no layer uses GPTQ)."""
+        if self._hessians is None:
+            from qonnx.api import _hessians
+
+            self._hessians = {}
+            if any(cfg.gptq is not None for _, cfg, _ in self.plan if cfg is not None):
+                self._hessians = _hessians(self.model, self._source, self.plan, self._progress)
+        return self._hessians
 
     def quantized(self, i: int, cfg: WeightOnlyConfig | None = None) -> QuantizedWeight:
         """Layer ``i``'s weight quantized by ``cfg`` (default: its planned config), as quantize would store it."""
@@ -433,7 +460,7 @@ class _Context:
 
     def close(self) -> None:
         """Drop the session and temporary files."""
-        self.session = None  # type: ignore[assignment]
+        self._session = None
         self._cache.clear()
         self._tmp.cleanup()
 

@@ -223,6 +223,12 @@ def mixed_precision(
         progress=progress,
     )
     try:
+        params = sum(layer.params for layer in ctx.layers)
+        # sizes do not depend on how codes are chosen: round to nearest, without GPTQ's cost
+        q_bytes = {i: ctx.quantized(i, _rtn(layer.cfg)).nbytes for i, layer in enumerate(ctx.layers)}
+        base_bits = 8 * sum(q_bytes.values()) / params
+        if budget.target_bits is not None and base_bits > budget.target_bits:
+            raise ConfigError(_below_floor(ctx, budget.target_bits, base_bits))
         if budget.max_ppl_increase is not None and not ctx.session.causal_lm:
             raise ConfigError(
                 "max_ppl_increase needs a causal LM export with its tokenizer (perplexity); use target_bits"
@@ -235,10 +241,6 @@ def mixed_precision(
             everything = analysis.all_quantized
         ranked = [r.index for r in analysis.layers]  # worst first
         low = [i for i in ranked if ctx.layers[i].cfg.bits < 8 and not ctx.layers[i].cfg.float8]
-        params = sum(layer.params for layer in ctx.layers)
-        # sizes do not depend on how codes are chosen: round to nearest, without GPTQ's cost
-        q_bytes = {i: ctx.quantized(i, _rtn(layer.cfg)).nbytes for i, layer in enumerate(ctx.layers)}
-        base_bits = 8 * sum(q_bytes.values()) / params
         choice: dict[int, WeightOnlyConfig | None] = {}
         if budget.target_bits is not None:
             choice = _by_bits(ctx, analysis, low, q_bytes, params, budget.target_bits)
@@ -290,11 +292,6 @@ def _by_bits(
     """Greedy: promote to 8 bits by sensitivity per extra byte, every layer that still fits the budget."""
     total = sum(q_bytes.values())
     limit = target * params / 8
-    if total > limit:
-        raise ConfigError(
-            f"target {target:g} bits per weight is below what the scheme itself stores "
-            f"({8 * total / params:.3f} bits per weight with scales and zero points)"
-        )
     score = {r.index: r.score for r in analysis.layers}
     extra = {}
     for i in low:
@@ -306,6 +303,26 @@ def _by_bits(
             choice[i] = eight_bit(ctx.layers[i].cfg)
             total += extra[i]
     return choice
+
+
+def _below_floor(ctx: _Context, target: float, floor: float) -> str:
+    ragged = sorted(
+        {
+            layer.cand.k
+            for layer in ctx.layers
+            if layer.cfg.format == "matmulnbits" and layer.cfg.block_size and layer.cand.k % layer.cfg.block_size
+        }
+    )
+    hint = (
+        f"; MatMulNBits pads K={', '.join(map(str, ragged))} to whole blocks of {ctx.config.block_size} "
+        "(format qdq does not)"
+        if ragged
+        else ""
+    )
+    return (
+        f"target {target:g} bits per weight is below what the scheme itself stores "
+        f"({floor:.3f} bits per weight with scales and zero points{hint})"
+    )
 
 
 def _by_ppl(

@@ -241,7 +241,7 @@ def test_cli_analyze_and_budget_json(tmp_path):
     assert res.returncode == 0, res.stderr
     reused = json.loads(res.stdout)["mixed_precision"]["promoted"]  # ranked on 2 feeds instead of 4: same choice
     assert [(p["weight"], p["to"]) for p in reused] == [(p["weight"], p["to"]) for p in info["promoted"]]
-    res = qonnx_cli("quantize", path, "-o", tmp_path / "q1.onnx", "--target-bits", "5.6", "--sensitivity", saved)
+    res = qonnx_cli("quantize", path, "-o", tmp_path / "q1.onnx", "--target-bits", "12", "--sensitivity", saved)
     assert_one_line_error(res, "sens.json: measured with w4a16", "not the scheme asked for")
     res = qonnx_cli("quantize", path, "-o", tmp_path / "q1.onnx", "--sensitivity", saved)
     assert_one_line_error(res, "--sensitivity applies with --target-bits or --max-ppl-increase")
