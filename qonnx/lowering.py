@@ -161,10 +161,12 @@ def lower(
         model: a .onnx file or a folder holding model.onnx (an export, quantized or not).
         output: a .onnx path or a folder (a folder input is mirrored there: tokenizer and config files).
         target: "cpu" or "cuda", the execution provider the model is for.
-        attention: fuse attention too (False: RMSNorm and rotary embedding only). Default on. For CUDA only
-            into GroupQueryAttention (float16/bfloat16, causal mask): ONNX Runtime 1.31's CUDA
-            MultiHeadAttention measured 10x slower than the unfused graph on an H100 (7B shape, ~2 ms per decode
-            call), so attention that cannot become GroupQueryAttention stays unfused there.
+        attention: fuse attention too (False: RMSNorm and rotary embedding only). Default: on for the CPU, off
+            for CUDA. For CUDA attention is only ever fused into GroupQueryAttention (float16/bfloat16, causal
+            mask); measured on an H100 with ONNX Runtime 1.31 (1.1B Llama shape, benchmarks/RESULTS.md): it
+            makes a 128-token prompt 2.5x faster (9.4 -> 3.8 ms) but a decode step 4x slower (12.1 -> 49.6 ms;
+            2.35 ms per GroupQueryAttention call with past and present as separate buffers, whichever of its
+            flash / memory-efficient / unfused kernels runs), and MultiHeadAttention was 10x slower at decode.
         verify: compare the lowered model with the input before writing (default: up to 2 GiB of files).
         external_data: see :func:`qonnx.modelfile.save`.
 
@@ -179,7 +181,7 @@ def lower(
     out_path, mirror = _output_path(output, source, model)
     size = sum(p.stat().st_size for p in protect)
     if attention is None:
-        attention = True
+        attention = target != "cuda"
     fuse = FuseForOrtPass(target, attention=attention)
     try:
         fuse(ir_model)
