@@ -435,7 +435,17 @@ def _activation_config(
     for key in ("target", "strict", "attention", "keep-float"):
         if act[key] is not None:
             options[key.replace("-", "_")] = act[key]
-    return scheme_from_name(scheme, **options)
+    config = scheme_from_name(scheme, **options)
+    if getattr(config, "dynamic_on_cpu", False):
+        unused = [f"--{k}" for k in ("calib-method", "smooth-quant", "calib-cache", "keep-float") if act[k] is not None]
+        unused += ["--symmetric"] if symmetric else []
+        if unused:
+            click.echo(
+                f"qonnx: WARNING: {', '.join(unused)} ignored: --target cpu emits w4a8 as MatMulNBits with int8 "
+                "activations quantized at run time (no calibration, no smoothing)",
+                err=True,
+            )
+    return config
 
 
 def _budget(target_bits: float | None, max_ppl_increase: str | None, sensitivity: str | None, scheme: str) -> Any:

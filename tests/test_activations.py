@@ -342,6 +342,16 @@ def test_w4a8_lowered_for_cpu(stack, tmp_path):
         assert sqnr_db(run(path, {"x": x})[0], run(summary.outputs[0], {"x": x})[0]) > 12
 
 
+def test_cli_w4a8_for_cpu_says_which_options_it_ignores(stack, tmp_path):
+    path, npz, _ = stack
+    args = ["quantize", path, "-o", tmp_path / "c.onnx", "--scheme", "w4a8", "--target", "cpu", "--calib-data", npz]
+    res = qonnx_cli(*args, "--smooth-quant", "0.5", "--calib-method", "mse")
+    assert res.returncode == 0, res.stderr
+    assert "--calib-method, --smooth-quant ignored: --target cpu emits w4a8 as MatMulNBits" in res.stderr
+    res = qonnx_cli(*args[:3], tmp_path / "d.onnx", *args[4:])
+    assert res.returncode == 0 and "ignored" not in res.stderr
+
+
 def test_slow_target_warns_through_targets(stack, tmp_path, capsys):
     """The speed warning follows the activation scheme, also when it comes through targets."""
     path, npz, _ = stack
