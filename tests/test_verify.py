@@ -208,13 +208,14 @@ def test_reference_run_in_background_and_over_budget(tmp_path, rng):
 
 
 def test_verification_sessions_build_fast(tmp_path, rng):
-    """No graph optimization, no idle spinning; the float original is not copied into packed weights."""
+    """No graph optimization, no idle spinning, no arena; the float original is not copied into packed weights."""
     src = matmul_model(tmp_path / "m.onnx", rng.standard_normal((64, 32)).astype(np.float32))
     for prepack in (False, True):
         so = verification_session(src, "cpu", prepack=prepack).get_session_options()
         assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
         assert so.get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "0"
+        assert not so.enable_cpu_mem_arena
         if prepack:  # the quantized model: MatMulNBits runs far slower unpacked
             with pytest.raises(RuntimeError):
                 so.get_session_config_entry("session.disable_prepacking")
