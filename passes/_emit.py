@@ -19,6 +19,7 @@ MS_DOMAIN = "com.microsoft"
 __all__ = [
     "MS_DOMAIN",
     "QuantizedWeight",
+    "storage_bits",
     "matmulnbits_arrays",
     "dequantize_arrays",
     "channel_dequantize_arrays",
@@ -56,8 +57,19 @@ _INITIALIZER_OVERHEAD = 16
 _NODE_OVERHEAD = 96
 
 
+def storage_bits(bits: int, fmt: str) -> int:
+    """Bits each code takes in ``fmt``: 3-bit codes (and 2-bit ones in DequantizeLinear) go in 4-bit containers.
+
+    No ONNX Runtime kernel reads 3-bit codes (MatMulNBits runs 2, 4 and 8 bits on the CPU), and
+    DequantizeLinear has int2/uint2 only from opset 25: such a model is the size of a 4-bit one.
+    """
+    if bits == 3 or (bits == 2 and fmt != "matmulnbits"):
+        return 4
+    return bits
+
+
 def _code_dtype(bits: int, symmetric: bool) -> np.dtype:
-    if bits == 4:
+    if storage_bits(bits, "qdq") == 4:
         return np.dtype(ml_dtypes.int4 if symmetric else ml_dtypes.uint4)
     return np.dtype(np.int8 if symmetric else np.uint8)
 
@@ -68,16 +80,29 @@ def float_nbytes(nbytes: int, name: str) -> int:
 
 
 def estimated_nbytes(
-    fmt: str, k: int, n: int, *, bits: int, block_size: int | None, symmetric: bool, scale_bytes: int, name: str
+    fmt: str,
+    k: int,
+    n: int,
+    *,
+    bits: int,
+    block_size: int | None,
+    symmetric: bool,
+    scale_bytes: int,
+    name: str,
+    float_zero_points: bool = False,
 ) -> int:
     """Bytes a quantized [K, N] weight will add to the model file: arrays, initializers and its node.
 
     Used before quantizing to tell whether the quantized form is smaller than the float weight.
+    ``float_zero_points``: MatMulNBits zero points in the scales' type (HQQ) instead of packed codes.
     """
     nb = quant.num_blocks(k, block_size)
+    bits = storage_bits(bits, fmt)
     if fmt == "matmulnbits":
         assert block_size is not None
         codes, zero_points = n * nb * block_size * bits // 8, n * -(-nb * bits // 8)
+        if float_zero_points:
+            zero_points = n * nb * scale_bytes
     else:
         codes, zero_points = -(-k * n * bits // 8), -(-nb * n * bits // 8)
     arrays = codes + n * nb * scale_bytes + (0 if symmetric else zero_points)
@@ -87,9 +112,16 @@ def estimated_nbytes(
 
 
 def matmulnbits_arrays(qm: quant.QuantizedMatrix, dtype: ir.DataType) -> QuantizedWeight:
-    """MatMulNBits inputs for ``qm`` ([K, N] blocked along K), scales in the activation ``dtype``."""
+    """MatMulNBits inputs for ``qm`` ([K, N] blocked along K), scales in the activation ``dtype``.
+
+    3-bit codes are stored in 4-bit containers (``bits=4``); fractional zero points (HQQ) as
+    [N, nblocks] in ``dtype``, which MatMulNBits accepts in place of packed ones.
+    """
+    qm = qm.in_container(storage_bits(qm.bits, "matmulnbits"))
     arrays = {"B": quant.pack_matmulnbits(qm), "scales": np.ascontiguousarray(qm.scale.T).astype(dtype.numpy())}
-    if not qm.symmetric:
+    if qm.fractional_zero_point:
+        arrays["zero_points"] = np.ascontiguousarray(qm.zero_point.T).astype(dtype.numpy())
+    elif not qm.symmetric:
         arrays["zero_points"] = quant.pack_matmulnbits_zero_points(qm)
     attrs = {"K": qm.k, "N": qm.n, "bits": qm.bits, "block_size": qm.block_size}
     return QuantizedWeight("matmulnbits", arrays, attrs, qm.k, qm.n, qm.bits)
@@ -98,9 +130,13 @@ def matmulnbits_arrays(qm: quant.QuantizedMatrix, dtype: ir.DataType) -> Quantiz
 def dequantize_arrays(qm: quant.QuantizedMatrix, dtype: ir.DataType) -> QuantizedWeight:
     """DequantizeLinear inputs producing the [K, N] weight that ``qm`` stands for.
 
-    4-bit codes are int4 (symmetric) or uint4; 8-bit codes int8 or uint8. One block per channel is
-    per-axis (axis=1, opset 13); smaller blocks are blocked along K (axis=0, block_size, opset 21).
+    4-bit codes (and 2- and 3-bit ones, in 4-bit containers) are int4 (symmetric) or uint4; 8-bit codes int8
+    or uint8. One block per channel is per-axis (axis=1, opset 13); smaller blocks are blocked along K
+    (axis=0, block_size, opset 21). Zero points must be integers.
     """
+    if qm.fractional_zero_point:
+        raise ValueError("DequantizeLinear takes integer zero points only; round them first")
+    qm = qm.in_container(storage_bits(qm.bits, "qdq"))
     code_dtype = _code_dtype(qm.bits, qm.symmetric)
     scale = qm.scale.astype(dtype.numpy())
     zp = qm.zero_point.astype(code_dtype)
@@ -141,7 +177,7 @@ def channel_dequantize_arrays(
     }
     if not qb.symmetric:
         arrays["zero_point"] = qb.zero_point.reshape(n).astype(code_dtype)
-    return QuantizedWeight("qdq", arrays, {"axis": axis}, qb.k, n, qb.bits)
+    return QuantizedWeight("qdq", arrays, {"axis": axis}, qb.k, n, storage_bits(qb.bits, "qdq"))
 
 
 def _unique_name(graph: ir.Graph, base: str, taken: set[str] | None) -> str:

@@ -19,6 +19,7 @@ import concurrent.futures
 import dataclasses
 import os
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -28,9 +29,18 @@ from qonnx.config import Targets, WeightOnlyConfig
 from qonnx.passes import _emit, cleanup
 from qonnx.passes.activations import unique_name
 from qonnx.passes.gptq import gptq_quantize
+from qonnx.passes.hqq import hqq_quantize
 from qonnx.passes.weights import WeightCandidate, find_weight_candidates
 
-__all__ = ["LayerRecord", "QuantizeWeightsPass", "all_value_names", "hessian_key", "needed_opset", "quantize_weight"]
+__all__ = [
+    "LayerRecord",
+    "QuantizeWeightsPass",
+    "all_value_names",
+    "hessian_key",
+    "hqq_zero_point",
+    "needed_opset",
+    "quantize_weight",
+]
 
 QDQ_OPSET = 21
 _CHAIN_OPS = ("Transpose", "Cast", "Identity")
@@ -66,14 +76,22 @@ def quantize_weight(
     """
     if cand.axis is not None:  # a convolution: one scale per output channel
         rows = cand.channel_rows()
-        qb = quant.quantize_blocked(rows, cfg.bits, None, cfg.symmetric, scale_dtype=dtype.numpy())
+        if cfg.hqq is not None:
+            qm = _hqq(rows.T, cfg, dtype)  # one block per channel
+            qb = quant.QuantizedBlocks(
+                qm.q.T[:, None, :], qm.scale.T, qm.zero_point.T, qm.k, qm.k, qm.bits, qm.symmetric
+            )
+        else:
+            qb = quant.quantize_blocked(rows, cfg.bits, None, cfg.symmetric, scale_dtype=dtype.numpy())
         del rows
         return _emit.channel_dequantize_arrays(qb, dtype, cand.shape, cand.axis)
     w = cand.matrix()  # [K, N]: blocks run down the rows, no transpose of the float weight
     if cfg.float8:
         return _emit.fp8_dequantize_arrays(w, dtype)
     gptq = cfg.gptq
-    if gptq is not None:
+    if cfg.hqq is not None:
+        qm = _hqq(w, cfg, dtype)
+    elif gptq is not None:
         if hessian is None:
             raise ValueError(f"{cand.node.op_type} '{cand.node.name}': GPTQ needs the Hessian of its input")
         qm = gptq_quantize(
@@ -96,16 +114,44 @@ def quantize_weight(
     return _emit.dequantize_arrays(qm, dtype)
 
 
+def hqq_zero_point(cfg: WeightOnlyConfig) -> Literal["float", "integer"]:
+    """How HQQ's zero points are stored: as floats where MatMulNBits runs them (2- and 4-bit containers).
+
+    DequantizeLinear and 8-bit MatMulNBits take integer zero points only: HQQ's are rounded there.
+    """
+    if cfg.format == "matmulnbits" and _emit.storage_bits(cfg.bits, cfg.format) in (2, 4):
+        return "float"
+    return "integer"
+
+
+def _hqq(w: np.ndarray, cfg: WeightOnlyConfig, dtype: ir.DataType) -> quant.QuantizedMatrix:
+    """HQQ on a [K, N] weight, its zero points as the format stores them."""
+    hqq = cfg.hqq
+    assert hqq is not None
+    return hqq_quantize(
+        w,
+        bits=cfg.bits,
+        block_size=cfg.block_size,
+        scale_dtype=dtype.numpy(),
+        iterations=hqq.iterations,
+        lp_norm=hqq.lp_norm,
+        beta=hqq.beta,
+        kappa=hqq.kappa,
+        zero_point=hqq_zero_point(cfg),
+    )
+
+
 def needed_opset(cfg: WeightOnlyConfig, dtype: ir.DataType) -> int:
     """The default-domain opset a quantized form needs (MatMulNBits, in com.microsoft: none).
 
-    DequantizeLinear: 13 per axis, 19 with float16/bfloat16 scales, 21 blocked or with int4 codes.
+    DequantizeLinear: 13 per axis, 19 with float16/bfloat16 scales, 21 blocked or with int4 codes (2-, 3- and
+    4-bit codes).
     """
     if cfg.format != "qdq":
         return 1
     if cfg.float8:
         return 19
-    if cfg.block_size is not None or cfg.bits == 4:
+    if cfg.block_size is not None or cfg.bits <= 4:
         return QDQ_OPSET
     return 13 if dtype == ir.DataType.FLOAT else 19
 
@@ -162,6 +208,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 cfg = dataclasses.replace(cfg, algo="rtn")
             elif cfg.gptq is not None:
                 how += " gptq"
+            how += _storage_note(cfg)
             reason = self._unsupported(cand, cfg)
             name = scheme.name if scheme is not None else cfg.name
             planned.append((cand, None, reason) if reason else (cand, cfg, f"{name}{how} by {rule}"))
@@ -341,6 +388,21 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new, *extra], [node.outputs[0]], [out])
 
 
+def _storage_note(cfg: WeightOnlyConfig) -> str:
+    """What a layer record says about HQQ's zero points and codes stored wider than they are."""
+    note = ""
+    if cfg.hqq is not None:
+        if hqq_zero_point(cfg) == "float":
+            note += " hqq (float zero points)"
+        else:
+            where = "DequantizeLinear" if cfg.format == "qdq" else f"{cfg.bits}-bit MatMulNBits"
+            note += f" hqq (zero points rounded to integers for {where})"
+    stored = _emit.storage_bits(cfg.bits, cfg.format)
+    if stored != cfg.bits:
+        note += f" ({cfg.bits}-bit codes in {stored}-bit containers: the size of {stored}-bit weights)"
+    return note
+
+
 def hessian_key(cand: WeightCandidate) -> str:
     """The name of the tensor whose Hessian GPTQ uses for a MatMul/Gemm: its activation input."""
     x = cand.node.inputs[0]
@@ -374,6 +436,7 @@ def _check_sizes(planned: Plan) -> Plan:
                 symmetric=cfg.symmetric,
                 scale_bytes=int(_act_dtype(cand).itemsize),
                 name=cand.weight_name,
+                float_zero_points=cfg.hqq is not None and hqq_zero_point(cfg) == "float",
             )
         cost = sum(costs.values())
         if cost * 10 >= float_bytes * 9:  # not even 10% smaller (the protobuf overhead estimate is rough)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from qonnx.config import AWQ, GPTQ, HQQ, W4A16, W8A16, SchemeConfig, Targets, WeightOnlyConfig
+from qonnx.config import AWQ, GPTQ, HQQ, W2A16, W3A16, W4A16, W8A16, SchemeConfig, Targets, WeightOnlyConfig
 from qonnx.config_activations import FP8, W4A8, W8A8, ActivationConfig, Calibration, Dynamic
 from qonnx.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError, QonnxError
 
@@ -38,6 +38,8 @@ __all__ = [
     "Calibration",
     "Dynamic",
     "SchemeConfig",
+    "W2A16",
+    "W3A16",
     "W4A16",
     "W8A16",
     "ConfigError",

@@ -77,12 +77,13 @@ def cli() -> None:
 )
 @click.option(
     "--algo",
-    type=click.Choice(["rtn", "gptq"]),
+    type=click.Choice(["rtn", "gptq", "hqq"]),
     default="rtn",
     show_default=True,
     help="rtn: round to nearest. gptq: GPTQ (act-order with static blocks, clip search) with Hessians from "
     "calibration runs of the float model in ONNX Runtime (all layers at once, not layer by layer); needs a "
-    "tokenizer beside the model or --calib-data.",
+    "tokenizer beside the model or --calib-data. hqq: half-quadratic zero points, no data (float zero points in "
+    "MatMulNBits).",
 )
 @click.option(
     "--calib-samples",
@@ -271,6 +272,8 @@ def quantize(
             options["algo"] = GPTQ(**calib)
         elif calib:
             raise click.UsageError(f"--{next(iter(calib)).replace('_', '-')} applies to --algo gptq only")
+        elif algo == "hqq":
+            options["algo"] = "hqq"
         config = scheme_from_name(scheme, **options)
     targets = {f"re:{r}": None for r in exclude}
     budget = _budget(target_bits, max_ppl_increase, sensitivity, scheme)

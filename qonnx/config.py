@@ -20,6 +20,8 @@ __all__ = [
     "HQQ",
     "SchemeConfig",
     "WeightOnlyConfig",
+    "W2A16",
+    "W3A16",
     "W4A16",
     "W8A16",
     "Targets",
@@ -132,7 +134,7 @@ class AWQ:
 
     @property
     def label(self) -> str:
-        """ "awq+gptq" when GPTQ rounds the scaled weights, else "awq"."""
+        """The label "awq+gptq" when GPTQ rounds the scaled weights, else "awq"."""
         return "awq+gptq" if self.gptq is not None else "awq"
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,7 +149,11 @@ class HQQ:
     """HQQ (Badri & Shaji, 2023): half-quadratic optimisation of each block's zero point, no data needed.
 
     Minimises ``|| W - dequant(quant(W)) ||_p`` (``p`` < 1 favours fitting most weights exactly and
-    letting outliers go) by alternating a shrinkage step on the error with a closed-form zero-point update.
+    letting outliers go) by alternating a shrinkage step on the error with a closed-form zero-point update
+    (see :mod:`qonnx.passes.hqq`). Asymmetric codes only (symmetric ones have no zero point). Zero points
+    stay fractional in MatMulNBits (2- and 4-bit codes: ONNX Runtime runs those far slower on the CPU than
+    packed integer ones); DequantizeLinear and 8-bit MatMulNBits take integers, where HQQ's zero points are
+    rounded and give about round-to-nearest.
 
     Attributes:
         iterations: optimisation steps per weight.
@@ -220,7 +226,8 @@ class WeightOnlyConfig(SchemeConfig):
     """Weight-only quantization: weights stored in ``bits`` bits, activations stay floating point.
 
     Attributes:
-        bits: code width: 4 or 8; 2 and 3 are stored in 4-bit containers (no ONNX Runtime kernel reads 3-bit codes).
+        bits: code width: 2, 3, 4 or 8. 3-bit codes are stored in 4-bit containers (no ONNX Runtime kernel
+            reads 3-bit codes); 2-bit codes in MatMulNBits bits=2, and in 4-bit containers for DequantizeLinear.
         block_size: weights per scale along the reduction axis K; ``None`` means one scale per output
             channel (only with ``format="qdq"``; MatMulNBits needs blocks of 16..256).
         symmetric: signed codes and no zero point; otherwise unsigned codes with a zero point per block.
@@ -251,6 +258,10 @@ class WeightOnlyConfig(SchemeConfig):
             )
         if self.bits not in (2, 3, 4, 8):
             raise ConfigError(f"{self.name}: bits must be 2, 3, 4 or 8, got {self.bits}")
+        if isinstance(self.algo, HQQ) and self.symmetric:
+            raise ConfigError(
+                f"{self.name}: hqq optimises zero points, which symmetric codes do not have; drop symmetric"
+            )
         if self.format not in ("matmulnbits", "qdq"):
             raise ConfigError(f"{self.name}: format must be 'matmulnbits' or 'qdq', got {self.format!r}")
         if self.block_size is not None:
@@ -326,7 +337,27 @@ class W8A16(WeightOnlyConfig):
     bits: int = 8
 
 
-SCHEMES: dict[str, type[SchemeConfig]] = {"w4a16": W4A16, "w8a16": W8A16}
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class W3A16(WeightOnlyConfig):
+    """3-bit weights in blocks along K, stored in 4-bit containers: the accuracy of 3 bits, the size of 4.
+
+    No ONNX Runtime kernel reads 3-bit codes; MatMulNBits (bits=4) and int4/uint4 DequantizeLinear hold
+    codes in the 3-bit range. Use it with GPTQ (``algo="gptq"``): round-to-nearest loses too much at 3 bits.
+    """
+
+    name: ClassVar[str] = "w3a16"
+    bits: int = 3
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class W2A16(WeightOnlyConfig):
+    """2-bit weights in blocks along K: MatMulNBits bits=2 (ONNX Runtime's CPU kernel), 4-bit containers in QDQ."""
+
+    name: ClassVar[str] = "w2a16"
+    bits: int = 2
+
+
+SCHEMES: dict[str, type[SchemeConfig]] = {"w4a16": W4A16, "w8a16": W8A16, "w3a16": W3A16, "w2a16": W2A16}
 
 
 def scheme_from_name(name: str, **options: Any) -> SchemeConfig:

@@ -326,7 +326,8 @@ class QuantizedMatrix:
     Attributes:
         q: codes [K, N] (int8 when symmetric, uint8 otherwise).
         scale: [nblocks, N] in the storage dtype.
-        zero_point: [nblocks, N] int32 (zeros when symmetric).
+        zero_point: [nblocks, N] int32 (zeros when symmetric), or float32 for fractional zero points
+            (HQQ: values exact in the scales' dtype, which MatMulNBits stores them in).
         block_size: rows per block (K itself for one block per channel); the last block may be ragged.
         bits: code width.
         symmetric: whether codes are signed with zero point 0.
@@ -338,6 +339,21 @@ class QuantizedMatrix:
     block_size: int
     bits: int
     symmetric: bool
+
+    @property
+    def fractional_zero_point(self) -> bool:
+        """Whether the zero points are floats (MatMulNBits only; DequantizeLinear needs integers)."""
+        return bool(np.issubdtype(self.zero_point.dtype, np.floating))
+
+    def in_container(self, bits: int) -> QuantizedMatrix:
+        """The same codes stored ``bits`` wide (3-bit codes in 4-bit MatMulNBits / int4 containers).
+
+        Signed and unsigned code ranges nest, so codes and zero points keep their values: only the
+        unsigned form of symmetric codes moves (its zero point becomes 2^(bits-1)).
+        """
+        if bits < self.bits:
+            raise ValueError(f"a {bits}-bit container cannot hold {self.bits}-bit codes")
+        return dataclasses.replace(self, bits=bits)
 
     @property
     def k(self) -> int:
@@ -357,7 +373,12 @@ class QuantizedMatrix:
         )
 
     def unsigned(self) -> tuple[np.ndarray, np.ndarray]:
-        """Codes [K, N] and zero points [nblocks, N] in the unsigned range MatMulNBits stores."""
+        """Codes [K, N] and zero points [nblocks, N] in the unsigned range MatMulNBits stores.
+
+        Fractional zero points are returned as they are (float32).
+        """
+        if self.fractional_zero_point:
+            return self.q.astype(np.uint8, copy=False), self.zero_point
         if not self.symmetric:
             return self.q.astype(np.uint8, copy=False), self.zero_point.astype(np.uint8)
         off = 1 << (self.bits - 1)
@@ -428,6 +449,8 @@ def pack_matmulnbits(qm: QuantizedMatrix) -> np.ndarray:
 
 def pack_matmulnbits_zero_points(qm: QuantizedMatrix) -> np.ndarray:
     """MatMulNBits' packed uint8 zero points [N, ceil(nblocks * bits / 8)] for a [K, N] weight."""
+    if qm.fractional_zero_point:
+        raise ValueError("fractional zero points are stored as floats, not packed")
     _, zp = qm.unsigned()
     return pack_zero_points(np.ascontiguousarray(zp.T), qm.bits)
 

@@ -113,7 +113,7 @@ def bad_inputs(tmp_path, tiny_model):
         ("same", [], ["overwrite the input"]),
         ("tiny", ["--block-size", "100"], ["block_size"]),
         ("tiny", ["--block-size", "0"], ["per-channel"]),
-        ("tiny", ["--scheme", "w3a16"], ["--scheme"]),
+        ("tiny", ["--scheme", "w5a16"], ["--scheme"]),
         ("tiny", ["--bogus"], ["--bogus"]),
         ("tiny", ["--exclude", "("], ["regular expression"]),
         ("tiny", ["--accuracy-level", "9"], ["--accuracy-level"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,7 +14,7 @@ from test_cli import assert_one_line_error, qonnx_cli
 
 import qonnx
 from qonnx import quant
-from qonnx.config import GPTQ, W4A16, Targets
+from qonnx.config import GPTQ, W3A16, W4A16, Targets
 from qonnx.errors import ConfigError
 from qonnx.models import build_decoder_stack
 from qonnx.passes.gptq import HessianAccumulator, gptq_quantize
@@ -277,3 +278,35 @@ def test_cli_on_exported_llm(tmp_path):
     assert summary["verification"]["ran"]
     ppl = perplexity(tmp_path / "out", seq_len=32, windows=2, progress=False)
     assert np.isfinite(ppl["perplexity"])
+
+
+@pytest.mark.parametrize(("block_size", "symmetric"), [(128, False), (32, True), (None, False)])
+def test_three_bits(rng, block_size, symmetric):
+    """GPTQ at 3 bits: identity Hessian = round to nearest; correlated inputs: less output error, codes in range."""
+    k, n = 320, 48
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    plain = gptq_quantize(w, np.eye(k, dtype=np.float32), bits=3, block_size=block_size, symmetric=symmetric, **PLAIN)
+    rtn = quant.quantize_kn(w, 3, block_size, symmetric)
+    np.testing.assert_array_equal(plain.q, rtn.q)
+    calib, test = correlated(rng, 4096, k), correlated(np.random.default_rng(1), 4096, k)
+    qm = gptq_quantize(
+        w, hessian(calib), bits=3, block_size=block_size, symmetric=symmetric, act_order=True, clip_search=True
+    )
+    assert output_error(test, w, qm) < 0.8 * output_error(test, w, rtn)
+    qmin, qmax = quant.qrange(3, symmetric)
+    assert qm.q.min() >= qmin and qm.q.max() <= qmax and qm.zero_point.max() <= qmax
+
+
+@pytest.mark.parametrize(("cfg", "bound"), [(W4A16(block_size=None, format="qdq"), 1), (W3A16(block_size=32), 1)])
+def test_pipeline_per_channel_and_three_bits(stack_feeds, tmp_path, cfg, bound):
+    """GPTQ through the pipeline with one scale per output channel (QDQ) and with 3-bit codes."""
+    path, npz, test = stack_feeds
+    gptq_cfg = dataclasses.replace(cfg, algo=GPTQ(calib_data=str(npz), calib_samples=6))
+    summary = qonnx.quantize(path, gptq_cfg, output=tmp_path / "gptq.onnx")
+    assert len(summary.quantized) == 11 and all("gptq" in r.reason for r in summary.quantized)
+    onnx.checker.check_model(onnx.load(tmp_path / "gptq.onnx"), full_check=True)
+    qonnx.quantize(path, cfg, output=tmp_path / "rtn.onnx")
+    ref = run(path, {"x": test})[0]
+    gptq_db = sqnr_db(ref, run(tmp_path / "gptq.onnx", {"x": test})[0])
+    rtn_db = sqnr_db(ref, run(tmp_path / "rtn.onnx", {"x": test})[0])
+    assert gptq_db > rtn_db + bound, (gptq_db, rtn_db)

@@ -149,3 +149,33 @@ def test_kn_layout_equals_row_layout(rng, bits, symmetric, k, block):
             np.testing.assert_array_equal(
                 quant.pack_matmulnbits_zero_points(qm), quant.pack_zero_points(qb.zero_point, bits)
             )
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_three_bit_codes_in_four_bit_containers(rng, symmetric):
+    """Widening keeps every code and zero point: the container dequantizes to the same weights."""
+    w = rng.standard_normal((200, 24)).astype(np.float32)
+    qm = quant.quantize_kn(w, 3, 32, symmetric)
+    wide = qm.in_container(4)
+    assert wide.bits == 4 and np.array_equal(wide.dequantize(), qm.dequantize())
+    codes, zps = wide.unsigned()
+    if symmetric:  # signed codes in [-4, 3] around the 4-bit default zero point 8: no zero points to store
+        assert codes.min() >= 4 and codes.max() <= 11 and np.all(zps == 8)
+    else:
+        assert codes.max() <= 7 and zps.max() <= 7
+    unpacked = quant.unpack_nbits_matmulnbits(quant.pack_matmulnbits(wide), 4, 32).reshape(24, -1)[:, :200].T
+    np.testing.assert_array_equal(unpacked, codes)
+    with pytest.raises(ValueError, match="cannot hold"):
+        qm.in_container(2)
+
+
+def test_fractional_zero_points(rng):
+    w = rng.standard_normal((64, 8)).astype(np.float32)
+    qm = quant.quantize_kn(w, 4, 32, False)
+    assert not qm.fractional_zero_point
+    frac = quant.QuantizedMatrix(qm.q, qm.scale, qm.zero_point.astype(np.float32) + 0.25, 32, 4, False)
+    assert frac.fractional_zero_point
+    np.testing.assert_allclose(frac.dequantize(), qm.dequantize() - 0.25 * np.repeat(qm.scale, 32, axis=0), atol=1e-6)
+    assert frac.unsigned()[1].dtype == np.float32  # not truncated to uint8
+    with pytest.raises(ValueError, match="not packed"):
+        quant.pack_matmulnbits_zero_points(frac)

@@ -26,6 +26,11 @@ CASES = [  # (config, SQNR bound in dB on the tiny decoder)
     (qonnx.W8A16(block_size=64, format="qdq"), 30),
     (qonnx.W8A16(block_size=None, symmetric=True, format="qdq"), 25),
     (qonnx.W4A16(block_size=None, format="qdq"), 5),
+    (qonnx.W3A16(block_size=32), 6),  # 3-bit codes in 4-bit containers
+    (qonnx.W3A16(block_size=32, symmetric=True, format="qdq"), 6),
+    (qonnx.W3A16(block_size=None, format="qdq"), 2),
+    (qonnx.W2A16(block_size=16), 1),  # MatMulNBits bits=2
+    (qonnx.W2A16(block_size=32, format="qdq"), 1),  # 2-bit codes in uint4
 ]
 
 
@@ -56,6 +61,14 @@ def test_output_equals_dequantized_weights(tmp_path, tiny_model, tiny_input, cfg
     assert summary.bytes_after < summary.bytes_before
     ops = {n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node}
     assert "MatMul" not in ops if cfg.format == "matmulnbits" else "DequantizeLinear" in ops
+    if cfg.bits < 4:  # codes stay in their own range inside wider containers
+        stored = 2 if cfg.bits == 2 and cfg.format == "matmulnbits" else 4
+        note = "" if stored == cfg.bits else f"{cfg.bits}-bit codes in 4-bit containers"
+        assert all(note in r.reason for r in summary.quantized)
+        for node in onnx.load(tmp_path / "q.onnx").graph.node:
+            if node.op_type == "MatMulNBits":
+                attrs = {a.name: a.i for a in node.attribute}
+                assert attrs["bits"] == stored
 
 
 def test_wrong_packing_would_be_caught(tmp_path, tiny_model, tiny_input):
@@ -246,3 +259,26 @@ def test_opset_upgrade(tmp_path, tiny_model):
     assert model.opset_imports[""] == 17
     UpgradeOpsetPass(21)(model)
     assert model.opset_imports[""] == 21
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
+def test_three_bit_codes_stay_in_range(tmp_path, rng, fmt, symmetric):
+    """W3A16: every stored code (and zero point) is one of the 8 values of 3 bits, in 4-bit storage."""
+    w = rng.standard_normal((200, 40)).astype(np.float32)
+    qonnx.quantize(
+        matmul_model(tmp_path / "m.onnx", w),
+        qonnx.W3A16(block_size=32, symmetric=symmetric, format=fmt),
+        output=tmp_path / "q.onnx",
+    )
+    arrays = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "q.onnx").graph.initializer}
+    if fmt == "matmulnbits":
+        codes, zps = quant.unpack_matmulnbits(
+            arrays["w_B"], arrays.get("w_zero_points"), k=200, n=40, bits=4, block_size=32
+        )
+        lo = 4 if symmetric else 0  # symmetric: signed [-4, 3] around the default zero point 8
+        assert codes.min() >= lo and codes.max() <= lo + 7 and zps.min() >= lo and zps.max() <= lo + 7
+    else:
+        codes = arrays["w_x"].astype(np.int16)
+        assert codes.min() >= (-4 if symmetric else 0) and codes.max() <= (3 if symmetric else 7)
+        assert len(np.unique(codes)) == 8
