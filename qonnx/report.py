@@ -103,9 +103,13 @@ def _matmulnbits_weight(node: ir.Node) -> tuple[np.ndarray, int] | None:
         return None
     k, n = node.attributes.get_int("K"), node.attributes.get_int("N")
     bits, bs = node.attributes.get_int("bits", 4), node.attributes.get_int("block_size")
-    if k is None or n is None or bs is None or (zp is not None and zp.dtype != np.uint8):
+    if k is None or n is None or bs is None:
         return None
-    codes, zps = quant.unpack_matmulnbits(b, zp, k=k, n=n, bits=bits, block_size=bs)
+    if zp is not None and zp.dtype != np.uint8:  # zero points in the scales' float type (HQQ): [N, nblocks]
+        codes, _ = quant.unpack_matmulnbits(b, None, k=k, n=n, bits=bits, block_size=bs)
+        zps = zp.reshape(n, -1).astype(np.float32)
+    else:
+        codes, zps = quant.unpack_matmulnbits(b, zp, k=k, n=n, bits=bits, block_size=bs)
     rows = np.arange(k) // bs
     w = (codes.astype(np.float32) - zps[:, rows]) * scales.reshape(n, -1).astype(np.float32)[:, rows]
     nbytes = sum(_nbytes(v) for v in node.inputs[1:4] if v is not None)

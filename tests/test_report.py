@@ -55,6 +55,17 @@ def test_report_files_and_cli(pair):
     assert res.exit_code == 0 and (tmp / "r.md").read_text().startswith("# ")
 
 
+def test_report_reads_float_zero_points(pair):
+    """HQQ's MatMulNBits zero points are floats: the report dequantizes them as ONNX Runtime does."""
+    src, tmp = pair
+    qonnx.quantize(src, qonnx.W4A16(block_size=32, algo="hqq"), output=tmp / "h.onnx", verify=False)
+    qonnx.quantize(src, qonnx.W4A16(block_size=32), output=tmp / "r.onnx", verify=False)
+    hqq, rtn = layer_report(src, tmp / "h.onnx"), layer_report(src, tmp / "r.onnx")
+    assert len(hqq) == 11
+    by_weight = {r.weight: r.weight_sqnr_db for r in rtn}
+    assert all(r.weight_sqnr_db >= by_weight[r.weight] - 1e-6 for r in hqq)  # least squared error per block
+
+
 def test_report_on_unrelated_models_is_a_clear_error(pair):
     from qonnx.errors import QonnxError
 
