@@ -27,9 +27,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from qonnx.analysis import Sensitivity, _Context
+from qonnx.analysis import Sensitivity, measure_layers
 from qonnx.config import W8A16, SchemeConfig, WeightOnlyConfig
 from qonnx.errors import ConfigError
+from qonnx.fake_quant import FakeQuantModel
 from qonnx.runtime.data import PYDOC
 from qonnx.runtime.sensitivity import Measurement
 
@@ -143,7 +144,7 @@ def _rtn(cfg: WeightOnlyConfig) -> WeightOnlyConfig:
 _STORAGE_ONLY = ("format", "accuracy_level")
 
 
-def _reuse(ctx: _Context, source: str | os.PathLike | Sensitivity) -> Sensitivity:
+def _reuse(ctx: FakeQuantModel, source: str | os.PathLike | Sensitivity) -> Sensitivity:
     """A saved analysis, checked against this model and scheme, its layers indexed as ``ctx``'s."""
     s = source if isinstance(source, Sensitivity) else Sensitivity.load(source)
     where = "sensitivity" if isinstance(source, Sensitivity) else str(source)
@@ -212,7 +213,7 @@ def mixed_precision(
     if not isinstance(budget, Budget):
         raise ConfigError(f"budget must be a Budget(...), not {type(budget).__name__}")
     start = time.perf_counter()
-    ctx = _Context(
+    ctx = FakeQuantModel(
         model,
         config,
         targets,
@@ -237,7 +238,7 @@ def mixed_precision(
             analysis = _reuse(ctx, budget.sensitivity)
             everything = ctx.measure({i: layer.cfg for i, layer in enumerate(ctx.layers)})
         else:
-            analysis = ctx.sensitivity(progress, start)
+            analysis = measure_layers(ctx, progress, start)
             everything = analysis.all_quantized
         ranked = [r.index for r in analysis.layers]  # worst first
         low = [i for i in ranked if ctx.layers[i].cfg.bits < 8 and not ctx.layers[i].cfg.float8]
@@ -287,7 +288,7 @@ def mixed_precision(
 
 
 def _by_bits(
-    ctx: _Context, analysis: Sensitivity, low: list[int], q_bytes: dict[int, int], params: int, target: float
+    ctx: FakeQuantModel, analysis: Sensitivity, low: list[int], q_bytes: dict[int, int], params: int, target: float
 ) -> dict[int, WeightOnlyConfig | None]:
     """Greedy: promote to 8 bits by sensitivity per extra byte, every layer that still fits the budget."""
     total = sum(q_bytes.values())
@@ -305,7 +306,7 @@ def _by_bits(
     return choice
 
 
-def _below_floor(ctx: _Context, target: float, floor: float) -> str:
+def _below_floor(ctx: FakeQuantModel, target: float, floor: float) -> str:
     ragged = sorted(
         {
             layer.cand.k
@@ -326,7 +327,7 @@ def _below_floor(ctx: _Context, target: float, floor: float) -> str:
 
 
 def _by_ppl(
-    ctx: _Context, low: list[int], max_nll: float, everything: Measurement, progress: bool
+    ctx: FakeQuantModel, low: list[int], max_nll: float, everything: Measurement, progress: bool
 ) -> dict[int, WeightOnlyConfig | None]:
     """The shortest prefix of the ranking in 8 bits (then in floating point) that meets the perplexity budget.
 

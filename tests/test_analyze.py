@@ -13,8 +13,8 @@ from test_cli import assert_one_line_error, qonnx_cli
 
 import qonnx
 from qonnx import quant
-from qonnx.analysis import _Context, dequantized, to_stored
 from qonnx.errors import ConfigError
+from qonnx.fake_quant import FakeQuantModel, dequantized, to_stored
 from qonnx.mixed_precision import Budget, eight_bit, mixed_precision, parse_percent
 from qonnx.models import build_decoder_stack
 from qonnx.passes import _emit
@@ -68,7 +68,7 @@ def test_fed_weight_equals_the_quantized_model(tmp_path, fmt):
     """Feeding a layer's fake-quantized weight gives the outputs of a model with that layer quantized."""
     path = outlier_stack(tmp_path)
     cfg = qonnx.W4A16(block_size=32, format=fmt)
-    ctx = _Context(path, cfg, None, samples=1, seq_len=8, data="pydoc", device="cpu", progress=False)
+    ctx = FakeQuantModel(path, cfg, None, samples=1, seq_len=8, data="pydoc", device="cpu", progress=False)
     try:
         names = [layer.name for layer in ctx.layers]
         assert len(names) == 11 and not ctx.skipped
@@ -107,7 +107,7 @@ def test_fed_weight_through_gemm_and_transpose(tmp_path, rng):
         k=64,
     )
     cfg = qonnx.W4A16(block_size=16)
-    ctx = _Context(path, cfg, None, samples=1, seq_len=8, data="pydoc", device="cpu", progress=False)
+    ctx = FakeQuantModel(path, cfg, None, samples=1, seq_len=8, data="pydoc", device="cpu", progress=False)
     try:
         x = {"x": rng.standard_normal((3, 64)).astype(np.float32)}
         for i, layer in enumerate(ctx.layers):
