@@ -32,7 +32,7 @@ import onnx_ir as ir
 from qonnx import quant
 from qonnx.passes.activations import unique_name
 
-__all__ = ["ALPHA_GRID", "SmoothGroup", "factors", "search_alpha", "fold"]
+__all__ = ["ALPHA_GRID", "SmoothGroup", "absorber", "factors", "search_alpha", "fold"]
 
 ALPHA_GRID = (0.0, 0.3, 0.5, 0.65, 0.75, 0.85, 0.9, 0.95)
 _S_MIN, _S_MAX = 1e-4, 1e4
@@ -201,6 +201,87 @@ def _linear_producer(value: ir.Value) -> tuple[ir.Node, ir.Value] | None:
     return producer, w
 
 
+def _absorber(
+    x: ir.Value, group: SmoothGroup, k: int, taken: set[str] | None = None
+) -> tuple[str, Callable[[np.ndarray], None]] | None:
+    """What can take ``X / s`` without a new node (its description, and how to fold s into it), or None.
+
+    A constant vector that other nodes read too (an exporter may share identical norm weights between
+    layers) is copied for this producer first: a new initializer of K values, not a new node.
+    """
+    readers = {id(node) for node, _, _ in group.readers}
+    exclusive = not x.is_graph_output() and all(id(user) in readers for user, _ in x.uses())
+    producer = x.producer()
+    if not exclusive or producer is None:
+        return None
+
+    def divide(*values: ir.Value) -> Callable[[np.ndarray], None]:
+        def apply(s: np.ndarray) -> None:
+            for v in values:
+                assert v.const_value is not None and producer is not None
+                c = v.const_value.numpy().astype(np.float32)
+                if not _only_reader(v, producer):
+                    assert taken is not None, "fold passes the names in use"
+                    v = _private_copy(v, producer, taken)
+                _set_const(v, c / s.reshape(c.shape))
+
+        return apply
+
+    def named(v: ir.Value) -> str:
+        return f"'{v.name}'" + ("" if _only_reader(v, producer) else " (a copy: other nodes read it too)")
+
+    if _is_norm(producer) and producer.outputs[0] is x:
+        scale_bias = [v for v in producer.inputs[1:3] if v is not None]
+        if producer.op_type.startswith("Skip"):  # (input, skip, gamma[, beta])
+            scale_bias = [v for v in producer.inputs[2:4] if v is not None]
+        if scale_bias and all(_const_vector(v, k) and not v.is_graph_output() for v in scale_bias):
+            where = f"the scale of {producer.op_type} '{producer.name}'"
+            if not all(_only_reader(v, producer) for v in scale_bias):
+                where += " (a copy: other nodes read it too)"
+            return where, divide(*scale_bias)
+    linear = None
+    if producer.domain == "" and producer.op_type == "Mul":
+        a, b = producer.inputs[0], producer.inputs[1]
+        for const in (a, b):
+            if const is not None and _const_vector(const, k) and not const.is_graph_output():
+                return f"the constant {named(const)} of Mul '{producer.name}'", divide(const)
+        for operand in (b, a):
+            if operand is not None and _only_reader(operand, producer):
+                linear = _linear_producer(operand)
+                if linear is not None:
+                    break
+    else:
+        linear = _linear_producer(x)
+    if linear is None:
+        return None
+    node, w = linear
+    return f"the weight columns of {node.op_type} '{node.name}'", lambda s: _scale_lazily(w, cols=s)
+
+
+def _private_copy(value: ir.Value, node: ir.Node, taken: set[str]) -> ir.Value:
+    """A copy of a constant that only ``node`` reads (an initializer of its graph), swapped into ``node``."""
+    assert value.const_value is not None and node.graph is not None
+    name = unique_name(f"{value.name}_{node.name}" if node.name else f"{value.name}_copy", taken)
+    tensor = ir.tensor(value.const_value.numpy().copy(), name=name)
+    copy = ir.Value(
+        name=name, shape=ir.Shape(tensor.shape.numpy()), type=ir.TensorType(tensor.dtype), const_value=tensor
+    )
+    node.graph.register_initializer(copy)
+    for index, inp in enumerate(node.inputs):
+        if inp is value:
+            node.replace_input_with(index, copy)
+    return copy
+
+
+def absorber(x: ir.Value, group: SmoothGroup) -> str | None:
+    """Where :func:`fold` would put ``X / s`` without adding a node, or None when it would add a Mul."""
+    _, value, transposed = group.readers[0]
+    assert value.const_value is not None
+    k = int(value.const_value.shape.numpy()[1 if transposed else 0])
+    found = _absorber(x, group, k)
+    return found[0] if found is not None else None
+
+
 def fold(graph: ir.Graph, x: ir.Value, group: SmoothGroup, s: np.ndarray, taken: set[str]) -> tuple[ir.Value, str]:
     """Apply ``X / s`` and ``s W`` for one group; returns (the value the readers now read, where X / s went)."""
     k = s.shape[0]
@@ -210,42 +291,11 @@ def fold(graph: ir.Graph, x: ir.Value, group: SmoothGroup, s: np.ndarray, taken:
         else:
             _scale_lazily(value, rows=s)
     readers = {id(node) for node, _, _ in group.readers}
-    exclusive = not x.is_graph_output() and all(id(user) in readers for user, _ in x.uses())
-    producer = x.producer()
-    if exclusive and producer is not None and _is_norm(producer) and producer.outputs[0] is x:
-        scale_bias = [v for v in producer.inputs[1:3] if v is not None]
-        if producer.op_type.startswith("Skip"):  # (input, skip, gamma[, beta])
-            scale_bias = [v for v in producer.inputs[2:4] if v is not None]
-        if scale_bias and all(_const_vector(v, k) and _only_reader(v, producer) for v in scale_bias):
-            for v in scale_bias:
-                assert v.const_value is not None
-                c = v.const_value.numpy().astype(np.float32)
-                _set_const(v, c / s.reshape(c.shape))
-            return x, f"the scale of {producer.op_type} '{producer.name}'"
-    if exclusive and producer is not None and producer.domain == "" and producer.op_type == "Mul":
-        a, b = producer.inputs[0], producer.inputs[1]
-        for const in (a, b):
-            if _const_vector(const, k) and const is not None and _only_reader(const, producer):
-                assert const.const_value is not None
-                c = const.const_value.numpy().astype(np.float32)
-                _set_const(const, c / s.reshape(c.shape))
-                return x, f"the constant '{const.name}' of Mul '{producer.name}'"
-        for operand in (b, a):
-            if operand is None or not _only_reader(operand, producer):
-                continue
-            linear = _linear_producer(operand)
-            if linear is not None:
-                node, w = linear
-                assert w.const_value is not None
-                _scale_lazily(w, cols=s)
-                return x, f"the weight columns of {node.op_type} '{node.name}'"
-    if exclusive:
-        linear = _linear_producer(x)
-        if linear is not None:
-            node, w = linear
-            assert w.const_value is not None
-            _scale_lazily(w, cols=s)
-            return x, f"the weight columns of {node.op_type} '{node.name}'"
+    found = _absorber(x, group, k, taken)
+    if found is not None:
+        where, apply = found
+        apply(s)
+        return x, where
     # Nothing can absorb it: an explicit Mul in front of the smoothed readers.
     dtype = x.dtype or (group.readers[0][1].const_value.dtype if group.readers[0][1].const_value else ir.DataType.FLOAT)
     name = unique_name(f"{x.name}_smooth", taken)

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qonnx import quant
-from qonnx.config import Targets, WeightOnlyConfig
+from qonnx.config import AWQ, Targets, WeightOnlyConfig
 from qonnx.passes import _emit, cleanup
 from qonnx.passes.activations import unique_name
 from qonnx.passes.gptq import gptq_quantize
@@ -68,11 +68,17 @@ class LayerRecord:
 
 
 def quantize_weight(
-    cand: WeightCandidate, cfg: WeightOnlyConfig, dtype: ir.DataType, hessian: np.ndarray | None = None
+    cand: WeightCandidate,
+    cfg: WeightOnlyConfig,
+    dtype: ir.DataType,
+    hessian: np.ndarray | None = None,
+    shrink: np.ndarray | None = None,
 ) -> _emit.QuantizedWeight:
     """Quantize one candidate's weight into the arrays of the configured format (pure, thread-safe).
 
-    ``hessian`` ([K, K], see :mod:`qonnx.passes.gptq`) is required when ``cfg.algo`` is GPTQ.
+    ``hessian`` ([K, K], see :mod:`qonnx.passes.gptq`) is required when ``cfg.algo`` is GPTQ. ``shrink``
+    ([nblocks, N], AWQ's clip search) shrinks each block's range before it is rounded to nearest (GPTQ
+    chooses its own ranges).
     """
     if cand.axis is not None:  # a convolution: one scale per output channel
         rows = cand.channel_rows()
@@ -107,7 +113,7 @@ def quantize_weight(
             clip_search=gptq.clip_search,
         )
     else:
-        qm = quant.quantize_kn(w, cfg.bits, cfg.block_size, cfg.symmetric, scale_dtype=dtype.numpy())
+        qm = quant.quantize_kn(w, cfg.bits, cfg.block_size, cfg.symmetric, scale_dtype=dtype.numpy(), shrink=shrink)
     del w
     if cfg.format == "matmulnbits":
         return _emit.matmulnbits_arrays(qm, dtype)
@@ -165,8 +171,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     Layers whose config asks for GPTQ read the Hessian of their input from ``hessians`` (keyed by the
     input tensor's name, see :func:`qonnx.runtime.calibration.collect_hessians`); an entry is removed from
-    the mapping once the last weight reading it is quantized, to free its memory. GPTQ covers MatMul and
-    Gemm nodes of the main graph; convolutions and nodes in subgraphs are rounded to nearest.
+    the mapping once the last weight reading it is quantized, to free its memory. GPTQ and AWQ cover MatMul
+    and Gemm nodes of the main graph; convolutions and nodes in subgraphs are rounded to nearest. ``shrinks``
+    (weight name -> [nblocks, N], AWQ's clip search, see :func:`qonnx.awq_api.apply_awq`) shrink the
+    ranges of the named weights' blocks.
     """
 
     def __init__(
@@ -182,6 +190,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self.progress = progress
         self.workers = workers or min(4, os.cpu_count() or 1)
         self.hessians = hessians if hessians is not None else {}
+        self.shrinks: dict[str, np.ndarray] = {}
         self.records: list[LayerRecord] = []
         self.planned: int = 0
 
@@ -202,12 +211,14 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if cand.axis is not None:
                 how = " per output channel" if cfg.format == "qdq" else " per output channel (no MatMulNBits form)"
                 cfg = dataclasses.replace(cfg, format="qdq", block_size=None, accuracy_level=None)
-            if cfg.gptq is not None and (cand.axis is not None or cand.graph is not model.graph):
+            calibrated = cfg.calibrated
+            label = calibrated.label if isinstance(calibrated, AWQ) else "gptq"
+            if calibrated is not None and (cand.axis is not None or cand.graph is not model.graph):
                 where = "a convolution" if cand.axis is not None else "in a subgraph"
-                how += f" round-to-nearest (GPTQ: {where})"
+                how += f" round-to-nearest ({label}: {where})"
                 cfg = dataclasses.replace(cfg, algo="rtn")
-            elif cfg.gptq is not None:
-                how += " gptq"
+            elif calibrated is not None:
+                how += f" {label}"
             how += _storage_note(cfg)
             reason = self._unsupported(cand, cfg)
             name = scheme.name if scheme is not None else cfg.name
@@ -296,7 +307,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 return None
             seen.add(key)
             hessian = self.hessians.get(hessian_key(cand)) if cfg.gptq is not None else None
-            return pool.submit(quantize_weight, cand, cfg, _act_dtype(cand), hessian)
+            shrink = self.shrinks.get(cand.weight_name)
+            return pool.submit(quantize_weight, cand, cfg, _act_dtype(cand), hessian, shrink)
 
         # A stored tensor is unmapped after its last user is done, never while a worker may read it.
         last_use = {id(c.source): i for i, (c, _) in enumerate(todo)}

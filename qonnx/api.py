@@ -20,6 +20,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qonnx import modelfile
 from qonnx.activation_api import apply_activation_scheme, plan_activations
+from qonnx.awq_api import apply_awq
 from qonnx.config import W4A16, SchemeConfig, Targets
 from qonnx.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError
 from qonnx.mixed_precision import Budget, MixedPrecision, mixed_precision
@@ -219,7 +220,7 @@ def quantize(
         reasons = sorted({r for _, cfg, r in plan if cfg is None})
         detail = f" ({'; '.join(reasons[:3])})" if reasons else " (no MatMul or Gemm nodes)"
         raise NothingToQuantizeError(f"nothing to quantize in the model{detail}")
-    if any(cfg.gptq is not None for cfg in todo):  # before any rewrite: ONNX Runtime runs the float model
+    if any(cfg.calibrated is not None for cfg in todo):  # before any rewrite: ONNX Runtime runs the float model
         reuse = mixed.hessians if mixed is not None else {}  # the budget's measurements collected them already
         qpass.hessians = reuse or _hessians(ir_model, source, plan, progress)
     if any(c.format == "qdq" for c in todo) and ir_model.opset_imports.get("", 1) < QDQ_OPSET:
@@ -233,6 +234,10 @@ def quantize(
                 else "use format='matmulnbits' instead"
             )
             raise ModelLoadError(f"{source or 'model'}: {e}; {hint}") from None
+    awq = None
+    if any(cfg.awq is not None for cfg in todo):  # scales folded, clip ranges and Hessians of X / s for the pass
+        awq = apply_awq(ir_model, qpass.plan(ir_model), qpass.hessians, progress=progress)
+        qpass.shrinks = awq.shrinks
     activations = plan_activations(ir_model, resolved, qpass.plan(ir_model))  # after the upgrade: its nodes
     act_info: dict[str, Any] | None = None
     if activations is not None:
@@ -256,6 +261,10 @@ def quantize(
 
     if activations is not None:
         _note_activations(qpass.records, activations, act_info or {})
+    notes = awq.notes if awq is not None else {}
+    for record in qpass.records:  # what AWQ did, in the records of its layers
+        if record.quantized and record.weight in notes:
+            record.reason = f"{record.reason}; {notes[record.weight]}"
     mixed_info = None if mixed is None else _note_mixed_precision(qpass.records, mixed)
     extra_props = {} if mixed_info is None else {"qonnx.mixed_precision": json.dumps(mixed_info, sort_keys=True)}
     quantized = sum(1 for r in qpass.records if r.quantized)
@@ -314,14 +323,14 @@ def quantize(
 
 
 def _hessians(model: ir.Model, source: Path | None, plan: Plan, progress: bool) -> dict[str, np.ndarray]:
-    """The Hessians of the inputs of the layers that GPTQ quantizes, from calibration runs of the float model."""
+    """The Hessians of the inputs of the layers that GPTQ or AWQ quantize, from calibration runs of the float model."""
     from qonnx.runtime.calibration import calibration_feeds, collect_hessians
 
-    layers = [(cand, cfg.gptq) for cand, cfg, _ in plan if cfg is not None and cfg.gptq is not None]
+    layers = [(cand, cfg.calibrated) for cand, cfg, _ in plan if cfg is not None and cfg.calibrated is not None]
     settings = {(g.calib_data, g.calib_samples, g.calib_seq_len) for _, g in layers}
     if len(settings) > 1:
         raise ConfigError(
-            "GPTQ layers must share one calibration setting (calib_data, calib_samples, calib_seq_len); "
+            "GPTQ/AWQ layers must share one calibration setting (calib_data, calib_samples, calib_seq_len); "
             f"got {sorted(settings)}"
         )
     data, samples, seq_len = settings.pop()

@@ -5,6 +5,7 @@ Every problem with the user's input prints one line on stderr and exits with cod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from typing import Any
 import click
 
 from qonnx import __version__
-from qonnx.config import GPTQ, SCHEMES, scheme_from_name
+from qonnx.config import AWQ, GPTQ, SCHEMES, algo_from_name, scheme_from_name
 from qonnx.errors import QonnxError
 from qonnx.verification import VerificationError, VerifyOptions, start_reference_early
 
@@ -77,31 +78,32 @@ def cli() -> None:
 )
 @click.option(
     "--algo",
-    type=click.Choice(["rtn", "gptq", "hqq"]),
+    type=click.Choice(["rtn", "gptq", "awq", "awq+gptq", "hqq"]),
     default="rtn",
     show_default=True,
     help="rtn: round to nearest. gptq: GPTQ (act-order with static blocks, clip search) with Hessians from "
-    "calibration runs of the float model in ONNX Runtime (all layers at once, not layer by layer); needs a "
-    "tokenizer beside the model or --calib-data. hqq: half-quadratic zero points, no data (float zero points in "
-    "MatMulNBits).",
+    "calibration runs of the float model in ONNX Runtime (all layers at once, not layer by layer). awq: "
+    "activation-aware scales folded into the norms / up projections, and clipping, both chosen by output "
+    "error on the same Hessians. awq+gptq: AWQ's scales and clipping, then GPTQ. These need a tokenizer beside "
+    "the model or --calib-data. hqq: half-quadratic zero points, no data (float zero points in MatMulNBits).",
 )
 @click.option(
     "--calib-samples",
     type=click.IntRange(min=1),
     default=None,
-    help="GPTQ calibration windows (default 16).",
+    help="GPTQ/AWQ calibration windows (default 16).",
 )
 @click.option(
     "--calib-seq-len",
     type=click.IntRange(min=2),
     default=None,
-    help="Tokens per GPTQ calibration window (default 512).",
+    help="Tokens per GPTQ/AWQ calibration window (default 512).",
 )
 @click.option(
     "--calib-data",
     default=None,
     metavar="PATH",
-    help="GPTQ calibration data: 'pydoc' (default, from token 60,000), a .txt or .jsonl file, or a .npz of feeds "
+    help="GPTQ/AWQ calibration data: 'pydoc' (default, from token 60,000), a .txt or .jsonl file, or a .npz of feeds "
     "(arrays named after the model inputs, first axis = batch index) for a model without tokenizer.",
 )
 @click.option(
@@ -268,12 +270,13 @@ def quantize(
         options: dict[str, Any] = {"symmetric": symmetric, "format": fmt, "accuracy_level": accuracy_level}
         if block_size is not None:
             options["block_size"] = None if block_size == 0 else block_size
-        if algo == "gptq":
-            options["algo"] = GPTQ(**calib)
+        options["algo"] = algo_from_name(algo)
+        if isinstance(options["algo"], (GPTQ, AWQ)):
+            options["algo"] = dataclasses.replace(options["algo"], **calib)
         elif calib:
-            raise click.UsageError(f"--{next(iter(calib)).replace('_', '-')} applies to --algo gptq only")
-        elif algo == "hqq":
-            options["algo"] = "hqq"
+            raise click.UsageError(
+                f"--{next(iter(calib)).replace('_', '-')} applies to --algo gptq, awq and awq+gptq only"
+            )
         config = scheme_from_name(scheme, **options)
     targets = {f"re:{r}": None for r in exclude}
     budget = _budget(target_bits, max_ppl_increase, sensitivity, scheme)

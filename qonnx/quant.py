@@ -391,10 +391,13 @@ def quantize_kn(
     block_size: int | None,
     symmetric: bool,
     scale_dtype: np.dtype | type = np.float32,
+    shrink: np.ndarray | None = None,
 ) -> QuantizedMatrix:
     """Quantize a [K, N] weight in blocks of ``block_size`` rows along K (None: one block per column).
 
-    Same numbers as ``quantize_blocked(w.T, ...)``, computed without transposing ``w``.
+    Same numbers as ``quantize_blocked(w.T, ...)``, computed without transposing ``w``. ``shrink``
+    ([nblocks, N], from a clip search) scales each block's range (min and max) before its scale and zero
+    point are chosen; values outside the shrunk range clamp to the end codes.
     """
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {w.shape}")
@@ -403,16 +406,22 @@ def quantize_kn(
     k, n = w.shape
     bs = k if block_size is None else block_size
     full = (k // bs) * bs
-    parts = []  # (rows, [nb, rows per block, N] view)
+    if shrink is not None and shrink.shape != (num_blocks(k, bs), n):
+        raise ValueError(f"shrink must have shape {(num_blocks(k, bs), n)}, got {shrink.shape}")
+    parts = []  # (rows, [nb, rows per block, N] view, blocks)
     if full:
-        parts.append((slice(0, full), w[:full].reshape(full // bs, bs, n)))
+        parts.append((slice(0, full), w[:full].reshape(full // bs, bs, n), slice(0, full // bs)))
     if full < k:
-        parts.append((slice(full, k), w[full:].reshape(1, k - full, n)))
+        parts.append((slice(full, k), w[full:].reshape(1, k - full, n), slice(full // bs, full // bs + 1)))
     scales, zps, codes = [], [], np.empty((k, n), np.int8 if symmetric else np.uint8)
     offset = (1 << (bits - 1)) if symmetric else 0
-    for rows, blocks in parts:
+    for rows, blocks, index in parts:
         x = blocks.astype(np.float32, copy=False)
-        scale, zp = qparams_from_range(x.min(axis=1), x.max(axis=1), bits, symmetric, scale_dtype)
+        mn, mx = x.min(axis=1), x.max(axis=1)
+        if shrink is not None:
+            f = shrink[index].astype(np.float32, copy=False)
+            mn, mx = mn * f, mx * f
+        scale, zp = qparams_from_range(mn, mx, bits, symmetric, scale_dtype)
         v = x * _inverse(scale)[:, None, :]
         v += (zp + offset).astype(np.float32)[:, None, :]
         codes[rows] = _codes(v, bits, symmetric).reshape(-1, n)

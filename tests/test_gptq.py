@@ -167,7 +167,7 @@ def test_config():
     assert cfg.gptq == GPTQ() and W4A16().gptq is None
     assert cfg.to_dict()["algo"]["name"] == "gptq" and json.dumps(cfg.to_dict())
     assert hash(cfg) == hash(W4A16(algo=GPTQ()))
-    for bad in [dict(algo="awq"), dict(algo=GPTQ)]:
+    for bad in [dict(algo="smoothquant"), dict(algo=GPTQ)]:
         with pytest.raises(ConfigError, match="algo"):
             W4A16(**bad)
     for bad in [dict(damp=0), dict(calib_samples=0), dict(calib_seq_len=1), dict(block=0), dict(act_order=1)]:
@@ -240,7 +240,7 @@ def test_pipeline_refusals(stack_feeds, tmp_path):
     with pytest.raises(ir.passes.PreconditionError, match="needs the Hessian"):
         QuantizeWeightsPass(Targets(W4A16(algo="gptq")))(qonnx.load(path))
     res = qonnx_cli("quantize", path, "-o", tmp_path / "q.onnx", "--calib-samples", "4")
-    assert_one_line_error(res, "--calib-samples applies to --algo gptq only")
+    assert_one_line_error(res, "--calib-samples applies to --algo gptq, awq and awq+gptq only")
     res = qonnx_cli("quantize", path, "-o", tmp_path / "q.onnx", "--algo", "gptq")
     assert_one_line_error(res, "no tokenizer", ".npz")
 
