@@ -85,17 +85,19 @@ class GPTQ:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AWQ:
-    """AWQ (Lin et al., 2023): scale each weight's input channels by ``s = mean|x|^a`` before rounding.
+    """AWQ (Lin et al., 2023): scale each weight's input channels by ``s = rms(x)^a`` before rounding.
 
     The inputs that carry the most activation energy get finer weight grids; ``1/s`` is folded into what
-    produces the input (the preceding RMSNorm/LayerNorm weight, the preceding linear's columns, or an explicit
-    Mul). ``a`` is searched per group of layers that read the same input, and each block's range is then
-    shrunk (clip search), both for the least output error on calibration data. With ``gptq`` set the
-    scaled weights are then rounded by GPTQ ("awq+gptq").
+    produces the input (the preceding RMSNorm/LayerNorm weight, or the preceding linear's columns: the up
+    projection under SwiGLU); layers whose input nothing can absorb keep ``s = 1``. ``a`` is searched per group
+    of layers that read the same input, and each block's range is then shrunk (clip search), both for the
+    least output error on calibration data, computed exactly from the Hessians GPTQ uses (one calibration
+    pass). With ``gptq`` set the scaled weights are then rounded by GPTQ ("awq+gptq"), which chooses its own
+    ranges (its ``clip_search``). See :mod:`qonnx.passes.awq`.
 
     Attributes:
-        grid: values of ``a`` tried in [0, 1) (``grid`` evenly spaced points).
-        clip_search: search each block's range shrink for the least output error.
+        grid: values of ``a`` tried in [0, 1) (``grid`` evenly spaced points, searched coarse to fine).
+        clip_search: search each block's range shrink for the least output error (awq; GPTQ's own with gptq).
         calib_samples, calib_seq_len, calib_data: calibration data, as for :class:`GPTQ`.
         gptq: round the scaled weights with GPTQ instead of to nearest.
     """
