@@ -486,7 +486,8 @@ def _notes(rows: list[Row], runs: dict, figures: dict, work: Path) -> list[str]:
     if checked:
         said = [x for x in checked[0].phases.get("summary", "").split(" / ") if x.startswith("verified")]
         notes.append(
-            '- qonnx\'s verification (made-up inputs, compared with the fp32 model; the row "verification on") '
+            "- qonnx's verification (real text when the folder has a tokenizer, compared with the fp32 model; "
+            'the row "verification on") '
             f"printed: {'; '.join(said) or 'nothing'}."
         )
     return notes if len(notes) > 2 else []
