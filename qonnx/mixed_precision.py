@@ -167,14 +167,19 @@ def _reuse(ctx: FakeQuantModel, source: str | os.PathLike | Sensitivity) -> Sens
     return dataclasses.replace(s, layers=[dataclasses.replace(r, index=index[r.weight]) for r in s.layers])
 
 
-def _smallest(ok: Callable[[int], bool], lo: int, hi: int) -> int:
-    """The smallest k in (lo, hi] with ok(k), given ok(hi) and not ok(lo): galloping up from lo, then bisection."""
+def _smallest(ok: Callable[[int], bool], lo: int, hi: int) -> int | None:
+    """The smallest k in (lo, hi] with ok(k), ok taken as monotone: galloping up from lo, then bisection.
+
+    None when not even ok(hi); ok(hi) is only evaluated when the gallop gets there.
+    """
     step, last_bad = 1, lo
-    k = min(lo + step, hi)
-    while k < hi and not ok(k):
-        last_bad = k
-        step *= 2
+    while True:
         k = min(lo + step, hi)
+        if ok(k):
+            break
+        if k == hi:
+            return None
+        last_bad, step = k, 2 * step
     good = k
     while good - last_bad > 1:
         mid = (last_bad + good) // 2
@@ -360,11 +365,13 @@ def _by_ppl(
     n = len(low)
     if ok(0, 0):
         return {}
-    if ok(0, n):
-        return assignment(0, _smallest(lambda k: ok(0, k), 0, n))
-    floats = _smallest(lambda j: ok(j, n - j), 0, n)
-    eights = 0 if ok(floats, 0) else _smallest(lambda k: ok(floats, k), 0, n - floats)
-    return assignment(floats, eights)
+    eights = _smallest(lambda k: ok(0, k), 0, n)  # 8 bits for the fewest most sensitive layers
+    if eights is not None:
+        return assignment(0, eights)
+    floats = _smallest(lambda j: ok(j, n - j), 0, n) or n  # 8 bits everywhere is not enough: float first
+    if ok(floats, 0):
+        return assignment(floats, 0)
+    return assignment(floats, _smallest(lambda k: ok(floats, k), 0, n - floats) or n - floats)
 
 
 def parse_percent(text: str) -> float:

@@ -281,7 +281,9 @@ def test_ppl_search_keeps_float_when_8_bit_is_not_enough():
     assert all(choice[i] == eight_bit(cfg) for i in eights)
     assert 0.01 * (11 - len(eights)) <= 0.05 < 0.01 * (12 - len(eights))  # the fewest 8-bit layers that fit
     assert _smallest(lambda k: k >= 37, 0, 100) == 37 and _smallest(lambda k: True, 0, 5) == 1
-    assert _smallest(lambda k: k >= 5, 0, 5) == 5
+    assert _smallest(lambda k: k >= 5, 0, 5) == 5 and _smallest(lambda k: False, 0, 9) is None
+    asked = []
+    assert _smallest(lambda k: asked.append(k) or k >= 3, 0, 200) == 3 and max(asked) == 4  # never asks 200
 
 
 def test_gptq_budget_collects_hessians_once(tiny_llm, tmp_path, monkeypatch):
