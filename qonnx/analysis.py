@@ -216,7 +216,11 @@ class Sensitivity:
             if math.isfinite(value):
                 worst.annotate(r.label, (by_order.index(r), value), fontsize=6, rotation=0, ha="center", va="bottom")
         axes[-1, 0].set_xlabel("quantized layer, in graph order")
-        scheme = self.config.get("scheme", "")
+        algo = self.config.get("algo", "rtn")
+        algo = algo.get("name", "") if isinstance(algo, dict) else str(algo)
+        block = self.config.get("block_size")
+        scheme = f"{self.config.get('scheme', '')} {algo} block {block if block else 'per channel'}"
+        scheme += " symmetric" if self.config.get("symmetric") else ""
         measured = f"{self.feeds} x {self.seq_len} calibration tokens" if self.causal_lm else f"{self.feeds} feeds"
         name = Path(self.model).parent.name or self.model
         top.set_title(f"{name}: {scheme}, each layer quantized alone ({measured})", fontsize=9)
