@@ -153,3 +153,31 @@ def test_cli(tmp_path, tiny_model):
     assert all("hqq (float zero points)" in r["reason"] for r in summary["layers"] if r["quantized"])
     res = qonnx_cli("quantize", tiny_model, "-o", tmp_path / "q2.onnx", "--algo", "hqq", "--calib-samples", "2")
     assert res.returncode == 2 and "--calib-samples applies to" in res.stderr
+
+
+def test_convolution_per_channel(tmp_path, rng):
+    """Conv weights get HQQ per output channel with integer zero points (DequantizeLinear); ORT agrees with numpy."""
+    from onnx import TensorProto, helper
+
+    w = with_outliers(rng, 16 * 8 * 3, 3).reshape(16, 8, 3, 3)
+
+    def conv_model(path, weight):
+        g = helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 6, 6])],
+            [numpy_helper.from_array(weight.astype(np.float32), "w")],
+        )
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        onnx.save(m, path)
+        return path
+
+    summary = qonnx.quantize(conv_model(tmp_path / "c.onnx", w), W4A16(algo="hqq"), output=tmp_path / "q.onnx")
+    [record] = summary.quantized
+    assert "per output channel" in record.reason and "zero points rounded to integers" in record.reason
+    qm = hqq_quantize(w.reshape(16, -1).T, bits=4, block_size=None, zero_point="integer", device="cpu")
+    x = {"x": rng.standard_normal((1, 8, 6, 6)).astype(np.float32)}
+    want = run(conv_model(tmp_path / "deq.onnx", qm.dequantize().T.reshape(w.shape)), x)[0]
+    np.testing.assert_allclose(run(tmp_path / "q.onnx", x)[0], want, rtol=1e-4, atol=1e-5)
