@@ -4,10 +4,11 @@ Phases, as ``qonnx quantize`` runs them (but without the overlap): the tokenizer
 session build and run, the in-memory snapshot of the quantized model, its session build and run, and the
 comparison. Each is repeated (``--repeat``) and reported as the median wall and CPU time (user + system of the
 whole process: ONNX Runtime's worker threads included); ``--profile`` adds ONNX Runtime's per-op profile of one
-run of each model (1 thread). The wall time of whole CLI runs with and without verification is measured
-separately, with ``/usr/bin/time`` (see RESULTS.md).
+run of each model (1 thread). ``--cli-rounds N`` then times whole ``qonnx quantize MODEL -o TMP`` runs with
+and without ``--no-verify``, interleaved N times (median wall, median user + system CPU and the largest peak
+RSS of each child process): the overhead the issue's 20% is about.
 
-    python benchmarks/bench_verify.py /tmp/demo-real/smollm2-fp32 [--tokens 128] [--repeat 3] [--profile]
+    python benchmarks/bench_verify.py /tmp/demo-real/smollm2-fp32 [--tokens 64] [--profile] [--cli-rounds 8]
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,9 +75,10 @@ def main() -> None:
     """Measure the phases on the model folder given."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path, help="a model folder with model.onnx and tokenizer.json")
-    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=verify.VERIFY_TOKENS)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--cli-rounds", type=int, default=0, help="also time whole CLI runs, on and off, N rounds")
     args = ap.parse_args()
     print(f"load average: {os.getloadavg()}")
     source = str(args.model / "model.onnx")
@@ -101,6 +107,44 @@ def main() -> None:
         profile(source, False, feeds, names)
         print("quantized, one run (1 thread):")
         profile(snapshot, True, feeds, names)
+    if args.cli_rounds:
+        cli_rounds(args.model, args.cli_rounds)
+
+
+def cli_child(model: Path, out: Path, verify_on: bool) -> tuple[float, float, int]:
+    """Wall seconds, user + system CPU seconds and peak RSS (bytes) of one ``qonnx quantize`` run."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "qonnx.cli", "quantize", str(model), "-o", str(out), "--no-progress"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd + ([] if verify_on else ["--no-verify"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if status != 0:
+        raise SystemExit(f"qonnx quantize failed: {err.strip()[-300:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+
+
+def cli_rounds(model: Path, rounds: int) -> None:
+    """Interleaved whole-CLI runs with and without verification; print the medians and the overhead."""
+    runs: dict[bool, list[tuple[float, float, int]]] = {False: [], True: []}
+    with tempfile.TemporaryDirectory(prefix="qonnx-bench-verify-") as tmp:
+        for _ in range(rounds):
+            for on in (False, True):
+                runs[on].append(cli_child(model, Path(tmp) / "out", on))
+    med = {on: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for on, v in runs.items()}
+    peak = {on: max(r[2] for r in v) for on, v in runs.items()}
+    print(f"whole CLI, {rounds} interleaved rounds, load average after {os.getloadavg()[0]:.2f}:")
+    for on in (False, True):
+        walls = " ".join(f"{r[0]:.2f}" for r in sorted(runs[on]))
+        print(
+            f"  {'verified   ' if on else '--no-verify'} wall {med[on][0]:.2f} s (all: {walls}), "
+            f"CPU {med[on][1]:.2f} s, peak RSS {peak[on] / 1e9:.2f} GB"
+        )
+    overhead, cpu = 100 * (med[True][0] / med[False][0] - 1), med[True][1] - med[False][1]
+    print(f"  overhead: {overhead:+.0f}% wall, {cpu:+.2f} CPU-s")
 
 
 if __name__ == "__main__":

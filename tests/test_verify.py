@@ -223,6 +223,42 @@ def test_verification_sessions_build_fast(tmp_path, rng):
             assert so.get_session_config_entry("session.disable_prepacking") == "1"
 
 
+def _tied_head_model(path, rng, *, perm=(1, 0), second_reader=False, external=False):
+    """x [2, 3, 8] -> MatMul(x, Transpose(E)) with E [16, 8] stored as the tied embedding is."""
+    emb = numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "emb")
+    nodes = [
+        helper.make_node("Transpose", ["emb"], ["embT"], perm=list(perm)),
+        helper.make_node("MatMul", ["x", "embT"], ["logits"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 3, 16])]
+    if second_reader:
+        nodes.append(helper.make_node("Identity", ["embT"], ["embT_out"]))
+        outputs.append(helper.make_tensor_value_info("embT_out", TensorProto.FLOAT, None))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])], outputs, [emb]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.save(model, path, save_as_external_data=external, location="m.data", size_threshold=0)
+    return path
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_transposed_weights_are_read_in_place(tmp_path, rng, external):
+    """MatMul(X, Transpose(W)) of a constant float weight runs as FusedMatMul(transB) in verification sessions:
+    the same outputs without a per-run transpose; external data is still found beside the model."""
+    src = _tied_head_model(tmp_path / "m.onnx", rng, external=external)
+    rewritten = onnx.ModelProto.FromString(verify_module.untranspose_weights(src))
+    assert [n.op_type for n in rewritten.graph.node] == ["FusedMatMul"]
+    assert rewritten.graph.node[0].input[1] == "emb"
+    x = {"x": rng.standard_normal((2, 3, 8)).astype(np.float32)}
+    emb = numpy_helper.to_array(onnx.load(src).graph.initializer[0])
+    out = verification_session(src, "cpu", prepack=False).run(["logits"], x)[0]
+    np.testing.assert_allclose(out, x["x"] @ emb.T, rtol=1e-5, atol=1e-5)
+    for kwargs in ({"perm": (0, 1)}, {"second_reader": True}):  # not a plain 2-D transpose, or read twice
+        other = _tied_head_model(tmp_path / f"o{len(kwargs)}{kwargs.get('perm', '')}.onnx", rng, **kwargs)
+        assert verify_module.untranspose_weights(other) is None
+
+
 def test_quantize_runs_the_original_while_quantizing(tmp_path, tiny_model, monkeypatch):
     """The original is started before the weights are quantized and runs off the main thread."""
     events: list[str] = []
