@@ -153,7 +153,11 @@ def dequantize_arrays(qm: quant.QuantizedMatrix, dtype: ir.DataType) -> Quantize
 
 def fp8_dequantize_arrays(w: np.ndarray, dtype: ir.DataType) -> QuantizedWeight:
     """DequantizeLinear inputs (float8 E4M3 codes, one scale per output column, axis=1) for a [K, N] weight."""
-    codes, scale = quant.quantize_fp8_kn(w, scale_dtype=dtype.numpy())
+    return fp8_arrays(*quant.quantize_fp8_kn(w, scale_dtype=dtype.numpy()))
+
+
+def fp8_arrays(codes: np.ndarray, scale: np.ndarray) -> QuantizedWeight:
+    """DequantizeLinear inputs for float8 E4M3 codes [K, N] and their scales [N] (in the activations' dtype)."""
     k, n = codes.shape
     arrays = {"x": codes, "scale": scale, "zero_point": np.zeros(n, dtype=ml_dtypes.float8_e4m3fn)}
     return QuantizedWeight("qdq", arrays, {"axis": 1}, k, n, 8)

@@ -21,6 +21,7 @@ happened not to exercise.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ from qonnx import quant
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["HessianAccumulator", "gptq_quantize", "torch_device"]
+__all__ = ["HessianAccumulator", "gptq_quantize", "gptq_quantize_many", "torch_device"]
 
 
 def torch_device() -> str:
@@ -83,19 +84,26 @@ class HessianAccumulator:
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of the damped ``H^-1``; retries with 10x damping if H is not positive definite."""
+    """Upper Cholesky factors of the damped ``H^-1`` [L, K, K].
+
+    A matrix that is not positive definite is retried with 10x, 100x, 1000x damping (the others keep theirs).
+    """
     import torch
 
-    mean = float(torch.diagonal(h).mean())
+    mean = torch.diagonal(h, dim1=-2, dim2=-1).mean(-1)  # [L]
+    out = torch.empty_like(h)
+    todo = torch.arange(h.shape[0], device=h.device)
     for attempt in range(4):
-        d = h.clone()
-        d.diagonal().add_(damp * 10**attempt * mean)
+        d = h[todo].clone()
+        d.diagonal(dim1=-2, dim2=-1).add_((damp * 10**attempt * mean[todo])[:, None])
         lower, info = torch.linalg.cholesky_ex(d)
-        if int(info) == 0:
-            inv = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if int(info) == 0:
-                return upper
+        inv = torch.cholesky_inverse(lower)
+        upper, info2 = torch.linalg.cholesky_ex(inv, upper=True)
+        ok = (info == 0) & (info2 == 0)
+        out[todo[ok]] = upper[ok]
+        todo = todo[~ok]
+        if todo.numel() == 0:
+            return out
     raise ValueError("the Hessian is not positive definite even with 1000x damping")
 
 
@@ -106,16 +114,17 @@ def _group_rows(k: int, group: int, block: int) -> list[tuple[int, int]]:
 
 
 class _Grid:
-    """One block's scale and zero point for every column, with the float32 tensors rounding needs.
+    """One block's integer grid for every column of L matrices: scale and zero point [L, N].
 
-    ``round(x)`` is :func:`qonnx.quant.quantize_kn`'s arithmetic on one row: ``roundf(x / scale + zp)``
-    (``x * (1 / scale)`` in float32, ties up, clamped), returned as float codes in the unsigned domain.
+    ``round(x)`` is :func:`qonnx.quant.quantize_kn`'s arithmetic: ``roundf(x / scale + zp)`` (``x * (1 / scale)``
+    in float32, ties up, clamped), returned as float codes in the unsigned domain; ``x`` is [L, N] or [L, R, N].
     """
 
     def __init__(self, scale: np.ndarray, zero_point: np.ndarray, bits: int, symmetric: bool, device: str) -> None:
         import torch
 
         qmin, qmax = quant.qrange(bits, symmetric)
+        self.bits, self.symmetric = bits, symmetric
         self.offset = -qmin if symmetric else 0
         self.lo, self.hi = float(qmin + self.offset), float(qmax + self.offset)
         self.scale_np, self.zero_point_np = scale, zero_point
@@ -124,17 +133,72 @@ class _Grid:
         self.zpo = torch.from_numpy((zero_point + self.offset).astype(np.float32)).to(device)
         self.zpf = torch.from_numpy(zero_point.astype(np.float32)).to(device)
 
+    @classmethod
+    def from_range(
+        cls, mn: np.ndarray, mx: np.ndarray, bits: int, symmetric: bool, scale_dtype: Any, device: str
+    ) -> _Grid:
+        return cls(*quant.qparams_from_range(mn, mx, bits, symmetric, scale_dtype), bits, symmetric, device)
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.scale, self.inv, self.zpo, self.zpf]
+
+    def with_params(self, params: list[torch.Tensor]) -> _Grid:
+        grid = object.__new__(_Grid)
+        grid.__dict__.update(self.__dict__)
+        grid.scale, grid.inv, grid.zpo, grid.zpf = params
+        return grid
+
     def round(self, x: torch.Tensor) -> torch.Tensor:
         import torch
 
-        v = x * self.inv
-        v += self.zpo
+        inv, zpo = (self.inv, self.zpo) if x.dim() == 2 else (self.inv[:, None], self.zpo[:, None])
+        v = x * inv
+        v += zpo
         q = torch.floor(v)
         q += (v - q) >= 0.5  # round half up, as quant.round_half_up
         return q.clamp_(self.lo, self.hi)
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
-        return (q - self.offset - self.zpf) * self.scale
+        scale, zpf = (self.scale, self.zpf) if q.dim() == 2 else (self.scale[:, None], self.zpf[:, None])
+        return (q - self.offset - zpf) * scale
+
+
+class _Float8Grid:
+    """float8 E4M3 codes with one scale per column of L matrices [L, N].
+
+    As :func:`qonnx.quant.quantize_fp8_kn`: ``code = e4m3(clip(x / scale, -448, 448))`` (round to nearest
+    even), ``x ~ code * scale``.
+    """
+
+    def __init__(self, scale: np.ndarray, device: str) -> None:
+        import torch
+
+        self.scale_np = scale
+        self.scale = torch.from_numpy(scale.astype(np.float32)).to(device)
+
+    @classmethod
+    def from_range(cls, mn: np.ndarray, mx: np.ndarray, scale_dtype: Any, device: str) -> _Float8Grid:
+        amax = np.maximum(np.abs(mn), np.abs(mx)).astype(np.float32)
+        scale = (amax / np.float32(quant.FP8_MAX)).astype(scale_dtype).astype(np.float32)
+        return cls(np.where(scale > 0, scale, np.float32(1.0)).astype(scale_dtype), device)
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.scale]
+
+    def with_params(self, params: list[torch.Tensor]) -> _Float8Grid:
+        grid = object.__new__(_Float8Grid)
+        grid.__dict__.update(self.__dict__)
+        (grid.scale,) = params
+        return grid
+
+    def round(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        scale = self.scale if x.dim() == 2 else self.scale[:, None]
+        return (x / scale).clamp_(-quant.FP8_MAX, quant.FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        return q * (self.scale if q.dim() == 2 else self.scale[:, None])
 
 
 #: Range shrink factors tried by the clip search: 1.0, 0.99, ..., 0.80.
@@ -143,28 +207,180 @@ CLIP_SHRINKS = tuple(1 - i / 100 for i in range(21))
 CLIP_NORM = 2.4
 
 
-def _choose_grid(
-    rows: torch.Tensor, bits: int, symmetric: bool, scale_dtype: Any, clip_search: bool, device: str
-) -> _Grid:
-    """Scale and zero point of one block [rows, N] from its range, or the shrunk range that rounds it best."""
-    mn, mx = rows.amin(0).cpu().numpy(), rows.amax(0).cpu().numpy()
-    best = _Grid(*quant.qparams_from_range(mn, mx, bits, symmetric, scale_dtype), bits, symmetric, device)
-    if not clip_search:
-        return best
-    scale, zp = best.scale_np.copy(), best.zero_point_np.copy()
-    best_err = None
-    for shrink in CLIP_SHRINKS:
-        f = np.float32(shrink)
-        grid = _Grid(*quant.qparams_from_range(mn * f, mx * f, bits, symmetric, scale_dtype), bits, symmetric, device)
-        err = ((rows - grid.dequantize(grid.round(rows))).abs_() ** CLIP_NORM).sum(0).cpu().numpy()
-        if best_err is None:
-            best_err = err
-            continue
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        scale = np.where(better, grid.scale_np, scale)
-        zp = np.where(better, grid.zero_point_np, zp)
-    return _Grid(scale, zp, bits, symmetric, device)
+@dataclasses.dataclass(frozen=True)
+class _Scheme:
+    """What a block's grid is made of: integer codes (bits, symmetric) or float8 E4M3; the scales' dtype."""
+
+    bits: int
+    symmetric: bool
+    scale_dtype: Any
+    float8: bool
+    clip_search: bool
+
+    def grid(self, mn: np.ndarray, mx: np.ndarray, device: str) -> _Grid | _Float8Grid:
+        if self.float8:
+            return _Float8Grid.from_range(mn, mx, self.scale_dtype, device)
+        return _Grid.from_range(mn, mx, self.bits, self.symmetric, self.scale_dtype, device)
+
+    def choose(self, rows: torch.Tensor, device: str) -> _Grid | _Float8Grid:
+        """The grid of one block [L, R, N] from its range, or the shrunk range that rounds it best."""
+        import torch
+
+        mn, mx = rows.amin(1).cpu().numpy(), rows.amax(1).cpu().numpy()
+        if not self.clip_search:
+            return self.grid(mn, mx, device)
+        best_err = None
+        best_np: list[np.ndarray] = []
+        for shrink in CLIP_SHRINKS:
+            f = np.float32(shrink)
+            grid = self.grid(mn * f, mx * f, device)
+            err = ((rows - grid.dequantize(grid.round(rows))).abs_() ** CLIP_NORM).sum(1)
+            params = [grid.scale_np] if self.float8 else [grid.scale_np, grid.zero_point_np]  # type: ignore[union-attr]
+            if best_err is None:
+                best_err, best_np = err, [p.copy() for p in params]
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            mask = better.cpu().numpy()
+            best_np = [np.where(mask, p, b) for p, b in zip(params, best_np, strict=True)]
+        if self.float8:
+            return _Float8Grid(best_np[0], device)
+        return _Grid(best_np[0], best_np[1], self.bits, self.symmetric, device)
+
+
+def _solve(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    scheme: _Scheme,
+    group: int,
+    *,
+    damp: float,
+    block: int,
+    act_order: bool,
+    device: str,
+) -> tuple[torch.Tensor, list[_Grid | _Float8Grid]]:
+    """GPTQ on L matrices at once: W [L, K, N] (overwritten), H [L, K, K]; codes [L, K, N] (K order) and the grids.
+
+    Every step works on all L matrices: one Python iteration per row of K, whatever L is, so the small GPU
+    kernels of a row are launched once for the whole batch.
+    """
+    import torch
+
+    n_mat, k, _ = W.shape
+    diag = torch.diagonal(H, dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag.masked_fill_(dead, 1.0)  # inputs calibration never exercised: no feedback to or from them
+    ngroups = quant.num_blocks(k, group)
+    grids: list[_Grid | _Float8Grid | None] = [None] * ngroups
+    lanes = torch.arange(n_mat, device=device)
+    if act_order:  # static groups, then the rows in order of decreasing H diagonal
+        static = [scheme.choose(W[:, i : i + group], device) for i in range(0, k, group)]
+        grids = list(static)
+        perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)  # [L, K]
+        W = torch.take_along_dim(W, perm[:, :, None], dim=1)
+        H = torch.take_along_dim(torch.take_along_dim(H, perm[:, :, None], dim=1), perm[:, None, :], dim=2)
+        row_group = perm // group  # [L, K]: the group of the row each matrix rounds at step i
+        stacked = [torch.stack(ps) for ps in zip(*(g.params() for g in static), strict=True)]  # [G, L, N] each
+        template = static[0]
+        blocks = [(i, min(i + block, k)) for i in range(0, k, block)]
+    else:
+        blocks = _group_rows(k, group, block)
+    Hinv = _inverse_cholesky(H, damp)
+    del H
+    codes = torch.empty_like(W)
+    for i1, i2 in blocks:
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.empty_like(W1)
+        Hinv1 = Hinv[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            row = i1 + i
+            grid: _Grid | _Float8Grid
+            if act_order:
+                g_idx = row_group[:, row]
+                grid = template.with_params([p[g_idx, lanes] for p in stacked])
+            else:
+                entered = grids[row // group]
+                if entered is None:  # entering a group in K order: its rows as the error feedback has left them
+                    # blocks hold whole groups, or a group starts a block and W past the block is up to date
+                    rows = W1[:, i : i + group] if row + group <= i2 or i2 == k else W[:, row : row + group]
+                    entered = grids[row // group] = scheme.choose(rows, device)
+                grid = entered
+            x = W1[:, i]
+            q = grid.round(x)
+            codes[:, row] = q
+            err = (x - grid.dequantize(q)) / Hinv1[:, i, i, None]
+            W1[:, i:].sub_(Hinv1[:, i, i:, None] * err[:, None, :])
+            Err1[:, i] = err
+        if i2 < k:
+            W[:, i2:].baddbmm_(Hinv[:, i1:i2, i2:].transpose(1, 2), Err1, alpha=-1.0)
+    if act_order:  # back to K order
+        codes = torch.empty_like(codes).scatter_(1, perm[:, :, None].expand_as(codes), codes)
+    return codes, [g for g in grids if g is not None]
+
+
+def _stack(arrays: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    out = np.empty((len(arrays), *shape), dtype=np.float32)
+    for j, a in enumerate(arrays):
+        out[j] = a
+    return out
+
+
+def gptq_quantize_many(
+    ws: list[np.ndarray],
+    hessians: list[np.ndarray],
+    *,
+    bits: int,
+    block_size: int | None,
+    symmetric: bool,
+    scale_dtype: np.dtype | type = np.float32,
+    damp: float = 0.01,
+    block: int = 128,
+    act_order: bool = False,
+    clip_search: bool = False,
+    float8: bool = False,
+    device: str | None = None,
+) -> list[quant.QuantizedMatrix] | list[tuple[np.ndarray, np.ndarray]]:
+    """GPTQ on several [K, N] weights of one shape, each with its own Hessian, solved together.
+
+    See :func:`gptq_quantize` for the arguments. ``float8``: float8 E4M3 codes with one scale per column
+    (``block_size`` None, ``bits`` 8), returned as ``(codes [K, N] float8_e4m3fn, scale [N])`` pairs as
+    :func:`qonnx.quant.quantize_fp8_kn` returns them; otherwise :class:`qonnx.quant.QuantizedMatrix` objects.
+    """
+    import ml_dtypes
+    import torch
+
+    if not ws:
+        return []
+    k, n = ws[0].shape
+    for w, h in zip(ws, hessians, strict=True):
+        if w.shape != (k, n):
+            raise ValueError(f"weights solved together must share one shape: {w.shape} and {(k, n)}")
+        if h.shape != (k, k):
+            raise ValueError(f"Hessian shape {h.shape} does not match a weight with K={k}")
+    if float8 and block_size is not None:
+        raise ValueError("float8 GPTQ takes one scale per column (block_size None)")
+    dev = device or torch_device()
+    group = k if block_size is None else block_size
+    W = torch.from_numpy(_stack(ws, (k, n))).to(dev)  # read-only (memory-mapped) inputs are copied once
+    H = torch.from_numpy(_stack(hessians, (k, k))).to(dev)
+    scheme = _Scheme(bits, symmetric, scale_dtype, float8, clip_search)
+    codes_t, grids = _solve(W, H, scheme, group, damp=damp, block=block, act_order=act_order, device=dev)
+    del W, H
+    out = codes_t.cpu().numpy()
+    del codes_t
+    results: list = []
+    if float8:
+        scale = grids[0].scale_np  # [L, N]
+        for j in range(len(ws)):
+            results.append((out[j].astype(ml_dtypes.float8_e4m3fn), np.asarray(scale[j]).astype(scale_dtype)))
+        return results
+    offset = 1 << (bits - 1) if symmetric else 0
+    scales = np.stack([g.scale_np for g in grids], axis=1)  # [L, G, N]
+    zero_points = np.stack([g.zero_point_np for g in grids], axis=1)  # type: ignore[union-attr]
+    for j in range(len(ws)):
+        q = (out[j] - offset).astype(np.int8) if symmetric else out[j].astype(np.uint8)
+        results.append(quant.QuantizedMatrix(q, scales[j], zero_points[j], group, bits, symmetric))
+    return results
 
 
 def gptq_quantize(
@@ -203,57 +419,18 @@ def gptq_quantize(
     Returns:
         A :class:`qonnx.quant.QuantizedMatrix` in qonnx's conventions (ragged last block included).
     """
-    import torch
-
-    k, n = w.shape
-    if hessian.shape != (k, k):
-        raise ValueError(f"Hessian shape {hessian.shape} does not match a weight with K={k}")
-    dev = device or torch_device()
-    group = k if block_size is None else block_size
-    W = torch.tensor(w, dtype=torch.float32, device=dev)
-    H = torch.tensor(hessian, dtype=torch.float32, device=dev)
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-
-    def choose(rows: torch.Tensor) -> _Grid:
-        return _choose_grid(rows, bits, symmetric, scale_dtype, clip_search, dev)
-
-    grids: list[_Grid | None] = [None] * quant.num_blocks(k, group)
-    if act_order:  # static groups, then the rows in order of decreasing H diagonal
-        grids = [choose(W[i : i + group]) for i in range(0, k, group)]
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-        W, H = W[perm], H[perm][:, perm]
-        order = perm.tolist()
-        blocks = [(i, min(i + block, k)) for i in range(0, k, block)]
-    else:
-        order = list(range(k))
-        blocks = _group_rows(k, group, block)
-    Hinv = _inverse_cholesky(H, damp)
-    del H
-    codes = torch.empty((k, n), dtype=torch.float32, device=dev)
-    for i1, i2 in blocks:
-        W1 = W[i1:i2].clone()
-        Err1 = torch.empty_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            row = order[i1 + i]
-            grid = grids[row // group]
-            if grid is None:  # entering a group in K order: its rows as the error feedback has left them
-                # blocks hold whole groups, or a group starts a block and W past the block is up to date
-                grid = choose(W1[i : i + group] if row + group <= i2 or i2 == k else W[row : row + group])
-                grids[row // group] = grid
-            x = W1[i]
-            q = grid.round(x)
-            codes[row] = q
-            err = (x - grid.dequantize(q)) / Hinv1[i, i]
-            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
-            Err1[i] = err
-        if i2 < k:
-            W[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1.0)
-    out = codes.cpu().numpy()
-    offset = 1 << (bits - 1) if symmetric else 0
-    q_np: np.ndarray[Any, Any] = (out - offset).astype(np.int8) if symmetric else out.astype(np.uint8)
-    done = [g for g in grids if g is not None]
-    scales = np.stack([g.scale_np for g in done])
-    zero_points = np.stack([g.zero_point_np for g in done])
-    return quant.QuantizedMatrix(q_np, scales, zero_points, group, bits, symmetric)
+    (qm,) = gptq_quantize_many(
+        [w],
+        [hessian],
+        bits=bits,
+        block_size=block_size,
+        symmetric=symmetric,
+        scale_dtype=scale_dtype,
+        damp=damp,
+        block=block,
+        act_order=act_order,
+        clip_search=clip_search,
+        device=device,
+    )
+    assert isinstance(qm, quant.QuantizedMatrix)
+    return qm

@@ -28,7 +28,7 @@ from qonnx import quant
 from qonnx.config import AWQ, Targets, WeightOnlyConfig
 from qonnx.passes import _emit, cleanup
 from qonnx.passes.activations import unique_name
-from qonnx.passes.gptq import gptq_quantize
+from qonnx.passes.gptq import gptq_quantize_many, torch_device
 from qonnx.passes.hqq import hqq_quantize
 from qonnx.passes.weights import WeightCandidate, find_weight_candidates
 
@@ -92,32 +92,51 @@ def quantize_weight(
         del rows
         return _emit.channel_dequantize_arrays(qb, dtype, cand.shape, cand.axis)
     w = cand.matrix()  # [K, N]: blocks run down the rows, no transpose of the float weight
-    if cfg.float8:
-        return _emit.fp8_dequantize_arrays(w, dtype)
     gptq = cfg.gptq
-    if cfg.hqq is not None:
-        qm = _hqq(w, cfg, dtype)
-    elif gptq is not None:
+    if gptq is not None:
         if hessian is None:
             raise ValueError(f"{cand.node.op_type} '{cand.node.name}': GPTQ needs the Hessian of its input")
-        qm = gptq_quantize(
-            w,
-            hessian,
-            bits=cfg.bits,
-            block_size=cfg.block_size,
-            symmetric=cfg.symmetric,
-            scale_dtype=dtype.numpy(),
-            damp=gptq.damp,
-            block=gptq.block,
-            act_order=gptq.act_order,
-            clip_search=gptq.clip_search,
-        )
+        (solved,) = gptq_quantize_many([w], [hessian], **_gptq_options(cfg, dtype))
+        del w
+        return _gptq_arrays(solved, cfg, dtype)
+    if cfg.float8:
+        return _emit.fp8_dequantize_arrays(w, dtype)
+    if cfg.hqq is not None:
+        qm = _hqq(w, cfg, dtype)
     else:
         qm = quant.quantize_kn(w, cfg.bits, cfg.block_size, cfg.symmetric, scale_dtype=dtype.numpy(), shrink=shrink)
     del w
     if cfg.format == "matmulnbits":
         return _emit.matmulnbits_arrays(qm, dtype)
     return _emit.dequantize_arrays(qm, dtype)
+
+
+def _gptq_options(cfg: WeightOnlyConfig, dtype: ir.DataType) -> dict:
+    """Keyword arguments of :func:`qonnx.passes.gptq.gptq_quantize_many` for a config and activation dtype."""
+    gptq = cfg.gptq
+    assert gptq is not None
+    return {
+        "bits": cfg.bits,
+        "block_size": cfg.block_size,
+        "symmetric": cfg.symmetric,
+        "scale_dtype": dtype.numpy(),
+        "damp": gptq.damp,
+        "block": gptq.block,
+        "act_order": gptq.act_order,
+        "clip_search": gptq.clip_search,
+        "float8": cfg.float8,
+    }
+
+
+def _gptq_arrays(
+    solved: quant.QuantizedMatrix | tuple, cfg: WeightOnlyConfig, dtype: ir.DataType
+) -> _emit.QuantizedWeight:
+    """The emitted arrays of one GPTQ result: float8 codes and scales, or integer codes in the config's format."""
+    if isinstance(solved, tuple):  # float8 codes and scales
+        return _emit.fp8_arrays(*solved)
+    if cfg.format == "matmulnbits":
+        return _emit.matmulnbits_arrays(solved, dtype)
+    return _emit.dequantize_arrays(solved, dtype)
 
 
 def hqq_zero_point(cfg: WeightOnlyConfig) -> Literal["float", "integer"]:
@@ -298,14 +317,26 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     def _quantized(
         self, todo: list[tuple[WeightCandidate, WeightOnlyConfig]]
     ) -> Iterator[tuple[WeightCandidate, WeightOnlyConfig, _emit.QuantizedWeight | None]]:
-        """Yield (candidate, config, arrays) in graph order; arrays are None for an already-emitted weight."""
+        """Yield (candidate, config, arrays) in graph order; arrays are None for an already-emitted weight.
+
+        GPTQ layers are solved in batches of one shape (:func:`_gptq_batches`) when the first of a batch is
+        due; the others' arrays wait until their turn.
+        """
         seen: set[tuple] = set()
+        batches = _gptq_batches(todo)
+        solved: dict[tuple, _emit.QuantizedWeight] = {}
 
         def submit(pool, cand, cfg):
             key = _share_key(cand, cfg)
             if key in seen:
                 return None
             seen.add(key)
+            if key in batches:
+                if key not in solved:
+                    solved.update(self._solve(batches[key]))
+                done: concurrent.futures.Future = concurrent.futures.Future()
+                done.set_result(solved.pop(key))
+                return done
             hessian = self.hessians.get(hessian_key(cand)) if cfg.gptq is not None else None
             shrink = self.shrinks.get(cand.weight_name)
             return pool.submit(quantize_weight, cand, cfg, _act_dtype(cand), hessian, shrink)
@@ -327,6 +358,18 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 if cfg.gptq is not None and last_hessian_use[hessian_key(cand)] == i:
                     self.hessians.pop(hessian_key(cand), None)
                 yield cand, cfg, result
+
+    def _solve(self, batch: list[tuple[WeightCandidate, WeightOnlyConfig]]) -> dict[tuple, _emit.QuantizedWeight]:
+        """GPTQ on a batch of weights of one shape and config, together; their arrays by share key."""
+        hessians = []
+        for cand, _ in batch:
+            h = self.hessians.get(hessian_key(cand))
+            if h is None:
+                raise ValueError(f"{cand.node.op_type} '{cand.node.name}': GPTQ needs the Hessian of its input")
+            hessians.append(h)
+        cfg, dtype = batch[0][1], _act_dtype(batch[0][0])
+        results = gptq_quantize_many([c.matrix() for c, _ in batch], hessians, **_gptq_options(cfg, dtype))
+        return {_share_key(c, cf): _gptq_arrays(r, cf, dtype) for (c, cf), r in zip(batch, results, strict=True)}
 
     def _rewrite(
         self,
@@ -522,6 +565,38 @@ def _act_dtype(cand: WeightCandidate) -> ir.DataType:
             if n.op_type == "Cast":
                 dtype = ir.DataType(n.attributes.get_int("to", 1))
     return dtype
+
+
+#: Bytes of float32 weights GPTQ solves in one batch: on the GPU a batch is launched as one set of small
+#: kernels per row of K (its cost barely grows with the batch); on the CPU batching saves little and the
+#: solve's working copies (about 4x) count against the peak memory.
+GPTQ_BATCH_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
+
+
+def _gptq_batches(
+    todo: list[tuple[WeightCandidate, WeightOnlyConfig]],
+) -> dict[tuple, list[tuple[WeightCandidate, WeightOnlyConfig]]]:
+    """GPTQ weights grouped for batched solves, by share key.
+
+    One shape, config and activation dtype per batch, in graph order, each within :data:`GPTQ_BATCH_BYTES`
+    (convolutions and weights that are not rounded by GPTQ: in no batch).
+    """
+    budget = 0
+    classes: dict[tuple, list[list[tuple[WeightCandidate, WeightOnlyConfig]]]] = {}
+    keys: set[tuple] = set()
+    for cand, cfg in todo:
+        key = _share_key(cand, cfg)
+        if cfg.gptq is None or cand.axis is not None or key in keys:
+            continue
+        if not budget:
+            budget = GPTQ_BATCH_BYTES["cuda" if torch_device() == "cuda" else "cpu"]
+        keys.add(key)
+        per = cand.k * cand.n * 4
+        runs = classes.setdefault((cand.k, cand.n, cfg, _act_dtype(cand)), [[]])
+        if runs[-1] and (len(runs[-1]) + 1) * per > budget:
+            runs.append([])
+        runs[-1].append((cand, cfg))
+    return {_share_key(c, cf): run for runs in classes.values() for run in runs for c, cf in run}
 
 
 def _share_key(cand: WeightCandidate, cfg: WeightOnlyConfig) -> tuple:

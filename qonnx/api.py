@@ -48,6 +48,8 @@ class QuantizeSummary:
         bytes_after: size of the output model, measured the same way.
         outputs: files written (empty when no output path was given).
         seconds: wall time.
+        phases: wall seconds of the longer steps that ran ("budget", "calibration", "awq", "activations",
+            "quantization", "writing").
         model: the quantized model (onnx_ir).
         verification: the comparison of the output with the original (see :class:`VerifyOptions`).
     """
@@ -62,6 +64,7 @@ class QuantizeSummary:
     verification: Verification = dataclasses.field(default_factory=lambda: Verification(False))
     activations: dict[str, Any] | None = None
     mixed_precision: dict[str, Any] | None = None
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def quantized(self) -> list[LayerRecord]:
@@ -86,6 +89,7 @@ class QuantizeSummary:
             "bytes_after": self.bytes_after,
             "compression": round(self.bytes_before / self.bytes_after, 3) if self.bytes_after else None,
             "seconds": round(self.seconds, 3),
+            "phases": {k: round(v, 3) for k, v in self.phases.items()},
             "outputs": [str(p) for p in self.outputs],
             "verification": self.verification.to_dict(),
             "activations": self.activations,
@@ -178,8 +182,18 @@ def quantize(
     if not isinstance(config, SchemeConfig):
         raise ConfigError(f"config must be a scheme config such as W4A16(), not {type(config).__name__}")
     mixed = None
+    phases: dict[str, float] = {}
+    mark = time.perf_counter()
+
+    def phase(name: str) -> None:  # the wall time since the last mark goes to ``name``
+        nonlocal mark
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - mark
+        mark = now
+
     if budget is not None:  # measured on the float model, before anything changes it
         mixed = mixed_precision(model, config, budget, targets=targets, progress=progress)
+        phase("budget")
         targets = {**(targets or {}), **mixed.targets}
     resolved = Targets(config, targets)
     ir_model, source = _load(model)
@@ -222,7 +236,9 @@ def quantize(
         raise NothingToQuantizeError(f"nothing to quantize in the model{detail}")
     if any(cfg.calibrated is not None for cfg in todo):  # before any rewrite: ONNX Runtime runs the float model
         reuse = mixed.hessians if mixed is not None else {}  # the budget's measurements collected them already
+        mark = time.perf_counter()
         qpass.hessians = reuse or _hessians(ir_model, source, plan, progress)
+        phase("calibration")
     if any(c.format == "qdq" for c in todo) and ir_model.opset_imports.get("", 1) < QDQ_OPSET:
         try:
             UpgradeOpsetPass(QDQ_OPSET)(ir_model)
@@ -236,14 +252,18 @@ def quantize(
             raise ModelLoadError(f"{source or 'model'}: {e}; {hint}") from None
     awq = None
     if any(cfg.awq is not None for cfg in todo):  # scales folded, clip ranges and Hessians of X / s for the pass
+        mark = time.perf_counter()
         awq = apply_awq(ir_model, qpass.plan(ir_model), qpass.hessians, progress=progress)
         qpass.shrinks = awq.shrinks
+        phase("awq")
     activations = plan_activations(ir_model, resolved, qpass.plan(ir_model))  # after the upgrade: its nodes
     act_info: dict[str, Any] | None = None
     if activations is not None:
         warn_if_slow(activations.config, activations.config)
+        mark = time.perf_counter()
         act_info, renamed = apply_activation_scheme(ir_model, source, activations, progress=progress)
         _carry_hessians(qpass.hessians, renamed)
+        phase("activations")
 
     bar = None
     if progress:
@@ -251,11 +271,13 @@ def quantize(
 
         bar = tqdm(total=len(todo), unit="layer", desc="quantizing", leave=False)
         qpass.progress = lambda record: bar.update()  # type: ignore[union-attr]
+    mark = time.perf_counter()
     try:
         qpass(ir_model)
     finally:
         if bar is not None:
             bar.close()
+    phase("quantization")
     RemoveUnusedNodesPass()(ir_model)
     RemoveUnusedInitializersPass()(ir_model)  # subgraphs too
 
@@ -298,7 +320,9 @@ def quantize(
         if mirror is not None:
             out_path.parent.mkdir(parents=True, exist_ok=True)
             _mirror_folder(mirror, out_path.parent, skip=set(protect))
+        mark = time.perf_counter()
         outputs = modelfile.save(ir_model, out_path, protect=protect, external_data=external_data, finalize=finalize)
+        phase("writing")
         bytes_after = sum(p.stat().st_size for p in outputs)
     else:
         bytes_after = _weight_bytes(ir_model)
@@ -319,6 +343,7 @@ def quantize(
         verification=checked,
         activations=act_info,
         mixed_precision=mixed_info,
+        phases=phases,
     )
 
 

@@ -306,7 +306,7 @@ def quantize(
     ratio = summary.bytes_before / summary.bytes_after if summary.bytes_after else float("nan")
     click.echo(
         f"{config.name}: quantized {len(summary.quantized)} layers, skipped {len(summary.skipped)} "
-        f"in {summary.seconds:.1f} s"
+        f"in {summary.seconds:.1f} s{_phases(summary.phases)}"
     )
     for reason, names in _group_reasons(summary.skipped):
         who = names[0] if len(names) == 1 else f"{len(names)} layers (e.g. {names[0]})"
@@ -547,6 +547,12 @@ def _parse_dims(items: tuple[str, ...]) -> dict[str, int]:
             raise click.BadParameter(f"{item!r}; expected NAME=N, e.g. sequence=64", param_hint="--dim")
         out[name] = int(value)
     return out
+
+
+def _phases(phases: dict[str, float]) -> str:
+    """" (calibration 35.3 s, quantization 22.3 s)" when a phase took a second or more, else ""."""
+    long = {k: v for k, v in phases.items() if v >= 1.0}
+    return f" ({', '.join(f'{k} {v:.1f} s' for k, v in long.items())})" if long else ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from qonnx import quant
 from qonnx.config import GPTQ, W3A16, W4A16, Targets
 from qonnx.errors import ConfigError
 from qonnx.models import build_decoder_stack
-from qonnx.passes.gptq import HessianAccumulator, gptq_quantize
+from qonnx.passes.gptq import HessianAccumulator, gptq_quantize, gptq_quantize_many
 from qonnx.passes.weight_only import QuantizeWeightsPass
 from qonnx.runtime.calibration import calibration_feeds, collect_hessians
 from qonnx.runtime.evaluate import perplexity
@@ -210,6 +210,8 @@ def test_pipeline_npz_feeds(stack_feeds, tmp_path):
     summary = qonnx.quantize(path, cfg, output=tmp_path / "gptq.onnx")
     assert summary.verification.ran
     assert len(summary.quantized) == 11 and all("gptq" in r.reason for r in summary.quantized)
+    assert {"calibration", "quantization", "writing"} <= set(summary.phases)
+    assert summary.to_dict()["phases"]["calibration"] > 0
     out = onnx.load(tmp_path / "gptq.onnx")
     onnx.checker.check_model(out, full_check=True)
     assert json.loads({p.key: p.value for p in out.metadata_props}["qonnx.config"])["algo"]["name"] == "gptq"
@@ -310,3 +312,50 @@ def test_pipeline_per_channel_and_three_bits(stack_feeds, tmp_path, cfg, bound):
     gptq_db = sqnr_db(ref, run(tmp_path / "gptq.onnx", {"x": test})[0])
     rtn_db = sqnr_db(ref, run(tmp_path / "rtn.onnx", {"x": test})[0])
     assert gptq_db > rtn_db + bound, (gptq_db, rtn_db)
+
+
+@pytest.mark.parametrize(
+    "options", [PLAIN, {"act_order": True, "clip_search": False}, {"act_order": True, "clip_search": True}]
+)
+@pytest.mark.parametrize(("bits", "block_size", "symmetric"), [(4, 128, False), (3, None, True)])
+def test_batched_solve_equals_one_at_a_time(rng, options, bits, block_size, symmetric):
+    """Weights of one shape solved together, each with its own Hessian, give each one's own result exactly."""
+    k, n = 200, 24  # ragged with 128
+    ws = [rng.standard_normal((k, n)).astype(np.float32) for _ in range(3)]
+    hs = [hessian(correlated(rng, 1024, k, seed=s)) for s in range(3)]
+    hs[1][:, 7] = hs[1][7, :] = 0  # a dead input in one matrix only
+    kw = dict(bits=bits, block_size=block_size, symmetric=symmetric, device="cpu", **options)
+    together = gptq_quantize_many(ws, hs, **kw)
+    for w, h, got in zip(ws, hs, together, strict=True):
+        alone = gptq_quantize(w, h, **kw)
+        np.testing.assert_array_equal(got.q, alone.q)
+        np.testing.assert_array_equal(got.scale, alone.scale)
+        np.testing.assert_array_equal(got.zero_point, alone.zero_point)
+    assert not np.array_equal(together[0].q, together[2].q)
+    with pytest.raises(ValueError, match="share one shape"):
+        gptq_quantize_many([ws[0], ws[0][:100]], hs[:1] + [hs[0][:100, :100]], **kw)
+
+
+@pytest.mark.parametrize("scale_dtype", [np.float32, np.float16])
+def test_float8(rng, scale_dtype):
+    """float8 E4M3 GPTQ (one scale per column): identity Hessian = quantize_fp8_kn bit for bit; correlated
+    inputs: less output error than rounding to nearest, codes and scales in quantize_fp8_kn's layout."""
+    import ml_dtypes
+
+    k, n = 256, 32
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    w[:, 5] *= 40  # a column with a large range
+    kw = dict(bits=8, block_size=None, symmetric=True, scale_dtype=scale_dtype, device="cpu", float8=True)
+    ((codes, scale),) = gptq_quantize_many([w], [np.eye(k, dtype=np.float32)], **kw)
+    ref_codes, ref_scale = quant.quantize_fp8_kn(w, scale_dtype=scale_dtype)
+    assert codes.dtype == ml_dtypes.float8_e4m3fn and scale.dtype == scale_dtype
+    np.testing.assert_array_equal(codes.astype(np.float32), ref_codes.astype(np.float32))
+    np.testing.assert_array_equal(scale, ref_scale)
+    calib, test = correlated(rng, 4096, k), correlated(np.random.default_rng(1), 4096, k)
+    for options in ({"act_order": False}, {"act_order": True, "clip_search": True}):
+        ((codes, scale),) = gptq_quantize_many([w], [hessian(calib)], **kw, **options)
+        deq = codes.astype(np.float32) * scale.astype(np.float32)
+        rtn = ref_codes.astype(np.float32) * ref_scale.astype(np.float32)
+        err, rtn_err = ((test @ w - test @ deq) ** 2).sum(), ((test @ w - test @ rtn) ** 2).sum()
+        assert err < 0.8 * rtn_err, (options, err, rtn_err)
+        assert np.isfinite(deq).all() and np.abs(codes.astype(np.float32)).max() <= quant.FP8_MAX
