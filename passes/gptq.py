@@ -318,11 +318,22 @@ def _solve(
     return codes, [g for g in grids if g is not None]
 
 
-def _stack(arrays: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
-    out = np.empty((len(arrays), *shape), dtype=np.float32)
+def _stack(arrays: list[np.ndarray], shape: tuple[int, int], device: str) -> torch.Tensor:
+    """float32 [L, *shape] on ``device``, filled one array at a time.
+
+    No stacked copy in host memory for a GPU; read-only (memory-mapped) inputs are copied once.
+    """
+    import torch
+
+    if device == "cpu":
+        out = np.empty((len(arrays), *shape), dtype=np.float32)
+        for j, a in enumerate(arrays):
+            out[j] = a
+        return torch.from_numpy(out)
+    t = torch.empty((len(arrays), *shape), dtype=torch.float32, device=device)
     for j, a in enumerate(arrays):
-        out[j] = a
-    return out
+        t[j].copy_(torch.from_numpy(np.array(a, dtype=np.float32)))
+    return t
 
 
 def gptq_quantize_many(
@@ -347,7 +358,6 @@ def gptq_quantize_many(
     :func:`qonnx.quant.quantize_fp8_kn` returns them; otherwise :class:`qonnx.quant.QuantizedMatrix` objects.
     """
     import ml_dtypes
-    import torch
 
     if not ws:
         return []
@@ -361,8 +371,8 @@ def gptq_quantize_many(
         raise ValueError("float8 GPTQ takes one scale per column (block_size None)")
     dev = device or torch_device()
     group = k if block_size is None else block_size
-    W = torch.from_numpy(_stack(ws, (k, n))).to(dev)  # read-only (memory-mapped) inputs are copied once
-    H = torch.from_numpy(_stack(hessians, (k, k))).to(dev)
+    W = _stack(ws, (k, n), dev)
+    H = _stack(hessians, (k, k), dev)
     scheme = _Scheme(bits, symmetric, scale_dtype, float8, clip_search)
     codes_t, grids = _solve(W, H, scheme, group, damp=damp, block=block, act_order=act_order, device=dev)
     del W, H

@@ -28,8 +28,10 @@ __all__ = ["calibration_feeds", "collect_hessians"]
 
 #: Bytes of captured activations one ONNX Runtime run may hand over at once (estimated from the feeds).
 ACTIVATION_BUDGET = 256 << 20
-#: Bytes of Hessian sums accumulated in one pass over the calibration data.
+#: Bytes of Hessian sums accumulated in one pass over the calibration data, in host memory (CPU) or on the
+#: GPU (where torch sums them when it sees one: there they take no host memory, so one pass usually does).
 HESSIAN_BUDGET = 256 << 20
+HESSIAN_BUDGET_CUDA = 4 << 30
 
 
 def _npz_feeds(path: Path, count: int) -> list[dict[str, np.ndarray]]:
@@ -129,14 +131,14 @@ class _GraphIO:
         return self._outputs
 
 
-def _groups(inputs: Mapping[str, int], rows: int) -> list[list[str]]:
+def _groups(inputs: Mapping[str, int], rows: int, sums_budget: int = HESSIAN_BUDGET) -> list[list[str]]:
     """Tensors in order, grouped so that a group's activations and Hessian sums stay within the budgets."""
     groups: list[list[str]] = []
     current: list[str] = []
     activations = sums = 0
     for name, k in inputs.items():
         a, h = rows * k * 4, k * k * 4
-        if current and (activations + a > ACTIVATION_BUDGET or sums + h > HESSIAN_BUDGET):
+        if current and (activations + a > ACTIVATION_BUDGET or sums + h > sums_budget):
             groups.append(current)
             current, activations, sums = [], 0, 0
         current.append(name)
@@ -167,9 +169,10 @@ def collect_hessians(
     """The Hessian ``2/n X^T X`` [K, K] (float32) of every named tensor, over all ``feeds``.
 
     Tensors are captured in groups, one pass over the feeds each, so that one run hands over at most
-    :data:`ACTIVATION_BUDGET` bytes of activations and at most :data:`HESSIAN_BUDGET` bytes of sums are
-    accumulated at once. Finished Hessians wait in memory-mapped files that are already unlinked: they take
-    memory only while they are read, and disk space until they are dropped.
+    :data:`ACTIVATION_BUDGET` bytes of activations and at most :data:`HESSIAN_BUDGET` bytes of sums (on a
+    GPU :data:`HESSIAN_BUDGET_CUDA`) are accumulated at once. Finished Hessians wait in memory-mapped files
+    that are already unlinked: they take memory only while they are read, and disk space until they are
+    dropped.
 
     Args:
         model: a .onnx file or a folder holding model.onnx (ONNX Runtime runs it).
@@ -191,7 +194,9 @@ def collect_hessians(
         raise ConfigError("calibration needs at least one batch of feeds")
     # A guess at the rows (tokens) of one batch: all elements of integer feeds (token ids), vectors of float ones
     rows = max(a.size if a.dtype.kind in "iub" or a.ndim < 2 else a.size // a.shape[-1] for a in feeds[0].values())
-    groups = _groups(inputs, max(rows, 1))
+    from qonnx.passes.gptq import torch_device
+
+    groups = _groups(inputs, max(rows, 1), HESSIAN_BUDGET_CUDA if torch_device() == "cuda" else HESSIAN_BUDGET)
     bar = tqdm(total=len(groups) * len(feeds), desc="calibrating", unit="batch", file=sys.stderr, disable=not progress)
     hessians: dict[str, np.ndarray] = {}
     try:
