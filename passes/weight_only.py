@@ -210,6 +210,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self.workers = workers or min(4, os.cpu_count() or 1)
         self.hessians = hessians if hessians is not None else {}
         self.shrinks: dict[str, np.ndarray] = {}
+        self.presolved: dict[tuple, _emit.QuantizedWeight] = {}  # arrays solved beforehand (sequential GPTQ)
         self.records: list[LayerRecord] = []
         self.planned: int = 0
 
@@ -262,7 +263,12 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         """
         opset = model.opset_imports.get("", 0)
         for cand, cfg, _ in self.plan(model):
-            if cfg is not None and cfg.gptq is not None and hessian_key(cand) not in self.hessians:
+            if (
+                cfg is not None
+                and cfg.gptq is not None
+                and hessian_key(cand) not in self.hessians
+                and _share_key(cand, cfg) not in self.presolved
+            ):
                 raise ir.passes.PreconditionError(
                     f"{cand.node.op_type} '{cand.node.name}': GPTQ needs the Hessian of its input "
                     f"'{hessian_key(cand)}' (collect them with qonnx.runtime.calibration.collect_hessians)"
@@ -323,17 +329,17 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         due; the others' arrays wait until their turn.
         """
         seen: set[tuple] = set()
-        batches = _gptq_batches(todo)
-        solved: dict[tuple, _emit.QuantizedWeight] = {}
+        batches = _gptq_batches([(c, cfg) for c, cfg in todo if _share_key(c, cfg) not in self.presolved])
+        solved: dict[tuple, _emit.QuantizedWeight] = dict(self.presolved)
 
         def submit(pool, cand, cfg):
             key = _share_key(cand, cfg)
             if key in seen:
                 return None
             seen.add(key)
-            if key in batches:
+            if key in batches or key in solved:
                 if key not in solved:
-                    solved.update(self._solve(batches[key]))
+                    solved.update(self.solve(batches[key]))
                 done: concurrent.futures.Future = concurrent.futures.Future()
                 done.set_result(solved.pop(key))
                 return done
@@ -359,16 +365,22 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     self.hessians.pop(hessian_key(cand), None)
                 yield cand, cfg, result
 
-    def _solve(self, batch: list[tuple[WeightCandidate, WeightOnlyConfig]]) -> dict[tuple, _emit.QuantizedWeight]:
-        """GPTQ on a batch of weights of one shape and config, together; their arrays by share key."""
-        hessians = []
+    def solve(
+        self, batch: list[tuple[WeightCandidate, WeightOnlyConfig]], hessians: dict[str, np.ndarray] | None = None
+    ) -> dict[tuple, _emit.QuantizedWeight]:
+        """GPTQ on a batch of weights of one shape and config, together; their arrays by share key.
+
+        Hessians by input name come from ``hessians``, else from the pass's own.
+        """
+        source = self.hessians if hessians is None else hessians
+        found = []
         for cand, _ in batch:
-            h = self.hessians.get(hessian_key(cand))
+            h = source.get(hessian_key(cand))
             if h is None:
                 raise ValueError(f"{cand.node.op_type} '{cand.node.name}': GPTQ needs the Hessian of its input")
-            hessians.append(h)
+            found.append(h)
         cfg, dtype = batch[0][1], _act_dtype(batch[0][0])
-        results = gptq_quantize_many([c.matrix() for c, _ in batch], hessians, **_gptq_options(cfg, dtype))
+        results = gptq_quantize_many([c.matrix() for c, _ in batch], found, **_gptq_options(cfg, dtype))
         return {_share_key(c, cf): _gptq_arrays(r, cf, dtype) for (c, cf), r in zip(batch, results, strict=True)}
 
     def _rewrite(

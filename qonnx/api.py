@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -9,7 +10,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from qonnx import modelfile
 from qonnx.activation_api import apply_activation_scheme, plan_activations
 from qonnx.awq_api import apply_awq
-from qonnx.config import W4A16, SchemeConfig, Targets
+from qonnx.config import W4A16, SchemeConfig, Targets, WeightOnlyConfig
 from qonnx.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError
 from qonnx.mixed_precision import Budget, MixedPrecision, mixed_precision
 from qonnx.passes.cleanup import RemoveUnusedInitializersPass
@@ -239,6 +240,9 @@ def quantize(
         mark = time.perf_counter()
         qpass.hessians = reuse or _hessians(ir_model, source, plan, progress)
         phase("calibration")
+        if any(_sequential(cfg) for cfg in todo):  # calibrated and solved stage by stage
+            qpass.presolved = _sequential_gptq(ir_model, source, plan, qpass, progress)
+            phase("sequential gptq")
     if any(c.format == "qdq" for c in todo) and ir_model.opset_imports.get("", 1) < QDQ_OPSET:
         try:
             UpgradeOpsetPass(QDQ_OPSET)(ir_model)
@@ -347,11 +351,11 @@ def quantize(
     )
 
 
-def _hessians(model: ir.Model, source: Path | None, plan: Plan, progress: bool) -> dict[str, np.ndarray]:
-    """The Hessians of the inputs of the layers that GPTQ or AWQ quantize, from calibration runs of the float model."""
-    from qonnx.runtime.calibration import calibration_feeds, collect_hessians
+@contextlib.contextmanager
+def _calibration(model: ir.Model, source: Path | None, layers: list) -> Iterator[tuple[Path, list]]:
+    """A file of the float model ONNX Runtime loads, and the calibration feeds ``layers``' configs ask for."""
+    from qonnx.runtime.calibration import calibration_feeds
 
-    layers = [(cand, cfg.calibrated) for cand, cfg, _ in plan if cfg is not None and cfg.calibrated is not None]
     settings = {(g.calib_data, g.calib_samples, g.calib_seq_len) for _, g in layers}
     if len(settings) > 1:
         raise ConfigError(
@@ -359,7 +363,6 @@ def _hessians(model: ir.Model, source: Path | None, plan: Plan, progress: bool) 
             f"got {sorted(settings)}"
         )
     data, samples, seq_len = settings.pop()
-    inputs = {hessian_key(cand): cand.k for cand, _ in layers}
     with tempfile.TemporaryDirectory(prefix="qonnx-calibration-") as tmp:
         path = source
         if path is None or model.ir_version > modelfile.MAX_RUNTIME_IR_VERSION:  # a file ONNX Runtime can load
@@ -368,8 +371,59 @@ def _hessians(model: ir.Model, source: Path | None, plan: Plan, progress: bool) 
             modelfile.save(model, path)
             model.ir_version = version
         folder = source.parent if source is not None else None
-        feeds = calibration_feeds(path, data, samples=samples, seq_len=seq_len, tokenizer_dir=folder)
+        yield path, calibration_feeds(path, data, samples=samples, seq_len=seq_len, tokenizer_dir=folder)
+
+
+def _sequential(cfg: WeightOnlyConfig | None) -> bool:
+    return cfg is not None and cfg.gptq is not None and cfg.awq is None and cfg.gptq.sequential
+
+
+def _hessians(model: ir.Model, source: Path | None, plan: Plan, progress: bool) -> dict[str, np.ndarray]:
+    """The Hessians of the inputs of the layers that GPTQ (not sequential) or AWQ quantize.
+
+    They come from calibration runs of the float model.
+    """
+    from qonnx.runtime.calibration import collect_hessians
+
+    layers = [
+        (cand, cfg.calibrated)
+        for cand, cfg, _ in plan
+        if cfg is not None and cfg.calibrated is not None and not _sequential(cfg)
+    ]
+    if not layers:
+        return {}
+    inputs = {hessian_key(cand): cand.k for cand, _ in layers}
+    with _calibration(model, source, layers) as (path, feeds):
         return collect_hessians(path, inputs, feeds, device="auto", progress=progress)
+
+
+def _sequential_gptq(
+    model: ir.Model, source: Path | None, plan: Plan, qpass: QuantizeWeightsPass, progress: bool
+) -> dict[tuple, Any]:
+    """Arrays of the layers GPTQ rounds sequentially (:mod:`qonnx.gptq_sequential`), by share key."""
+    from qonnx.fake_quant import plan_layers
+    from qonnx.gptq_sequential import sequential_gptq
+    from qonnx.passes.weight_only import _gptq_batches, _share_key
+
+    layers, keys = [], set()
+    for cand, cfg, _ in plan:
+        if _sequential(cfg) and cand.axis is None and _share_key(cand, cfg) not in keys:
+            keys.add(_share_key(cand, cfg))
+            layers.append((cand, cfg))
+    if not layers:
+        return {}
+    feedable = {layer.name for layer in plan_layers(model, plan)[0]}
+
+    def solve(stage: list, hessians: dict[str, np.ndarray]) -> dict[tuple, Any]:
+        out: dict[tuple, Any] = {}
+        for batch in {id(b): b for b in _gptq_batches(stage).values()}.values():
+            out.update(qpass.solve(batch, hessians))
+        return out
+
+    with _calibration(model, source, [(c, cfg.gptq) for c, cfg in layers]) as (path, feeds):
+        return sequential_gptq(
+            model, path, layers, feeds, solve=solve, key=hessian_key, feedable=feedable, progress=progress
+        )
 
 
 def _carry_hessians(hessians: dict[str, np.ndarray], renamed: dict[str, tuple[str, np.ndarray | None]]) -> None:

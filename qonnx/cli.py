@@ -88,6 +88,12 @@ def cli() -> None:
     "the model or --calib-data. hqq: half-quadratic zero points, no data (float zero points in MatMulNBits).",
 )
 @click.option(
+    "--sequential",
+    is_flag=True,
+    help="--algo gptq: take each layer's Hessian from the model whose earlier layers are already quantized, "
+    "stage by stage (one calibration pass per stage: slower, usually more accurate).",
+)
+@click.option(
     "--calib-samples",
     type=click.IntRange(min=1),
     default=None,
@@ -225,6 +231,7 @@ def quantize(
     fmt: str,
     accuracy_level: int | None,
     algo: str,
+    sequential: bool,
     calib_samples: int | None,
     calib_seq_len: int | None,
     calib_data: str | None,
@@ -262,6 +269,8 @@ def quantize(
         "keep-float": keep_float,
     }
     if scheme.lower() in ACTIVATION_SCHEMES:
+        if sequential:
+            raise click.UsageError("--sequential applies to weight-only schemes with --algo gptq")
         config = _activation_config(scheme, block_size, symmetric, calib, act_options, fmt, accuracy_level, algo)
     else:
         for name, value in act_options.items():
@@ -271,8 +280,12 @@ def quantize(
         if block_size is not None:
             options["block_size"] = None if block_size == 0 else block_size
         options["algo"] = algo_from_name(algo)
+        if sequential and not isinstance(options["algo"], GPTQ):
+            raise click.UsageError("--sequential applies to --algo gptq only")
         if isinstance(options["algo"], (GPTQ, AWQ)):
             options["algo"] = dataclasses.replace(options["algo"], **calib)
+        if sequential:
+            options["algo"] = dataclasses.replace(options["algo"], sequential=True)
         elif calib:
             raise click.UsageError(
                 f"--{next(iter(calib)).replace('_', '-')} applies to --algo gptq, awq and awq+gptq only"
@@ -550,7 +563,7 @@ def _parse_dims(items: tuple[str, ...]) -> dict[str, int]:
 
 
 def _phases(phases: dict[str, float]) -> str:
-    """" (calibration 35.3 s, quantization 22.3 s)" when a phase took a second or more, else ""."""
+    """The phases that took a second or more, e.g. ' (calibration 35.3 s, quantization 22.3 s)'; else ''."""
     long = {k: v for k, v in phases.items() if v >= 1.0}
     return f" ({', '.join(f'{k} {v:.1f} s' for k, v in long.items())})" if long else ""
 

@@ -38,8 +38,8 @@ class GPTQ:
 
     A weight is rounded one K row at a time and each row's rounding error is folded into the rows not yet
     rounded, weighted by the inverse Hessian ``H = 2/n X^T X`` of the layer's input. The Hessians come from
-    calibration data run through ONNX Runtime on the *float* model, all layers at once, not layer by layer on
-    the partly quantized model (the "non-sequential" mode).
+    calibration data run through ONNX Runtime on the *float* model, all layers at once (the "non-sequential"
+    mode), or with ``sequential`` stage by stage on the partly quantized model.
 
     Attributes:
         damp: fraction of the mean Hessian diagonal added to the diagonal (percdamp) before inverting.
@@ -54,6 +54,9 @@ class GPTQ:
             chosen from the original weight), so the stored format and the kernels are unchanged.
         clip_search: choose each block's range among shrunk ranges (x1.00 .. x0.80) for the lowest weight
             error (the reference's ``Quantizer(mse=True)``); else the block's full range.
+        sequential: take each layer's Hessian from the model whose earlier layers are already quantized, stage
+            by stage (:mod:`qonnx.gptq_sequential`; one calibration pass per stage) instead of all from the
+            float model in one pass.
     """
 
     name: ClassVar[str] = "gptq"
@@ -64,6 +67,7 @@ class GPTQ:
     calib_data: str = "pydoc"
     act_order: bool = True
     clip_search: bool = True
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
@@ -74,7 +78,7 @@ class GPTQ:
             raise ConfigError(f"gptq: calib_samples must be a positive integer, got {self.calib_samples!r}")
         if not isinstance(self.calib_seq_len, int) or self.calib_seq_len < 2:
             raise ConfigError(f"gptq: calib_seq_len must be an integer >= 2, got {self.calib_seq_len!r}")
-        for flag in ("act_order", "clip_search"):
+        for flag in ("act_order", "clip_search", "sequential"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"gptq: {flag} must be True or False, got {getattr(self, flag)!r}")
 
@@ -122,6 +126,8 @@ class AWQ:
         if self.gptq is not None:
             if not isinstance(self.gptq, GPTQ):
                 raise ConfigError(f"awq: gptq must be a GPTQ(...) config or None, got {self.gptq!r}")
+            if self.gptq.sequential:
+                raise ConfigError("awq: sequential GPTQ applies to algo 'gptq' alone, not after AWQ's scaling")
             # one calibration run serves both: GPTQ uses AWQ's data
             object.__setattr__(
                 self,

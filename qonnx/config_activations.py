@@ -144,6 +144,8 @@ class ActivationConfig(SchemeConfig):
             object.__setattr__(self, "algo", gptq)
         elif not (self.algo == "rtn" or isinstance(self.algo, GPTQ)):
             raise ConfigError(f"{self.name}: algo must be 'rtn', 'gptq' or a GPTQ(...) config, got {self.algo!r}")
+        if isinstance(self.algo, GPTQ) and self.algo.sequential:
+            raise ConfigError(f"{self.name}: sequential GPTQ applies to weight-only schemes (w4a16, w8a16, ...)")
         if self.target not in TARGETS:
             raise ConfigError(f"{self.name}: target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if self.target == "tensorrt" and not (self.act_symmetric or self.act_type == "fp8"):

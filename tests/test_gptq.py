@@ -333,7 +333,7 @@ def test_batched_solve_equals_one_at_a_time(rng, options, bits, block_size, symm
         np.testing.assert_array_equal(got.zero_point, alone.zero_point)
     assert not np.array_equal(together[0].q, together[2].q)
     with pytest.raises(ValueError, match="share one shape"):
-        gptq_quantize_many([ws[0], ws[0][:100]], hs[:1] + [hs[0][:100, :100]], **kw)
+        gptq_quantize_many([ws[0], ws[0][:100]], [*hs[:1], hs[0][:100, :100]], **kw)
 
 
 @pytest.mark.parametrize("scale_dtype", [np.float32, np.float16])
@@ -359,3 +359,57 @@ def test_float8(rng, scale_dtype):
         err, rtn_err = ((test @ w - test @ deq) ** 2).sum(), ((test @ w - test @ rtn) ** 2).sum()
         assert err < 0.8 * rtn_err, (options, err, rtn_err)
         assert np.isfinite(deq).all() and np.abs(codes.astype(np.float32)).max() <= quant.FP8_MAX
+
+
+def test_sequential_stages_and_pipeline(stack_feeds, tmp_path):
+    """Sequential GPTQ: stages in true-sequential order; the first stage sees the float model (same codes as
+    plain GPTQ), later stages see the quantized earlier layers (other codes); a valid, closer-than-RTN model."""
+    from qonnx.gptq_sequential import stages
+    from qonnx.passes.weight_only import hessian_key
+
+    path, npz, test = stack_feeds
+    model = qonnx.load(path)
+    plan = QuantizeWeightsPass(Targets(W4A16(algo=GPTQ(sequential=True)))).plan(model)
+    layers = [(c, cfg) for c, cfg, _ in plan if cfg is not None and cfg.gptq is not None]
+    cut = [[c.weight_name.split(".")[-2] for c, _ in stage] for stage in stages(model, layers, hessian_key)]
+    assert cut[:4] == [["qkv"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] and len(cut) == 9
+
+    def gptq(sequential):
+        cfg = W4A16(block_size=32, algo=GPTQ(calib_data=str(npz), calib_samples=6, sequential=sequential))
+        out = tmp_path / f"seq{sequential}.onnx"
+        return qonnx.quantize(path, cfg, output=out), out
+
+    (plain, plain_path), (seq, seq_path) = gptq(False), gptq(True)
+    assert "sequential gptq" in seq.phases and "sequential gptq" not in plain.phases
+    onnx.checker.check_model(onnx.load(seq_path), full_check=True)
+
+    def codes(p):
+        return {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(p).graph.initializer if t.name.endswith("_B")}
+
+    a, b = codes(plain_path), codes(seq_path)
+    first = [n for n in a if "layers.0.attn.qkv" in n]
+    later = [n for n in a if "layers.1." in n]
+    assert first and later and set(a) == set(b)
+    assert all(np.array_equal(a[n], b[n]) for n in first)  # nothing quantized before the first stage
+    assert not all(np.array_equal(a[n], b[n]) for n in later)
+    qonnx.quantize(path, W4A16(block_size=32), output=tmp_path / "rtn.onnx")
+    ref = run(path, {"x": test})[0]
+    seq_db = sqnr_db(ref, run(seq_path, {"x": test})[0])
+    assert seq_db > sqnr_db(ref, run(tmp_path / "rtn.onnx", {"x": test})[0]) + 1
+
+
+def test_sequential_refusals(stack_feeds, tmp_path):
+    from qonnx.config import AWQ
+    from qonnx.config_activations import W4A8
+
+    with pytest.raises(ConfigError, match="sequential GPTQ applies to algo 'gptq' alone"):
+        AWQ(gptq=GPTQ(sequential=True))
+    with pytest.raises(ConfigError, match="sequential GPTQ applies to weight-only schemes"):
+        W4A8(algo=GPTQ(sequential=True))
+    with pytest.raises(ConfigError, match="sequential must be True or False"):
+        GPTQ(sequential=1)
+    path, _, _ = stack_feeds
+    res = qonnx_cli("quantize", path, "-o", tmp_path / "q.onnx", "--sequential")
+    assert_one_line_error(res, "--sequential applies to --algo gptq only")
+    res = qonnx_cli("quantize", path, "-o", tmp_path / "q.onnx", "--scheme", "w8a8", "--sequential")
+    assert_one_line_error(res, "--sequential applies to weight-only schemes")

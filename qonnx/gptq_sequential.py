@@ -1,0 +1,193 @@
+"""Sequential GPTQ: each layer's Hessian is measured on the model whose earlier layers are already quantized.
+
+Plain GPTQ (:func:`qonnx.api.quantize` with ``GPTQ()``) takes every Hessian from the float model in one
+calibration pass. With ``GPTQ(sequential=True)`` the GPTQ layers are split, in graph order, into stages: a
+layer starts a new stage when its input depends on a layer of the current stage (q/k/v, then o, then
+gate/up, then down, in each decoder layer of a Llama model: the reference's "true sequential" order). For
+each stage ONNX Runtime runs the calibration data through the float model with every weight quantized so far
+fed in its dequantized form (:mod:`qonnx.runtime.sensitivity`'s weight-as-input session), pruned to the
+nodes the stage's inputs need; the stage's Hessians are summed, its layers solved
+(:func:`qonnx.passes.gptq.gptq_quantize_many`, batched by shape), and their dequantized weights join the fed
+ones. Later layers thus correct the rounding error of earlier ones as they would see it at run time.
+
+Cost: one calibration pass per stage instead of one in all (each pass shorter, as the model is cut after
+the stage's inputs). The dequantized weights wait in memory-mapped, already unlinked files, so they add
+page cache rather than resident memory. A weight that cannot be fed on its own (not an initializer of the
+main graph, or also read in floating point by another node) is quantized in its stage but stays float in
+later stages' runs.
+
+Written here by hand: no library runs GPTQ layer by layer on an ONNX graph.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qonnx.config import WeightOnlyConfig
+from qonnx.passes._emit import QuantizedWeight
+from qonnx.passes.weights import WeightCandidate
+
+__all__ = ["stages", "sequential_gptq"]
+
+Layer = tuple[WeightCandidate, WeightOnlyConfig]
+
+
+def stages(model: ir.Model, layers: list[Layer], key: Callable[[WeightCandidate], str]) -> list[list[Layer]]:
+    """``layers`` (graph order) cut into stages.
+
+    A layer whose input ``key(cand)`` is computed from the output of a layer in the current stage starts the
+    next one.
+    """
+    producer: dict[str, ir.Node] = {}
+    for node in model.graph:
+        for out in node.outputs:
+            producer[out.name or ""] = node
+    order = {id(node): i for i, node in enumerate(model.graph)}
+    result: list[list[Layer]] = []
+    current: list[Layer] = []
+    nodes: set[int] = set()
+    for cand, cfg in layers:
+        if current and _depends(producer.get(key(cand)), nodes, order, min(order[n] for n in nodes)):
+            result.append(current)
+            current, nodes = [], set()
+        current.append((cand, cfg))
+        nodes.add(id(cand.node))
+    return [*result, current] if current else result
+
+
+def _depends(start: ir.Node | None, targets: set[int], order: dict[int, int], floor: int) -> bool:
+    """Whether ``start`` or one of its ancestors is in ``targets``; nodes before ``floor`` are not searched."""
+    seen: set[int] = set()
+    todo = [start] if start is not None else []
+    while todo:
+        node = todo.pop()
+        if id(node) in seen or order.get(id(node), -1) < floor:
+            continue
+        seen.add(id(node))
+        if id(node) in targets:
+            return True
+        todo.extend(v.producer() for v in node.inputs if v is not None and v.producer() is not None)  # type: ignore[misc]
+    return False
+
+
+def _pruned(proto: onnx.ModelProto, outputs: list[str]) -> bytes:
+    """``proto`` cut to the nodes ``outputs`` need, with ``outputs`` as its only outputs.
+
+    A graph with subgraphs (If/Loop/Scan, whose bodies may read outer names) is kept whole.
+    """
+    graph = proto.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        keep = list(graph.node)
+    else:
+        needed, keep = set(outputs), []
+        for node in reversed(graph.node):
+            if any(o in needed for o in node.output):
+                keep.append(node)
+                needed.update(i for i in node.input if i)
+        keep.reverse()
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    del out.graph.output[:]
+    out.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs)
+    used = {i for n in keep for i in n.input}
+    inits = [t for t in out.graph.initializer if t.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(inits)
+    inputs = [i for i in out.graph.input if i.name in used]
+    del out.graph.input[:]
+    out.graph.input.extend(inputs)
+    return out.SerializeToString()
+
+
+def sequential_gptq(
+    model: ir.Model,
+    path: Path,
+    layers: list[Layer],
+    feeds: list[dict[str, np.ndarray]],
+    *,
+    solve: Callable[[list[Layer], dict[str, np.ndarray]], dict[tuple, QuantizedWeight]],
+    key: Callable[[WeightCandidate], str],
+    feedable: set[str],
+    device: str = "auto",
+    progress: bool = False,
+) -> dict[tuple, QuantizedWeight]:
+    """Solve ``layers`` stage by stage (see the module docstring); their arrays by share key.
+
+    Args:
+        model: the float model (for the graph structure).
+        path: a file of it ONNX Runtime loads (weights may be external, beside it).
+        layers: the GPTQ layers, one per stored weight, in graph order.
+        feeds: calibration batches.
+        solve: solves a list of layers given the Hessians of their inputs (by input name); returns their
+            arrays by share key.
+        key: the name of a layer's input tensor (its Hessian's key).
+        feedable: stored weight names that may be fed in place of their initializers.
+        device: where ONNX Runtime runs.
+        progress: a progress bar on stderr.
+    """
+    import sys
+
+    from tqdm import tqdm
+
+    from qonnx.fake_quant import dequantized, to_stored
+    from qonnx.passes.gptq import HessianAccumulator
+    from qonnx.runtime.sensitivity import _with_weight_inputs
+    from qonnx.runtime.session import make_session
+
+    cut = stages(model, layers, key)
+    base = onnx.ModelProto.FromString(_with_weight_inputs(path, sorted(feedable)))
+    fed: dict[str, np.ndarray] = {}
+    solved: dict[tuple, QuantizedWeight] = {}
+    bar = tqdm(
+        total=len(cut) * len(feeds), desc="gptq (sequential)", unit="batch", file=sys.stderr, disable=not progress
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="qonnx-gptq-") as tmp:
+            for s, stage in enumerate(cut):
+                names = list(dict.fromkeys(key(c) for c, _ in stage))
+                proto = _pruned(base, names)
+                session = make_session(proto, device, external_data_dir=path.parent, lean=True)
+                wanted = {i.name for i in (*session.get_inputs(), *session.get_overridable_initializers())}
+                accs = {n: HessianAccumulator(next(c.k for c, _ in stage if key(c) == n)) for n in names}
+                for feed in feeds:
+                    run_feeds = {k: v for k, v in {**feed, **fed}.items() if k in wanted}
+                    for n, x in zip(names, session.run(names, run_feeds), strict=True):
+                        accs[n].add_batch(x)
+                    bar.update()
+                del session
+                hessians = {n: a.finalize() for n, a in accs.items()}
+                arrays = solve(stage, hessians)
+                solved.update(arrays)
+                for cand, cfg in stage:
+                    if cand.weight_name in feedable:
+                        w = to_stored(cand, dequantized(arrays[_share(cand, cfg)]))
+                        fed[cand.weight_name] = _spill(w, Path(tmp), f"{s}-{len(fed)}")
+            return solved
+    finally:
+        bar.close()
+
+
+def _share(cand: WeightCandidate, cfg: WeightOnlyConfig) -> tuple:
+    from qonnx.passes.weight_only import _share_key
+
+    return _share_key(cand, cfg)
+
+
+def _spill(a: np.ndarray, folder: Path, tag: str) -> np.ndarray:
+    """``a`` memory-mapped from an unlinked file (in memory on Windows, where that cannot be done)."""
+    if os.name == "nt":
+        return a
+    path = folder / f"w{tag}.npy"
+    np.save(path, a)
+    mapped = np.load(path, mmap_mode="r")
+    path.unlink()
+    return mapped
