@@ -171,11 +171,20 @@ def weight_bytes(folder: Path) -> int:
 
 
 class Runner:
-    """IOBinding decode loop for one model folder on one device."""
+    """IOBinding decode loop for one model folder on one device.
 
-    def __init__(self, folder: Path, device: str) -> None:
+    With ``share_kv`` (fused models only: GroupQueryAttention) each layer's past and present are bound to ONE
+    preallocated buffer of ``max_len`` positions: ONNX Runtime then writes the new keys and values in place
+    (past_present_share_buffer) instead of copying the whole cache into a new present every step. The model
+    and its inputs are unchanged (the lengths still come from ``attention_mask``); ``past`` arguments are
+    ignored and ``empty_past`` clears the buffers.
+    """
+
+    def __init__(self, folder: Path, device: str, share_kv: bool = False, max_len: int = 0) -> None:
         from qonnx.runtime.session import make_session
 
+        self.share_kv, self.max_len = share_kv, max_len
+        self.buffers: dict[str, Any] = {}
         self.session = make_session(folder, device)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self.inputs = {i.name: i for i in self.session.get_inputs()}
@@ -196,11 +205,16 @@ class Runner:
         io.bind_ortvalue_input("attention_mask", self._ortvalue(np.ones((batch, past_len + seq), np.int64)))
         pos = np.arange(past_len, past_len + seq, dtype=np.int64)[None].repeat(batch, 0)
         io.bind_ortvalue_input("position_ids", self._ortvalue(pos))
-        for name in self.past:
-            io.bind_ortvalue_input(name, past[name])
-        io.bind_output("logits", self.device)
-        for name in self.present:
-            io.bind_output(name, self.device)
+        io.bind_output("logits", self.device)  # first: outputs come back in binding order
+        if self.share_kv:
+            for name, out in zip(self.past, self.present, strict=True):
+                io.bind_ortvalue_input(name, self.buffers[name])
+                io.bind_ortvalue_output(out, self.buffers[name])
+        else:
+            for name in self.past:
+                io.bind_ortvalue_input(name, past[name])
+            for name in self.present:
+                io.bind_output(name, self.device)
         io.synchronize_inputs()
         t = time.perf_counter()
         self.session.run_with_iobinding(io)
@@ -208,6 +222,8 @@ class Runner:
         seconds = time.perf_counter() - t
         outs = io.get_outputs()
         self.logits = outs[0]
+        if self.share_kv:
+            return seconds, self.buffers
         return seconds, {p: outs[1 + i] for i, p in enumerate(self.past)}
 
     def empty_past(self, batch: int) -> dict[str, Any]:
@@ -216,8 +232,10 @@ class Runner:
             shape = [
                 batch if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(self.inputs[name].shape)
             ]
-            shape[2] = 0
+            shape[2] = self.max_len if self.share_kv else 0
             out[name] = self._ortvalue(np.zeros(shape, self.dtype))
+        if self.share_kv:
+            self.buffers = out
         return out
 
     def measure(self, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> dict[str, float]:
@@ -344,6 +362,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             other = measure_model(
                 fused, device, args, vocab, bw, f"{size} {label} fused", entry["models"], label + " fused"
             )
+            if args.share_kv and other is not None:
+                shared = measure_model(
+                    fused,
+                    device,
+                    args,
+                    vocab,
+                    bw,
+                    f"{size} {label} fused",
+                    entry["models"],
+                    label + " fused+kv",
+                    share_kv=True,
+                )
+                if shared is not None:
+                    try:
+                        check = compare_logits(other, shared, args.prompt_len, vocab)
+                    except Exception as e:
+                        check = {"error": _first_line(e)}
+                    entry["lowered"][label]["shared_kv_agreement"] = check
+                    print(f"{size} {label} fused, shared KV buffer vs separate: {json.dumps(check)}", flush=True)
+                del shared
             if base is not None and other is not None:
                 try:
                     check = compare_logits(base, other, args.prompt_len, vocab)
@@ -362,12 +400,20 @@ def _first_line(e: BaseException) -> str:
 
 
 def measure_model(
-    folder: Path, device: str, args: argparse.Namespace, vocab: int, bw: float, name: str, into: dict, label: str
+    folder: Path,
+    device: str,
+    args: argparse.Namespace,
+    vocab: int,
+    bw: float,
+    name: str,
+    into: dict,
+    label: str,
+    share_kv: bool = False,
 ) -> Runner | None:
     """Measure one model at every batch size into ``into[label]``; its Runner, or None when it failed."""
     try:
         wbytes = weight_bytes(folder)
-        runner = Runner(folder, device)
+        runner = Runner(folder, device, share_kv, args.prompt_len + args.new_tokens + 16)
         rows = {}
         for batch in (int(b) for b in args.batches.split(",")):
             m = runner.measure(batch, args.prompt_len, args.new_tokens, vocab)
@@ -385,7 +431,7 @@ def measure_model(
 
 def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     bw = results["copy_bandwidth"]
-    fuse = " --fuse" if args.fuse else ""
+    fuse = (" --fuse" if args.fuse else "") + (" --share-kv" if args.share_kv else "")
     lines = [
         START,
         "## GPU: fp16 vs qonnx W4A16 (MatMulNBits) on ONNX Runtime's CUDA provider"
@@ -398,6 +444,11 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         "Random-weight Llama models (TinyLlama-1.1B and Llama-2-7B shapes), exported by "
         "`qonnx.models.export_causal_lm` (fp16, KV cache), quantized by `qonnx.quantize(W4A16(block_size=128))`"
         + ("; fused = the same model after `qonnx.lowering.lower(target=...)`" if args.fuse else "")
+        + (
+            "; fused+kv = the fused model with past and present bound to one KV buffer per layer"
+            if args.share_kv
+            else ""
+        )
         + f"; IOBinding with the KV cache on the GPU; prefill = {args.prompt_len} tokens (median of 5); "
         f"decode = median step of {args.new_tokens} steps. "
         f"Copy bandwidth measured in the same run: {bw / 1e12:.2f} TB/s (read + written). "
@@ -415,12 +466,12 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
             if "error" in model:
                 lines.append(f"| {size} {label} | failed: {model['error']} | | | | | | | | | |")
                 continue
-            unfused = models.get(label.removesuffix(" fused"), {}).get("batches", {})
+            unfused = models.get(label.split(" fused")[0], {}).get("batches", {})
             for batch, m in model["batches"].items():
                 ratio = m["tokens_per_s"] / fp[batch]["tokens_per_s"] if batch in fp else float("nan")
                 gain = (
                     f"{m['tokens_per_s'] / unfused[batch]['tokens_per_s']:.2f}x"
-                    if label.endswith(" fused") and batch in unfused
+                    if " fused" in label and batch in unfused
                     else ""
                 )
                 lines.append(
@@ -456,6 +507,14 @@ def _lowering_note(size: str, label: str, info: dict[str, Any]) -> str:
         ops = ", ".join(f"{op} {n}" for op, n in info["fused"].items())
         head = f"- {size} {label} ({info['target']}): {info['nodes_before']} -> {info['nodes_after']} nodes; {ops}"
         head += f"; {info['seconds']:.0f} s" + "".join(f"; {n}" for n in info.get("notes", []))
+    shared = info.get("shared_kv_agreement")
+    if shared is not None:
+        head += (
+            f"; shared KV buffer against separate past/present: comparison failed: {shared['error']}"
+            if "error" in shared
+            else f"; shared KV buffer against separate past/present: max |logits difference| "
+            f"{shared['max_abs_diff']:.3g}, top-1 agreement {shared['top1_agreement']:.0%}"
+        )
     check = info.get("agreement")
     if check is None:
         return head
@@ -481,6 +540,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prepare-only", action="store_true", help="export and quantize, measure nothing")
     p.add_argument("--profile", metavar="DIR", help="also profile W4A16 decode steps with ONNX Runtime into DIR")
     p.add_argument("--fuse", action="store_true", help="also lower both models (qonnx lower) and measure them")
+    p.add_argument(
+        "--share-kv",
+        action="store_true",
+        help="with --fuse: also measure the fused models with past and present bound to one KV buffer per layer",
+    )
     args = p.parse_args(argv)
     results_md = HERE / "RESULTS.md"
     if args.merge:
