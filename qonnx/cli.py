@@ -284,12 +284,12 @@ def quantize(
             raise click.UsageError("--sequential applies to --algo gptq only")
         if isinstance(options["algo"], (GPTQ, AWQ)):
             options["algo"] = dataclasses.replace(options["algo"], **calib)
-        if sequential:
-            options["algo"] = dataclasses.replace(options["algo"], sequential=True)
         elif calib:
             raise click.UsageError(
                 f"--{next(iter(calib)).replace('_', '-')} applies to --algo gptq, awq and awq+gptq only"
             )
+        if sequential:
+            options["algo"] = dataclasses.replace(options["algo"], sequential=True)
         config = scheme_from_name(scheme, **options)
     targets = {f"re:{r}": None for r in exclude}
     budget = _budget(target_bits, max_ppl_increase, sensitivity, scheme)
