@@ -79,13 +79,13 @@ def cli() -> None:
 @click.option(
     "--algo",
     type=click.Choice(["rtn", "gptq", "awq", "awq+gptq", "hqq"]),
-    default="rtn",
-    show_default=True,
-    help="rtn: round to nearest. gptq: GPTQ (act-order with static blocks, clip search) with Hessians from "
-    "calibration runs of the float model in ONNX Runtime (all layers at once, not layer by layer). awq: "
-    "activation-aware scales folded into the norms / up projections, and clipping, both chosen by output "
-    "error on the same Hessians. awq+gptq: AWQ's scales and clipping, then GPTQ. These need a tokenizer beside "
-    "the model or --calib-data. hqq: half-quadratic zero points, no data (float zero points in MatMulNBits).",
+    default=None,
+    help="Default rtn (gptq for --scheme fp8). rtn: round to nearest. gptq: GPTQ (act-order with static "
+    "blocks, clip search) with Hessians from calibration runs of the float model in ONNX Runtime (all layers "
+    "at once, not layer by layer). awq: activation-aware scales folded into the norms / up projections, and "
+    "clipping, both chosen by output error on the same Hessians. awq+gptq: AWQ's scales and clipping, then "
+    "GPTQ. These need a tokenizer beside the model or --calib-data. hqq: half-quadratic zero points, no data "
+    "(float zero points in MatMulNBits).",
 )
 @click.option(
     "--sequential",
@@ -230,7 +230,7 @@ def quantize(
     symmetric: bool,
     fmt: str,
     accuracy_level: int | None,
-    algo: str,
+    algo: str | None,
     sequential: bool,
     calib_samples: int | None,
     calib_seq_len: int | None,
@@ -279,7 +279,7 @@ def quantize(
         options: dict[str, Any] = {"symmetric": symmetric, "format": fmt, "accuracy_level": accuracy_level}
         if block_size is not None:
             options["block_size"] = None if block_size == 0 else block_size
-        options["algo"] = algo_from_name(algo)
+        options["algo"] = algo_from_name(algo or "rtn")
         if sequential and not isinstance(options["algo"], GPTQ):
             raise click.UsageError("--sequential applies to --algo gptq only")
         if isinstance(options["algo"], (GPTQ, AWQ)):
@@ -408,7 +408,7 @@ def _activation_config(
     act: dict[str, Any],
     fmt: str,
     accuracy_level: int | None,
-    algo: str,
+    algo: str | None,
 ) -> Any:
     """The config of a weight+activation scheme from the CLI options (weight-only options refused)."""
     from qonnx.config_activations import Calibration
@@ -417,12 +417,12 @@ def _activation_config(
         raise click.UsageError("--format and --accuracy-level apply to weight-only schemes (w4a16, w8a16)")
     if scheme.lower() == "dynamic":
         used = [k for k, v in {**act, "symmetric": symmetric or None, **calib}.items() if v is not None]
-        if algo != "rtn":
+        if algo not in (None, "rtn"):
             used.insert(0, "algo")
         if used:
             raise click.UsageError(f"--{used[0].replace('_', '-')} does not apply to --scheme dynamic (no calibration)")
         return scheme_from_name(scheme, **({} if block_size is None else {"block_size": block_size}))
-    options: dict[str, Any] = {"algo": algo}
+    options: dict[str, Any] = {} if algo is None else {"algo": algo}  # None: the scheme's default
     if block_size is not None:
         options["block_size"] = None if block_size == 0 else block_size
     if symmetric:

@@ -99,7 +99,8 @@ class ActivationConfig(SchemeConfig):
             remedy for a few layers with massive activations (SmolLM2: the down projections of layers 11,
             28 and 29).
         algo: how weights are rounded: ``"rtn"`` or GPTQ (``"gptq"`` or :class:`~qonnx.config.GPTQ`), with
-            Hessians from the same calibration data, transformed by the smoothing factors.
+            Hessians from the same calibration data, transformed by the smoothing factors (``"gptq"`` takes
+            the calibration's data, samples and seq_len). Default ``"rtn"``; ``"gptq"`` for :class:`FP8`.
         target: the runtime to lower for (``"cpu"``, ``"cuda"``, ``"tensorrt"`` or ``"generic"`` QDQ);
             a scheme that measured slower than floating point there gets a warning (``strict``: an error).
         strict: refuse a scheme that is slower than floating point on the target.
@@ -115,7 +116,7 @@ class ActivationConfig(SchemeConfig):
     calibration: Calibration = dataclasses.field(default_factory=Calibration)
     attention: bool = False
     keep_float: int | Literal["auto"] = "auto"
-    algo: Literal["rtn"] | GPTQ = "rtn"
+    algo: Literal["rtn", "gptq"] | GPTQ = "rtn"
     target: Target = "generic"
     strict: bool = False
 
@@ -138,11 +139,7 @@ class ActivationConfig(SchemeConfig):
         kf = self.keep_float
         if kf != "auto" and (not isinstance(kf, int) or isinstance(kf, bool) or kf < 0):
             raise ConfigError(f"{self.name}: keep_float must be a non-negative integer or 'auto', got {kf!r}")
-        if self.algo == "gptq":
-            c = self.calibration
-            gptq = GPTQ(calib_data=c.data, calib_samples=c.samples, calib_seq_len=c.seq_len)
-            object.__setattr__(self, "algo", gptq)
-        elif not (self.algo == "rtn" or isinstance(self.algo, GPTQ)):
+        if not (self.algo in ("rtn", "gptq") or isinstance(self.algo, GPTQ)):
             raise ConfigError(f"{self.name}: algo must be 'rtn', 'gptq' or a GPTQ(...) config, got {self.algo!r}")
         if isinstance(self.algo, GPTQ) and self.algo.sequential:
             raise ConfigError(f"{self.name}: sequential GPTQ applies to weight-only schemes (w4a16, w8a16, ...)")
@@ -164,11 +161,24 @@ class ActivationConfig(SchemeConfig):
         """
         return self.target == "cpu" and self.weight_bits == 4 and self.act_type == "int8"
 
+    @property
+    def weight_algo(self) -> Literal["rtn"] | GPTQ:
+        """How the weights are rounded; ``"gptq"`` is GPTQ on this config's calibration data.
+
+        Resolved when read, not stored, so that ``dataclasses.replace(cfg, calibration=...)`` carries the
+        new data to GPTQ's Hessians too.
+        """
+        if self.algo == "gptq":
+            c = self.calibration
+            return GPTQ(calib_data=c.data, calib_samples=c.samples, calib_seq_len=c.seq_len)
+        return "rtn" if self.algo == "rtn" else self.algo
+
     def weight_config(self) -> WeightOnlyConfig:
         """The weight-only config that quantizes this scheme's weights (as DequantizeLinear)."""
+        algo = self.weight_algo
         if self.dynamic_on_cpu and self.block_size in MATMULNBITS_BLOCK_SIZES:
             return WeightOnlyConfig(
-                bits=4, block_size=self.block_size, symmetric=self.weight_symmetric, accuracy_level=4, algo=self.algo
+                bits=4, block_size=self.block_size, symmetric=self.weight_symmetric, accuracy_level=4, algo=algo
             )
         return WeightOnlyConfig(
             bits=self.weight_bits,
@@ -176,14 +186,15 @@ class ActivationConfig(SchemeConfig):
             symmetric=self.weight_symmetric,
             format="qdq",
             float8=self.act_type == "fp8",
-            algo=self.algo,
+            algo=algo,
         )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, with the scheme name."""
         out = {"scheme": self.name, **dataclasses.asdict(self)}
-        if isinstance(self.algo, GPTQ):
-            out["algo"] = self.algo.to_dict()
+        algo = self.weight_algo
+        if isinstance(algo, GPTQ):
+            out["algo"] = algo.to_dict()
         if self.dynamic_on_cpu:  # what was really done: no calibration, no smoothing, no activation Q/DQ
             out["emitted_as"] = "MatMulNBits accuracy_level 4 (int8 activations at run time)"
             for unused in ("smooth_quant", "calibration", "keep_float", "act_symmetric"):
@@ -210,13 +221,19 @@ class W4A8(ActivationConfig):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FP8(ActivationConfig):
-    """float8 E4M3 weights (one scale per output channel) and activations (one scale per tensor)."""
+    """float8 E4M3 weights (one scale per output channel) and activations (one scale per tensor).
+
+    The weights are rounded by GPTQ on the E4M3 grid by default (``algo="gptq"``, Hessians from the
+    calibration data, which FP8 needs anyway): on SmolLM2-135M perplexity 14.47 against round-to-nearest's
+    14.83 (fp32 14.20), for about 40% more quantize time. ``algo="rtn"`` rounds to nearest.
+    """
 
     name: ClassVar[str] = "fp8"
     act_type: Literal["int8", "fp8"] = "fp8"
     act_symmetric: bool = True
     smooth_quant: float | Literal["auto"] | None = None
     calibration: Calibration = dataclasses.field(default_factory=lambda: Calibration(method="minmax"))
+    algo: Literal["rtn", "gptq"] | GPTQ = "gptq"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

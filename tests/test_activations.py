@@ -163,6 +163,10 @@ def test_configs():
     assert W8A8().weight_config().bits == 8 and W8A8().weight_config().block_size is None
     assert W4A8().weight_config().block_size == 128 and W4A8().weight_config().format == "qdq"
     assert FP8().weight_config().float8 and FP8().calibration.method == "minmax"
+    gptq = FP8(calibration=Calibration(data="x.npz", samples=3, method="minmax")).weight_config().gptq
+    assert gptq is not None and (gptq.calib_data, gptq.calib_samples) == ("x.npz", 3)  # FP8 default: GPTQ
+    assert FP8(algo="rtn").weight_config().gptq is None and W8A8().weight_config().gptq is None
+    assert FP8().to_dict()["algo"]["name"] == "gptq" and FP8(algo="rtn").to_dict()["algo"] == "rtn"
     assert W8A8(target="tensorrt").act_symmetric  # TensorRT takes symmetric int8 only
     assert Dynamic().weight_config().accuracy_level == 4
     for bad in [dict(smooth_quant=2.0), dict(smooth_quant="yes"), dict(target="tpu"), dict(weight_bits=3)]:
@@ -208,8 +212,7 @@ def test_pipeline(stack, tmp_path, config, floor_db):
 
     path, npz, test = stack
     cal = dataclasses.replace(config.calibration, data=str(npz), samples=4)
-    algo = dataclasses.replace(config.algo, calib_data=str(npz), calib_samples=4) if config.algo != "rtn" else "rtn"
-    cfg = dataclasses.replace(config, calibration=cal, algo=algo)
+    cfg = dataclasses.replace(config, calibration=cal)  # algo="gptq" follows the calibration data
     summary = qonnx.quantize(path, cfg, output=tmp_path / "q" / "model.onnx")
     model = onnx.load(summary.outputs[0])
     onnx.checker.check_model(model, full_check=True)
@@ -365,19 +368,20 @@ def test_slow_target_warns_through_targets(stack, tmp_path, capsys):
 
 
 def test_fp8_gptq(stack, tmp_path):
-    """``--scheme fp8 --algo gptq`` rounds the float8 weights with GPTQ: other codes than RTN, closer outputs."""
+    """``--scheme fp8 --algo gptq`` (the default) rounds the float8 weights with GPTQ: other codes than RTN's,
+    outputs closer to the float model."""
     path, npz, test = stack
     outputs, weights = {}, {}
-    for algo in ("rtn", "gptq"):
+    for algo in ("rtn", "gptq", "default"):
         out = tmp_path / algo / "model.onnx"
         res = qonnx_cli(
-            "quantize", path, "-o", out, "--scheme", "fp8", "--algo", algo, "--calib-data", npz,
-            "--calib-samples", "4", "--json",
+            "quantize", path, "-o", out, "--scheme", "fp8", *(() if algo == "default" else ("--algo", algo)),
+            "--calib-data", npz, "--calib-samples", "4", "--json",
         )  # fmt: skip
         assert res.returncode == 0, res.stderr
         summary = json.loads(res.stdout)
         matmuls = [r for r in summary["layers"] if r["quantized"] and r["op_type"] == "MatMul"]
-        assert matmuls and all(("gptq" in r["reason"]) == (algo == "gptq") for r in matmuls)
+        assert matmuls and all(("gptq" in r["reason"]) == (algo != "rtn") for r in matmuls)
         model = onnx.load(out)
         onnx.checker.check_model(model, full_check=True)
         fp8 = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT8E4M3FN and len(t.dims) == 2]
@@ -385,6 +389,7 @@ def test_fp8_gptq(stack, tmp_path):
         weights[algo] = {t.name: numpy_helper.to_array(t).astype(np.float32) for t in fp8}
         outputs[algo] = [sqnr_db(run(path, {"x": x})[0], run(out, {"x": x})[0]) for x in test]
     assert summary["config"]["algo"]["name"] == "gptq" and summary["config"]["algo"]["calib_samples"] == 4
+    assert all(np.array_equal(weights["gptq"][k], weights["default"][k]) for k in weights["gptq"])
     assert weights["rtn"].keys() == weights["gptq"].keys()
     assert all(not np.array_equal(weights["rtn"][k], weights["gptq"][k]) for k in weights["rtn"])
     # Held-out inputs: GPTQ closer to the float model on each (about 1.5 dB on this stack, 26.8-28.0 dB for RTN).
