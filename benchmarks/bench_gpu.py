@@ -135,15 +135,16 @@ def quantize(src: Path, work: Path, size: str) -> tuple[Path, float]:
     return out, time.perf_counter() - t
 
 
-def lower(src: Path, device: str) -> tuple[Path, dict[str, Any]]:
-    """``qonnx lower`` of a folder for the device's provider (verified on the device later, not on the CPU)."""
+def lower(src: Path, device: str, attention: bool | None = None) -> tuple[Path, dict[str, Any]]:
+    """``qonnx lower`` of a folder for the device's provider (verified on the device later, not on the CPU);
+    ``attention``: fuse attention too (GroupQueryAttention; default: as ``qonnx lower`` decides per target)."""
     from qonnx.lowering import lower as run_lower
 
-    out = src.with_name(src.name + "-fused")
+    out = src.with_name(src.name + ("-fused-gqa" if attention else "-fused"))
     target = "cuda" if device == "cuda" else "cpu"
     if (out / "model.onnx").exists():
         return out, {"seconds": 0.0, "target": target, "reused": True}
-    summary = run_lower(src, out, target=target, verify=False)
+    summary = run_lower(src, out, target=target, attention=attention, verify=False)
     info = {
         "seconds": summary.seconds,
         "target": target,
@@ -341,7 +342,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.fuse:
             entry["lowered"] = {}
             for i, (label, folder, _) in enumerate(pairs):
-                fused, info = lower(folder, device)
+                fused, info = lower(folder, device, attention=True if args.share_kv else None)
                 entry["lowered"][label] = info
                 pairs[i] = (label, folder, fused)
                 print(f"{size} {label} lowered: {json.dumps(info)}", flush=True)
@@ -543,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--share-kv",
         action="store_true",
-        help="with --fuse: also measure the fused models with past and present bound to one KV buffer per layer",
+        help="with --fuse: fuse attention too (GroupQueryAttention) and also measure the fused models with past "
+        "and present bound to one KV buffer per layer",
     )
     args = p.parse_args(argv)
     results_md = HERE / "RESULTS.md"
