@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -123,15 +124,15 @@ def build_and_export(size: str, work: Path, device: str) -> tuple[Path, float, i
     return out, seconds, params
 
 
-def quantize(src: Path, work: Path, size: str) -> tuple[Path, float]:
-    """qonnx W4A16 (asymmetric, block 128) of the exported folder."""
+def quantize(src: Path, work: Path, size: str, symmetric: bool = False) -> tuple[Path, float]:
+    """qonnx W4A16 (block 128, asymmetric unless ``symmetric``) of the exported folder."""
     import qonnx
 
-    out = work / f"{size}-w4a16"
+    out = work / f"{size}-w4a16{'-sym' if symmetric else ''}"
     if (out / "model.onnx").exists():
         return out, 0.0
     t = time.perf_counter()
-    qonnx.quantize(src, qonnx.W4A16(block_size=128), output=out, verify=False)
+    qonnx.quantize(src, qonnx.W4A16(block_size=128, symmetric=symmetric), output=out, verify=False)
     return out, time.perf_counter() - t
 
 
@@ -336,7 +337,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"device": device, "copy_bandwidth": bw, "ort": ort.__version__, "sizes": {}}
     for size in args.sizes.split(","):
         fp16, export_s, params = build_and_export(size, work, device)
-        w4, quant_s = quantize(fp16, work, size)
+        w4, quant_s = quantize(fp16, work, size, symmetric=args.symmetric)
         entry: dict[str, Any] = {"params": params, "export_s": export_s, "quantize_s": quant_s, "models": {}}
         pairs: list[tuple[str, Path, Path | None]] = [("fp16", fp16, None), ("w4a16", w4, None)]
         if args.fuse:
@@ -433,6 +434,9 @@ def measure_model(
 def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     bw = results["copy_bandwidth"]
     fuse = (" --fuse" if args.fuse else "") + (" --share-kv" if args.share_kv else "")
+    fuse += " --symmetric" if args.symmetric else ""
+    fpa = os.environ.get("ORT_FPA_INTB_GEMM")
+    fuse += f"` with `ORT_FPA_INTB_GEMM={fpa}" if fpa else ""
     lines = [
         START,
         "## GPU: fp16 vs qonnx W4A16 (MatMulNBits) on ONNX Runtime's CUDA provider"
@@ -541,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prepare-only", action="store_true", help="export and quantize, measure nothing")
     p.add_argument("--profile", metavar="DIR", help="also profile W4A16 decode steps with ONNX Runtime into DIR")
     p.add_argument("--fuse", action="store_true", help="also lower both models (qonnx lower) and measure them")
+    p.add_argument("--symmetric", action="store_true", help="W4A16 with symmetric weights (no zero points)")
     p.add_argument(
         "--share-kv",
         action="store_true",
