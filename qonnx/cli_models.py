@@ -195,7 +195,10 @@ def generate_command(
     device: str,
     as_json: bool,
 ) -> None:
-    """Generate text with MODEL, an exported ONNX folder (uses the KV cache when the model has one)."""
+    """Generate text with MODEL, an exported ONNX folder (uses the KV cache when the model has one).
+
+    A lowered model whose cache inputs feed GroupQueryAttention runs with one KV buffer per layer, written in place.
+    """
     from qonnx.runtime.generate import Generator
 
     result = Generator(model, device=device).generate(

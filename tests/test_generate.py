@@ -1,9 +1,11 @@
-"""Generation through ONNX Runtime with the KV cache equals PyTorch's greedy decoding; the CLI works."""
+"""Generation through ONNX Runtime with the KV cache equals PyTorch's greedy decoding, also with one KV buffer
+shared by past and present (GroupQueryAttention); the CLI works."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -11,6 +13,7 @@ from test_export import tiny_model, tiny_tokenizer
 
 import qonnx
 from qonnx.cli import cli
+from qonnx.lowering import lower
 from qonnx.models.export import export_causal_lm
 from qonnx.runtime.generate import Generator
 
@@ -37,6 +40,60 @@ def test_greedy_with_cache_equals_torch(folders):
     no_cache = Generator(root / "nokv").generate("the quick brown fox", max_new_tokens=12, chat=False)
     assert no_cache.tokens == result.tokens
     assert result.prefill_seconds > 0
+
+
+@pytest.fixture(scope="module")
+def lowered(folders):
+    """The KV-cache export lowered for the CPU with GroupQueryAttention (4 query heads, 2 KV heads)."""
+    _, root = folders
+    summary = lower(root / "kv", root / "gqa", verify=False)
+    assert summary.fused["GroupQueryAttention"] == 2
+    return root / "gqa"
+
+
+def test_shared_kv_buffer_gives_the_same_tokens_and_is_written_in_place(folders, lowered, monkeypatch):
+    model, _ = folders
+    prompt, new = "the quick brown fox", 12
+    separate = Generator(lowered, shared_kv=False)
+    shared = Generator(lowered)
+    assert shared.shared_kv and not separate.shared_kv
+
+    # Every forward must bind each present output to its past input's buffer (no new present allocated).
+    bound: list[list[tuple[int, tuple[int, ...]]]] = []
+    run = shared.session.run_with_iobinding
+
+    def spy(io, *args, **kwargs):
+        run(io, *args, **kwargs)
+        bound.append([(v.data_ptr(), tuple(v.shape())) for v in io.get_outputs()[1:]])
+
+    monkeypatch.setattr(shared.session, "run_with_iobinding", spy)
+    monkeypatch.setattr(shared.session, "run", lambda *a, **k: pytest.fail("separate-buffer run taken"))
+    result = shared.generate(prompt, max_new_tokens=new, chat=False)
+    expected = separate.generate(prompt, max_new_tokens=new, chat=False).tokens
+    assert result.tokens == expected and len(result.tokens) >= 2
+
+    ids = torch.tensor([shared.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert result.tokens == ref[0, ids.shape[1] :].tolist()[: len(result.tokens)]
+
+    max_len = result.prompt_tokens + new
+    buffers = [(shared.kv_buffers[n].data_ptr(), (1, 2, max_len, 16)) for n in shared.past_names]
+    assert len(bound) == len(result.tokens) and all(b == buffers for b in bound)
+    filled = result.prompt_tokens + len(result.tokens) - 1  # the last token is never fed
+    for name in shared.past_names:
+        cache = shared.kv_buffers[name].numpy()
+        assert np.abs(cache[:, :, :filled]).max(axis=-1).min() > 0 and not cache[:, :, filled:].any()
+
+    a = shared.generate("hello", max_new_tokens=8, top_k=5, seed=3, chat=False)
+    assert a.tokens == separate.generate("hello", max_new_tokens=8, top_k=5, seed=3, chat=False).tokens
+
+
+def test_shared_kv_buffer_only_for_group_query_attention(folders):
+    _, root = folders
+    assert not Generator(root / "kv").shared_kv
+    with pytest.raises(ValueError, match="GroupQueryAttention"):
+        Generator(root / "kv", shared_kv=True)
 
 
 def test_top_k_is_seeded(folders):
