@@ -21,7 +21,6 @@ Written here by hand: no library runs GPTQ layer by layer on an ONNX graph.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -140,6 +139,8 @@ def sequential_gptq(
 
     from qonnx.fake_quant import dequantized, to_stored
     from qonnx.passes.gptq import HessianAccumulator
+    from qonnx.passes.weight_only import _share_key
+    from qonnx.runtime.calibration import _spill
     from qonnx.runtime.sensitivity import _with_weight_inputs
     from qonnx.runtime.session import make_session
 
@@ -169,25 +170,8 @@ def sequential_gptq(
                 solved.update(arrays)
                 for cand, cfg in stage:
                     if cand.weight_name in feedable:
-                        w = to_stored(cand, dequantized(arrays[_share(cand, cfg)]))
-                        fed[cand.weight_name] = _spill(w, Path(tmp), f"{s}-{len(fed)}")
+                        w = to_stored(cand, dequantized(arrays[_share_key(cand, cfg)]))
+                        fed[cand.weight_name] = _spill(w, Path(tmp), f"w{s}-{len(fed)}")
             return solved
     finally:
         bar.close()
-
-
-def _share(cand: WeightCandidate, cfg: WeightOnlyConfig) -> tuple:
-    from qonnx.passes.weight_only import _share_key
-
-    return _share_key(cand, cfg)
-
-
-def _spill(a: np.ndarray, folder: Path, tag: str) -> np.ndarray:
-    """``a`` memory-mapped from an unlinked file (in memory on Windows, where that cannot be done)."""
-    if os.name == "nt":
-        return a
-    path = folder / f"w{tag}.npy"
-    np.save(path, a)
-    mapped = np.load(path, mmap_mode="r")
-    path.unlink()
-    return mapped

@@ -147,8 +147,11 @@ def _groups(inputs: Mapping[str, int], rows: int, sums_budget: int = HESSIAN_BUD
     return [*groups, current] if current else groups
 
 
-def _spill(h: np.ndarray, folder: Path, index: int) -> np.ndarray:
-    """``h`` memory-mapped from an unlinked file: read when used, freed when dropped (in memory on Windows)."""
+def _spill(h: np.ndarray, folder: Path, index: int | str) -> np.ndarray:
+    """``h`` memory-mapped from an unlinked file: read when used, freed when dropped (in memory on Windows).
+
+    ``index`` names the file within ``folder`` (unique per call).
+    """
     if os.name == "nt":  # a mapped file cannot be unlinked there
         return h
     path = folder / f"h{index}.npy"
