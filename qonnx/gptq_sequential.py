@@ -146,6 +146,7 @@ def sequential_gptq(
 
     cut = stages(model, layers, key)
     base = onnx.ModelProto.FromString(_with_weight_inputs(path, sorted(feedable)))
+    graph_inputs = {i.name for i in base.graph.input} - feedable
     fed: dict[str, np.ndarray] = {}
     solved: dict[tuple, QuantizedWeight] = {}
     bar = tqdm(
@@ -155,14 +156,20 @@ def sequential_gptq(
         with tempfile.TemporaryDirectory(prefix="qonnx-gptq-") as tmp:
             for s, stage in enumerate(cut):
                 names = list(dict.fromkeys(key(c) for c, _ in stage))
-                proto = _pruned(base, names)
-                session = make_session(proto, device, external_data_dir=path.parent, lean=True)
-                wanted = {i.name for i in (*session.get_inputs(), *session.get_overridable_initializers())}
+                inner = [n for n in names if n not in graph_inputs]  # graph inputs come from the feeds
+                session = None
+                if inner:
+                    proto = _pruned(base, inner)
+                    session = make_session(proto, device, external_data_dir=path.parent, lean=True)
+                    wanted = {i.name for i in (*session.get_inputs(), *session.get_overridable_initializers())}
                 accs = {n: HessianAccumulator(next(c.k for c, _ in stage if key(c) == n)) for n in names}
                 for feed in feeds:
-                    run_feeds = {k: v for k, v in {**feed, **fed}.items() if k in wanted}
-                    for n, x in zip(names, session.run(names, run_feeds), strict=True):
-                        accs[n].add_batch(x)
+                    values = {n: np.asarray(feed[n]) for n in names if n in graph_inputs}
+                    if session is not None:
+                        run_feeds = {k: v for k, v in {**feed, **fed}.items() if k in wanted}
+                        values.update(zip(inner, session.run(inner, run_feeds), strict=True))
+                    for n in names:
+                        accs[n].add_batch(values[n])
                     bar.update()
                 del session
                 hessians = {n: a.finalize() for n, a in accs.items()}

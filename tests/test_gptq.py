@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import run, sqnr_db
+from conftest import matmul_model, run, sqnr_db
 from test_cli import assert_one_line_error, qonnx_cli
 
 import qonnx
@@ -413,3 +413,18 @@ def test_sequential_refusals(stack_feeds, tmp_path):
     assert_one_line_error(res, "--sequential applies to --algo gptq only")
     res = qonnx_cli("quantize", path, "-o", tmp_path / "q.onnx", "--scheme", "w8a8", "--sequential")
     assert_one_line_error(res, "--sequential applies to weight-only schemes")
+
+
+def test_sequential_layer_reading_a_graph_input(rng, tmp_path):
+    """A GPTQ layer fed straight by a graph input takes its Hessian from the feeds (no session output of it);
+    the first stage has nothing quantized before it, so sequential equals plain GPTQ there."""
+    path = matmul_model(tmp_path / "m.onnx", rng.standard_normal((64, 32)).astype(np.float32))
+    np.savez(tmp_path / "f.npz", x=correlated(rng, 4 * 8, 64).reshape(4, 8, 64))
+    outs = []
+    for sequential in (False, True):
+        algo = GPTQ(calib_data=str(tmp_path / "f.npz"), calib_samples=4, sequential=sequential)
+        out = tmp_path / f"q{sequential}.onnx"
+        summary = qonnx.quantize(path, W4A16(block_size=32, algo=algo), output=out)
+        assert summary.verification.ran and len(summary.quantized) == 1
+        outs.append({t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer})
+    assert outs[0].keys() == outs[1].keys() and all(np.array_equal(outs[0][k], outs[1][k]) for k in outs[0])
