@@ -184,17 +184,18 @@ def quantize(
         raise ConfigError(f"config must be a scheme config such as W4A16(), not {type(config).__name__}")
     mixed = None
     phases: dict[str, float] = {}
-    mark = time.perf_counter()
 
-    def phase(name: str) -> None:  # the wall time since the last mark goes to ``name``
-        nonlocal mark
-        now = time.perf_counter()
-        phases[name] = phases.get(name, 0.0) + now - mark
-        mark = now
+    @contextlib.contextmanager
+    def phase(name: str) -> Iterator[None]:  # the wall time of the block goes to phases[name]
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - begin
 
     if budget is not None:  # measured on the float model, before anything changes it
-        mixed = mixed_precision(model, config, budget, targets=targets, progress=progress)
-        phase("budget")
+        with phase("budget"):
+            mixed = mixed_precision(model, config, budget, targets=targets, progress=progress)
         targets = {**(targets or {}), **mixed.targets}
     resolved = Targets(config, targets)
     ir_model, source = _load(model)
@@ -237,12 +238,11 @@ def quantize(
         raise NothingToQuantizeError(f"nothing to quantize in the model{detail}")
     if any(cfg.calibrated is not None for cfg in todo):  # before any rewrite: ONNX Runtime runs the float model
         reuse = mixed.hessians if mixed is not None else {}  # the budget's measurements collected them already
-        mark = time.perf_counter()
-        qpass.hessians = reuse or _hessians(ir_model, source, plan, progress)
-        phase("calibration")
+        with phase("calibration"):
+            qpass.hessians = reuse or _hessians(ir_model, source, plan, progress)
         if any(_sequential(cfg) for cfg in todo):  # calibrated and solved stage by stage
-            qpass.presolved = _sequential_gptq(ir_model, source, plan, qpass, progress)
-            phase("sequential gptq")
+            with phase("sequential gptq"):
+                qpass.presolved = _sequential_gptq(ir_model, source, plan, qpass, progress)
     if any(c.format == "qdq" for c in todo) and ir_model.opset_imports.get("", 1) < QDQ_OPSET:
         try:
             UpgradeOpsetPass(QDQ_OPSET)(ir_model)
@@ -256,18 +256,16 @@ def quantize(
             raise ModelLoadError(f"{source or 'model'}: {e}; {hint}") from None
     awq = None
     if any(cfg.awq is not None for cfg in todo):  # scales folded, clip ranges and Hessians of X / s for the pass
-        mark = time.perf_counter()
-        awq = apply_awq(ir_model, qpass.plan(ir_model), qpass.hessians, progress=progress)
+        with phase("awq"):
+            awq = apply_awq(ir_model, qpass.plan(ir_model), qpass.hessians, progress=progress)
         qpass.shrinks = awq.shrinks
-        phase("awq")
     activations = plan_activations(ir_model, resolved, qpass.plan(ir_model))  # after the upgrade: its nodes
     act_info: dict[str, Any] | None = None
     if activations is not None:
         warn_if_slow(activations.config, activations.config)
-        mark = time.perf_counter()
-        act_info, renamed = apply_activation_scheme(ir_model, source, activations, progress=progress)
+        with phase("activations"):
+            act_info, renamed = apply_activation_scheme(ir_model, source, activations, progress=progress)
         _carry_hessians(qpass.hessians, renamed)
-        phase("activations")
 
     bar = None
     if progress:
@@ -275,13 +273,12 @@ def quantize(
 
         bar = tqdm(total=len(todo), unit="layer", desc="quantizing", leave=False)
         qpass.progress = lambda record: bar.update()  # type: ignore[union-attr]
-    mark = time.perf_counter()
     try:
-        qpass(ir_model)
+        with phase("quantization"):
+            qpass(ir_model)
     finally:
         if bar is not None:
             bar.close()
-    phase("quantization")
     RemoveUnusedNodesPass()(ir_model)
     RemoveUnusedInitializersPass()(ir_model)  # subgraphs too
 
@@ -324,9 +321,10 @@ def quantize(
         if mirror is not None:
             out_path.parent.mkdir(parents=True, exist_ok=True)
             _mirror_folder(mirror, out_path.parent, skip=set(protect))
-        mark = time.perf_counter()
-        outputs = modelfile.save(ir_model, out_path, protect=protect, external_data=external_data, finalize=finalize)
-        phase("writing")
+        with phase("writing"):
+            outputs = modelfile.save(
+                ir_model, out_path, protect=protect, external_data=external_data, finalize=finalize
+            )
         bytes_after = sum(p.stat().st_size for p in outputs)
     else:
         bytes_after = _weight_bytes(ir_model)
