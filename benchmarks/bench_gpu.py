@@ -22,11 +22,11 @@ Run on the GPU machine (see ../shared/device/README.md for onnxruntime-gpu)::
 then merge the section into RESULTS.md here with ``python benchmarks/bench_gpu.py --merge gpu.md``.
 ``--sizes tiny --device cpu --fuse`` runs the whole pipeline on a tiny model for a smoke test.
 
-CUDA graphs (``enable_cuda_graph``) are not offered: a captured graph replays fixed shapes and buffer
-addresses, while this interface grows the KV cache by one position per step (past and present change shape)
-and the fused graph sizes its rotary cos/sin cache and GroupQueryAttention's total length from
-``position_ids`` at run time. Capturing needs a fixed-size KV buffer shared by past and present
-(GroupQueryAttention's past_present_share_buffer, as onnxruntime-genai does): another model interface.
+CUDA graphs: with ``--cuda-graph`` (needs ``--fuse --share-kv``) the fused models are also decoded with fixed
+shapes (``qonnx.runtime.decode.FixedShapeDecoder``: one KV buffer per layer, a ``[batch, max_len]`` attention mask
+of ones then zeros, inputs and logits in fixed device buffers), so that ONNX Runtime captures a decode step once
+(provider option ``enable_cuda_graph``) and replays it with one launch per step; its logits are compared with the
+shared-buffer loop's on the same tokens. The unfused models cannot be captured: their KV cache grows every step.
 """
 
 from __future__ import annotations
@@ -264,6 +264,75 @@ class Runner:
         }
 
 
+class GraphRunner:
+    """Decode with fixed shapes replayed as a CUDA graph (:class:`qonnx.runtime.decode.FixedShapeDecoder`).
+
+    The model must be lowered by this version (GroupQueryAttention lengths from the mask's sum, constant rotary
+    cache). The prompt runs outside the graph; each decode step after the first few (ONNX Runtime runs a step
+    normally, then captures) replays one captured graph. Each batch size gets its own decoder and graph.
+    """
+
+    def __init__(self, folder: Path, device: str, max_len: int) -> None:
+        from qonnx.runtime.session import make_session
+
+        self.session = make_session(folder, device, cuda_graph=True)
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.max_len = max_len
+        self.decoder: Any = None
+
+    def new_decoder(self, batch: int) -> Any:
+        from qonnx.runtime.decode import FixedShapeDecoder
+
+        self.decoder = FixedShapeDecoder(self.session, batch, self.max_len, cuda_graph=True)
+        return self.decoder
+
+    def measure(self, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> dict[str, float]:
+        rng = np.random.default_rng(0)
+        ids = rng.integers(0, vocab, size=(batch, prompt_len))
+        decoder = self.new_decoder(batch)
+        prefill = []
+        for _ in range(5):
+            t = time.perf_counter()
+            decoder.prefill(ids)
+            prefill.append(time.perf_counter() - t)
+        steps = []
+        for _ in range(new_tokens):
+            nxt = rng.integers(0, vocab, size=(batch, 1))
+            t = time.perf_counter()
+            decoder.step(nxt)  # synchronizes its outputs
+            steps.append(time.perf_counter() - t)
+        steady = steps[4:] if len(steps) > 8 else steps  # the first steps run normally and capture
+        step = statistics.median(steady)
+        return {
+            "prefill_ms": 1e3 * statistics.median(prefill),
+            "step_ms": 1e3 * step,
+            "tokens_per_s": batch / step,
+            "steps": len(steps),
+            "first_steps_ms": [round(1e3 * s, 2) for s in steps[:4]],
+        }
+
+
+def compare_graph(ref: Runner, graph: GraphRunner, prompt_len: int, vocab: int, steps: int = 8) -> dict[str, float]:
+    """The shared-buffer runner against the CUDA-graph decoder on the same tokens (greedy from ``ref``)."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, vocab, size=(1, prompt_len))
+    _, past = ref.step(ids, ref.empty_past(1), 0)
+    decoder = graph.new_decoder(1)
+    b_logits = decoder.prefill(ids).numpy()[:, -1].astype(np.float64)
+    diff = scale = 0.0
+    agree = 0
+    for i in range(steps + 1):
+        a = ref.logits.numpy()[:, -1].astype(np.float64)
+        diff, scale = max(diff, float(np.abs(a - b_logits).max())), max(scale, float(np.abs(a).max()))
+        agree += int(a.argmax() == b_logits.argmax())
+        if i == steps:
+            break
+        nxt = np.array([[int(a.argmax())]])
+        _, past = ref.step(nxt, past, prompt_len + i)
+        b_logits = decoder.step(nxt).numpy()[:, -1].astype(np.float64)
+    return {"max_abs_diff": diff, "max_abs_logit": scale, "top1_agreement": agree / (steps + 1)}
+
+
 def compare_logits(ref: Runner, other: Runner, prompt_len: int, vocab: int, steps: int = 8) -> dict[str, float]:
     """Both models on the same tokens (a prefill, then ``steps`` greedy tokens of ``ref``): max |logits diff|
     over the last prefill position and every step, the largest |logit|, and top-1 agreement."""
@@ -383,6 +452,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         check = {"error": _first_line(e)}
                     entry["lowered"][label]["shared_kv_agreement"] = check
                     print(f"{size} {label} fused, shared KV buffer vs separate: {json.dumps(check)}", flush=True)
+                if args.cuda_graph and shared is not None:
+                    graph = measure_model(
+                        fused,
+                        device,
+                        args,
+                        vocab,
+                        bw,
+                        f"{size} {label} fused",
+                        entry["models"],
+                        label + " fused+graph",
+                        graph=True,
+                    )
+                    if graph is not None:
+                        try:
+                            check = compare_graph(shared, graph, args.prompt_len, vocab)  # type: ignore[arg-type]
+                        except Exception as e:
+                            check = {"error": _first_line(e)}
+                        entry["lowered"][label]["graph_agreement"] = check
+                        print(f"{size} {label} CUDA graph vs shared KV buffer: {json.dumps(check)}", flush=True)
+                    del graph
                 del shared
             if base is not None and other is not None:
                 try:
@@ -411,11 +500,15 @@ def measure_model(
     into: dict,
     label: str,
     share_kv: bool = False,
-) -> Runner | None:
-    """Measure one model at every batch size into ``into[label]``; its Runner, or None when it failed."""
+    graph: bool = False,
+) -> Runner | GraphRunner | None:
+    """Measure one model at every batch size into ``into[label]``; its runner, or None when it failed."""
     try:
         wbytes = weight_bytes(folder)
-        runner = Runner(folder, device, share_kv, args.prompt_len + args.new_tokens + 16)
+        max_len = args.prompt_len + args.new_tokens + 16
+        runner: Runner | GraphRunner = (
+            GraphRunner(folder, device, max_len) if graph else Runner(folder, device, share_kv, max_len)
+        )
         rows = {}
         for batch in (int(b) for b in args.batches.split(",")):
             m = runner.measure(batch, args.prompt_len, args.new_tokens, vocab)
@@ -434,6 +527,7 @@ def measure_model(
 def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     bw = results["copy_bandwidth"]
     fuse = (" --fuse" if args.fuse else "") + (" --share-kv" if args.share_kv else "")
+    fuse += " --cuda-graph" if args.cuda_graph else ""
     fuse += " --symmetric" if args.symmetric else ""
     fpa = os.environ.get("ORT_FPA_INTB_GEMM")
     fuse += f"` with `ORT_FPA_INTB_GEMM={fpa}" if fpa else ""
@@ -452,6 +546,12 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         + (
             "; fused+kv = the fused model with past and present bound to one KV buffer per layer"
             if args.share_kv
+            else ""
+        )
+        + (
+            "; fused+graph = fused+kv decoded with fixed shapes (a [batch, max_len] attention mask, "
+            "`qonnx.runtime.decode.FixedShapeDecoder`), each step replaying one captured CUDA graph"
+            if args.cuda_graph
             else ""
         )
         + f"; IOBinding with the KV cache on the GPU; prefill = {args.prompt_len} tokens (median of 5); "
@@ -520,6 +620,14 @@ def _lowering_note(size: str, label: str, info: dict[str, Any]) -> str:
             else f"; shared KV buffer against separate past/present: max |logits difference| "
             f"{shared['max_abs_diff']:.3g}, top-1 agreement {shared['top1_agreement']:.0%}"
         )
+    graph = info.get("graph_agreement")
+    if graph is not None:
+        head += (
+            f"; CUDA graph against shared KV buffer: comparison failed: {graph['error']}"
+            if "error" in graph
+            else f"; CUDA graph against shared KV buffer: max |logits difference| "
+            f"{graph['max_abs_diff']:.3g}, top-1 agreement {graph['top1_agreement']:.0%}"
+        )
     check = info.get("agreement")
     if check is None:
         return head
@@ -552,7 +660,14 @@ def main(argv: list[str] | None = None) -> int:
         help="with --fuse: fuse attention too (GroupQueryAttention) and also measure the fused models with past "
         "and present bound to one KV buffer per layer",
     )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="with --share-kv: also decode the fused models with fixed shapes, each step a replayed CUDA graph",
+    )
     args = p.parse_args(argv)
+    if args.cuda_graph and not args.share_kv:
+        p.error("--cuda-graph needs --fuse --share-kv")
     results_md = HERE / "RESULTS.md"
     if args.merge:
         write_section(results_md, Path(args.merge).read_text().strip(), START, END)

@@ -99,7 +99,7 @@ def gqa_model(layers: int, nq: int, nkv: int, hs: int, elem: int, lengths: str) 
         _io("value", elem, ["batch", 1, nkv * hs]),
     ]
     nodes, inits = [], []
-    if lengths == "mask":  # as qonnx.passes.lower._lengths_from_mask_shape writes it
+    if lengths == "mask":  # as qonnx.passes.lower wrote it before the ReduceSum lengths
         inputs.append(_io("attention_mask", TensorProto.INT64, ["batch", "total"]))
         inits += [
             helper.make_tensor("axis1", TensorProto.INT64, [], [1]),

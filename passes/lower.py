@@ -26,9 +26,10 @@ additions for the graphs ``qonnx export`` writes:
   0.08838 + 2e-5): a scale within :data:`SCALE_TOLERANCE` of 1/sqrt(head size) counts as the default.
 
 The model's inputs and outputs stay as they are (past and present KV cache included). A model with
-GroupQueryAttention ignores ``attention_mask``: it computes as if the mask were all ones (no padding),
-which is how qonnx's evaluation and generation feed it. onnxscript's final Transpose+MatMul -> FusedMatMul
-rewrite is left out: ONNX Runtime does it when it loads the model, and a plain MatMul stays quantizable.
+GroupQueryAttention reads only lengths from ``attention_mask`` (see :func:`_lengths_from_mask`): it computes as
+if each row's ones came first (no left padding), which is how qonnx's evaluation and generation feed it.
+onnxscript's final Transpose+MatMul -> FusedMatMul rewrite is left out: ONNX Runtime does it when it loads the
+model, and a plain MatMul stays quantizable.
 """
 
 from __future__ import annotations
@@ -207,15 +208,20 @@ def _expose_kv_repeat(model: ir.Model) -> int:
     return changed
 
 
-def _lengths_from_mask_shape(model: ir.Model) -> int:
-    """Feed every GroupQueryAttention its lengths from the shape of ``attention_mask``, not from position_ids.
+def _lengths_from_mask(model: ir.Model) -> int:
+    """Feed every GroupQueryAttention its lengths from ``attention_mask``, not from position_ids.
 
     onnxscript's rule computes ``seqlens_k`` and ``total_sequence_length`` with ReduceMax over the values of
     ``position_ids``. On ONNX Runtime 1.31's CUDA provider those run on the GPU, and the kernel, which reads
     ``total_sequence_length`` as a CPU input, then sees a wrong value: a prompt of more than one token fails
     ("total sequence length must be positive") and a decoding step's present KV cache does not grow (measured
-    on an H100). ``attention_mask`` is [batch, past + new] (GroupQueryAttention already assumes no padding), so
-    ``Shape`` gives the same lengths on the CPU: total = its second dimension, seqlens_k = total - 1 per row.
+    on an H100). Here, as onnxruntime-genai's models do: ``total_sequence_length`` = the mask's second
+    dimension (``Shape``: a CPU value, no copy from the device) and ``seqlens_k`` = the number of ones in each
+    mask row, minus one (ReduceSum in int32: computed where the mask is, so a model on CUDA has no host/device
+    copy in it and ONNX Runtime can capture its decode step in a CUDA graph). With a mask of ones (qonnx's
+    evaluation and generation) both equal the previous ``Shape``-only lengths. A decode loop with a fixed-size
+    KV buffer may pass a fixed-size mask, ones for the positions filled so far and zeros after: the lengths
+    then say how much of the buffer is real, and every shape stays the same from step to step.
     Returns the nodes changed.
     """
     nodes = [n for n in model.graph if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
@@ -231,16 +237,18 @@ def _lengths_from_mask_shape(model: ir.Model) -> int:
     shape = ir.node("Shape", [mask])
     total64 = ir.node("Gather", [shape.outputs[0], const("gqa_axis_1", np.array(1, np.int64))], attributes={"axis": 0})
     total = ir.node("Cast", [total64.outputs[0]], attributes={"to": ir.DataType.INT32})
-    last = ir.node("Sub", [total.outputs[0], const("gqa_one_i32", np.array(1, np.int32))])
-    batch = ir.node(
-        "Slice",
-        [shape.outputs[0], const("gqa_start_0", np.array([0], np.int64)), const("gqa_end_1", np.array([1], np.int64))],
-    )
-    seqlens = ir.node("Expand", [last.outputs[0], batch.outputs[0]])
+    mask32 = ir.node("Cast", [mask], attributes={"to": ir.DataType.INT32})
+    if model.opset_imports.get("", 13) >= 13:
+        count = ir.node(
+            "ReduceSum", [mask32.outputs[0], const("gqa_axes_1", np.array([1], np.int64))], attributes={"keepdims": 0}
+        )
+    else:
+        count = ir.node("ReduceSum", [mask32.outputs[0]], attributes={"axes": [1], "keepdims": 0})
+    seqlens = ir.node("Sub", [count.outputs[0], const("gqa_one_i32", np.array(1, np.int32))])
     total.outputs[0].name, seqlens.outputs[0].name = "gqa_total_sequence_length", "gqa_seqlens_k"
     total.outputs[0].dtype = seqlens.outputs[0].dtype = ir.DataType.INT32
     total.outputs[0].shape = ir.Shape([])
-    model.graph.insert_before(nodes[0], [shape, total64, total, last, batch, seqlens])
+    model.graph.insert_before(nodes[0], [shape, total64, total, mask32, count, seqlens])
     for node in nodes:
         node.replace_input_with(5, seqlens.outputs[0])
         node.replace_input_with(6, total.outputs[0])
@@ -274,6 +282,32 @@ def _attention_rules() -> tuple[pattern.RewriteRuleSet, pattern.RewriteRuleSet, 
     return pattern.RewriteRuleSet([GroupQueryAttention.rule()]), mha_rules(True), mha_rules(False)
 
 
+def _cos_sin_cache_rules(max_positions: int) -> pattern.RewriteRuleSet:
+    """The cos/sin cache rules of onnxscript, writing a constant cache of ``max_positions`` positions.
+
+    Without a size, onnxscript computes the cache at run time over ``Range(ReduceMax(position_ids) + 1)``: six
+    nodes a step, whose ReduceMax result must come back from the GPU for Range (a copy and a wait on CUDA, and
+    no CUDA graph capture), and a cache only as long as the largest position fed, which GroupQueryAttention
+    refuses when told a longer total length (a fixed-size KV buffer). The constant holds the same products
+    (position x inv_freq, one float32 multiplication each), so the values equal the run-time ones.
+    """
+    from onnxscript.rewriter.ort_fusions import cos_sin_cache
+
+    class FixedCosSinCache(cos_sin_cache.CosSinCacheFusion):  # type: ignore[misc]
+        def __init__(self, name: str, **kwargs: Any) -> None:
+            super().__init__(name, **kwargs)
+            self.max_pos_id = max_positions - 1  # onnxscript's cache covers positions 0 .. max_pos_id
+
+    return pattern.RewriteRuleSet(
+        [
+            FixedCosSinCache.rule("CosSinCache_cast", cast=True),
+            FixedCosSinCache.rule("CosSinCache_cast_const_freqs", cast=True, const_freqs=True),
+            FixedCosSinCache.rule("CosSinCache_const_freqs", const_freqs=True),
+            FixedCosSinCache.rule("CosSinCache"),
+        ]
+    )
+
+
 class FuseForOrtPass(ir.passes.InPlacePass):
     """Fuse RMSNorm, rotary embedding and attention into ONNX Runtime contrib ops (see the module docstring).
 
@@ -281,17 +315,25 @@ class FuseForOrtPass(ir.passes.InPlacePass):
     onnxscript fusion that fired, and :attr:`notes` says why an attention fusion was not applied.
     """
 
-    def __init__(self, target: str = "cpu", *, attention: bool = True, debug: bool = False) -> None:
+    def __init__(
+        self, target: str = "cpu", *, attention: bool = True, max_positions: int | None = None, debug: bool = False
+    ) -> None:
         """Set the options.
 
         Args:
             target: the execution provider the model is for, "cpu" or "cuda".
             attention: also fuse attention (False: norms and rotary embedding only).
+            max_positions: the model's largest sequence (``max_position_embeddings``): the rotary cos/sin
+                cache becomes a constant of that many positions (see :func:`_cos_sin_cache_rules`). None:
+                computed at run time up to the largest position id fed.
             debug: print onnxscript's matching trace for each fusion that matched nothing.
         """
         super().__init__()
         if target not in TARGETS:
             raise ConfigError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
+        if max_positions is not None and max_positions < 1:
+            raise ConfigError(f"max_positions must be positive, not {max_positions}")
+        self.max_positions = max_positions
         self.target = target
         self.attention = attention
         self.debug = debug
@@ -351,7 +393,10 @@ class FuseForOrtPass(ir.passes.InPlacePass):
         fuse("skip_layer_normalization", skip_normalization.fuse_skip_layer_normalization)
         fuse("skip_rms_normalization", skip_normalization.fuse_skip_rms_normalization)
         fuse("rotary_embedding", rotary_embedding.fuse_rotary_embedding)
-        fuse("cos_sin_cache", cos_sin_cache.fuse_cos_sin_cache)
+        if self.max_positions is None:
+            fuse("cos_sin_cache", cos_sin_cache.fuse_cos_sin_cache)
+        else:
+            fuse("cos_sin_cache", apply_fusion_rules(_cos_sin_cache_rules(self.max_positions)))
         common_passes.CommonSubexpressionEliminationPass()(model)
         fuse("partial_rotary_embedding", rotary_embedding.fuse_partial_rotary_embedding)
         attention = self.attention
@@ -386,7 +431,7 @@ class FuseForOrtPass(ir.passes.InPlacePass):
                 counts["kv_repeat_exposed"] = _expose_kv_repeat(model)
                 fuse("gqa", apply_fusion_rules(gqa_rules))
                 fuse("packed_qkv_for_gqa", gqa_packed_qkv.fuse_qkv_gqa)
-                counts["gqa_lengths_from_mask_shape"] = _lengths_from_mask_shape(model)
+                counts["gqa_lengths_from_mask"] = _lengths_from_mask(model)
             mha_count = fuse("mha1", apply_fusion_rules(mha_past_rules)) + fuse("mha2", apply_fusion_rules(mha_rules))
             fuse("mha_scale", mha_scale.fuse_mha_scale)
             if mha_count:

@@ -146,6 +146,16 @@ def compare_outputs(reference: str | os.PathLike | bytes, lowered: str | os.Path
     return {"max_abs_diff": diffs, "scale": scale, "types": types, "top1": agree / total if total else None}
 
 
+def _config_max_positions(folder: Path) -> int | None:
+    """``max_position_embeddings`` from the Hugging Face config.json in ``folder`` (None: absent or unreadable)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def lower(
     model: str | os.PathLike,
     output: str | os.PathLike,
@@ -154,6 +164,7 @@ def lower(
     attention: bool | None = None,
     verify: bool | None = None,
     external_data: bool | None = None,
+    max_positions: int | None = None,
 ) -> LowerSummary:
     """Fuse ``model`` into ONNX Runtime contrib ops for ``target`` and write it to ``output``.
 
@@ -169,6 +180,8 @@ def lower(
             flash / memory-efficient / unfused kernels runs), and MultiHeadAttention was 10x slower at decode.
         verify: compare the lowered model with the input before writing (default: up to 2 GiB of files).
         external_data: see :func:`qonnx.modelfile.save`.
+        max_positions: size of the constant rotary cos/sin cache (positions 0 .. max_positions - 1); default:
+            ``max_position_embeddings`` from the config.json beside the model, else computed at run time.
 
     Raises:
         QonnxError: bad input, nothing to fuse, unusable output path.
@@ -182,7 +195,9 @@ def lower(
     size = sum(p.stat().st_size for p in protect)
     if attention is None:
         attention = target != "cuda"
-    fuse = FuseForOrtPass(target, attention=attention)
+    if max_positions is None:
+        max_positions = _config_max_positions(Path(source).parent)
+    fuse = FuseForOrtPass(target, attention=attention, max_positions=max_positions)
     try:
         fuse(ir_model)
     except ir.passes.PreconditionError as e:

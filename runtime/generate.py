@@ -10,6 +10,11 @@ Runtime's past_present_share_buffer then writes each new position in place inste
 into a new present every step (7B fp16 on an H100: 66 -> 7.2 ms a step, benchmarks/RESULTS.md). The lengths
 still come from ``attention_mask``: on the CPU the tokens equal the separate-buffer loop's (tests/test_generate.py);
 on CUDA the 7B logits differed by up to 0.042 (fp16), with the same top-1. ``shared_kv=False`` keeps the old loop.
+
+On CUDA, a model lowered by this version (GroupQueryAttention lengths from the mask's sum, a constant rotary cache)
+is decoded with fixed shapes (:mod:`qonnx.runtime.decode`): each step replays one captured CUDA graph instead of
+launching every kernel from the host. ``fixed_shapes=False`` turns that off; ``True`` also runs the fixed-shape loop
+on the CPU (no graph there: it is how the tests check it).
 """
 
 from __future__ import annotations
@@ -80,6 +85,8 @@ class Generator:
         shared_kv: bind past and present to one buffer per cache input (see the module docstring). None
             (default): whenever the model allows it; False: separate past and present buffers; True: required
             (ValueError for a model that does not allow it).
+        fixed_shapes: decode with fixed shapes, replayed as a CUDA graph on CUDA. None (default): on CUDA when
+            the model allows it; True: required (ValueError otherwise), also on the CPU.
     """
 
     def __init__(
@@ -89,11 +96,26 @@ class Generator:
         device: str = "cpu",
         tokenizer: Any = None,
         shared_kv: bool | None = None,
+        fixed_shapes: bool | None = None,
     ) -> None:
         from qonnx.modelfile import resolve_model_path
+        from qonnx.runtime.decode import fixed_shape_decodable, rotary_cache_positions
+        from qonnx.runtime.session import resolve_device
 
         path = resolve_model_path(model_dir)
-        self.session = make_session(path, device)
+        model = ir.load(path)
+        device = resolve_device(device)
+        decodable = fixed_shape_decodable(model)
+        if fixed_shapes and not decodable:
+            raise ValueError(
+                f"{path}: fixed_shapes=True needs a model lowered with GroupQueryAttention whose lengths come from "
+                "the attention mask's sum (re-lower it with this version: `qonnx lower --attention`)"
+            )
+        #: Whether generate() decodes with fixed shapes (:class:`qonnx.runtime.decode.FixedShapeDecoder`): on
+        #: CUDA each step then replays one captured CUDA graph.
+        self.fixed_shapes = (decodable and device == "cuda") if fixed_shapes is None else fixed_shapes
+        self.max_positions = rotary_cache_positions(model) if self.fixed_shapes else None
+        self.session = make_session(path, device, cuda_graph=self.fixed_shapes and device == "cuda")
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         if tokenizer is None:
             from transformers import AutoTokenizer
@@ -111,7 +133,8 @@ class Generator:
             self.inputs[n].type in _NP and all(isinstance(self.inputs[n].shape[i], int) for i in (1, 3))
             for n in self.past_names
         )
-        shareable = shareable and kv_buffer_shareable(ir.load(path))
+        shareable = shareable and kv_buffer_shareable(model)
+        del model
         if shared_kv and not shareable:
             raise ValueError(
                 f"{path}: shared_kv=True needs every past_key_values input read by GroupQueryAttention "
@@ -119,8 +142,28 @@ class Generator:
             )
         #: Whether generate() binds past and present to one buffer per cache input.
         self.shared_kv = shareable if shared_kv is None else shared_kv
+        if self.fixed_shapes and not self.shared_kv:
+            raise ValueError("fixed_shapes needs the shared KV buffer (shared_kv=False was asked)")
         #: The shared buffers of the last generate() call (OrtValues on ``device``), by past input name.
         self.kv_buffers: dict[str, Any] = {}
+        self._decoder: Any = None
+
+    def _fixed_decoder(self, needed: int) -> Any:
+        """The fixed-shape decoder, kept between calls (a CUDA graph is captured once per buffer size)."""
+        from qonnx.runtime.decode import FixedShapeDecoder
+
+        if self._decoder is None or self._decoder.max_len < needed:
+            size = -(-needed // 256) * 256  # whole blocks of 256 positions: fewer new buffers and graphs
+            if self.max_positions is not None:
+                if needed > self.max_positions:
+                    raise ValueError(
+                        f"prompt + max_new_tokens = {needed} positions; the model's rotary cache holds "
+                        f"{self.max_positions}"
+                    )
+                size = min(size, self.max_positions)
+            self._decoder = FixedShapeDecoder(self.session, 1, size, cuda_graph=self.device == "cuda")
+        self.kv_buffers = self._decoder.kv
+        return self._decoder
 
     def _shared_buffers(self, batch: int, max_len: int) -> dict[str, Any]:
         import onnxruntime as ort
@@ -189,15 +232,18 @@ class Generator:
         out_tokens: list[int] = []
         t0 = time.perf_counter()
         prefill = decode = 0.0
-        shared = self.shared_kv
-        past = self._empty_past(1) if self.past_names and not shared else {}
+        shared = self.shared_kv and not self.fixed_shapes
+        past = self._empty_past(1) if self.past_names and not self.shared_kv else {}
+        decoder = self._fixed_decoder(ids.shape[1] + max_new_tokens) if self.fixed_shapes else None
         if shared:
             self.kv_buffers = self._shared_buffers(1, ids.shape[1] + max_new_tokens)
         past_len = 0
         seq = ids
         step_ids = ids
         for step in range(max_new_tokens):
-            if shared:
+            if decoder is not None:
+                results = [(decoder.prefill(step_ids) if step == 0 else decoder.step(step_ids)).numpy()]
+            elif shared:
                 feeds = self._feeds(step_ids, np.ones((1, past_len + step_ids.shape[1])), past_len)
                 results = [self._run_shared(feeds)]
                 past_len += step_ids.shape[1]

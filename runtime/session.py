@@ -66,6 +66,7 @@ def make_session(
     optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     external_data_dir: str | os.PathLike | None = None,
     lean: bool = False,
+    cuda_graph: bool = False,
 ) -> ort.InferenceSession:
     """An InferenceSession on ``device`` ("cpu", "cuda" or "auto").
 
@@ -79,6 +80,8 @@ def make_session(
         external_data_dir: for model bytes, the folder their external data paths are relative to.
         lean: for a few runs that hand over large outputs (calibration): weights used as stored (no
             prepacked copies) and no CPU memory arena, so that memory is returned after each run.
+        cuda_graph: on CUDA, let runs be captured and replayed as CUDA graphs (provider option
+            ``enable_cuda_graph``; see :mod:`qonnx.runtime.decode`). Ignored on the CPU.
     """
     device = resolve_device(device)
     so = ort.SessionOptions()
@@ -95,7 +98,10 @@ def make_session(
         so.enable_cpu_mem_arena = False
     if qdq_accuracy_level is not None:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", qdq_accuracy_level)
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
+    if device == "cuda":
+        cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if cuda_graph else "CUDAExecutionProvider"
+        providers.insert(0, cuda)
     if isinstance(model_path, bytes):
         model: str | bytes = model_path
     else:

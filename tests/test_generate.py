@@ -96,6 +96,62 @@ def test_shared_kv_buffer_only_for_group_query_attention(folders):
         Generator(root / "kv", shared_kv=True)
 
 
+def test_fixed_shape_decoding_gives_the_same_tokens_with_one_set_of_buffers(folders, lowered, monkeypatch):
+    """The CUDA-graph-ready loop (fixed mask and buffers, run here without capture) decodes what PyTorch does."""
+    model, _ = folders
+    prompt, new = "the quick brown fox", 12
+    fixed = Generator(lowered, fixed_shapes=True)
+    assert fixed.fixed_shapes and not Generator(lowered).fixed_shapes  # on by default only on CUDA
+    assert fixed.max_positions == model.config.max_position_embeddings  # the constant rotary cache
+
+    seen: list[tuple[tuple[int, ...], ...]] = []
+    run = fixed.session.run_with_iobinding
+
+    def spy(io, *args, **kwargs):
+        run(io, *args, **kwargs)
+        seen.append(tuple(tuple(v.shape()) for v in io.get_outputs()))
+
+    monkeypatch.setattr(fixed.session, "run_with_iobinding", spy)
+    result = fixed.generate(prompt, max_new_tokens=new, chat=False)
+    ids = torch.tensor([fixed.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert result.tokens == ref[0, ids.shape[1] :].tolist()[: len(result.tokens)] and len(result.tokens) >= 2
+    steps = seen[1:]  # after the prompt: every step has the same shapes (logits [1, 1, vocab], full buffers)
+    assert len(set(steps)) == 1 and steps[0][0][:2] == (1, 1) and steps[0][1][2] == min(256, fixed.max_positions)
+    decoder = fixed._decoder
+    a = fixed.generate("hello", max_new_tokens=8, top_k=5, seed=3, chat=False)
+    assert fixed._decoder is decoder  # buffers (and on CUDA the captured graph) kept between calls
+    assert (
+        a.tokens
+        == Generator(lowered, shared_kv=False).generate("hello", max_new_tokens=8, top_k=5, seed=3, chat=False).tokens
+    )
+
+
+def test_fixed_shape_decoder_checks_its_buffers(lowered):
+    from qonnx.runtime.decode import FixedShapeDecoder, fixed_shape_decodable
+    from qonnx.runtime.session import make_session
+
+    decoder = FixedShapeDecoder(make_session(lowered), 2, 6)
+    with pytest.raises(RuntimeError, match="prefill"):
+        decoder.step(np.zeros((2, 1)))
+    with pytest.raises(ValueError, match=r"\[2, length\]"):
+        decoder.prefill(np.zeros((1, 3)))
+    decoder.prefill(np.ones((2, 5), np.int64))
+    decoder.step(np.ones((2, 1)))
+    with pytest.raises(ValueError, match="full"):
+        decoder.step(np.ones((2, 1)))
+    import onnx_ir as ir
+
+    assert fixed_shape_decodable(ir.load(lowered / "model.onnx"))
+
+
+def test_fixed_shapes_refused_for_a_model_without_group_query_attention(folders):
+    _, root = folders
+    with pytest.raises(ValueError, match="fixed_shapes=True"):
+        Generator(root / "kv", fixed_shapes=True)
+
+
 def test_top_k_is_seeded(folders):
     _, root = folders
     gen = Generator(root / "kv")
