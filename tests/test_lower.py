@@ -226,6 +226,116 @@ def test_cli_lower_refuses_a_model_that_computes_other_numbers(llama, tmp_path, 
     assert not (out / "model.onnx").exists()
 
 
+@pytest.fixture(scope="module")
+def llama_w8a8(llama, tmp_path_factory):
+    """The tiny Llama in W8A8 (QuantizeLinear/DequantizeLinear on int8 activations), calibrated on random tokens."""
+    import qonnx
+
+    tmp = tmp_path_factory.mktemp("llama-w8a8")
+    rng, n, seq = np.random.default_rng(1), 4, 16
+    feeds = {
+        "input_ids": rng.integers(3, 128, (n, 1, seq)),
+        "attention_mask": np.ones((n, 1, seq), np.int64),
+        "position_ids": np.tile(np.arange(seq), (n, 1, 1)),
+    }
+    for i in make_session(llama).get_inputs()[3:]:
+        feeds[i.name] = np.zeros((n, 1, i.shape[1], 0, i.shape[3]), np.float32)
+    np.savez(tmp / "feeds.npz", **feeds)
+    config = qonnx.W8A8(calibration=qonnx.Calibration(data=str(tmp / "feeds.npz"), samples=n))
+    return qonnx.quantize(llama, config, output=tmp / "model.onnx", verify=False).outputs[0]
+
+
+def _count(path, op):
+    return sum(1 for n in ir.load(path).graph if n.op_type == op)
+
+
+def test_w8a8_lowers_checked_with_its_rounding_pinned(llama_w8a8, tmp_path):
+    from qonnx.lowering import lower
+
+    summary = lower(llama_w8a8, tmp_path / "low.onnx")
+    assert summary.fused["GroupQueryAttention"] == 2 and summary.fused["SkipSimplifiedLayerNormalization"] == 4
+    quantized = _count(llama_w8a8, "QuantizeLinear")
+    assert summary.pinned == quantized == _count(tmp_path / "low.onnx", "QuantizeLinear") > 0
+    assert summary.max_abs_diff["logits"] < 1e-4 and summary.top1_agreement == 1.0
+    assert any("codes carried over" in note for note in summary.notes)
+
+
+def _nudged(path, out, ops, eps=1e-4):
+    """``path`` with the float input of every ``ops`` node scaled by 1 + eps: float-order noise, within tolerance."""
+    model = ir.load(path)
+    for node in [n for n in model.graph if n.op_type in ops]:
+        x = node.inputs[0]
+        factor = ir.val(f"{node.name}_nudge", const_value=ir.tensor(np.array(1 + eps, np.float32)))
+        model.graph.register_initializer(factor)
+        mul = ir.node("Mul", [x, factor])
+        mul.outputs[0].dtype, mul.outputs[0].shape = x.dtype, x.shape
+        model.graph.insert_before(node, mul)
+        node.replace_input_with(0, mul.outputs[0])
+    ir.save(model, out)
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "dynamic"])
+def test_rounding_flips_are_not_a_mismatch(llama, llama_w8a8, tmp_path, scheme):
+    """Activations 1e-4 off land on other int8 codes, and the outputs move by more than float tolerance; with the
+    input's rounding pinned (QuantizeLinear codes carried over, MatMulNBits on float activations) they agree."""
+    import qonnx
+    from qonnx.lowering import _mismatches, compare_outputs
+
+    if scheme == "w8a8":
+        path, ops = llama_w8a8, ("QuantizeLinear",)
+    else:  # MatMulNBits quantizing its activations to int8 inside the kernel (accuracy level 4)
+        path, ops = (
+            qonnx.quantize(llama, qonnx.Dynamic(), output=tmp_path / "dyn.onnx", verify=False).outputs[0],
+            ("MatMulNBits",),
+        )
+    nudged = _nudged(path, tmp_path / "nudged.onnx", ops)
+    free = compare_outputs(path, nudged, pin_rounding=False)
+    assert _mismatches(free) and _mismatches(free)[0].startswith("logits")
+    pinned = compare_outputs(path, nudged)
+    assert not _mismatches(pinned), _mismatches(pinned)
+    assert pinned["pinned"] == (_count(path, "QuantizeLinear") if scheme == "w8a8" else 0)
+    assert pinned["float_matmulnbits"] == (0 if scheme == "w8a8" else _count(path, "MatMulNBits"))
+
+
+def _scale_first_norm(model):
+    """A wrong fused RMSNorm: its weight 1% off (its output only feeds a QuantizeLinear)."""
+    node = next(n for n in model.graph if n.op_type == "SimplifiedLayerNormalization")
+    weight = ir.val("wrong_weight", const_value=ir.tensor(node.inputs[1].const_value.numpy() * 1.01))
+    model.graph.register_initializer(weight)
+    node.replace_input_with(1, weight)
+
+
+def _bypass_first_qdq(model):
+    """A fusion across a quantize/dequantize pair: its readers take the float tensor, the pair is dropped."""
+    quant = next(n for n in model.graph if n.op_type == "QuantizeLinear")
+    dequant = next(iter(quant.outputs[0].uses())).node
+    ir.convenience.replace_all_uses_with(dequant.outputs[0], quant.inputs[0])
+    model.graph.remove([dequant, quant], safe=True)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [(_scale_first_norm, "(read by QuantizeLinear"), (_bypass_first_qdq, "the lowered model lost QuantizeLinear")],
+)
+def test_cli_lower_refuses_a_wrong_fusion_of_a_quantized_model(
+    llama_w8a8, tmp_path, capsys, monkeypatch, corrupt, message
+):
+    fused = FuseForOrtPass.call
+
+    def call(self, model):
+        result = fused(self, model)
+        corrupt(model)
+        return result
+
+    monkeypatch.setattr(FuseForOrtPass, "call", call)
+    out = tmp_path / "low.onnx"
+    assert main(["lower", str(llama_w8a8), "-o", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("dtype", "overrides", "target"),
     [
