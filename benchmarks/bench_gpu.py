@@ -433,6 +433,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             other = measure_model(
                 fused, device, args, vocab, bw, f"{size} {label} fused", entry["models"], label + " fused"
             )
+            if base is not None and other is not None:
+                try:
+                    check = compare_logits(base, other, args.prompt_len, vocab)
+                except Exception as e:  # a failing comparison is a finding, not a reason to stop the run
+                    check = {"error": _first_line(e)}
+                entry["lowered"][label]["agreement"] = check
+                print(f"{size} {label} fused vs unfused: {json.dumps(check)}", flush=True)
+            del base  # 7B fp16: four sessions at once do not fit in 80 GB
             if args.share_kv and other is not None:
                 shared = measure_model(
                     fused,
@@ -473,14 +481,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         print(f"{size} {label} CUDA graph vs shared KV buffer: {json.dumps(check)}", flush=True)
                     del graph
                 del shared
-            if base is not None and other is not None:
-                try:
-                    check = compare_logits(base, other, args.prompt_len, vocab)
-                except Exception as e:  # a failing comparison is a finding, not a reason to stop the run
-                    check = {"error": _first_line(e)}
-                entry["lowered"][label]["agreement"] = check
-                print(f"{size} {label} fused vs unfused: {json.dumps(check)}", flush=True)
-            del base, other
+            del other
         results["sizes"][size] = entry
     return results
 

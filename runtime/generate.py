@@ -113,7 +113,9 @@ class Generator:
             )
         #: Whether generate() decodes with fixed shapes (:class:`qonnx.runtime.decode.FixedShapeDecoder`): on
         #: CUDA each step then replays one captured CUDA graph.
-        self.fixed_shapes = (decodable and device == "cuda") if fixed_shapes is None else fixed_shapes
+        if fixed_shapes is None:
+            fixed_shapes = decodable and device == "cuda" and shared_kv is not False
+        self.fixed_shapes = fixed_shapes
         self.max_positions = rotary_cache_positions(model) if self.fixed_shapes else None
         self.session = make_session(path, device, cuda_graph=self.fixed_shapes and device == "cuda")
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
