@@ -136,16 +136,21 @@ def quantize(src: Path, work: Path, size: str, symmetric: bool = False) -> tuple
     return out, time.perf_counter() - t
 
 
-def lower(src: Path, device: str, attention: bool | None = None) -> tuple[Path, dict[str, Any]]:
+def lower(
+    src: Path, device: str, attention: bool | None = None, merge_linear: bool = True
+) -> tuple[Path, dict[str, Any]]:
     """``qonnx lower`` of a folder for the device's provider (verified on the device later, not on the CPU);
-    ``attention``: fuse attention too (GroupQueryAttention; default: as ``qonnx lower`` decides per target)."""
+    ``attention``: fuse attention too (GroupQueryAttention; default: as ``qonnx lower`` decides);
+    ``merge_linear``: q/k/v and gate/up merged into one node each (``qonnx lower``'s default)."""
     from qonnx.lowering import lower as run_lower
 
-    out = src.with_name(src.name + ("-fused-gqa" if attention else "-fused"))
+    out = src.with_name(
+        src.name + ("-fused" if attention is False else "-fused-gqa") + ("" if merge_linear else "-sep")
+    )
     target = "cuda" if device == "cuda" else "cpu"
     if (out / "model.onnx").exists():
         return out, {"seconds": 0.0, "target": target, "reused": True}
-    summary = run_lower(src, out, target=target, attention=attention, verify=False)
+    summary = run_lower(src, out, target=target, attention=attention, verify=False, merge_linear=merge_linear)
     info = {
         "seconds": summary.seconds,
         "target": target,
@@ -412,7 +417,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.fuse:
             entry["lowered"] = {}
             for i, (label, folder, _) in enumerate(pairs):
-                fused, info = lower(folder, device, attention=True if args.share_kv else None)
+                fused, info = lower(
+                    folder, device, attention=True if args.share_kv else None, merge_linear=not args.no_merge_linear
+                )
                 entry["lowered"][label] = info
                 pairs[i] = (label, folder, fused)
                 print(f"{size} {label} lowered: {json.dumps(info)}", flush=True)
@@ -529,6 +536,7 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     bw = results["copy_bandwidth"]
     fuse = (" --fuse" if args.fuse else "") + (" --share-kv" if args.share_kv else "")
     fuse += " --cuda-graph" if args.cuda_graph else ""
+    fuse += " --no-merge-linear" if args.no_merge_linear else ""
     fuse += " --symmetric" if args.symmetric else ""
     fpa = os.environ.get("ORT_FPA_INTB_GEMM")
     fuse += f"` with `ORT_FPA_INTB_GEMM={fpa}" if fpa else ""
@@ -665,6 +673,11 @@ def main(argv: list[str] | None = None) -> int:
         "--cuda-graph",
         action="store_true",
         help="with --share-kv: also decode the fused models with fixed shapes, each step a replayed CUDA graph",
+    )
+    p.add_argument(
+        "--no-merge-linear",
+        action="store_true",
+        help="with --fuse: lower without merging q/k/v and gate/up (qonnx lower --no-merge-linear)",
     )
     args = p.parse_args(argv)
     if args.cuda_graph and not args.share_kv:

@@ -316,7 +316,13 @@ class FuseForOrtPass(ir.passes.InPlacePass):
     """
 
     def __init__(
-        self, target: str = "cpu", *, attention: bool = True, max_positions: int | None = None, debug: bool = False
+        self,
+        target: str = "cpu",
+        *,
+        attention: bool = True,
+        max_positions: int | None = None,
+        merge_linear: bool = True,
+        debug: bool = False,
     ) -> None:
         """Set the options.
 
@@ -326,6 +332,8 @@ class FuseForOrtPass(ir.passes.InPlacePass):
             max_positions: the model's largest sequence (``max_position_embeddings``): the rotary cos/sin
                 cache becomes a constant of that many positions (see :func:`_cos_sin_cache_rules`). None:
                 computed at run time up to the largest position id fed.
+            merge_linear: concatenate the linear layers that read one input (q/k/v, gate/up) into one node
+                (:class:`qonnx.passes.merge_linear.MergeParallelLinearPass`).
             debug: print onnxscript's matching trace for each fusion that matched nothing.
         """
         super().__init__()
@@ -334,6 +342,7 @@ class FuseForOrtPass(ir.passes.InPlacePass):
         if max_positions is not None and max_positions < 1:
             raise ConfigError(f"max_positions must be positive, not {max_positions}")
         self.max_positions = max_positions
+        self.merge_linear = merge_linear
         self.target = target
         self.attention = attention
         self.debug = debug
@@ -441,6 +450,13 @@ class FuseForOrtPass(ir.passes.InPlacePass):
         fuse("bias_gelu", bias_gelu.fuse_bias_gelu)
         if attention:
             fuse("sdpa_via_mha", sdpa_via_mha.replace_sdpa_by_mha)
+        if self.merge_linear:
+            from qonnx.passes.merge_linear import MergeParallelLinearPass
+
+            merge = MergeParallelLinearPass()
+            merge(model)
+            counts["merged_linear"] = sum(merge.merged.values())
+            counts["packed_qkv_for_gqa_merged"] = merge.packed_qkv
         # Inline what was matched but not consumed by a later fusion (e.g. a rotary embedding without a
         # cos/sin cache goes back to plain ops), drop the dead mask computation, then tidy up as
         # optimize_for_ort does.

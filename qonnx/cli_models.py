@@ -277,8 +277,14 @@ def report_command(original: str, quantized: str, output: str | None, device: st
     "--attention/--no-attention",
     default=None,
     help="Fuse attention (GroupQueryAttention or MultiHeadAttention), not only norms and the rotary embedding "
-    "(default: on for cpu, off for cuda: there GroupQueryAttention made prompts 2.5x faster but decode steps 4x "
-    "slower on an H100, and MultiHeadAttention is never used).",
+    "(default: on; for cuda only GroupQueryAttention, which is fast when past and present share one buffer, as in "
+    "qonnx generate, and 4-7x slower at decode with separate buffers).",
+)
+@click.option(
+    "--merge-linear/--no-merge-linear",
+    default=True,
+    show_default=True,
+    help="Merge the linear layers that read one input (q/k/v, gate/up) into one node each.",
 )
 @click.option(
     "--verify/--no-verify",
@@ -296,6 +302,7 @@ def lower_command(
     output: str,
     target: str,
     attention: bool | None,
+    merge_linear: bool,
     verify: bool | None,
     external_data: bool | None,
     as_json: bool,
@@ -303,12 +310,20 @@ def lower_command(
     """Fuse MODEL (an export, quantized or not) into ONNX Runtime contrib ops: RMSNorm, rotary, attention.
 
     The inputs and outputs (KV cache included) stay as they are. With GroupQueryAttention the model
-    ignores attention_mask (it assumes no padding), as qonnx eval and generate feed it. Quantize first,
-    then lower.
+    reads only lengths from attention_mask (it assumes no left padding), as qonnx eval and generate feed it.
+    Quantize first, then lower.
     """
     from qonnx.lowering import lower
 
-    summary = lower(model, output, target=target, attention=attention, verify=verify, external_data=external_data)
+    summary = lower(
+        model,
+        output,
+        target=target,
+        attention=attention,
+        verify=verify,
+        external_data=external_data,
+        merge_linear=merge_linear,
+    )
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
         return

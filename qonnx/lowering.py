@@ -326,6 +326,7 @@ def lower(
     verify: bool | None = None,
     external_data: bool | None = None,
     max_positions: int | None = None,
+    merge_linear: bool = True,
 ) -> LowerSummary:
     """Fuse ``model`` into ONNX Runtime contrib ops for ``target`` and write it to ``output``.
 
@@ -333,12 +334,14 @@ def lower(
         model: a .onnx file or a folder holding model.onnx (an export, quantized or not).
         output: a .onnx path or a folder (a folder input is mirrored there: tokenizer and config files).
         target: "cpu" or "cuda", the execution provider the model is for.
-        attention: fuse attention too (False: RMSNorm and rotary embedding only). Default: on for the CPU, off
-            for CUDA. For CUDA attention is only ever fused into GroupQueryAttention (float16/bfloat16, causal
-            mask); measured on an H100 with ONNX Runtime 1.31 (1.1B Llama shape, benchmarks/RESULTS.md): it
-            makes a 128-token prompt 2.5x faster (9.4 -> 3.8 ms) but a decode step 4x slower (12.1 -> 49.6 ms;
-            2.35 ms per GroupQueryAttention call with past and present as separate buffers, whichever of its
-            flash / memory-efficient / unfused kernels runs), and MultiHeadAttention was 10x slower at decode.
+        attention: fuse attention too (False: RMSNorm and rotary embedding only). Default: on. For CUDA attention
+            is only ever fused into GroupQueryAttention (float16/bfloat16, causal mask), and it pays off when the
+            decode loop binds past and present to one buffer, as ``qonnx generate`` does (7B Llama shape on an
+            H100 with ONNX Runtime 1.31, benchmarks/RESULTS.md: 9.3 ms a step with attention unfused, 6.8 ms
+            fused with a shared buffer, 6.0 ms with a CUDA graph); a loop with separate past and present buffers
+            is 4-7x slower with it (46 ms), and MultiHeadAttention was 10x slower at decode.
+        merge_linear: concatenate the linear layers that read one input (q/k/v, gate/up) into one node each
+            (:mod:`qonnx.passes.merge_linear`); their names are then gone, so select layers before lowering.
         verify: compare the lowered model with the input before writing (default: up to 2 GiB of files).
         external_data: see :func:`qonnx.modelfile.save`.
         max_positions: size of the constant rotary cos/sin cache (positions 0 .. max_positions - 1); default:
@@ -356,10 +359,10 @@ def lower(
     out_path, mirror = _output_path(output, source, model)
     size = sum(p.stat().st_size for p in protect)
     if attention is None:
-        attention = target != "cuda"
+        attention = True
     if max_positions is None:
         max_positions = _config_max_positions(Path(source).parent)
-    fuse = FuseForOrtPass(target, attention=attention, max_positions=max_positions)
+    fuse = FuseForOrtPass(target, attention=attention, max_positions=max_positions, merge_linear=merge_linear)
     try:
         fuse(ir_model)
     except ir.passes.PreconditionError as e:

@@ -1,0 +1,89 @@
+"""Parallel linear layers merged into one node compute the same outputs (MatMulNBits and MatMul)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from test_export import tiny_model, tiny_tokenizer
+
+import qonnx
+from qonnx.passes.merge_linear import MergeParallelLinearPass
+
+
+def _branchy(tmp_path, dtype=np.float32):
+    """x -> three MatMuls (N = 24, 8, 8) that are graph outputs, plus a fourth on another input (not merged)."""
+    rng = np.random.default_rng(0)
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape(["batch", 16]))
+    y = ir.val("y", ir.DataType.FLOAT, ir.Shape(["batch", 16]))
+    outs = []
+    graph = ir.Graph([x, y], [], nodes=[], name="g", opset_imports={"": 21})
+    for i, (src, n) in enumerate(((x, 24), (x, 8), (x, 8), (y, 8))):
+        w = ir.val(f"w{i}", const_value=ir.tensor(rng.standard_normal((16, n)).astype(dtype), name=f"w{i}"))
+        graph.register_initializer(w)
+        node = ir.node("MatMul", [src, w], name=f"mm{i}")
+        node.outputs[0].name = f"out{i}"
+        node.outputs[0].dtype, node.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(["batch", n])
+        graph.append(node)
+        outs.append(node.outputs[0])
+    graph.outputs.extend(outs)
+    model = ir.Model(graph, ir_version=10)
+    path = tmp_path / "branchy.onnx"
+    ir.save(model, path)
+    return path
+
+
+def _run(path, feeds):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
+
+
+@pytest.mark.parametrize("scheme", ["float", "w4", "w4-sym"])
+def test_merged_layers_compute_the_same_outputs(tmp_path, scheme):
+    path = _branchy(tmp_path)
+    if scheme != "float":
+        qonnx.quantize(
+            path, qonnx.W4A16(block_size=16, symmetric=scheme == "w4-sym"), output=tmp_path / "q.onnx", verify=False
+        )
+        path = tmp_path / "q.onnx"
+    model = ir.load(path)
+    merge = MergeParallelLinearPass()
+    merge(model)
+    kind = "MatMul" if scheme == "float" else "MatMulNBits"
+    assert merge.merged == {kind: 2} and merge.packed_qkv == 0
+    ops = [n.op_type for n in model.graph]
+    assert ops.count(kind) == 2 and ops.count("Split") == 1  # the merged one and the one on y
+    ir.save(model, tmp_path / "merged.onnx")
+    feeds = {n: np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32) for n in ("x", "y")}
+    before, after = _run(path, feeds), _run(tmp_path / "merged.onnx", feeds)
+    assert list(after) == list(before)  # graph outputs and their names kept
+    for name in before:
+        np.testing.assert_allclose(after[name], before[name], rtol=1e-5, atol=1e-5)
+
+
+def test_layers_with_different_settings_are_not_merged(tmp_path):
+    path = _branchy(tmp_path)
+    model = ir.load(path)
+    for node in model.graph:  # one weight becomes a graph input: not a constant
+        if node.name == "mm1":
+            node.inputs[1].const_value = None
+    merge = MergeParallelLinearPass()
+    merge(model)
+    assert merge.merged == {"MatMul": 1}  # mm0 and mm2 only
+
+
+def test_decoder_qkv_packed_into_group_query_attention(tmp_path):
+    """Lowered W4A16 decoder: q/k/v become one MatMulNBits read by GroupQueryAttention as packed QKV."""
+    from qonnx.lowering import lower
+    from qonnx.models.export import export_causal_lm
+
+    export_causal_lm(tiny_model("llama"), tmp_path / "kv", tokenizer=tiny_tokenizer(), quiet=True, verify=False)
+    qonnx.quantize(tmp_path / "kv", qonnx.W4A16(block_size=32), output=tmp_path / "w4", verify=False)
+    summary = lower(tmp_path / "w4", tmp_path / "low")  # verified against the input before it is written
+    assert summary.fusions["packed_qkv_for_gqa_merged"] == 2 and summary.fusions["merged_linear"] == 6
+    model = ir.load(tmp_path / "low" / "model.onnx")
+    for node in model.graph:
+        if node.op_type == "GroupQueryAttention":
+            assert node.inputs[0].producer().op_type == "MatMulNBits"
+            assert node.inputs[1] is None and node.inputs[2] is None
