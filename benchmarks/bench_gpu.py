@@ -550,7 +550,8 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"--new-tokens {args.new_tokens}{fuse}` on the lent GPU ({results.get('gpu', 'see device')}), onnxruntime-gpu "
         f"{results['ort']}, Python {platform.python_version()}.",
         "Random-weight Llama models (TinyLlama-1.1B and Llama-2-7B shapes), exported by "
-        "`qonnx.models.export_causal_lm` (fp16, KV cache), quantized by `qonnx.quantize(W4A16(block_size=128))`"
+        "`qonnx.models.export_causal_lm` (fp16, KV cache), quantized by "
+        + f"`qonnx.quantize(W4A16(block_size=128{', symmetric=True' if args.symmetric else ''}))`"
         + ("; fused = the same model after `qonnx.lowering.lower(target=...)`" if args.fuse else "")
         + (
             "; fused+kv = the fused model with past and present bound to one KV buffer per layer"
