@@ -39,13 +39,14 @@ def _run(path, feeds):
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
 
 
-@pytest.mark.parametrize("scheme", ["float", "w4", "w4-sym"])
+@pytest.mark.parametrize("scheme", ["float", "w4", "w4-sym", "w4-hqq"])
 def test_merged_layers_compute_the_same_outputs(tmp_path, scheme):
+    """Packed codes, scales, integer or float (HQQ) zero points are concatenated per output column."""
     path = _branchy(tmp_path)
     if scheme != "float":
-        qonnx.quantize(
-            path, qonnx.W4A16(block_size=16, symmetric=scheme == "w4-sym"), output=tmp_path / "q.onnx", verify=False
-        )
+        algo = {"algo": "hqq"} if scheme == "w4-hqq" else {}
+        config = qonnx.W4A16(block_size=16, symmetric=scheme == "w4-sym", **algo)
+        qonnx.quantize(path, config, output=tmp_path / "q.onnx", verify=False)
         path = tmp_path / "q.onnx"
     model = ir.load(path)
     merge = MergeParallelLinearPass()
