@@ -36,12 +36,21 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
+def _own_constant(value: ir.Value | None) -> bool:
+    """Whether ``value`` is a constant that one node alone reads.
+
+    Merging then moves its bytes instead of copying them: a tied weight, also read by a Gather, would be stored
+    twice.
+    """
+    return value is not None and value.const_value is not None and len(list(value.uses())) == 1
+
+
 def _nbits_key(node: ir.Node) -> tuple | None:
     """What MatMulNBits nodes must share to merge; None when this node cannot be merged."""
     inputs = list(node.inputs) + [None] * (6 - len(node.inputs))
     if inputs[4] is not None:  # g_idx
         return None
-    if any(v is not None and _const(v) is None for v in inputs[1:6]) or _const(inputs[1]) is None:
+    if any(v is not None and not _own_constant(v) for v in inputs[1:6]) or inputs[1] is None:
         return None
     attrs = node.attributes
     key = tuple(attrs[a].as_int() if a in attrs else None for a in ("K", "bits", "block_size", "accuracy_level"))
@@ -56,7 +65,7 @@ def _nbits_key(node: ir.Node) -> tuple | None:
 
 
 def _matmul_key(node: ir.Node) -> tuple | None:
-    weight = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+    weight = _const(node.inputs[1]) if len(node.inputs) > 1 and _own_constant(node.inputs[1]) else None
     if weight is None or weight.ndim != 2:
         return None
     return ("matmul", weight.shape[0], node.inputs[1].dtype)  # type: ignore[union-attr]
@@ -113,11 +122,15 @@ class MergeParallelLinearPass(ir.passes.InPlacePass):
         super().__init__()
         self.merged: dict[str, int] = {}
         self.packed_qkv = 0
+        self._names: set[str] = set()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Group the candidates by input and kind, then merge each group of two or more."""
         self.merged = collections.Counter()
         self.packed_qkv = 0
+        self._names = {v.name for v in model.graph.initializers.values() if v.name} | {
+            v.name for n in model.graph for v in n.outputs if v.name
+        }
         groups: dict[tuple, list[ir.Node]] = collections.defaultdict(list)
         for node in model.graph:
             if node.inputs and node.inputs[0] is not None:
@@ -138,6 +151,15 @@ class MergeParallelLinearPass(ir.passes.InPlacePass):
             RemoveUnusedNodesPass()(model)  # the separate weights
         return ir.passes.PassResult(model, modified=bool(self.merged))
 
+    def _unique(self, base: str) -> str:
+        """A name prefix no initializer or value of the model starts with yet."""
+        name, i = base, 1
+        while any(n.startswith(name) for n in self._names):
+            i += 1
+            name = f"{base}{i}"
+        self._names.add(name)
+        return name
+
     def _merge(self, model: ir.Model, nodes: list[ir.Node]) -> None:
         graph = model.graph
         outputs = [n.outputs[0] for n in nodes]
@@ -147,7 +169,7 @@ class MergeParallelLinearPass(ir.passes.InPlacePass):
             nodes = sorted(nodes, key=lambda n: order[id(n.outputs[0])])
             outputs = [n.outputs[0] for n in nodes]
         first = nodes[0]
-        base = (first.name or "linear") + "_merged"
+        base = self._unique((first.name or "linear") + "_merged")
         widths = [_columns(n) for n in nodes]
         total = sum(widths)
         if first.op_type == "MatMul":

@@ -74,6 +74,40 @@ def test_layers_with_different_settings_are_not_merged(tmp_path):
     assert merge.merged == {"MatMul": 1}  # mm0 and mm2 only
 
 
+def test_a_shared_weight_is_not_copied(tmp_path):
+    """A weight another node also reads (a tied lm_head and its embedding Gather) stays where it is."""
+    model = ir.load(_branchy(tmp_path))
+    nodes = {n.name: n for n in model.graph}
+    weight = nodes["mm1"].inputs[1]
+    gather = ir.node("Gather", [weight, ir.val("idx", const_value=ir.tensor(np.array([0], np.int64)))], name="g")
+    model.graph.register_initializer(gather.inputs[1])
+    model.graph.append(gather)
+    model.graph.outputs.append(gather.outputs[0])
+    merge = MergeParallelLinearPass()
+    merge(model)
+    assert merge.merged == {"MatMul": 1} and weight.name in model.graph.initializers  # mm0 and mm2 only
+
+
+def test_merged_names_do_not_collide(tmp_path):
+    """Two groups of unnamed nodes get distinct initializer names."""
+    model = ir.load(_branchy(tmp_path))
+    y = next(v for v in model.graph.inputs if v.name == "y")
+    weight = ir.val("w4", const_value=ir.tensor(np.ones((16, 8), np.float32), name="w4"))
+    model.graph.register_initializer(weight)
+    extra = ir.node("MatMul", [y, weight])
+    extra.outputs[0].name = "out4"
+    model.graph.append(extra)
+    model.graph.outputs.append(extra.outputs[0])
+    for node in model.graph:
+        node.name = None
+    merge = MergeParallelLinearPass()
+    merge(model)  # would raise on a duplicate initializer name
+    assert merge.merged == {"MatMul": 3}
+    ir.save(model, tmp_path / "merged.onnx")
+    feeds = {n: np.ones((2, 16), np.float32) for n in ("x", "y")}
+    assert set(_run(tmp_path / "merged.onnx", feeds)) == {f"out{i}" for i in range(5)}
+
+
 def test_decoder_qkv_packed_into_group_query_attention(tmp_path):
     """Lowered W4A16 decoder: q/k/v become one MatMulNBits read by GroupQueryAttention as packed QKV."""
     from qonnx.lowering import lower
