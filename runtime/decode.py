@@ -122,7 +122,9 @@ class FixedShapeDecoder:
         for name in self.past:
             info = inputs[name]
             shape = (batch, info.shape[1], max_len, info.shape[3])
-            self.kv[name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, _NP[info.type], self.device, 0)
+            # zeros, not uninitialized memory: positions past the lengths are masked, but a NaN left there by
+            # chance could still reach a masked product
+            self.kv[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, _NP[info.type]), self.device, 0)
         self.mask = np.zeros((batch, max_len), np.int64)
         self.length = 0  # positions filled in every row
         self._step_io: Any = None
