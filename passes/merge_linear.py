@@ -118,8 +118,15 @@ class MergeParallelLinearPass(ir.passes.InPlacePass):
     the GroupQueryAttention nodes that now read a packed query/key/value.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, split: bool = True) -> None:
+        """Set the option.
+
+        Args:
+            split: also merge groups whose outputs must be split apart again (gate/up); False: only those a
+                GroupQueryAttention reads packed (q/k/v).
+        """
         super().__init__()
+        self.split = split
         self.merged: dict[str, int] = {}
         self.packed_qkv = 0
         self._names: set[str] = set()
@@ -164,6 +171,8 @@ class MergeParallelLinearPass(ir.passes.InPlacePass):
         graph = model.graph
         outputs = [n.outputs[0] for n in nodes]
         gqa = _gqa_packed(outputs)
+        if gqa is None and not self.split:
+            return
         if gqa is not None:  # concatenate in the attention's order: query, key, value
             order = {id(v): next(i for _, i in v.uses()) for v in outputs}
             nodes = sorted(nodes, key=lambda n: order[id(n.outputs[0])])

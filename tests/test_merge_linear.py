@@ -116,9 +116,33 @@ def test_decoder_qkv_packed_into_group_query_attention(tmp_path):
     export_causal_lm(tiny_model("llama"), tmp_path / "kv", tokenizer=tiny_tokenizer(), quiet=True, verify=False)
     qonnx.quantize(tmp_path / "kv", qonnx.W4A16(block_size=32), output=tmp_path / "w4", verify=False)
     summary = lower(tmp_path / "w4", tmp_path / "low")  # verified against the input before it is written
-    assert summary.fusions["packed_qkv_for_gqa_merged"] == 2 and summary.fusions["merged_linear"] == 6
+    assert summary.fusions["packed_qkv_for_gqa_merged"] == 2 and summary.fusions["merged_linear"] == 4  # CPU
     model = ir.load(tmp_path / "low" / "model.onnx")
+    assert not any(n.op_type == "Split" for n in model.graph)  # gate/up stay apart on the CPU
     for node in model.graph:
         if node.op_type == "GroupQueryAttention":
             assert node.inputs[0].producer().op_type == "MatMulNBits"
             assert node.inputs[1] is None and node.inputs[2] is None
+
+
+def test_cuda_target_also_merges_gate_and_up(tmp_path):
+    """For CUDA gate/up are merged too (with a Split), q/k/v as well where attention stays unfused (float32)."""
+    from qonnx.models.export import export_causal_lm
+    from qonnx.passes.lower import FuseForOrtPass
+
+    export_causal_lm(tiny_model("llama"), tmp_path / "kv", tokenizer=tiny_tokenizer(), quiet=True, verify=False)
+    model = ir.load(tmp_path / "kv" / "model.onnx")
+    fuse = FuseForOrtPass("cuda")
+    fuse(model)
+    assert fuse.fusions["merged_linear"] == 6 and "packed_qkv_for_gqa_merged" not in fuse.fusions
+    assert sum(n.op_type == "Split" for n in model.graph) == 4  # q/k/v and gate/up, 2 layers
+    ir.save(model, tmp_path / "cuda.onnx")
+    rng = np.random.default_rng(0)
+    sess = ort.InferenceSession(str(tmp_path / "cuda.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": rng.integers(0, 100, (1, 5)), "attention_mask": np.ones((1, 5), np.int64)}
+    feeds["position_ids"] = np.arange(5)[None]
+    for i in sess.get_inputs():
+        if i.name.startswith("past"):
+            feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+    ref = ort.InferenceSession(str(tmp_path / "kv" / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(["logits"], feeds)[0], ref.run(["logits"], feeds)[0], rtol=1e-4, atol=1e-4)
