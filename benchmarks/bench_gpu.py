@@ -291,6 +291,16 @@ class GraphRunner:
         self.decoder = FixedShapeDecoder(self.session, batch, self.max_len, cuda_graph=True)
         return self.decoder
 
+    # Runner's interface, for compare_logits: empty_past starts a decoder, step(ids, _, 0) is its prompt.
+    def empty_past(self, batch: int) -> dict[str, Any]:
+        self.new_decoder(batch)
+        return {}
+
+    def step(self, ids: np.ndarray, past: dict[str, Any], past_len: int) -> tuple[float, dict[str, Any]]:
+        t = time.perf_counter()
+        self.logits = self.decoder.prefill(ids) if past_len == 0 else self.decoder.step(ids)
+        return time.perf_counter() - t, past
+
     def measure(self, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> dict[str, float]:
         rng = np.random.default_rng(0)
         ids = rng.integers(0, vocab, size=(batch, prompt_len))
@@ -317,28 +327,9 @@ class GraphRunner:
         }
 
 
-def compare_graph(ref: Runner, graph: GraphRunner, prompt_len: int, vocab: int, steps: int = 8) -> dict[str, float]:
-    """The shared-buffer runner against the CUDA-graph decoder on the same tokens (greedy from ``ref``)."""
-    rng = np.random.default_rng(1)
-    ids = rng.integers(0, vocab, size=(1, prompt_len))
-    _, past = ref.step(ids, ref.empty_past(1), 0)
-    decoder = graph.new_decoder(1)
-    b_logits = decoder.prefill(ids).numpy()[:, -1].astype(np.float64)
-    diff = scale = 0.0
-    agree = 0
-    for i in range(steps + 1):
-        a = ref.logits.numpy()[:, -1].astype(np.float64)
-        diff, scale = max(diff, float(np.abs(a - b_logits).max())), max(scale, float(np.abs(a).max()))
-        agree += int(a.argmax() == b_logits.argmax())
-        if i == steps:
-            break
-        nxt = np.array([[int(a.argmax())]])
-        _, past = ref.step(nxt, past, prompt_len + i)
-        b_logits = decoder.step(nxt).numpy()[:, -1].astype(np.float64)
-    return {"max_abs_diff": diff, "max_abs_logit": scale, "top1_agreement": agree / (steps + 1)}
-
-
-def compare_logits(ref: Runner, other: Runner, prompt_len: int, vocab: int, steps: int = 8) -> dict[str, float]:
+def compare_logits(
+    ref: Runner, other: Runner | GraphRunner, prompt_len: int, vocab: int, steps: int = 8
+) -> dict[str, float]:
     """Both models on the same tokens (a prefill, then ``steps`` greedy tokens of ``ref``): max |logits diff|
     over the last prefill position and every step, the largest |logit|, and top-1 agreement."""
     rng = np.random.default_rng(1)
@@ -441,32 +432,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 fused, device, args, vocab, bw, f"{size} {label} fused", entry["models"], label + " fused"
             )
             if base is not None and other is not None:
-                try:
-                    check = compare_logits(base, other, args.prompt_len, vocab)
-                except Exception as e:  # a failing comparison is a finding, not a reason to stop the run
-                    check = {"error": _first_line(e)}
-                entry["lowered"][label]["agreement"] = check
-                print(f"{size} {label} fused vs unfused: {json.dumps(check)}", flush=True)
+                _agreement(entry, size, label, "agreement", "fused vs unfused", base, other, args.prompt_len, vocab)
             del base  # 7B fp16: four sessions at once do not fit in 80 GB
             if args.share_kv and other is not None:
                 shared = measure_model(
-                    fused,
-                    device,
-                    args,
-                    vocab,
-                    bw,
-                    f"{size} {label} fused",
-                    entry["models"],
-                    label + " fused+kv",
-                    share_kv=True,
+                    fused, device, args, vocab, bw, f"{size} {label} fused", entry["models"], label + " fused+kv", True
                 )
                 if shared is not None:
-                    try:
-                        check = compare_logits(other, shared, args.prompt_len, vocab)
-                    except Exception as e:
-                        check = {"error": _first_line(e)}
-                    entry["lowered"][label]["shared_kv_agreement"] = check
-                    print(f"{size} {label} fused, shared KV buffer vs separate: {json.dumps(check)}", flush=True)
+                    what = "fused, shared KV buffer vs separate"
+                    _agreement(entry, size, label, "shared_kv_agreement", what, other, shared, args.prompt_len, vocab)
                 if args.cuda_graph and shared is not None:
                     graph = measure_model(
                         fused,
@@ -480,17 +454,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         graph=True,
                     )
                     if graph is not None:
-                        try:
-                            check = compare_graph(shared, graph, args.prompt_len, vocab)  # type: ignore[arg-type]
-                        except Exception as e:
-                            check = {"error": _first_line(e)}
-                        entry["lowered"][label]["graph_agreement"] = check
-                        print(f"{size} {label} CUDA graph vs shared KV buffer: {json.dumps(check)}", flush=True)
+                        what = "CUDA graph vs shared KV buffer"
+                        _agreement(entry, size, label, "graph_agreement", what, shared, graph, args.prompt_len, vocab)
                     del graph
                 del shared
             del other
         results["sizes"][size] = entry
     return results
+
+
+def _agreement(
+    entry: dict[str, Any], size: str, label: str, key: str, what: str, ref: Any, other: Any, prompt_len: int, vocab: int
+) -> None:
+    """compare_logits of two runners into ``entry["lowered"][label][key]``, printed; a failure is recorded too."""
+    try:
+        check = compare_logits(ref, other, prompt_len, vocab)
+    except Exception as e:  # a failing comparison is a finding, not a reason to stop the run
+        check = {"error": _first_line(e)}
+    entry["lowered"][label][key] = check
+    print(f"{size} {label} {what}: {json.dumps(check)}", flush=True)
 
 
 def _first_line(e: BaseException) -> str:

@@ -309,11 +309,9 @@ def _mismatches(found: dict[str, Any]) -> list[str]:
 
 def _config_max_positions(folder: Path) -> int | None:
     """``max_position_embeddings`` from the Hugging Face config.json in ``folder`` (None: absent or unreadable)."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    from qonnx.runtime.evaluate import model_config
+
+    value = model_config(folder).get("max_position_embeddings")
     return value if isinstance(value, int) and value > 0 else None
 
 

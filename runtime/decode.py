@@ -129,7 +129,6 @@ class FixedShapeDecoder:
         self.length = 0  # positions filled in every row
         self._step_io: Any = None
         self._values: dict[str, Any] = {}
-        self._host: dict[str, np.ndarray] = {}
         self.graph_id = next(_graph_ids)
         self._prefill_options = ort.RunOptions()
         self._step_options = ort.RunOptions()
@@ -166,7 +165,7 @@ class FixedShapeDecoder:
             raise ValueError(f"a prompt of {ids.shape[1]} tokens leaves no room in {self.max_len} positions")
         self.length = 0
         io = self.session.io_binding()
-        feeds = self._feeds(ids, np.ones(ids.shape, np.int64))  # alive until the run: CPU OrtValues wrap it
+        feeds = self._feeds(ids, np.ones(ids.shape, np.int64))
         for name, array in feeds.items():
             io.bind_ortvalue_input(name, self._ortvalue(array))
         io.bind_output("logits", self.device)
@@ -195,9 +194,8 @@ class FixedShapeDecoder:
             import onnxruntime as ort
 
             io = self.session.io_binding()
-            # On the CPU an OrtValue wraps the numpy array's memory: the arrays must live as long as the binding.
-            self._host = {name: np.array(array) for name, array in feeds.items()}
-            self._values = {name: self._ortvalue(array) for name, array in self._host.items()}
+            # copies: on the CPU an OrtValue wraps its array, and self.mask changes between steps
+            self._values = {name: self._ortvalue(np.array(array)) for name, array in feeds.items()}
             for name, value in self._values.items():
                 io.bind_ortvalue_input(name, value)
             logits = next(o for o in self.session.get_outputs() if o.name == "logits")

@@ -46,7 +46,8 @@ def token_nlls(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return (lse - target).astype(np.float64)
 
 
-def _config(folder: Path) -> dict[str, Any]:
+def model_config(folder: Path) -> dict[str, Any]:
+    """The Hugging Face config.json in ``folder`` ({} when absent or unreadable)."""
     path = folder / "config.json"
     if not path.is_file():
         return {}
@@ -129,7 +130,7 @@ def perplexity(
     from tqdm import tqdm
 
     path = resolve_model_path(model_dir)
-    config = _config(path.parent)
+    config = model_config(path.parent)
     _check_seq_len(config, seq_len, path.parent)
     batches = evaluation_windows(corpus_tokens(path.parent, data), seq_len, windows)
     device = resolve_device(device)
@@ -318,7 +319,7 @@ def similarity(
     embeddings, tokens, paths = [], 0, []
     for folder in folders:
         session, tokenizer, path = _encoder_session(folder, device, threads)
-        _check_seq_len(_config(path.parent), max_length, path.parent)
+        _check_seq_len(model_config(path.parent), max_length, path.parent)
         e, n = sentence_embeddings(session, tokenizer, chunks, max_length=max_length, progress=progress)
         embeddings.append(e)
         tokens = tokens or n

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from qonnx.errors import ConfigError
 from qonnx.runtime.session import make_session
 
 __all__ = ["Generator", "GenerationResult", "kv_buffer_shareable"]
@@ -107,7 +108,7 @@ class Generator:
         device = resolve_device(device)
         decodable = fixed_shape_decodable(model)
         if fixed_shapes and not decodable:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: fixed_shapes=True needs a model lowered with GroupQueryAttention whose lengths come from "
                 "the attention mask's sum (re-lower it with this version: `qonnx lower --attention`)"
             )
@@ -145,7 +146,7 @@ class Generator:
         #: Whether generate() binds past and present to one buffer per cache input.
         self.shared_kv = shareable if shared_kv is None else shared_kv
         if self.fixed_shapes and not self.shared_kv:
-            raise ValueError("fixed_shapes needs the shared KV buffer (shared_kv=False was asked)")
+            raise ConfigError("fixed_shapes needs the shared KV buffer (shared_kv=False was asked)")
         #: The shared buffers of the last generate() call (OrtValues on ``device``), by past input name.
         self.kv_buffers: dict[str, Any] = {}
         self._decoder: Any = None
@@ -158,7 +159,7 @@ class Generator:
             size = -(-needed // 256) * 256  # whole blocks of 256 positions: fewer new buffers and graphs
             if self.max_positions is not None:
                 if needed > self.max_positions:
-                    raise ValueError(
+                    raise ConfigError(
                         f"prompt + max_new_tokens = {needed} positions; the model's rotary cache holds "
                         f"{self.max_positions}"
                     )
