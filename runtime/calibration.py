@@ -87,7 +87,7 @@ def calibration_feeds(
                 + "; ".join(f"{what} {', '.join(v)}" for what, v in (("missing", missing), ("unknown", unknown)) if v)
             )
         return feeds
-    from qonnx.runtime.evaluate import _check_seq_len, _config, _feed_builder
+    from qonnx.runtime.evaluate import _check_seq_len, _feed_builder, model_config
 
     folder = Path(tokenizer_dir) if tokenizer_dir is not None else path.parent
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
@@ -95,7 +95,7 @@ def calibration_feeds(
             f"{path}: calibration needs data: there is no tokenizer beside the model to tokenize {str(data)!r}; "
             "pass a .npz file of input feeds (calib_data='feeds.npz', --calib-data feeds.npz)"
         )
-    _check_seq_len(_config(folder), seq_len, folder)
+    _check_seq_len(model_config(folder), seq_len, folder)
     try:
         feed, _ = _feed_builder(_GraphIO(path), path)
     except ModelLoadError as e:
