@@ -18,6 +18,7 @@ import onnx
 import onnx_ir as ir
 
 from qonnx.errors import ModelLoadError, OutputPathError
+from qonnx.paths import MODEL_FILENAME, resolve_model_path
 
 __all__ = [
     "MODEL_FILENAME",
@@ -31,8 +32,6 @@ __all__ = [
     "to_bytes",
 ]
 
-#: The file name of the model inside a model folder (the layout Hugging Face Optimum uses).
-MODEL_FILENAME = "model.onnx"
 #: The newest IR version that the ONNX Runtime releases we target accept (1.31 refuses 14).
 MAX_RUNTIME_IR_VERSION = 13
 #: Above this many bytes of weights, a model is saved with external data (a protobuf is built in memory).
@@ -44,21 +43,6 @@ _INLINE_BYTES = 1024
 _ORT_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
 
 _SUB_BYTE = {ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.FLOAT4E2M1}
-
-
-def resolve_model_path(path: str | os.PathLike) -> Path:
-    """Return the .onnx file that ``path`` names: the file itself or ``<dir>/model.onnx``."""
-    p = Path(path)
-    if p.is_dir():
-        candidate = p / MODEL_FILENAME
-        if not candidate.is_file():
-            raise ModelLoadError(f"{p}: folder holds no {MODEL_FILENAME}")
-        return candidate
-    if not p.exists():
-        raise ModelLoadError(f"{p}: no such file")
-    if not p.is_file():
-        raise ModelLoadError(f"{p}: not a regular file")
-    return p
 
 
 def iter_tensors(model: ir.Model) -> Iterator[tuple[ir.Value, ir.TensorProtocol]]:

@@ -304,6 +304,42 @@ def test_in_memory_model_runs_like_its_file(tmp_path, rng, fmt):
     assert all(np.array_equal(a, b) for a, b in zip(from_memory, from_file, strict=True))
 
 
+def test_large_float_weights_are_fed_not_copied(rng):
+    """A model run from memory takes its large float weights as inputs fed with every run (ONNX Runtime
+    would copy, and prepack, initializers): hidden from get_inputs(), the same outputs. Weights read by an op
+    that is not known to take any input (Add here), or by a subgraph, stay initializers; so do small ones."""
+    k = 512  # a [512, 512] float32 weight is 1 MiB: just fed
+    w, b, small = (rng.standard_normal(s).astype(np.float32) for s in ((k, k), (k, k), (k, 4)))
+    cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["sub_w"], ["r"])], "b", [], [helper.make_tensor_value_info("r", 1, None)]
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Add", ["h", "b"], ["hb"]),
+            helper.make_node("MatMul", ["hb", "small"], ["y"]),
+            helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=branch),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [k, k]), cond],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [k, 4]), helper.make_tensor_value_info("z", 1, None)],
+        [numpy_helper.from_array(a, n) for a, n in ((w, "w"), (b, "b"), (small, "small"), (w.copy(), "sub_w"))],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9))
+    snapshot = InMemoryModel.of(model)
+    rewritten = verify_module.feed_weights(snapshot.proto, snapshot.weights)
+    assert rewritten is not None and rewritten[1] == ["w"]
+    assert "w" not in {t.name for t in onnx.ModelProto.FromString(rewritten[0]).graph.initializer}
+    session = verification_session(snapshot, "cpu", prepack=True)
+    assert [i.name for i in session.get_inputs()] == ["x", "c"]
+    feeds = {"x": rng.standard_normal((k, k)).astype(np.float32), "c": np.array(True)}
+    y, z = session.run(None, feeds)
+    np.testing.assert_allclose(y, (feeds["x"] @ w + b) @ small, rtol=1e-4, atol=1e-3)
+    assert np.array_equal(z, w)
+    assert verify_module.feed_weights(snapshot.proto, {n: a[:1] for n, a in snapshot.weights.items()}) is None
+
+
 def test_metadata_is_appended_and_replaced(tmp_path, tiny_model):
     """New metadata keys are appended to the written file (protobuf merges them); keys the model already
     holds are replaced, never duplicated. ONNX Runtime and onnx read both the same."""

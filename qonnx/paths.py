@@ -1,0 +1,28 @@
+"""Where a model lies on disk, without importing the IR (cheap enough for the first thing a run does)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from qonnx.errors import ModelLoadError
+
+__all__ = ["MODEL_FILENAME", "resolve_model_path"]
+
+#: The file name of the model inside a model folder (the layout Hugging Face Optimum uses).
+MODEL_FILENAME = "model.onnx"
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """Return the .onnx file that ``path`` names: the file itself or ``<dir>/model.onnx``."""
+    p = Path(path)
+    if p.is_dir():
+        candidate = p / MODEL_FILENAME
+        if not candidate.is_file():
+            raise ModelLoadError(f"{p}: folder holds no {MODEL_FILENAME}")
+        return candidate
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file")
+    if not p.is_file():
+        raise ModelLoadError(f"{p}: not a regular file")
+    return p
