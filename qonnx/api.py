@@ -296,9 +296,17 @@ def quantize(
     if skip_note:
         print(f"qonnx: WARNING: {skip_note}", file=sys.stderr)
 
-    # The quantized model runs from memory, in a background thread while the output is written.
+    # The quantized model runs from memory, in a background thread while the output is written; a model
+    # written as one file is written from the same snapshot (taken here, on this thread).
     use = reference or original or b""
-    pending = None if skip_note or out_path is None else start_verify(use, ir_model, options, bytes_before)
+    snapshot = None
+    if wants_check and out_path is not None and modelfile.writes_one_file(ir_model, external_data):
+        from qonnx.runtime.session import InMemoryModel
+
+        snapshot = InMemoryModel.of(ir_model)
+    pending = None
+    if not skip_note and out_path is not None:
+        pending = start_verify(use, snapshot or ir_model, options, bytes_before)
 
     def finalize(tmp_model: Path) -> dict[str, str]:
         nonlocal checked
@@ -323,7 +331,7 @@ def quantize(
             _mirror_folder(mirror, out_path.parent, skip=set(protect))
         with phase("writing"):
             outputs = modelfile.save(
-                ir_model, out_path, protect=protect, external_data=external_data, finalize=finalize
+                ir_model, out_path, protect=protect, external_data=external_data, finalize=finalize, snapshot=snapshot
             )
         bytes_after = sum(p.stat().st_size for p in outputs)
     else:

@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from qonnx.errors import ModelLoadError, OutputPathError
 from qonnx.paths import MODEL_FILENAME, resolve_model_path
+from qonnx.snapshot import Snapshot, write_snapshot
 
 __all__ = [
     "MODEL_FILENAME",
@@ -29,6 +30,9 @@ __all__ = [
     "model_files",
     "iter_tensors",
     "make_runtime_compatible",
+    "Snapshot",
+    "write_snapshot",
+    "writes_one_file",
     "to_bytes",
 ]
 
@@ -194,6 +198,11 @@ def _weight_bytes(model: ir.Model) -> int:
     return sum(t.nbytes for _, t in iter_tensors(model))
 
 
+def writes_one_file(model: ir.Model, external_data: bool | None = None) -> bool:
+    """Whether :func:`save` with this ``external_data`` writes ``model`` as one file (weights inside)."""
+    return not external_data if external_data is not None else _weight_bytes(model) <= EXTERNAL_DATA_THRESHOLD
+
+
 def _same_file(a: Path, b: Path) -> bool:
     with contextlib.suppress(OSError):
         return a.exists() and b.exists() and os.path.samefile(a, b)
@@ -207,6 +216,7 @@ def save(
     protect: Iterable[str | os.PathLike] = (),
     external_data: bool | None = None,
     finalize: Callable[[Path], dict[str, str]] | None = None,
+    snapshot: Snapshot | None = None,
 ) -> list[Path]:
     """Save ``model`` to ``path`` atomically, with versions ONNX Runtime accepts.
 
@@ -219,9 +229,11 @@ def save(
         path: the .onnx file to write; external data goes to ``<name>.data`` beside it.
         protect: files that must not be overwritten (the input model and its data files).
         external_data: True to always write weights to a separate file, False never, None (default)
-            when the weights exceed 256 MiB (the protobuf is built in memory and cannot exceed 2 GB).
+            when the weights exceed 256 MiB (a protobuf file cannot exceed 2 GB).
         finalize: called with the written model's temporary path before it is moved into place; it may
             raise to abandon the write (nothing is left behind) and returns metadata_props to add.
+        snapshot: :meth:`Snapshot.of` the model as it is now, when the caller took one already: a model
+            written as one file is written from it (:func:`write_snapshot`) instead of from a new one.
 
     Returns:
         The files written.
@@ -253,15 +265,15 @@ def save(
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp-"))
     except OSError as e:
         raise OutputPathError(f"{parent}: cannot write there: {e.strerror}") from None
-    # Tensors that stay inside the protobuf but still live in the input's data file must be read in,
-    # or the output would point at the input's file. Restored afterwards: the model is not changed.
     try:
-        with _inlined(model, _INLINE_BYTES if external_data else None):
-            tmp_model = tmp / out.name
-            if external_data:
+        tmp_model = tmp / out.name
+        if external_data:
+            # Tensors that stay inside the protobuf but still live in the input's data file must be read in,
+            # or the output would point at the input's file. Restored afterwards: the model is not changed.
+            with _inlined(model, _INLINE_BYTES):
                 ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=_INLINE_BYTES)
-            else:
-                ir.save(model, tmp_model)
+        else:  # a snapshot holds no reference to the input's files
+            write_snapshot(snapshot if snapshot is not None else Snapshot.of(model), tmp_model)
         if finalize is not None:
             _add_metadata(tmp_model, finalize(tmp_model), written=model.metadata_props.keys())
         written = []

@@ -139,12 +139,16 @@ def start_reference(original: str | os.PathLike | bytes, options: VerifyOptions)
 
 
 def start_verify(
-    original: str | os.PathLike | bytes | ReferenceRun, quantized: ir.Model, options: VerifyOptions, size: int
+    original: str | os.PathLike | bytes | ReferenceRun,
+    quantized: ir.Model | InMemoryModel,
+    options: VerifyOptions,
+    size: int,
 ) -> Future[Verification]:
     """:func:`verify` the quantized model as it is now, in a background thread (e.g. while it is written).
 
-    The model is taken on this thread (:class:`~qonnx.runtime.session.InMemoryModel`) and may be saved
-    meanwhile, but not changed. ``result()`` returns what :func:`verify` returns, or raises what it raises.
+    The model is taken on this thread (:class:`~qonnx.runtime.session.InMemoryModel`, unless it is one
+    already) and may be saved meanwhile, but not changed. ``result()`` returns what :func:`verify` returns,
+    or raises what it raises.
     """
     from qonnx.runtime.session import InMemoryModel
 
@@ -153,7 +157,7 @@ def start_verify(
     if skipped is not None:
         future.set_result(skipped)
         return future
-    snapshot = InMemoryModel.of(quantized)
+    snapshot = quantized if isinstance(quantized, InMemoryModel) else InMemoryModel.of(quantized)
 
     def work() -> None:
         try:

@@ -6,19 +6,14 @@ loud load error before falling back to CPU. We look for a GPU first and only the
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import glob
 import os
 import sys
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
-import numpy as np
 import onnxruntime as ort
 
-if TYPE_CHECKING:
-    import onnx_ir as ir
+from qonnx.snapshot import Snapshot
 
 __all__ = ["cuda_usable", "resolve_device", "make_session", "InMemoryModel", "PRECISE_QDQ"]
 
@@ -142,61 +137,13 @@ def has_float8_qdq(model: str | bytes) -> bool:
     )
 
 
-#: Element types that ONNX Runtime takes from numpy arrays as they are (no sub-byte, float8 or bfloat16 types).
-_NUMPY_TYPES = frozenset(
-    {"FLOAT", "FLOAT16", "DOUBLE", "INT8", "UINT8", "INT16", "UINT16", "INT32", "UINT32", "INT64", "UINT64", "BOOL"}
-)
+class InMemoryModel(Snapshot):
+    """A model for ONNX Runtime straight from memory: a :class:`~qonnx.snapshot.Snapshot` of it.
 
-
-@dataclasses.dataclass(frozen=True)
-class InMemoryModel:
-    """A model for ONNX Runtime straight from memory: its graph as protobuf bytes, its weights as arrays.
-
-    The weights are handed over as external initializers (``SessionOptions.add_external_initializers``),
-    which ONNX Runtime uses where they lie: no serialized copy of the weights, no file to write or read back.
-    Weights of types numpy cannot hold for ONNX Runtime (int4, float8, bfloat16) and those of subgraphs are
-    serialized inside ``proto``.
+    The weights are handed over as external initializers (``SessionOptions.add_external_initializers``):
+    no serialized copy of the weights, no file to write or read back. Weights of types numpy cannot hold for
+    ONNX Runtime (int4, float8, bfloat16) and those of subgraphs are serialized inside ``proto``.
     """
-
-    proto: bytes
-    weights: Mapping[str, np.ndarray]
-
-    @classmethod
-    def of(cls, model: ir.Model, *, min_bytes: int = 1024) -> InMemoryModel:
-        """Take ``model`` as it is now (at an IR version ONNX Runtime accepts); the model is left unchanged.
-
-        Not thread-safe: while it serializes, the model's large tensors are swapped for placeholders.
-        """
-        import onnx_ir as ir
-
-        from qonnx.modelfile import iter_tensors, make_runtime_compatible
-
-        main = set(model.graph.initializers.values())
-        weights: dict[str, np.ndarray] = {}
-        swapped = []
-        for value, tensor in iter_tensors(model):
-            stub: ir.TensorProtocol
-            if value in main and tensor.dtype.name in _NUMPY_TYPES and tensor.nbytes >= min_bytes and value.name:
-                weights[value.name] = np.ascontiguousarray(tensor.numpy())
-                shape = ir.Shape(tensor.shape.numpy())
-                stub = ir.ExternalTensor(
-                    "qonnx-in-memory", 0, tensor.nbytes, tensor.dtype, shape=shape, name=value.name
-                )
-            elif isinstance(tensor, ir.ExternalTensor):  # its file is beside the model, which bytes do not know
-                stub = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
-            else:
-                continue
-            swapped.append((value, tensor))
-            value.const_value = stub
-        version = model.ir_version
-        try:
-            make_runtime_compatible(model)
-            proto = ir.serde.serialize_model(model).SerializeToString()
-        finally:
-            model.ir_version = version
-            for value, tensor in swapped:
-                value.const_value = tensor
-        return cls(proto, weights)
 
     def add_to(self, options: ort.SessionOptions) -> list[ort.OrtValue]:
         """Hand the weights to a session's options; keep what it returns alive as long as the session."""

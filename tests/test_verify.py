@@ -360,19 +360,22 @@ def test_metadata_is_appended_and_replaced(tmp_path, tiny_model):
 
 def test_quantized_model_verified_from_memory_while_written(tmp_path, tiny_model, monkeypatch):
     """The quantized model is compared from memory in a background thread that overlaps the writing, with the
-    figures of the written file; a refusal there still leaves nothing written."""
-    events: list[tuple[str, str]] = []
-    session, save = verify_module.verification_session, ir.save
+    figures of the written file; the file is written from the same snapshot. A refusal there still leaves
+    nothing written."""
+    events: list[tuple[object, str]] = []
+    session, write = verify_module.verification_session, modelfile.write_snapshot
     monkeypatch.setattr(
         verify_module,
         "verification_session",
-        lambda m, *a, **k: (events.append((type(m).__name__, threading.current_thread().name)), session(m, *a, **k))[1],
+        lambda m, *a, **k: (events.append((m, threading.current_thread().name)), session(m, *a, **k))[1],
     )
     monkeypatch.setattr(
-        ir, "save", lambda *a, **k: (events.append(("save", threading.current_thread().name)), save(*a, **k))[1]
+        modelfile, "write_snapshot", lambda m, p: (events.append((m, threading.current_thread().name)), write(m, p))[1]
     )
     s = qonnx.quantize(tiny_model, qonnx.W4A16(block_size=32), output=tmp_path / "q.onnx")
-    assert ("InMemoryModel", "qonnx-verify-quantized") in events and ("save", "MainThread") in events
+    by_thread = {thread: m for m, thread in events}  # the original is run from its file on a third thread
+    assert isinstance(by_thread["MainThread"], InMemoryModel)
+    assert by_thread["qonnx-verify-quantized"] is by_thread["MainThread"]
     from_file = verify_models(tiny_model, tmp_path / "q.onnx")
     assert [m.to_dict() for m in s.verification.outputs] == [m.to_dict() for m in from_file]
     props = {p.key: p.value for p in onnx.load(tmp_path / "q.onnx").metadata_props}
