@@ -10,6 +10,7 @@ import functools
 import glob
 import os
 import sys
+from collections.abc import Collection
 
 import onnxruntime as ort
 
@@ -145,9 +146,10 @@ class InMemoryModel(Snapshot):
     ONNX Runtime (int4, float8, bfloat16) and those of subgraphs are serialized inside ``proto``.
     """
 
-    def add_to(self, options: ort.SessionOptions) -> list[ort.OrtValue]:
-        """Hand the weights to a session's options; keep what it returns alive as long as the session."""
-        values = [ort.OrtValue.ortvalue_from_numpy(w) for w in self.weights.values()]
+    def add_to(self, options: ort.SessionOptions, *, exclude: Collection[str] = ()) -> list[ort.OrtValue]:
+        """Hand the weights but those in ``exclude`` to a session's options; keep the result alive with it."""
+        names = [n for n in self.weights if n not in exclude]
+        values = [ort.OrtValue.ortvalue_from_numpy(self.weights[n]) for n in names]
         if values:
-            options.add_external_initializers(list(self.weights), values)
+            options.add_external_initializers(names, values)
         return values

@@ -333,25 +333,28 @@ def verification_session(
         so.add_session_config_entry("session.disable_prepacking", "1")
     so.intra_op_num_threads = threads
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    import onnx
+
     fed: dict[str, np.ndarray] = {}
     keep: list[ort.OrtValue] = []
     if isinstance(model, InMemoryModel):
-        proto = untranspose_weights(model.proto) or model.proto
-        rewritten = feed_weights(proto, model.weights)
-        if rewritten is not None:
-            proto, names = rewritten
-            fed = {n: model.weights[n] for n in names}
-        keep = InMemoryModel(proto, {k: v for k, v in model.weights.items() if k not in fed}).add_to(so)
-        model = proto
+        proto = onnx.ModelProto.FromString(model.proto)
+        fed = {n: model.weights[n] for n in _for_one_run(proto, model.weights)[1]}
+        keep = model.add_to(so, exclude=fed)
+        model = proto.SerializeToString()
     elif not isinstance(model, bytes):
         from qonnx.paths import resolve_model_path  # not qonnx.modelfile: the IR's import would delay the build
 
         path = resolve_model_path(model)
         model = os.fspath(path)
-        untransposed = untranspose_weights(path)
-        if untransposed is not None:  # external data paths are relative to the model's folder
+        try:
+            proto = onnx.load(model, load_external_data=False)
+        except Exception:  # ONNX Runtime says what is wrong with the file
+            proto = None
+        untransposed = proto is not None and _for_one_run(proto)[0]
+        if untransposed or (proto is not None and path.stat().st_size <= _REWRITE_MAX_BYTES):
+            model = proto.SerializeToString()  # external data paths are relative to the model's folder:
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-            model = untransposed
     session = _FedSession(model, so, providers, fed)
     session._qonnx_weights = keep  # type: ignore[attr-defined]  # ONNX Runtime reads them where they lie
     return session
@@ -403,6 +406,14 @@ def feed_weights(model: bytes, weights: Mapping[str, np.ndarray]) -> tuple[bytes
     import onnx
 
     proto = onnx.ModelProto.FromString(model)
+    names = _feed(proto, weights)
+    return (proto.SerializeToString(), names) if names else None
+
+
+def _feed(proto: Any, weights: Mapping[str, np.ndarray]) -> list[str]:
+    """:func:`feed_weights` on a ModelProto, in place; the names fed."""
+    import onnx
+
     graph = proto.graph
     declared = {i.name for i in graph.input} | {o.name for o in graph.output}
     candidates = {
@@ -420,7 +431,7 @@ def feed_weights(model: bytes, weights: Mapping[str, np.ndarray]) -> tuple[bytes
             for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
                 candidates.difference_update(_names_read(sub))
     if not candidates:
-        return None
+        return []
     kept = [t for t in graph.initializer if t.name not in candidates]
     del graph.initializer[:]
     graph.initializer.extend(kept)
@@ -430,7 +441,27 @@ def feed_weights(model: bytes, weights: Mapping[str, np.ndarray]) -> tuple[bytes
         graph.input.append(
             onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(w.dtype), list(w.shape))
         )
-    return proto.SerializeToString(), names
+    return names
+
+
+#: A model file above this size is handed to ONNX Runtime as it is unless a weight is untransposed: stripping
+#: its metadata would not pay for serializing it again.
+_REWRITE_MAX_BYTES = 64 << 20
+
+
+def _for_one_run(proto: Any, weights: Mapping[str, np.ndarray] | None = None) -> tuple[bool, list[str]]:
+    """Rewrite a ModelProto in place for a session built for one run.
+
+    Returns whether a weight is now read untransposed and the names of the weights to feed.
+
+    Node metadata goes (torch's exporter writes about 3.9 of SmolLM2's 4.4 MB of graph there; ONNX Runtime
+    reads none of it and built the quantized model 0.03 s faster without it; shapes in ``value_info`` stay:
+    without them the build took 1.0 s instead of 0.2), weights read through a Transpose are read in place
+    (:func:`untranspose_weights`), and large float ``weights`` are fed (:func:`feed_weights`).
+    """
+    for node in proto.graph.node:
+        node.ClearField("metadata_props")
+    return _untranspose(proto), _feed(proto, weights) if weights else []
 
 
 def _names_read(graph: Any) -> set[str]:
@@ -462,6 +493,13 @@ def untranspose_weights(model: bytes | Path) -> bytes | None:
             proto = onnx.ModelProto.FromString(model)  # type: ignore[arg-type]
     except Exception:
         return None
+    return proto.SerializeToString() if _untranspose(proto) else None
+
+
+def _untranspose(proto: Any) -> bool:
+    """:func:`untranspose_weights` on a ModelProto, in place; whether anything changed."""
+    import onnx
+
     graph = proto.graph
     floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2}
     producers = {o: n for n in graph.node for o in n.output}
@@ -485,13 +523,13 @@ def untranspose_weights(model: bytes | Path) -> bytes | None:
         node.attribute.append(onnx.helper.make_attribute("transB", 1))
         dropped.add(id(t))
     if not dropped:
-        return None
+        return False
     kept = [n for n in graph.node if id(n) not in dropped]
     del graph.node[:]
     graph.node.extend(kept)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    return proto.SerializeToString()
+    return True
 
 
 def _float_outputs(session: ort.InferenceSession) -> list[str]:
