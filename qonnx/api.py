@@ -182,6 +182,9 @@ def quantize(
     config = W4A16() if config is None else config
     if not isinstance(config, SchemeConfig):
         raise ConfigError(f"config must be a scheme config such as W4A16(), not {type(config).__name__}")
+    data = _calibration_data(config)
+    if options.feeds is None and options.data is None and data is not None:  # verified on the same kind of data
+        options = dataclasses.replace(options, data=data)
     mixed = None
     phases: dict[str, float] = {}
 
@@ -476,6 +479,16 @@ def _note_mixed_precision(records: list[LayerRecord], mixed: MixedPrecision) -> 
     info = mixed.to_dict()
     info["bits_per_weight"]["output"] = round(8 * stored / params, 4) if params else None
     return info
+
+
+def _calibration_data(config: SchemeConfig) -> str | None:
+    """The data a scheme calibrates on when it is not the pydoc corpus (verification then uses it too)."""
+    calibration = getattr(config, "calibration", None)
+    algo = getattr(config, "algo", None)
+    for data in (getattr(calibration, "data", None), getattr(algo, "calib_data", None)):
+        if data is not None and str(data) != "pydoc":
+            return str(data)
+    return None
 
 
 def _weight_bytes(model: ir.Model) -> int:

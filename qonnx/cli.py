@@ -299,6 +299,7 @@ def quantize(
         min_sqnr=min_sqnr,
         shapes=_parse_shapes(input_shapes),
         dims=_parse_dims(dims),
+        data=calib_data if calib_data not in (None, "pydoc") else None,  # verified on the calibration data
     )
     start_reference_early(model, checks)  # the original runs in ONNX Runtime while the rest loads
     from qonnx.api import quantize as run_quantize
@@ -332,6 +333,8 @@ def quantize(
     check = summary.verification
     if check.ran:
         shown = _outputs_to_show(check.outputs)
+        if check.inputs:
+            click.echo(f"verified on {check.inputs}:")
         for m in shown:
             top1 = "" if m.top1_agreement is None else f", top-1 agreement {m.top1_agreement:.1%}"
             click.echo(

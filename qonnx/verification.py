@@ -50,7 +50,11 @@ class VerifyOptions:
         enabled: True always, False never, None (default) unless the input exceeds ``max_bytes``.
         min_sqnr: refuse to write the output when any output's SQNR (dB) is below this.
         warn_sqnr: warn on stderr below this.
-        feeds: input batches to use (e.g. calibration data); otherwise made from the declared inputs.
+        feeds: input batches to use; otherwise one batch from ``data``, else made from the declared inputs.
+        data: what that batch comes from: a ``.npz`` of feeds (its last batch; inputs it lacks are made up) or
+            text (``"pydoc"``, a ``.txt`` or ``.jsonl`` file: its last 128 tokens, through the tokenizer beside
+            the model). None (default): ``quantize`` takes the calibration data when the scheme has some, else
+            the end of the pydoc corpus for a model with a tokenizer.
         shapes: input name -> full shape, for inputs with dynamic dimensions.
         dims: dynamic dimension name -> size (e.g. {"sequence": 64}).
         device: "cpu", "cuda" or "auto".
@@ -61,6 +65,7 @@ class VerifyOptions:
     min_sqnr: float | None = None
     warn_sqnr: float = DEFAULT_WARN_SQNR
     feeds: Sequence[Mapping[str, np.ndarray]] | None = None
+    data: str | os.PathLike | None = None
     shapes: Mapping[str, tuple[int, ...]] | None = None
     dims: Mapping[str, int] | None = None
     device: str = "cpu"
@@ -74,6 +79,7 @@ class Verification:
     ran: bool
     outputs: list[Any] = dataclasses.field(default_factory=list)  # runtime.verify.OutputMetrics
     note: str = ""
+    inputs: str = ""  # what both models ran on, e.g. "pydoc text, its last 128 tokens"
     seconds: float = 0.0
 
     @property
@@ -87,6 +93,7 @@ class Verification:
         return {
             "ran": self.ran,
             "note": self.note,
+            "inputs": self.inputs,
             "worst_sqnr_db": None if worst is None else round(max(min(worst, 999.0), -999.0), 3),
             "outputs": [m.to_dict() for m in self.outputs],
         }
@@ -113,10 +120,7 @@ def start_reference_early(model: str | os.PathLike, options: VerifyOptions) -> N
         return
     if options.enabled is None and size > options.max_bytes:
         return
-    from qonnx.runtime.verify import ReferenceRun
-
-    run = ReferenceRun(path, feeds=options.feeds, shapes=options.shapes, dims=options.dims, device=options.device)
-    _EARLY.append((os.path.realpath(path), options, run.start()))
+    _EARLY.append((os.path.realpath(path), options, _reference(path, options).start()))
 
 
 def start_reference(original: str | os.PathLike | bytes, options: VerifyOptions) -> ReferenceRun:
@@ -125,17 +129,26 @@ def start_reference(original: str | os.PathLike | bytes, options: VerifyOptions)
     Pass the result to :func:`verify` as ``original``; errors surface there. A run that
     :func:`start_reference_early` started for the same file and ``options`` is returned instead.
     """
-    from qonnx.runtime.verify import ReferenceRun
-
     if not isinstance(original, bytes):
         key = os.path.realpath(original)
         for i, (path, opts, early) in enumerate(_EARLY):
             if path == key and opts is options:
                 del _EARLY[i]
                 return early
+    return _reference(original, options).start()
+
+
+def _reference(original: str | os.PathLike | bytes, options: VerifyOptions) -> ReferenceRun:
+    from qonnx.runtime.verify import ReferenceRun
+
     return ReferenceRun(
-        original, feeds=options.feeds, shapes=options.shapes, dims=options.dims, device=options.device
-    ).start()
+        original,
+        feeds=options.feeds,
+        shapes=options.shapes,
+        dims=options.dims,
+        data=options.data,
+        device=options.device,
+    )
 
 
 def start_verify(
@@ -194,16 +207,19 @@ def verify(
     """
     import time
 
-    from qonnx.runtime.verify import verify_models
+    from qonnx.runtime.verify import ReferenceRun, verify_models
 
     skipped = _skipped(options, size)
     if skipped is not None:
         return skipped
     start = time.perf_counter()
     try:
-        metrics = verify_models(
-            original, quantized, feeds=options.feeds, shapes=options.shapes, dims=options.dims, device=options.device
-        )
+        if isinstance(original, ReferenceRun):
+            reference = original
+        else:
+            reference = _reference(original, options)
+            reference.run()
+        metrics = verify_models(reference, quantized)
     except QonnxError:
         raise
     except Exception as e:  # ORT's errors for inputs it cannot make up: say how to fix
@@ -217,7 +233,7 @@ def verify(
         else:
             hint = "give input shapes with --input-shape NAME=DxD or disable it with --no-verify"
         raise QonnxError(f"verification could not run the models: {msg}; {hint}") from None
-    result = Verification(True, metrics, seconds=time.perf_counter() - start)
+    result = Verification(True, metrics, inputs=reference.inputs, seconds=time.perf_counter() - start)
     worst = result.worst_sqnr
     if options.min_sqnr is not None and worst is not None and not worst >= options.min_sqnr:
         bad = min(metrics, key=lambda m: m.sqnr_db)

@@ -22,7 +22,7 @@ import onnx
 from qonnx.errors import ConfigError, ModelLoadError
 from qonnx.modelfile import resolve_model_path
 from qonnx.runtime.capture import capture
-from qonnx.runtime.data import CALIBRATION_START, PYDOC, calibration_windows, corpus_tokens
+from qonnx.runtime.data import CALIBRATION_START, PYDOC, calibration_windows, corpus_tokens, npz_batches
 
 __all__ = ["calibration_feeds", "collect_hessians"]
 
@@ -35,20 +35,8 @@ HESSIAN_BUDGET_CUDA = 4 << 30
 
 
 def _npz_feeds(path: Path, count: int) -> list[dict[str, np.ndarray]]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not a readable .npz file: {e}") from None
-    if not arrays:
-        raise ConfigError(f"{path}: holds no arrays")
-    lengths = {k: (a.shape[0] if a.ndim else 0) for k, a in arrays.items()}
-    if len(set(lengths.values())) != 1 or 0 in lengths.values():
-        raise ConfigError(
-            f"{path}: every array must have the same first axis (one entry per calibration batch), got {lengths}"
-        )
-    n = min(count, next(iter(lengths.values())))
-    return [{k: a[i] for k, a in arrays.items()} for i in range(n)]
+    arrays, n = npz_batches(path)
+    return [{k: a[i] for k, a in arrays.items()} for i in range(min(count, n))]
 
 
 def calibration_feeds(

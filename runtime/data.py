@@ -183,3 +183,26 @@ def calibration_windows(
         ConfigError: the corpus is too short for them.
     """
     return _windows(tokens, seq_len, count, start, "calibration")
+
+
+def npz_batches(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], int]:
+    """The arrays of a ``.npz`` file of feeds and how many batches they hold.
+
+    The arrays are named after a model's inputs, their first axis indexing batches.
+
+    Raises:
+        ConfigError: the file cannot be read, holds no arrays, or its arrays disagree on the batch count.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable .npz file: {e}") from None
+    if not arrays:
+        raise ConfigError(f"{path}: holds no arrays")
+    lengths = {k: (a.shape[0] if a.ndim else 0) for k, a in arrays.items()}
+    if len(set(lengths.values())) != 1 or 0 in lengths.values():
+        raise ConfigError(
+            f"{path}: every array must have the same first axis (one entry per calibration batch), got {lengths}"
+        )
+    return arrays, next(iter(lengths.values()))

@@ -282,24 +282,26 @@ def compare_outputs(name: str, ref: np.ndarray, out: np.ndarray) -> OutputMetric
 VERIFY_TOKENS = 128
 
 
-def text_token_ids(folder: Path, length: int = VERIFY_TOKENS) -> np.ndarray | None:
-    """[1, length] token ids of real text when ``folder`` holds a ``tokenizer.json``, else None.
+def text_token_ids(folder: Path, length: int = VERIFY_TOKENS, data: str | os.PathLike = "pydoc") -> np.ndarray | None:
+    """[1, n] token ids of the end of ``data`` when ``folder`` holds a ``tokenizer.json``, else None.
 
-    The text is the end of the pydoc corpus, away from the evaluation windows; real text gives top-1
-    agreement a meaning that made-up ids do not.
+    ``data``: ``"pydoc"`` (default: the end of the pydoc corpus, away from the evaluation windows and from
+    calibration's start) or a ``.txt`` / ``.jsonl`` file. ``n`` is ``length``, or fewer when the text is
+    shorter (at least 8 tokens, else None). Real text gives top-1 agreement a meaning that made-up ids do not.
     """
     path = folder / "tokenizer.json"
     if not path.is_file():
         return None
+    from qonnx.runtime.data import read_text
+
+    text = read_text(data)[-100 * length :]  # ConfigError: unreadable data is the caller's to report
     try:
         from tokenizers import Tokenizer
 
-        from qonnx.runtime.data import pydoc_text
-
-        ids = Tokenizer.from_file(str(path)).encode(pydoc_text()[-12000:], add_special_tokens=False).ids
+        ids = Tokenizer.from_file(str(path)).encode(text, add_special_tokens=False).ids
     except Exception:  # an unreadable tokenizer: fall back to made-up ids
         return None
-    return np.asarray([ids[-length:]], dtype=np.int64) if len(ids) >= length else None
+    return np.asarray([ids[-length:]], dtype=np.int64) if len(ids) >= 8 else None
 
 
 #: Reference outputs kept in memory while quantization runs; batches past this are run at comparison time.
@@ -553,11 +555,14 @@ class ReferenceRun:
         feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
         shapes: Mapping[str, tuple[int, ...]] | None = None,
         dims: Mapping[str, int] | None = None,
+        data: str | os.PathLike | None = None,
         device: str = "cpu",
         budget: int = REFERENCE_BUDGET_BYTES,
     ) -> None:
         self.original, self.device, self.budget = original, device, budget
-        self._feeds, self._shapes, self._dims = feeds, shapes, dims
+        self._feeds, self._shapes, self._dims, self._data = feeds, shapes, dims, data
+        #: What the models run on, in words (for reports): set by ``run()``.
+        self.inputs = ""
         self.names: list[str] = []
         self.batches: list[Mapping[str, np.ndarray]] = []
         self._outputs: list[list[np.ndarray]] = []
@@ -588,9 +593,9 @@ class ReferenceRun:
         session = verification_session(self.original, self.device, prepack=False, threads=threads)
         if self._feeds:
             self.batches = list(self._feeds)
+            self.inputs = f"{len(self.batches)} given batch{'es' if len(self.batches) > 1 else ''}"
         else:
-            ids = None if isinstance(self.original, bytes) else text_token_ids(Path(self.original).parent)
-            self.batches = [make_inputs(session, shapes=self._shapes, dims=self._dims, token_ids=ids)]
+            self.batches = [self._batch(session)]
         self.names = _float_outputs(session)
         held = 0
         for batch in self.batches:
@@ -600,6 +605,34 @@ class ReferenceRun:
             out = session.run(self.names, dict(batch))
             held += sum(int(o.nbytes) for o in out)
             self._outputs.append(out)
+
+    def _batch(self, session: ort.InferenceSession) -> dict[str, np.ndarray]:
+        """The one batch to run, as ``inputs`` then says.
+
+        From ``data`` (or the pydoc corpus when the model has a tokenizer); inputs it does not give are made
+        from the declared shapes.
+        """
+        data = self._data
+        if data is not None and str(data).lower().endswith(".npz"):
+            from qonnx.errors import ConfigError
+            from qonnx.runtime.data import npz_batches
+
+            arrays, n = npz_batches(data)
+            declared = {i.name for i in session.get_inputs()}
+            unknown = sorted(set(arrays) - declared)
+            if unknown:
+                raise ConfigError(f"{data}: arrays not named after an input of the model: {', '.join(unknown)}")
+            given = {k: a[-1] for k, a in arrays.items()}
+            self.inputs = f"{Path(data).name}, its last batch (of {n})"
+            return {**make_inputs(session, shapes={k: a.shape for k, a in given.items()}, dims=self._dims), **given}
+        text = data if data is not None else "pydoc"
+        ids = None if isinstance(self.original, bytes) else text_token_ids(Path(self.original).parent, data=text)
+        if ids is not None:
+            source = "pydoc text" if str(text) == "pydoc" else Path(text).name
+            self.inputs = f"{source}, its last {ids.shape[1]} tokens"
+        else:
+            self.inputs = "inputs made from the declared shapes"
+        return make_inputs(session, shapes=self._shapes, dims=self._dims, token_ids=ids)
 
     def wait(self) -> ReferenceRun:
         """Wait for the background run; raises what it raised."""
@@ -626,19 +659,21 @@ def verify_models(
     feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
     dims: Mapping[str, int] | None = None,
+    data: str | os.PathLike | None = None,
     device: str = "cpu",
 ) -> list[OutputMetrics]:
     """Run both models on the same inputs; one metrics row per float output, over all batches.
 
     ``original`` may be a :class:`ReferenceRun` already started (its own inputs and device are used);
     ``quantized`` a file, bytes, or a model in memory (run from there, see :class:`InMemoryModel`).
+    Inputs: ``feeds``, else one batch from ``data`` (see :class:`ReferenceRun`).
     """
     if not isinstance(quantized, (str, os.PathLike, bytes, InMemoryModel)):
         quantized = InMemoryModel.of(quantized)
     if isinstance(original, ReferenceRun):
         reference = original
     else:
-        reference = ReferenceRun(original, feeds=feeds, shapes=shapes, dims=dims, device=device)
+        reference = ReferenceRun(original, feeds=feeds, shapes=shapes, dims=dims, data=data, device=device)
         reference.run()
     q_sess = verification_session(quantized, reference.device, prepack=True)  # while the reference finishes
     reference.wait()

@@ -412,3 +412,47 @@ def test_cli_starts_without_the_passes():
     code = "import sys, qonnx.cli; print(sorted(m for m in ('onnx_ir', 'onnxscript', 'qonnx.api') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert out.stdout.strip() == "[]"
+
+
+def test_verified_on_the_calibration_data(tmp_path, tiny_model, rng):
+    """A scheme that calibrates on a .npz of feeds is verified on its last batch (the figures of a direct run
+    on that batch), and says so; a .npz given for verification alone whose arrays are not named after inputs
+    is refused in one line, nothing written."""
+    batches = rng.standard_normal((3, 2, 5, 72)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", x=batches)
+    config = qonnx.W8A8(calibration=qonnx.Calibration(data=str(tmp_path / "cal.npz"), samples=2, device="cpu"))
+    s = qonnx.quantize(tiny_model, config, output=tmp_path / "q.onnx")
+    assert s.verification.inputs == "cal.npz, its last batch (of 3)"
+    direct = verify_models(tiny_model, tmp_path / "q.onnx", feeds=[{"x": batches[-1]}])
+    assert [m.to_dict() for m in s.verification.outputs] == [m.to_dict() for m in direct]
+    props = {p.key: p.value for p in onnx.load(tmp_path / "q.onnx").metadata_props}
+    assert json.loads(props["qonnx.verification"])["inputs"] == "cal.npz, its last batch (of 3)"
+    np.savez(tmp_path / "bad.npz", pixels=batches)
+    with pytest.raises(QonnxError, match=r"bad.npz: arrays not named after an input of the model: pixels"):
+        qonnx.quantize(tiny_model, output=tmp_path / "r.onnx", verify=VerifyOptions(data=str(tmp_path / "bad.npz")))
+    assert not (tmp_path / "r.onnx").exists()
+
+
+def test_verified_on_the_calibration_text(tmp_path):
+    """An LLM calibrated on a text file is verified on that text's last tokens (through its tokenizer), from
+    the CLI too; without calibration data, on the end of the pydoc corpus."""
+    pytest.importorskip("transformers")
+    from test_export import tiny_model, tiny_tokenizer
+
+    from qonnx.models.export import export_causal_lm
+
+    tokenizer = tiny_tokenizer()
+    src = export_causal_lm(tiny_model("llama"), tmp_path / "src", tokenizer=tokenizer, quiet=True, verify=False).parent
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)
+    (tmp_path / "cal.txt").write_text(text)
+    ids = verify_module.text_token_ids(src, data=tmp_path / "cal.txt")
+    expected = tokenizer(text, add_special_tokens=False)["input_ids"][-verify_module.VERIFY_TOKENS :]
+    assert ids is not None and ids.tolist() == [expected]
+    res = qonnx_cli(
+        "quantize", src, "-o", tmp_path / "out", "--algo", "gptq", "--block-size", "32", "--calib-data",
+        tmp_path / "cal.txt", "--calib-samples", "2", "--calib-seq-len", "32", "--json",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["verification"]["inputs"] == "cal.txt, its last 128 tokens"
+    s = qonnx.quantize(src, output=tmp_path / "rtn")
+    assert s.verification.inputs == "pydoc text, its last 128 tokens"
