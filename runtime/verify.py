@@ -624,7 +624,14 @@ class ReferenceRun:
                 raise ConfigError(f"{data}: arrays not named after an input of the model: {', '.join(unknown)}")
             given = {k: a[-1] for k, a in arrays.items()}
             self.inputs = f"{Path(data).name}, its last batch (of {n})"
-            return {**make_inputs(session, shapes={k: a.shape for k, a in given.items()}, dims=self._dims), **given}
+            dims = dict(self._dims or {})
+            for inp in session.get_inputs():  # sizes of dynamic dimensions as the given arrays have them
+                if inp.name in given:
+                    for d, size in zip(inp.shape or [], given[inp.name].shape, strict=False):
+                        if isinstance(d, str):
+                            dims.setdefault(d, int(size))
+            shapes = {k: a.shape for k, a in given.items()}
+            return {**make_inputs(session, shapes=shapes, dims=dims), **given}
         text = data if data is not None else "pydoc"
         ids = None if isinstance(self.original, bytes) else text_token_ids(Path(self.original).parent, data=text)
         if ids is not None:

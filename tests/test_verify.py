@@ -456,3 +456,7 @@ def test_verified_on_the_calibration_text(tmp_path):
     assert json.loads(res.stdout)["verification"]["inputs"] == "cal.txt, its last 128 tokens"
     s = qonnx.quantize(src, output=tmp_path / "rtn")
     assert s.verification.inputs == "pydoc text, its last 128 tokens"
+    # a .npz that gives the token ids alone: the mask, positions and empty KV cache follow their length
+    np.savez(tmp_path / "ids.npz", input_ids=np.asarray(expected[:40], np.int64).reshape(2, 1, 20))
+    s = qonnx.quantize(src, output=tmp_path / "npz", verify=VerifyOptions(data=str(tmp_path / "ids.npz")))
+    assert s.verification.inputs == "ids.npz, its last batch (of 2)" and s.verification.worst_sqnr > 10
