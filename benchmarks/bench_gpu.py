@@ -259,14 +259,19 @@ class Runner:
             seconds, past = self.step(nxt, past, length)
             steps.append(seconds)
             length += 1
-        steady = steps[2:] if len(steps) > 4 else steps
-        step = statistics.median(steady)
-        return {
-            "prefill_ms": 1e3 * statistics.median(prefill),
-            "step_ms": 1e3 * step,
-            "tokens_per_s": batch / step,
-            "steps": len(steps),
-        }
+        return decode_figures(batch, prefill, steps, warm=2)
+
+
+def decode_figures(batch: int, prefill: list[float], steps: list[float], warm: int) -> dict[str, Any]:
+    """Median prefill and decode-step times (seconds in, ms out) and tokens/s; the first ``warm`` steps are left
+    out when there are more than twice as many."""
+    step = statistics.median(steps[warm:] if len(steps) > 2 * warm else steps)
+    return {
+        "prefill_ms": 1e3 * statistics.median(prefill),
+        "step_ms": 1e3 * step,
+        "tokens_per_s": batch / step,
+        "steps": len(steps),
+    }
 
 
 class GraphRunner:
@@ -301,7 +306,7 @@ class GraphRunner:
         self.logits = self.decoder.prefill(ids) if past_len == 0 else self.decoder.step(ids)
         return time.perf_counter() - t, past
 
-    def measure(self, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> dict[str, float]:
+    def measure(self, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> dict[str, Any]:
         rng = np.random.default_rng(0)
         ids = rng.integers(0, vocab, size=(batch, prompt_len))
         decoder = self.new_decoder(batch)
@@ -316,15 +321,9 @@ class GraphRunner:
             t = time.perf_counter()
             decoder.step(nxt)  # synchronizes its outputs
             steps.append(time.perf_counter() - t)
-        steady = steps[4:] if len(steps) > 8 else steps  # the first steps run normally and capture
-        step = statistics.median(steady)
-        return {
-            "prefill_ms": 1e3 * statistics.median(prefill),
-            "step_ms": 1e3 * step,
-            "tokens_per_s": batch / step,
-            "steps": len(steps),
-            "first_steps_ms": [round(1e3 * s, 2) for s in steps[:4]],
-        }
+        figures = decode_figures(batch, prefill, steps, warm=4)  # the first steps run normally and capture
+        figures["first_steps_ms"] = [round(1e3 * s, 2) for s in steps[:4]]
+        return figures
 
 
 def compare_logits(
