@@ -79,7 +79,7 @@ def _columns(node: ir.Node) -> int:
 
 
 def _concat(values: Sequence[ir.Value | None], name: str, axis: int) -> ir.Value | None:
-    """A new initializer: the constants ``values`` concatenated along ``axis`` after a per-column reshape."""
+    """A new initializer: the constants ``values`` concatenated along ``axis``."""
     if values[0] is None:
         return None
     arrays = [_const(v) for v in values]
@@ -217,11 +217,14 @@ class MergeParallelLinearPass(ir.passes.InPlacePass):
                 graph.remove(node, safe=True)
             self.packed_qkv += 1
         else:
-            sizes = ir.val(f"{base}_split", const_value=ir.tensor(np.array(widths, np.int64), name=f"{base}_split"))
-            graph.register_initializer(sizes)
-            split = ir.node(
-                "Split", [packed, sizes], attributes={"axis": -1}, num_outputs=len(nodes), name=f"{base}_split"
-            )
+            name = f"{base}_split"
+            if model.opset_imports.get("", 13) >= 13:  # the sizes are an input from opset 13 on
+                sizes = ir.val(name, const_value=ir.tensor(np.array(widths, np.int64), name=name))
+                graph.register_initializer(sizes)
+                split = ir.node("Split", [packed, sizes], attributes={"axis": -1}, num_outputs=len(nodes), name=name)
+            else:
+                attributes = {"axis": -1, "split": widths}
+                split = ir.node("Split", [packed], attributes=attributes, num_outputs=len(nodes), name=name)
             for new, old in zip(split.outputs, outputs, strict=True):
                 new.type, new.shape = old.type, old.shape
             ir.convenience.replace_nodes_and_values(graph, first, nodes, [merged, split], outputs, list(split.outputs))

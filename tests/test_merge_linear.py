@@ -12,13 +12,13 @@ import qonnx
 from qonnx.passes.merge_linear import MergeParallelLinearPass
 
 
-def _branchy(tmp_path, dtype=np.float32):
+def _branchy(tmp_path, dtype=np.float32, opset=21):
     """x -> three MatMuls (N = 24, 8, 8) that are graph outputs, plus a fourth on another input (not merged)."""
     rng = np.random.default_rng(0)
     x = ir.val("x", ir.DataType.FLOAT, ir.Shape(["batch", 16]))
     y = ir.val("y", ir.DataType.FLOAT, ir.Shape(["batch", 16]))
     outs = []
-    graph = ir.Graph([x, y], [], nodes=[], name="g", opset_imports={"": 21})
+    graph = ir.Graph([x, y], [], nodes=[], name="g", opset_imports={"": opset})
     for i, (src, n) in enumerate(((x, 24), (x, 8), (x, 8), (y, 8))):
         w = ir.val(f"w{i}", const_value=ir.tensor(rng.standard_normal((16, n)).astype(dtype), name=f"w{i}"))
         graph.register_initializer(w)
@@ -146,3 +146,19 @@ def test_cuda_target_also_merges_gate_and_up(tmp_path):
             feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
     ref = ort.InferenceSession(str(tmp_path / "kv" / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(["logits"], feeds)[0], ref.run(["logits"], feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_split_before_opset_13_takes_its_sizes_as_an_attribute(tmp_path):
+    """Split's sizes became an input in opset 13: an older model gets the attribute form, and stays valid."""
+    import onnx
+
+    path = _branchy(tmp_path, opset=11)
+    model = ir.load(path)
+    MergeParallelLinearPass()(model)
+    split = next(n for n in model.graph if n.op_type == "Split")
+    assert len(split.inputs) == 1 and list(split.attributes["split"].as_ints()) == [24, 8, 8]
+    ir.save(model, tmp_path / "merged.onnx")
+    onnx.checker.check_model(str(tmp_path / "merged.onnx"), full_check=True)
+    feeds = {n: np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32) for n in ("x", "y")}
+    before, after = _run(path, feeds), _run(tmp_path / "merged.onnx", feeds)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
