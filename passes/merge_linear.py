@@ -223,8 +223,9 @@ class MergeParallelLinearPass(ir.passes.InPlacePass):
                 graph.register_initializer(sizes)
                 split = ir.node("Split", [packed, sizes], attributes={"axis": -1}, num_outputs=len(nodes), name=name)
             else:
-                attributes = {"axis": -1, "split": widths}
-                split = ir.node("Split", [packed], attributes=attributes, num_outputs=len(nodes), name=name)
+                split = ir.node(
+                    "Split", [packed], attributes={"axis": -1, "split": widths}, num_outputs=len(nodes), name=name
+                )
             for new, old in zip(split.outputs, outputs, strict=True):
                 new.type, new.shape = old.type, old.shape
             ir.convenience.replace_nodes_and_values(graph, first, nodes, [merged, split], outputs, list(split.outputs))
