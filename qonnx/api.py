@@ -483,10 +483,12 @@ def _note_mixed_precision(records: list[LayerRecord], mixed: MixedPrecision) -> 
 
 def _calibration_data(config: SchemeConfig) -> str | None:
     """The data a scheme calibrates on when it is not the pydoc corpus (verification then uses it too)."""
+    from qonnx.runtime.data import PYDOC
+
     calibration = getattr(config, "calibration", None)
     algo = getattr(config, "algo", None)
     for data in (getattr(calibration, "data", None), getattr(algo, "calib_data", None)):
-        if data is not None and str(data) != "pydoc":
+        if data is not None and str(data) != PYDOC:
             return str(data)
     return None
 

@@ -294,12 +294,14 @@ def quantize(
     targets = {f"re:{r}": None for r in exclude}
     budget = _budget(target_bits, max_ppl_increase, sensitivity, scheme)
     show = sys.stderr.isatty() if progress is None else progress
+    from qonnx.runtime.data import PYDOC
+
     checks = VerifyOptions(
         enabled=True if (min_sqnr is not None and verify is None) else verify,
         min_sqnr=min_sqnr,
         shapes=_parse_shapes(input_shapes),
         dims=_parse_dims(dims),
-        data=calib_data if calib_data not in (None, "pydoc") else None,  # verified on the calibration data
+        data=calib_data if calib_data not in (None, PYDOC) else None,  # verified on the calibration data
     )
     start_reference_early(model, checks)  # the original runs in ONNX Runtime while the rest loads
     from qonnx.api import quantize as run_quantize

@@ -27,6 +27,7 @@ import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 
+from qonnx.runtime.data import PYDOC
 from qonnx.runtime.session import PRECISE_QDQ, InMemoryModel, resolve_device
 
 if TYPE_CHECKING:
@@ -282,7 +283,7 @@ def compare_outputs(name: str, ref: np.ndarray, out: np.ndarray) -> OutputMetric
 VERIFY_TOKENS = 128
 
 
-def text_token_ids(folder: Path, length: int = VERIFY_TOKENS, data: str | os.PathLike = "pydoc") -> np.ndarray | None:
+def text_token_ids(folder: Path, length: int = VERIFY_TOKENS, data: str | os.PathLike = PYDOC) -> np.ndarray | None:
     """[1, n] token ids of the end of ``data`` when ``folder`` holds a ``tokenizer.json``, else None.
 
     ``data``: ``"pydoc"`` (default: the end of the pydoc corpus, away from the evaluation windows and from
@@ -632,10 +633,10 @@ class ReferenceRun:
                             dims.setdefault(d, int(size))
             shapes = {k: a.shape for k, a in given.items()}
             return {**make_inputs(session, shapes=shapes, dims=dims), **given}
-        text = data if data is not None else "pydoc"
+        text = data if data is not None else PYDOC
         ids = None if isinstance(self.original, bytes) else text_token_ids(Path(self.original).parent, data=text)
         if ids is not None:
-            source = "pydoc text" if str(text) == "pydoc" else Path(text).name
+            source = "pydoc text" if str(text) == PYDOC else Path(text).name
             self.inputs = f"{source}, its last {ids.shape[1]} tokens"
         else:
             self.inputs = "inputs made from the declared shapes"
