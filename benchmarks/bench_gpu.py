@@ -10,7 +10,7 @@ with ``qonnx.quantize`` (W4A16, asymmetric, block 128), and measures on the CUDA
 - achieved weight bandwidth: bytes of the model's weights read per decode step / step time, as a fraction
   of the device-to-device copy bandwidth measured in the same run with torch (bytes read + written).
 
-With ``--fuse`` each of the two is also lowered with ``qonnx.lowering.lower(target="cuda")`` (RMSNorm,
+With ``--fuse`` each of the two is also lowered with ``qonnx.pipeline.lowering.lower(target="cuda")`` (RMSNorm,
 rotary embedding and attention fused into ONNX Runtime contrib ops; same inputs and outputs, KV cache
 included) and measured the same way, and the fused model's logits are compared with the unfused model's on
 the device (a prefill and 8 greedy steps).
@@ -142,7 +142,7 @@ def lower(
     """``qonnx lower`` of a folder for the device's provider (verified on the device later, not on the CPU);
     ``attention``: fuse attention too (GroupQueryAttention; default: as ``qonnx lower`` decides);
     ``merge_linear``: q/k/v and gate/up merged into one node each (``qonnx lower``'s default)."""
-    from qonnx.lowering import lower as run_lower
+    from qonnx.pipeline.lowering import lower as run_lower
 
     out = src.with_name(
         src.name + ("-fused" if attention is False else "-fused-gqa") + ("" if merge_linear else "-sep")
@@ -165,7 +165,7 @@ def lower(
 def weight_bytes(folder: Path) -> int:
     """Bytes a decode step must read at least once: every initializer except tables only gathered from
     (the token embedding: a step reads a few rows of it)."""
-    from qonnx.modelfile import iter_tensors, load
+    from qonnx.core.modelfile import iter_tensors, load
 
     model = load(folder)
     total = 0
@@ -359,7 +359,7 @@ def profile_decode(folder: Path, device: str, out_dir: str, vocab: int) -> None:
     so_path.mkdir(parents=True, exist_ok=True)
     import onnxruntime as ort
 
-    from qonnx.modelfile import resolve_model_path
+    from qonnx.core.modelfile import resolve_model_path
 
     so = ort.SessionOptions()
     so.enable_profiling = True
@@ -533,7 +533,7 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         "Random-weight Llama models (TinyLlama-1.1B and Llama-2-7B shapes), exported by "
         "`qonnx.models.export_causal_lm` (fp16, KV cache), quantized by "
         + f"`qonnx.quantize(W4A16(block_size=128{', symmetric=True' if args.symmetric else ''}))`"
-        + ("; fused = the same model after `qonnx.lowering.lower(target=...)`" if args.fuse else "")
+        + ("; fused = the same model after `qonnx.pipeline.lowering.lower(target=...)`" if args.fuse else "")
         + (
             "; fused+kv = the fused model with past and present bound to one KV buffer per layer"
             if args.share_kv

@@ -281,7 +281,7 @@ def bench_numerics(work: Path, timeout: float) -> list[dict]:
 
 def _threshold() -> str:
     """qonnx's automatic external-data threshold, as installed."""
-    from qonnx import modelfile
+    from qonnx.core import modelfile
 
     n = getattr(modelfile, "EXTERNAL_DATA_THRESHOLD", None)
     return "an unknown size" if n is None else f"{n / 2**20:.0f} MiB"

@@ -36,7 +36,7 @@ def main() -> int:
     p.add_argument("--prepare-only", action="store_true", help="make the models, measure nothing")
     args = p.parse_args()
     import qonnx
-    from qonnx.lowering import lower
+    from qonnx.pipeline.lowering import lower
 
     work = Path(args.work)
     fp32, w8, lmh = work / "fp32", work / "w8a8", work / "w8a8-lmh"

@@ -26,8 +26,8 @@ def main() -> int:
     args = p.parse_args()
     from test_export import tiny_model, tiny_tokenizer
 
-    from qonnx.lowering import lower
     from qonnx.models.export import export_causal_lm
+    from qonnx.pipeline.lowering import lower
     from qonnx.runtime.generate import Generator
 
     work = Path(args.work)

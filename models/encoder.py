@@ -9,7 +9,7 @@ graph's interface is Optimum's feature-extraction one::
 ``token_type_ids`` is an input when the model takes them and has more than one type (BERT, not RoBERTa);
 ``pooler_output`` is an output when the model has a pooler. The export runs
 ``torch.onnx.export(dynamo=True)``, then onnxscript's optimizer, and saves through
-:func:`qonnx.modelfile.save`; afterwards ONNX Runtime's outputs are compared with PyTorch's on a padded batch.
+:func:`qonnx.core.modelfile.save`; afterwards ONNX Runtime's outputs are compared with PyTorch's on a padded batch.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from qonnx.errors import ConfigError, OutputPathError
-from qonnx.modelfile import MODEL_FILENAME, save
-from qonnx.models.export import DTYPES, _max_diff, _quiet_logger, _save_hf_files, report_export
+from qonnx.core.errors import ConfigError, OutputPathError
+from qonnx.core.modelfile import MODEL_FILENAME, save
+from qonnx.models.export import DTYPES, _max_diff, _quiet_logger, _save_hf_files, cpu_session, report_export
 from qonnx.models.hf import load_encoder
 
 __all__ = ["export_encoder", "verify_encoder_export", "encoder_io"]
@@ -175,9 +175,7 @@ def verify_encoder_export(
 
     The last row of the batch is padded at the end, so the attention mask is checked too.
     """
-    from qonnx.runtime.session import make_session
-
-    session = make_session(model_path, "cpu")
+    session = cpu_session(model_path)
     names = [i.name for i in session.get_inputs()]
     inputs, outputs = encoder_io(model)
     if names != inputs:

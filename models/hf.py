@@ -16,7 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qonnx.errors import ModelLoadError
+from qonnx.core.errors import ModelLoadError
+from qonnx.core.tokenizer import load_tokenizer
 
 __all__ = [
     "REFERENCE_GGUF",
@@ -202,23 +203,3 @@ def load_encoder(source: str | os.PathLike) -> tuple[Any, Any | None]:
     if getattr(model, "pooler", None) is not None and any("pooler" in k for k in info.get("missing_keys", [])):
         model.pooler = None
     return model.eval(), load_tokenizer(folder, required=False)
-
-
-def load_tokenizer(folder: str | os.PathLike, *, gguf_file: str | None = None, required: bool = True) -> Any:
-    """Load the tokenizer stored in ``folder`` (or in its GGUF file).
-
-    Raises:
-        ModelLoadError: no tokenizer there and ``required`` is set (otherwise None is returned).
-    """
-    from transformers import AutoTokenizer
-
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    try:
-        return AutoTokenizer.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        if not required:
-            return None
-        first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
-        raise ModelLoadError(f"{folder}: no usable tokenizer files there: {first}") from None

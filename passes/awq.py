@@ -12,7 +12,7 @@ The output error needs no activations: for calibration rows X and an effective w
 measures each block's clipping on its own, :func:`search_clip` also counts the error terms between blocks
 (one Gauss-Seidel sweep over the blocks): the full output error, and never more than round-to-nearest's.
 
-Rounding follows :func:`qonnx.quant.quantize_kn` exactly (its ``shrink`` argument applies a clip search's
+Rounding follows :func:`qonnx.core.quant.quantize_kn` exactly (its ``shrink`` argument applies a clip search's
 result), so the errors compared here are those of the stored weights.
 """
 
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qonnx import quant
+from qonnx.core import quant
 from qonnx.passes.gptq import torch_device
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ _S_MIN, _S_MAX = 1e-4, 1e4
 
 @dataclasses.dataclass(frozen=True)
 class Rounding:
-    """How a weight is rounded: the arguments of :func:`qonnx.quant.quantize_kn`.
+    """How a weight is rounded: the arguments of :func:`qonnx.core.quant.quantize_kn`.
 
     ``bits``-bit codes in blocks of ``block_size`` rows along K (None: one block per column), signed without
     zero points when ``symmetric``, scales stored in ``scale_dtype``.
@@ -94,7 +94,7 @@ def _parts(k: int, block_size: int | None) -> list[tuple[int, int, int]]:
 def _qdq_(x: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, r: Rounding) -> torch.Tensor:
     """Quantize-dequantize blocks ``x`` [..., rows, N] in place, on ranges ``mn``, ``mx`` [..., N], as quant does.
 
-    The arithmetic of :func:`qonnx.quant.qparams_from_range` and :func:`qonnx.quant.quantize_kn` in float32
+    The arithmetic of :func:`qonnx.core.quant.qparams_from_range` and :func:`qonnx.core.quant.quantize_kn` in float32
     (``floor(v + 0.5)`` equals quant's round-half-up for every float32 ``v`` below 2^23 in magnitude).
     """
     import torch
@@ -252,7 +252,7 @@ def search_clip(
     Starts from round-to-nearest (shrink 1) and visits the blocks in order; each block's choice minimises
     the whole output error ``tr(E^T H E)`` given the others' current errors (its own term and the cross terms
     with every other block), so with 1.0 in ``shrinks`` the result never has a larger output error than
-    round-to-nearest. Pass the result to :func:`qonnx.quant.quantize_kn` as ``shrink``.
+    round-to-nearest. Pass the result to :func:`qonnx.core.quant.quantize_kn` as ``shrink``.
     """
     import torch
 

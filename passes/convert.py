@@ -9,9 +9,9 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from qonnx import quant
-from qonnx.config import MATMULNBITS_BLOCK_SIZES
-from qonnx.passes import _emit
+from qonnx.core import emit as _emit
+from qonnx.core import quant
+from qonnx.core.config import MATMULNBITS_BLOCK_SIZES
 
 __all__ = ["DequantizeToMatMulNBitsPass", "MatMulNBitsToDequantizePass"]
 

@@ -5,14 +5,14 @@ a time and spreads each row's rounding error over the rows not yet rounded, so t
 little as possible for the layer's inputs X. All it needs from the data is the Hessian ``H = 2/n X^T X``
 [K, K], which :class:`HessianAccumulator` builds batch by batch.
 
-qonnx's weights are [K, N] with blocks along K (see :mod:`qonnx.quant`), so the reference's columns are our
+qonnx's weights are [K, N] with blocks along K (see :mod:`qonnx.core.quant`), so the reference's columns are our
 rows. The scale and zero point of a block are chosen when the solve reaches its first row, from the rows as
 the error feedback has changed them (as the reference does with ``groupsize``), or, with ``act_order``, from
 the original weight before the solve (the reference's ``static_groups``: blocks stay contiguous along K
 whatever order the rows are rounded in, so the stored format does not change). Either way they come from
-:func:`qonnx.quant.qparams_from_range` (optionally on a shrunk range, ``clip_search``), and codes use the
-float32 rounding of :func:`qonnx.quant.quantize_kn`: with an identity Hessian the result is round-to-nearest
-bit for bit, and any result is a valid :class:`qonnx.quant.QuantizedMatrix` for either output format.
+:func:`qonnx.core.quant.qparams_from_range` (optionally on a shrunk range, ``clip_search``), and codes use the
+float32 rounding of :func:`qonnx.core.quant.quantize_kn`: with an identity Hessian the result is round-to-nearest
+bit for bit, and any result is a valid :class:`qonnx.core.quant.QuantizedMatrix` for either output format.
 
 Inputs that are zero on all calibration data (a zero Hessian diagonal) keep their weights and are rounded
 to nearest without feedback; the reference zeroes their weights instead, which breaks inputs that calibration
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qonnx import quant
+from qonnx.core import quant
 
 if TYPE_CHECKING:
     import torch
@@ -116,7 +116,7 @@ def _group_rows(k: int, group: int, block: int) -> list[tuple[int, int]]:
 class _Grid:
     """One block's integer grid for every column of L matrices: scale and zero point [L, N].
 
-    ``round(x)`` is :func:`qonnx.quant.quantize_kn`'s arithmetic: ``roundf(x / scale + zp)`` (``x * (1 / scale)``
+    ``round(x)`` is :func:`qonnx.core.quant.quantize_kn`'s arithmetic: ``roundf(x / scale + zp)`` (``x * (1 / scale)``
     in float32, ties up, clamped), returned as float codes in the unsigned domain; ``x`` is [L, N] or [L, R, N].
     """
 
@@ -166,7 +166,7 @@ class _Grid:
 class _Float8Grid:
     """float8 E4M3 codes with one scale per column of L matrices [L, N].
 
-    As :func:`qonnx.quant.quantize_fp8_kn`: ``code = e4m3(clip(x / scale, -448, 448))`` (round to nearest
+    As :func:`qonnx.core.quant.quantize_fp8_kn`: ``code = e4m3(clip(x / scale, -448, 448))`` (round to nearest
     even), ``x ~ code * scale``.
     """
 
@@ -355,7 +355,7 @@ def gptq_quantize_many(
 
     See :func:`gptq_quantize` for the arguments. ``float8``: float8 E4M3 codes with one scale per column
     (``block_size`` None, ``bits`` 8), returned as ``(codes [K, N] float8_e4m3fn, scale [N])`` pairs as
-    :func:`qonnx.quant.quantize_fp8_kn` returns them; otherwise :class:`qonnx.quant.QuantizedMatrix` objects.
+    :func:`qonnx.core.quant.quantize_fp8_kn` returns them; otherwise :class:`qonnx.core.quant.QuantizedMatrix` objects.
     """
     import ml_dtypes
 
@@ -414,7 +414,7 @@ def gptq_quantize(
         hessian: ``2/n X^T X`` [K, K] of the layer's input (:class:`HessianAccumulator`).
         bits: code width.
         block_size: rows per quantization block along K (None: one block per column), as in
-            :func:`qonnx.quant.quantize_kn`; the last block may be ragged.
+            :func:`qonnx.core.quant.quantize_kn`; the last block may be ragged.
         symmetric: signed codes without zero points.
         scale_dtype: dtype the scales are stored in; codes are computed with the rounded scale.
         damp: fraction of the mean Hessian diagonal added to its diagonal.
@@ -427,7 +427,7 @@ def gptq_quantize(
         device: torch device (default CUDA when available).
 
     Returns:
-        A :class:`qonnx.quant.QuantizedMatrix` in qonnx's conventions (ragged last block included).
+        A :class:`qonnx.core.quant.QuantizedMatrix` in qonnx's conventions (ragged last block included).
     """
     (qm,) = gptq_quantize_many(
         [w],

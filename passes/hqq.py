@@ -20,9 +20,9 @@ On SmolLM2-135M (W4, block 128, perplexity; round-to-nearest 19.117) keeping the
 rule (stop at the first step whose mean absolute error over the weight does not improve) 18.896.
 Fitting the scale the same way (least squares against ``W - W_e``) measured worse (19.055).
 
-qonnx's conventions (see :mod:`qonnx.quant`): blocks run down the K rows of a [K, N] weight, the last
+qonnx's conventions (see :mod:`qonnx.core.quant`): blocks run down the K rows of a [K, N] weight, the last
 block may be ragged, codes are unsigned, ``roundf(w * (1 / s) + z)`` in float32 as
-:func:`qonnx.quant.quantize_kn` computes them: with no iterations the result is round-to-nearest bit for bit.
+:func:`qonnx.core.quant.quantize_kn` computes them: with no iterations the result is round-to-nearest bit for bit.
 
 Zero points are fractional (``zero_point="float"``, stored in the scales' dtype), or integers
 (``"integer"``: rounded after every update, a projected iteration): MatMulNBits reads float zero points
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from qonnx import quant
+from qonnx.core import quant
 from qonnx.passes.gptq import torch_device
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ def _lp(e: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def _round(v: torch.Tensor, qmax: float) -> torch.Tensor:
-    """:func:`qonnx.quant.round_half_up`, then clamp to [0, qmax]."""
+    """:func:`qonnx.core.quant.round_half_up`, then clamp to [0, qmax]."""
     import torch
 
     q = torch.floor(v)
@@ -97,7 +97,7 @@ def _round(v: torch.Tensor, qmax: float) -> torch.Tensor:
 
 
 def _inverse(s: torch.Tensor) -> torch.Tensor:
-    """``1 / s`` in float32 as :func:`qonnx.quant._inverse` computes it (0 for a zero scale)."""
+    """``1 / s`` in float32 as :func:`qonnx.core.quant._inverse` computes it (0 for a zero scale)."""
     import torch
 
     inv = torch.where(s != 0, 1.0 / torch.where(s != 0, s, 1.0), 0.0)
@@ -175,7 +175,7 @@ def hqq_quantize(
         device: torch device (default CUDA when available).
 
     Returns:
-        A :class:`qonnx.quant.QuantizedMatrix`; its zero points are int32, or float32 values exact in
+        A :class:`qonnx.core.quant.QuantizedMatrix`; its zero points are int32, or float32 values exact in
         ``scale_dtype`` when fractional.
     """
     import torch

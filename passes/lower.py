@@ -43,7 +43,7 @@ from onnx_ir.passes import common as common_passes
 from onnxscript.rewriter import _ir_utils, pattern
 from onnxscript.rewriter._basics import MatchResult
 
-from qonnx.errors import ConfigError
+from qonnx.core.errors import ConfigError
 from qonnx.passes._attention_mask import causal_mask_problem
 
 __all__ = ["FuseForOrtPass", "RopeAnglesAsMatMul", "RopeInvFreqExpanded", "FUSED_OPS", "TARGETS"]

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from qonnx import quant
+from qonnx.core import quant
 from qonnx.passes.activations import unique_name
 
 __all__ = ["ALPHA_GRID", "SmoothGroup", "absorber", "factors", "search_alpha", "fold"]

@@ -24,9 +24,10 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qonnx import quant
-from qonnx.config import AWQ, Targets, WeightOnlyConfig
-from qonnx.passes import _emit, cleanup
+from qonnx.core import emit as _emit
+from qonnx.core import quant
+from qonnx.core.config import AWQ, Targets, WeightOnlyConfig
+from qonnx.passes import cleanup
 from qonnx.passes.activations import unique_name
 from qonnx.passes.gptq import gptq_quantize_many, torch_device
 from qonnx.passes.hqq import hqq_quantize
@@ -192,7 +193,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     input tensor's name, see :func:`qonnx.runtime.calibration.collect_hessians`); an entry is removed from
     the mapping once the last weight reading it is quantized, to free its memory. GPTQ and AWQ cover MatMul
     and Gemm nodes of the main graph; convolutions and nodes in subgraphs are rounded to nearest. ``shrinks``
-    (weight name -> [nblocks, N], AWQ's clip search, see :func:`qonnx.awq_api.apply_awq`) shrink the
+    (weight name -> [nblocks, N], AWQ's clip search, see :func:`qonnx.pipeline.awq.apply_awq`) shrink the
     ranges of the named weights' blocks.
     """
 

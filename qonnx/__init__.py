@@ -11,17 +11,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from qonnx.config import AWQ, GPTQ, HQQ, W2A16, W3A16, W4A16, W8A16, SchemeConfig, Targets, WeightOnlyConfig
-from qonnx.config_activations import FP8, W4A8, W8A8, ActivationConfig, Calibration, Dynamic
-from qonnx.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError, QonnxError
+from qonnx.core.config import AWQ, GPTQ, HQQ, W2A16, W3A16, W4A16, W8A16, SchemeConfig, Targets, WeightOnlyConfig
+from qonnx.core.config_activations import FP8, W4A8, W8A8, ActivationConfig, Calibration, Dynamic
+from qonnx.core.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError, QonnxError
 
 if TYPE_CHECKING:
-    from qonnx.analysis import LayerSensitivity, Sensitivity, analyze
-    from qonnx.api import QuantizeSummary, quantize
-    from qonnx.mixed_precision import Budget, MixedPrecision, mixed_precision
-    from qonnx.modelfile import load, save
+    from qonnx.core.modelfile import load, save
+    from qonnx.pipeline.analysis import LayerSensitivity, Sensitivity, analyze
+    from qonnx.pipeline.mixed_precision import Budget, MixedPrecision, mixed_precision
+    from qonnx.pipeline.quantize import QuantizeSummary, quantize
 
-__version__ = "0.1.0"
+from qonnx.core import __version__
 
 __all__ = [
     "FP8",
@@ -62,16 +62,16 @@ __all__ = [
 #: Names imported on first use (PEP 562), so that ``qonnx.cli`` starts without loading onnx_ir, onnxscript
 #: and the passes: ``qonnx quantize`` starts verifying the original meanwhile.
 _LAZY = {
-    "LayerSensitivity": "qonnx.analysis",
-    "Sensitivity": "qonnx.analysis",
-    "analyze": "qonnx.analysis",
-    "QuantizeSummary": "qonnx.api",
-    "quantize": "qonnx.api",
-    "Budget": "qonnx.mixed_precision",
-    "MixedPrecision": "qonnx.mixed_precision",
-    "mixed_precision": "qonnx.mixed_precision",
-    "load": "qonnx.modelfile",
-    "save": "qonnx.modelfile",
+    "LayerSensitivity": "qonnx.pipeline.analysis",
+    "Sensitivity": "qonnx.pipeline.analysis",
+    "analyze": "qonnx.pipeline.analysis",
+    "QuantizeSummary": "qonnx.pipeline.quantize",
+    "quantize": "qonnx.pipeline.quantize",
+    "Budget": "qonnx.pipeline.mixed_precision",
+    "MixedPrecision": "qonnx.pipeline.mixed_precision",
+    "mixed_precision": "qonnx.pipeline.mixed_precision",
+    "load": "qonnx.core.modelfile",
+    "save": "qonnx.core.modelfile",
 }
 
 

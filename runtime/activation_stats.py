@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from qonnx.errors import ConfigError
+from qonnx.core.errors import ConfigError
 from qonnx.runtime.capture import capture
 from qonnx.runtime.observers import TensorObserver
 

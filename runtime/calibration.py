@@ -19,8 +19,8 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 
-from qonnx.errors import ConfigError, ModelLoadError
-from qonnx.modelfile import resolve_model_path
+from qonnx.core.errors import ConfigError, ModelLoadError
+from qonnx.core.modelfile import resolve_model_path
 from qonnx.runtime.capture import capture
 from qonnx.runtime.data import CALIBRATION_START, PYDOC, calibration_windows, corpus_tokens, npz_batches
 

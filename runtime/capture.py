@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qonnx.modelfile import resolve_model_path
+from qonnx.core.modelfile import resolve_model_path
 from qonnx.runtime.session import make_session
 
 __all__ = ["capture"]

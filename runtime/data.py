@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from qonnx.errors import ConfigError, ModelLoadError
+from qonnx.core.errors import ConfigError, ModelLoadError
+from qonnx.core.tokenizer import load_tokenizer
 
 __all__ = [
     "PYDOC",
@@ -128,7 +129,6 @@ def corpus_tokens(model_dir: str | os.PathLike, data: str | os.PathLike = PYDOC,
 
 @functools.lru_cache(maxsize=4)
 def _cached_tokens(folder: str, key: tuple[str, int, int], data: str, lean: bool = False) -> np.ndarray:
-    from qonnx.models.hf import load_tokenizer
 
     if lean and (Path(folder) / "tokenizer.json").is_file():
         import tokenizers

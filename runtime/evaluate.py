@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from qonnx.errors import ConfigError, ModelLoadError
-from qonnx.modelfile import resolve_model_path
+from qonnx.core.errors import ConfigError, ModelLoadError
+from qonnx.core.modelfile import resolve_model_path
+from qonnx.core.tokenizer import load_tokenizer
 from qonnx.runtime.data import PYDOC, corpus_tokens, evaluation_windows, read_text
 from qonnx.runtime.session import make_session, resolve_device
 
@@ -208,8 +209,6 @@ def text_chunks(data: str | os.PathLike = PYDOC, samples: int | None = 256) -> l
 
 def _encoder_session(model_dir: str | os.PathLike, device: str, threads: int | None) -> tuple[Any, Any, Path]:
     """(session, tokenizer, model.onnx path) of an encoder export, checked for its inputs and outputs."""
-    from qonnx.models.hf import load_tokenizer
-
     path = resolve_model_path(model_dir)
     session = make_session(path, device, threads=threads)
     inputs = [i.name for i in session.get_inputs()]

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qonnx.errors import ConfigError
+from qonnx.core.errors import ConfigError
 from qonnx.runtime.session import make_session
 
 __all__ = ["Generator", "GenerationResult", "kv_buffer_shareable"]
@@ -99,7 +99,7 @@ class Generator:
         shared_kv: bool | None = None,
         fixed_shapes: bool | None = None,
     ) -> None:
-        from qonnx.modelfile import resolve_model_path
+        from qonnx.core.modelfile import resolve_model_path
         from qonnx.runtime.decode import fixed_shape_decodable, rotary_cache_positions
         from qonnx.runtime.session import resolve_device
 

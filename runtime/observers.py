@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from qonnx.errors import ConfigError
+from qonnx.core.errors import ConfigError
 
 __all__ = ["METHODS", "TensorObserver"]
 
@@ -96,7 +96,7 @@ def _kl_threshold(hist: np.ndarray, width: float, levels: int) -> float:
 
 
 def _grid(lo: np.ndarray, hi: np.ndarray, symmetric: bool, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Step s and code limits (jlo, jhi) of the quantizer for the range (lo, hi), as qonnx.quant builds it."""
+    """Step s and code limits (jlo, jhi) of the quantizer for the range (lo, hi), as qonnx.core.quant builds it."""
     if symmetric:  # -hi maps to the most negative code
         half = levels // 2
         return hi / half, np.full_like(hi, -half), np.full_like(hi, levels - 1 - half)
@@ -244,7 +244,7 @@ class TensorObserver:
                 histogram with (qmax - qmin + 1) // 2 levels, all levels for one-signed data when asymmetric,
                 then clipped to [min, max]); ``mse`` (least expected squared error of rounding and clipping).
             symmetric: range (-t, t) for the step t / ((qmax - qmin + 1) // 2), -t mapping to qmin (as in
-                qonnx.quant); else (lo, hi) with step (hi - lo) / (qmax - qmin) and a rounded zero point.
+                qonnx.core.quant); else (lo, hi) with step (hi - lo) / (qmax - qmin) and a rounded zero point.
             qmin: smallest integer code.
             qmax: largest integer code.
             percentile: the percentile for ``percentile``, in (0, 100].
@@ -290,7 +290,7 @@ class TensorObserver:
     ) -> float:
         """Mean squared error of quantizing the data seen with the range (lo, hi), as the histogram predicts it.
 
-        The quantizer is qonnx.quant's (see :meth:`range`); symmetric uses t = max(-lo, hi).
+        The quantizer is qonnx.core.quant's (see :meth:`range`); symmetric uses t = max(-lo, hi).
         """
         self._need_data()
         if not lo <= 0 <= hi or hi == lo:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qonnx.modelfile import resolve_model_path
+from qonnx.core.modelfile import resolve_model_path
 from qonnx.runtime.data import PYDOC
 from qonnx.runtime.session import make_session
 

@@ -14,7 +14,7 @@ from collections.abc import Collection
 
 import onnxruntime as ort
 
-from qonnx.snapshot import Snapshot
+from qonnx.core.snapshot import Snapshot
 
 __all__ = ["cuda_usable", "resolve_device", "make_session", "InMemoryModel", "PRECISE_QDQ"]
 
@@ -101,7 +101,7 @@ def make_session(
     if isinstance(model_path, bytes):
         model: str | bytes = model_path
     else:
-        from qonnx.modelfile import resolve_model_path
+        from qonnx.core.modelfile import resolve_model_path
 
         model = os.fspath(resolve_model_path(model_path))  # a folder means its model.onnx
     if has_float8_qdq(model):
@@ -139,7 +139,7 @@ def has_float8_qdq(model: str | bytes) -> bool:
 
 
 class InMemoryModel(Snapshot):
-    """A model for ONNX Runtime straight from memory: a :class:`~qonnx.snapshot.Snapshot` of it.
+    """A model for ONNX Runtime straight from memory: a :class:`~qonnx.core.snapshot.Snapshot` of it.
 
     The weights are handed over as external initializers (``SessionOptions.add_external_initializers``):
     no serialized copy of the weights, no file to write or read back. Weights of types numpy cannot hold for

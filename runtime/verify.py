@@ -346,7 +346,9 @@ def verification_session(
         keep = model.add_to(so, exclude=fed)
         model = proto.SerializeToString()
     elif not isinstance(model, bytes):
-        from qonnx.paths import resolve_model_path  # not qonnx.modelfile: the IR's import would delay the build
+        from qonnx.core.paths import (
+            resolve_model_path,  # not qonnx.core.modelfile: the IR's import would delay the build
+        )
 
         path = resolve_model_path(model)
         model = os.fspath(path)
@@ -615,7 +617,7 @@ class ReferenceRun:
         """
         data = self._data
         if data is not None and str(data).lower().endswith(".npz"):
-            from qonnx.errors import ConfigError
+            from qonnx.core.errors import ConfigError
             from qonnx.runtime.data import npz_batches
 
             arrays, n = npz_batches(data)

@@ -14,9 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from test_cli import assert_one_line_error, qonnx_cli
 
 import qonnx
-from qonnx import quant
-from qonnx.config_activations import FP8, W4A8, W8A8, Calibration, Dynamic
-from qonnx.errors import ConfigError
+from qonnx.core import quant
+from qonnx.core.config_activations import FP8, W4A8, W8A8, Calibration, Dynamic
+from qonnx.core.errors import ConfigError
 from qonnx.models import build_decoder_stack
 from qonnx.passes.activations import ActivationQParams, InsertActivationQDQPass
 from qonnx.passes.smooth_quant import SmoothGroup, factors, fake_quantize_weight, fold, search_alpha

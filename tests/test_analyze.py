@@ -12,12 +12,12 @@ from onnx import helper, numpy_helper
 from test_cli import assert_one_line_error, qonnx_cli
 
 import qonnx
-from qonnx import quant
-from qonnx.errors import ConfigError
-from qonnx.fake_quant import FakeQuantModel, dequantized, to_stored
-from qonnx.mixed_precision import Budget, eight_bit, mixed_precision, parse_percent
+from qonnx.core import emit as _emit
+from qonnx.core import quant
+from qonnx.core.errors import ConfigError
 from qonnx.models import build_decoder_stack
-from qonnx.passes import _emit
+from qonnx.pipeline.fake_quant import FakeQuantModel, dequantized, to_stored
+from qonnx.pipeline.mixed_precision import Budget, eight_bit, mixed_precision, parse_percent
 from qonnx.runtime.session import make_session
 
 OUTLIER = "layers.1.mlp.up_proj.weight"
@@ -257,7 +257,7 @@ def test_ppl_search_keeps_float_when_8_bit_is_not_enough():
     """The search on a made-up model: layer 0 costs 1.0 nats at 4 bits, 0.5 at 8; the others 0.01 and 0."""
     from types import SimpleNamespace
 
-    from qonnx.mixed_precision import _by_ppl, _smallest
+    from qonnx.pipeline.mixed_precision import _by_ppl, _smallest
     from qonnx.runtime.sensitivity import Measurement
 
     cfg = qonnx.W4A16()
@@ -287,11 +287,11 @@ def test_ppl_search_keeps_float_when_8_bit_is_not_enough():
 
 
 def test_gptq_budget_collects_hessians_once(tiny_llm, tmp_path, monkeypatch):
-    import qonnx.api
+    import qonnx.pipeline.quantize
 
     calls = []
-    real = qonnx.api._hessians
-    monkeypatch.setattr(qonnx.api, "_hessians", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = qonnx.pipeline.quantize._hessians
+    monkeypatch.setattr(qonnx.pipeline.quantize, "_hessians", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = qonnx.W4A16(block_size=16, algo=qonnx.GPTQ(calib_samples=2, calib_seq_len=32))
     summary = qonnx.quantize(
         tiny_llm, cfg, output=tmp_path / "out", budget=Budget(target_bits=7.0, samples=2, seq_len=64), verify=False

@@ -13,13 +13,13 @@ from test_cli import assert_one_line_error, qonnx_cli
 from test_gptq import correlated, hessian
 
 import qonnx
-from qonnx import modelfile, quant
-from qonnx.awq_api import apply_awq
-from qonnx.config import AWQ, GPTQ, W4A16, Targets
-from qonnx.errors import ConfigError
+from qonnx.core import modelfile, quant
+from qonnx.core.config import AWQ, GPTQ, W4A16, Targets
+from qonnx.core.errors import ConfigError
 from qonnx.models import build_decoder_stack
 from qonnx.passes.awq import Rounding, fake_quantize, scale_factors, scaled_hessian, search_clip, search_scales
 from qonnx.passes.weight_only import QuantizeWeightsPass, hessian_key
+from qonnx.pipeline.awq import apply_awq
 from qonnx.runtime.calibration import calibration_feeds, collect_hessians
 from qonnx.runtime.evaluate import perplexity
 

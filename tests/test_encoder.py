@@ -12,13 +12,13 @@ import torch
 from click.testing import CliRunner
 
 import qonnx
-from qonnx.errors import ConfigError, ModelLoadError, OutputPathError
+from qonnx.core.errors import ConfigError, ModelLoadError, OutputPathError
 from qonnx.models.encoder import encoder_io, export_encoder, verify_encoder_export
 from qonnx.models.export import export_model
 from qonnx.models.hf import is_encoder_config, reference_encoder_path, source_is_encoder
+from qonnx.pipeline.verification import VerifyOptions
 from qonnx.runtime.evaluate import perplexity, similarity, text_chunks
 from qonnx.runtime.session import make_session
-from qonnx.verification import VerifyOptions
 
 transformers = pytest.importorskip("transformers")
 
@@ -168,7 +168,7 @@ def test_encoder_export_errors(tmp_path):
 
 
 def test_cli_export_encoder(tmp_path):
-    from qonnx.cli_models import export_command
+    from qonnx.cli.models import export_command
 
     tiny_encoder("roberta").save_pretrained(tmp_path / "hf")
     tiny_wordpiece().save_pretrained(tmp_path / "hf")
@@ -254,7 +254,7 @@ def test_similarity_errors(encoders, tmp_path):
 
 
 def test_cli_eval_similarity(encoders):
-    from qonnx.cli_models import eval_command
+    from qonnx.cli.models import eval_command
 
     fp32, w8, data = encoders
     args = [str(w8), "--task", "similarity", "--data", str(data), "--reference", str(fp32), "--no-progress"]

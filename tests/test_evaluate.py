@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from test_export import tiny_model, tiny_tokenizer
 
-from qonnx.errors import ConfigError, ModelLoadError
+from qonnx.core.errors import ConfigError, ModelLoadError
 from qonnx.models.export import export_causal_lm
 from qonnx.runtime.data import (
     CALIBRATION_START,
@@ -148,7 +148,7 @@ def test_corpus_is_tokenized_once(exported, tmp_path):
 
 
 def test_cli_eval_json(exported):
-    from qonnx.cli_models import eval_command
+    from qonnx.cli.models import eval_command
 
     _, _, dirs, corpus = exported
     args = [

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from qonnx.errors import ConfigError, ModelLoadError, OutputPathError
+from qonnx.core.errors import ConfigError, ModelLoadError, OutputPathError
 from qonnx.models.export import export_causal_lm, verify_export
 from qonnx.models.hf import reference_model_path
 from qonnx.runtime.session import make_session
@@ -184,7 +184,7 @@ def test_reference_model_path_names_the_package(monkeypatch):
 
 
 def test_cli_export_and_errors(tmp_path):
-    from qonnx.cli_models import export_command
+    from qonnx.cli.models import export_command
 
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "hf")

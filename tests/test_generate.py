@@ -13,8 +13,8 @@ from test_export import tiny_model, tiny_tokenizer
 
 import qonnx
 from qonnx.cli import cli
-from qonnx.lowering import lower
 from qonnx.models.export import export_causal_lm
+from qonnx.pipeline.lowering import lower
 from qonnx.runtime.generate import Generator
 
 

@@ -13,9 +13,9 @@ from conftest import matmul_model, run, sqnr_db
 from test_cli import assert_one_line_error, qonnx_cli
 
 import qonnx
-from qonnx import quant
-from qonnx.config import GPTQ, W3A16, W4A16, Targets
-from qonnx.errors import ConfigError
+from qonnx.core import quant
+from qonnx.core.config import GPTQ, W3A16, W4A16, Targets
+from qonnx.core.errors import ConfigError
 from qonnx.models import build_decoder_stack
 from qonnx.passes.gptq import HessianAccumulator, gptq_quantize, gptq_quantize_many
 from qonnx.passes.weight_only import QuantizeWeightsPass
@@ -364,8 +364,8 @@ def test_float8(rng, scale_dtype):
 def test_sequential_stages_and_pipeline(stack_feeds, tmp_path):
     """Sequential GPTQ: stages in true-sequential order; the first stage sees the float model (same codes as
     plain GPTQ), later stages see the quantized earlier layers (other codes); a valid, closer-than-RTN model."""
-    from qonnx.gptq_sequential import stages
     from qonnx.passes.weight_only import hessian_key
+    from qonnx.pipeline.gptq_sequential import stages
 
     path, npz, test = stack_feeds
     model = qonnx.load(path)
@@ -399,8 +399,8 @@ def test_sequential_stages_and_pipeline(stack_feeds, tmp_path):
 
 
 def test_sequential_refusals(stack_feeds, tmp_path):
-    from qonnx.config import AWQ
-    from qonnx.config_activations import W4A8
+    from qonnx.core.config import AWQ
+    from qonnx.core.config_activations import W4A8
 
     with pytest.raises(ConfigError, match="sequential GPTQ applies to algo 'gptq' alone"):
         AWQ(gptq=GPTQ(sequential=True))

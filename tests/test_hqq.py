@@ -12,9 +12,9 @@ from onnx import numpy_helper
 from test_cli import qonnx_cli
 
 import qonnx
-from qonnx import quant
-from qonnx.config import HQQ, SCHEMES, W2A16, W3A16, W4A16, W8A16
-from qonnx.errors import ConfigError
+from qonnx.core import quant
+from qonnx.core.config import HQQ, SCHEMES, W2A16, W3A16, W4A16, W8A16
+from qonnx.core.errors import ConfigError
 from qonnx.passes.hqq import hqq_quantize, lp_error
 
 

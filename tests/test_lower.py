@@ -180,7 +180,7 @@ def test_quantize_then_lower_equals_lower_then_quantize(llama, tmp_path):
 def test_lowered_model_with_external_data_loads_and_quantizes(llama, tmp_path):
     """onnx's checker does not know SimplifiedLayerNormalization (ORT keeps it in the default domain)."""
     import qonnx
-    from qonnx.modelfile import load, save
+    from qonnx.core.modelfile import load, save
 
     model = ir.load(llama)
     FuseForOrtPass()(model)
@@ -204,7 +204,7 @@ def test_cli_lower_writes_a_verified_folder(llama, tmp_path, capsys):
     assert (out / "model.onnx").is_file() and (out / "tokenizer.json").is_file()
     meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
     assert json.loads(meta["qonnx.lowered"])["target"] == "cpu"
-    from qonnx.modelfile import load
+    from qonnx.core.modelfile import load
 
     assert any(n.op_type == "SimplifiedLayerNormalization" for n in load(out).graph)  # our loader accepts it
 
@@ -219,9 +219,9 @@ def test_cli_lower_writes_a_verified_folder(llama, tmp_path, capsys):
 
 
 def test_cli_lower_refuses_a_model_that_computes_other_numbers(llama, tmp_path, capsys, monkeypatch):
-    import qonnx.lowering
+    import qonnx.pipeline.lowering
 
-    monkeypatch.setattr(qonnx.lowering, "TOLERANCE", {"tensor(float)": -1.0})
+    monkeypatch.setattr(qonnx.pipeline.lowering, "TOLERANCE", {"tensor(float)": -1.0})
     out = tmp_path / "low"
     assert main(["lower", str(llama.parent), "-o", str(out)]) == 3
     assert "differs from the input" in capsys.readouterr().err
@@ -252,7 +252,7 @@ def _count(path, op):
 
 
 def test_w8a8_lowers_checked_with_its_rounding_pinned(llama_w8a8, tmp_path):
-    from qonnx.lowering import lower
+    from qonnx.pipeline.lowering import lower
 
     summary = lower(llama_w8a8, tmp_path / "low.onnx")
     assert summary.fused["GroupQueryAttention"] == 2 and summary.fused["SkipSimplifiedLayerNormalization"] == 4
@@ -282,7 +282,7 @@ def test_rounding_flips_are_not_a_mismatch(llama, llama_w8a8, tmp_path, scheme):
     """Activations 1e-4 off land on other int8 codes, and the outputs move by more than float tolerance; with the
     input's rounding pinned (QuantizeLinear codes carried over, MatMulNBits on float activations) they agree."""
     import qonnx
-    from qonnx.lowering import _mismatches, compare_outputs
+    from qonnx.pipeline.lowering import _mismatches, compare_outputs
 
     if scheme == "w8a8":
         path, ops = llama_w8a8, ("QuantizeLinear",)

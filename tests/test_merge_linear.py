@@ -110,8 +110,8 @@ def test_merged_names_do_not_collide(tmp_path):
 
 def test_decoder_qkv_packed_into_group_query_attention(tmp_path):
     """Lowered W4A16 decoder: q/k/v become one MatMulNBits read by GroupQueryAttention as packed QKV."""
-    from qonnx.lowering import lower
     from qonnx.models.export import export_causal_lm
+    from qonnx.pipeline.lowering import lower
 
     export_causal_lm(tiny_model("llama"), tmp_path / "kv", tokenizer=tiny_tokenizer(), quiet=True, verify=False)
     qonnx.quantize(tmp_path / "kv", qonnx.W4A16(block_size=32), output=tmp_path / "w4", verify=False)

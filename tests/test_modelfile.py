@@ -12,7 +12,7 @@ import pytest
 from conftest import run
 
 import qonnx
-from qonnx import modelfile
+from qonnx.core import modelfile
 from qonnx.models import build_decoder_stack
 
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from qonnx import quant
+from qonnx.core import quant
 
 
 def reference_blocked(w, bits, block, symmetric):

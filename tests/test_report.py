@@ -13,7 +13,7 @@ from onnx import numpy_helper
 import qonnx
 from qonnx.cli import cli
 from qonnx.models import build_decoder_stack
-from qonnx.report import layer_report, write_report
+from qonnx.pipeline.report import layer_report, write_report
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def test_report_reads_float_zero_points(pair):
 
 
 def test_report_on_unrelated_models_is_a_clear_error(pair):
-    from qonnx.errors import QonnxError
+    from qonnx.core.errors import QonnxError
 
     src, _ = pair
     with pytest.raises(QonnxError, match="no quantized layer"):

@@ -12,7 +12,7 @@ from conftest import matmul_model, run, sqnr_db
 from onnx import TensorProto, helper, numpy_helper
 
 import qonnx
-from qonnx import quant
+from qonnx.core import quant
 from qonnx.passes import DequantizeToMatMulNBitsPass, MatMulNBitsToDequantizePass, UpgradeOpsetPass
 
 CASES = [  # (config, SQNR bound in dB on the tiny decoder)

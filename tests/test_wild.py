@@ -18,9 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 from wild.corpus import BUILDERS
 
 import qonnx
-from qonnx import quant
-from qonnx.errors import NothingToQuantizeError, QonnxError
-from qonnx.passes import _emit
+from qonnx.core import emit as _emit
+from qonnx.core import quant
+from qonnx.core.errors import NothingToQuantizeError, QonnxError
 from qonnx.passes.cleanup import RemoveUnusedInitializersPass, remove_unused_weights
 
 SCHEMES = {

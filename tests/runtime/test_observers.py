@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from qonnx import quant
-from qonnx.errors import ConfigError
+from qonnx.core import quant
+from qonnx.core.errors import ConfigError
 from qonnx.runtime.observers import METHODS, TensorObserver
 
 
@@ -36,7 +36,7 @@ def growing_batches(rng):
 
 
 def qdq_error(x, lo, hi, symmetric):
-    """Mean squared error of quantize-dequantize to 8 bits with qonnx.quant's conventions."""
+    """Mean squared error of quantize-dequantize to 8 bits with qonnx.core.quant's conventions."""
     scale, zp = quant.qparams_from_range(np.float32([lo]), np.float32([hi]), 8, symmetric)
     q = quant.quantize(x.reshape(1, -1), scale, zp, 8, symmetric)
     return float(((quant.dequantize(q, scale, zp).ravel() - x) ** 2).mean())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from qonnx.errors import ConfigError
+from qonnx.core.errors import ConfigError
 
 __all__ = ["MEASURED", "warn_if_slow"]
 

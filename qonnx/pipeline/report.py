@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qonnx import modelfile, quant
-from qonnx.errors import QonnxError
+from qonnx.core import modelfile, quant
+from qonnx.core.errors import QonnxError
 from qonnx.passes.weights import find_weight_candidates
 
 __all__ = ["LayerReport", "layer_report", "write_report"]

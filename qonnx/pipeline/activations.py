@@ -1,6 +1,6 @@
 """Static weight+activation quantization (W8A8, W4A8, FP8): calibrate, smooth, quantize weights, insert Q/DQ.
 
-Called by :func:`qonnx.quantize` for an :class:`~qonnx.config_activations.ActivationConfig`. The order:
+Called by :func:`qonnx.quantize` for an :class:`~qonnx.core.config_activations.ActivationConfig`. The order:
 
 1. plan: which MatMul/Gemm/Conv nodes get the scheme (the weight-only planner, with the scheme's weight
    config), and the activation tensors they read (one per tensor, however many readers);
@@ -27,10 +27,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qonnx import modelfile, quant
-from qonnx.config import Targets
-from qonnx.config_activations import ActivationConfig, Calibration
-from qonnx.errors import ConfigError
+from qonnx.core import modelfile, quant
+from qonnx.core.config import Targets
+from qonnx.core.config_activations import ActivationConfig, Calibration
+from qonnx.core.errors import ConfigError
 from qonnx.passes.activations import ActivationQParams, InsertActivationQDQPass
 from qonnx.passes.smooth_quant import SmoothGroup, factors, fake_quantize_weight, fold, search_alpha
 from qonnx.passes.weight_only import Plan, all_value_names

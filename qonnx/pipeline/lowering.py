@@ -31,10 +31,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qonnx import modelfile
-from qonnx.errors import ModelLoadError, OutputPathError, QonnxError
+from qonnx.core import modelfile
+from qonnx.core.errors import ModelLoadError, OutputPathError, QonnxError
 from qonnx.passes.lower import FuseForOrtPass
-from qonnx.verification import VerificationError
+from qonnx.pipeline.verification import VerificationError
 
 __all__ = ["LowerSummary", "LoweringMismatchError", "lower", "compare_outputs"]
 
@@ -341,7 +341,7 @@ def lower(
         merge_linear: concatenate the linear layers that read one input (q/k/v, gate/up) into one node each
             (:mod:`qonnx.passes.merge_linear`); their names are then gone, so select layers before lowering.
         verify: compare the lowered model with the input before writing (default: up to 2 GiB of files).
-        external_data: see :func:`qonnx.modelfile.save`.
+        external_data: see :func:`qonnx.core.modelfile.save`.
         max_positions: size of the constant rotary cos/sin cache (positions 0 .. max_positions - 1); default:
             ``max_position_embeddings`` from the config.json beside the model, else computed at run time.
 

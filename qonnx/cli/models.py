@@ -240,7 +240,7 @@ def generate_command(
 @click.option("--json", "as_json", is_flag=True, help="Print the per-layer figures as JSON on stdout.")
 def report_command(original: str, quantized: str, output: str | None, device: str, as_json: bool) -> None:
     """Per-layer error of QUANTIZED against ORIGINAL, worst first: which layers to keep in higher precision."""
-    from qonnx.report import layer_report, report_json, write_report
+    from qonnx.pipeline.report import layer_report, report_json, write_report
 
     rows = layer_report(original, quantized, device=device)
     if output:
@@ -313,7 +313,7 @@ def lower_command(
     reads only lengths from attention_mask (it assumes no left padding), as qonnx eval and generate feed it.
     Quantize first, then lower.
     """
-    from qonnx.lowering import lower
+    from qonnx.pipeline.lowering import lower
 
     summary = lower(
         model,

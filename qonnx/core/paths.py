@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from qonnx.errors import ModelLoadError
+from qonnx.core.errors import ModelLoadError
 
 __all__ = ["MODEL_FILENAME", "resolve_model_path"]
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from qonnx.api import quantize
-from qonnx.config import W4A16
+from qonnx.core.config import W4A16
+from qonnx.pipeline.quantize import quantize
 from qonnx.runtime.session import make_session
 
 __all__ = ["run_demo", "run_synthetic_demo", "format_table", "PROMPT"]

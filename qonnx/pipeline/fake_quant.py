@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qonnx import modelfile
-from qonnx.config import W4A16, SchemeConfig, Targets, WeightOnlyConfig
-from qonnx.errors import ConfigError, NothingToQuantizeError
-from qonnx.passes._emit import QuantizedWeight
+from qonnx.core import modelfile
+from qonnx.core.config import W4A16, SchemeConfig, Targets, WeightOnlyConfig
+from qonnx.core.emit import QuantizedWeight
+from qonnx.core.errors import ConfigError, NothingToQuantizeError
+from qonnx.core.quant import unpack_matmulnbits
 from qonnx.passes.weight_only import Plan, QuantizeWeightsPass, _act_dtype, _float_reader, quantize_weight
 from qonnx.passes.weights import WeightCandidate
-from qonnx.quant import unpack_matmulnbits
 from qonnx.runtime.sensitivity import Measurement, WeightSwapSession, sensitivity_feeds
 
 __all__ = ["FakeQuantModel", "SwapLayer", "dequantized", "plan_layers", "to_stored"]
@@ -132,7 +132,7 @@ class FakeQuantModel:
         device: str,
         progress: bool,
     ) -> None:
-        from qonnx.api import _load
+        from qonnx.pipeline.quantize import _load
 
         config = W4A16() if config is None else config
         if not isinstance(config, WeightOnlyConfig):
@@ -184,7 +184,7 @@ class FakeQuantModel:
     def hessians(self) -> dict[str, np.ndarray]:
         """GPTQ's calibration Hessians, collected on first use (empty when no layer uses GPTQ)."""
         if self._hessians is None:
-            from qonnx.api import _hessians
+            from qonnx.pipeline.quantize import _hessians
 
             self._hessians = {}
             if any(cfg.gptq is not None for _, cfg, _ in self.plan if cfg is not None):

@@ -35,7 +35,7 @@ class Snapshot:
     Tensors of the main graph's initializers of numpy's types and ``min_bytes`` or more are placeholders in
     ``proto`` (external data at :data:`SNAPSHOT_LOCATION`) and lie in ``weights`` by name, as they are (a
     weight memory-mapped from the input's data file stays mapped). Other tensors (int4, float8, bfloat16,
-    those of subgraphs) are serialized inside ``proto``. One snapshot serves both ``qonnx.modelfile.save`` (one
+    those of subgraphs) are serialized inside ``proto``. One snapshot serves both ``qonnx.core.modelfile.save`` (one
     file, :func:`write_snapshot`) and a session built from memory (``qonnx.runtime.session.InMemoryModel``).
     """
 
@@ -50,7 +50,7 @@ class Snapshot:
         """
         import onnx_ir as ir
 
-        from qonnx.modelfile import iter_tensors, make_runtime_compatible
+        from qonnx.core.modelfile import iter_tensors, make_runtime_compatible
 
         main = set(model.graph.initializers.values())
         weights: dict[str, np.ndarray] = {}

@@ -1,6 +1,6 @@
 """Sequential GPTQ: each layer's Hessian is measured on the model whose earlier layers are already quantized.
 
-Plain GPTQ (:func:`qonnx.api.quantize` with ``GPTQ()``) takes every Hessian from the float model in one
+Plain GPTQ (:func:`qonnx.pipeline.quantize.quantize` with ``GPTQ()``) takes every Hessian from the float model in one
 calibration pass. With ``GPTQ(sequential=True)`` the GPTQ layers are split, in graph order, into stages: a
 layer starts a new stage when its input depends on a layer of the current stage (q/k/v, then o, then
 gate/up, then down, in each decoder layer of a Llama model: the reference's "true sequential" order). For
@@ -29,8 +29,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qonnx.config import WeightOnlyConfig
-from qonnx.passes._emit import QuantizedWeight
+from qonnx.core.config import WeightOnlyConfig
+from qonnx.core.emit import QuantizedWeight
 from qonnx.passes.weights import WeightCandidate
 
 __all__ = ["stages", "sequential_gptq"]
@@ -137,9 +137,9 @@ def sequential_gptq(
 
     from tqdm import tqdm
 
-    from qonnx.fake_quant import dequantized, to_stored
     from qonnx.passes.gptq import HessianAccumulator
     from qonnx.passes.weight_only import _share_key
+    from qonnx.pipeline.fake_quant import dequantized, to_stored
     from qonnx.runtime.calibration import _spill
     from qonnx.runtime.sensitivity import _with_weight_inputs
     from qonnx.runtime.session import make_session

@@ -17,9 +17,9 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from qonnx.errors import ModelLoadError, OutputPathError
-from qonnx.paths import MODEL_FILENAME, resolve_model_path
-from qonnx.snapshot import Snapshot, write_snapshot
+from qonnx.core.errors import ModelLoadError, OutputPathError
+from qonnx.core.paths import MODEL_FILENAME, resolve_model_path
+from qonnx.core.snapshot import Snapshot, write_snapshot
 
 __all__ = [
     "MODEL_FILENAME",

@@ -19,19 +19,19 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from qonnx import modelfile
-from qonnx.activation_api import apply_activation_scheme, plan_activations
-from qonnx.awq_api import apply_awq
-from qonnx.config import W4A16, SchemeConfig, Targets, WeightOnlyConfig
-from qonnx.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError
-from qonnx.mixed_precision import Budget, MixedPrecision, mixed_precision
+from qonnx.core import modelfile
+from qonnx.core.config import W4A16, SchemeConfig, Targets, WeightOnlyConfig
+from qonnx.core.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError
+from qonnx.core.targets import warn_if_slow
 from qonnx.passes.cleanup import RemoveUnusedInitializersPass
 from qonnx.passes.opset import OpsetConversionError, UpgradeOpsetPass
 from qonnx.passes.weight_only import QDQ_OPSET, LayerRecord, Plan, QuantizeWeightsPass, hessian_key
-from qonnx.speed_table import warn_if_slow
-from qonnx.verification import Verification, VerifyOptions, start_reference, start_verify
-from qonnx.verification import metadata as verification_metadata
-from qonnx.verification import verify as run_verify
+from qonnx.pipeline.activations import apply_activation_scheme, plan_activations
+from qonnx.pipeline.awq import apply_awq
+from qonnx.pipeline.mixed_precision import Budget, MixedPrecision, mixed_precision
+from qonnx.pipeline.verification import Verification, VerifyOptions, start_reference, start_verify
+from qonnx.pipeline.verification import metadata as verification_metadata
+from qonnx.pipeline.verification import verify as run_verify
 
 __all__ = ["QuantizeSummary", "quantize"]
 
@@ -79,7 +79,7 @@ class QuantizeSummary:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (without the model)."""
-        from qonnx import __version__
+        from qonnx.core import __version__
 
         return {
             "qonnx_version": __version__,
@@ -160,7 +160,7 @@ def quantize(
         targets: per-layer overrides by exact node/weight name, ``re:`` regex or op type; ``None`` keeps
             a layer in floating point, e.g. ``{"re:lm_head": None}``.
         progress: show a progress bar on stderr.
-        external_data: see :func:`qonnx.modelfile.save`.
+        external_data: see :func:`qonnx.core.modelfile.save`.
         workers: threads that quantize weights (default: up to 4, by CPU count).
         verify: run the original and the quantized model on the same inputs before writing and record
             per-output SQNR, cosine, max error and top-1 agreement (:class:`VerifyOptions`; True/False to
@@ -168,7 +168,7 @@ def quantize(
             ``metadata_props``; ``VerifyOptions(min_sqnr=...)`` refuses to write a worse model.
         budget: mixed precision (weight-only schemes): keep the layers whose quantization hurts most in
             8 bits, or floating point, to meet ``Budget(target_bits=...)`` or ``Budget(max_ppl_increase=...)``
-            (see :mod:`qonnx.mixed_precision`); the promotions go into the layer records, the summary and
+            (see :mod:`qonnx.pipeline.mixed_precision`); the promotions go into the layer records, the summary and
             the output's metadata.
 
     Returns:
@@ -409,10 +409,10 @@ def _hessians(model: ir.Model, source: Path | None, plan: Plan, progress: bool) 
 def _sequential_gptq(
     model: ir.Model, source: Path | None, plan: Plan, qpass: QuantizeWeightsPass, progress: bool
 ) -> dict[tuple, Any]:
-    """Arrays of the layers GPTQ rounds sequentially (:mod:`qonnx.gptq_sequential`), by share key."""
-    from qonnx.fake_quant import plan_layers
-    from qonnx.gptq_sequential import sequential_gptq
+    """Arrays of the layers GPTQ rounds sequentially (:mod:`qonnx.pipeline.gptq_sequential`), by share key."""
     from qonnx.passes.weight_only import _gptq_batches, _share_key
+    from qonnx.pipeline.fake_quant import plan_layers
+    from qonnx.pipeline.gptq_sequential import sequential_gptq
 
     layers, keys = [], set()
     for cand, cfg, _ in plan:

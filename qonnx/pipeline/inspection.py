@@ -8,7 +8,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from qonnx import modelfile
+from qonnx.core import modelfile
 from qonnx.passes.weights import find_weight_candidates
 
 __all__ = ["inspect_model"]

@@ -27,10 +27,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from qonnx.analysis import Sensitivity, measure_layers
-from qonnx.config import W8A16, SchemeConfig, WeightOnlyConfig
-from qonnx.errors import ConfigError
-from qonnx.fake_quant import FakeQuantModel
+from qonnx.core.config import W8A16, SchemeConfig, WeightOnlyConfig
+from qonnx.core.errors import ConfigError
+from qonnx.pipeline.analysis import Sensitivity, measure_layers
+from qonnx.pipeline.fake_quant import FakeQuantModel
 from qonnx.runtime.data import PYDOC
 from qonnx.runtime.sensitivity import Measurement
 

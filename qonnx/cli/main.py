@@ -13,10 +13,10 @@ from typing import Any
 
 import click
 
-from qonnx import __version__
-from qonnx.config import AWQ, GPTQ, SCHEMES, algo_from_name, scheme_from_name
-from qonnx.errors import QonnxError
-from qonnx.verification import VerificationError, VerifyOptions, start_reference_early
+from qonnx.core import __version__
+from qonnx.core.config import AWQ, GPTQ, SCHEMES, algo_from_name, scheme_from_name
+from qonnx.core.errors import QonnxError
+from qonnx.pipeline.verification import VerificationError, VerifyOptions, start_reference_early
 
 __all__ = ["main", "cli"]
 
@@ -304,7 +304,7 @@ def quantize(
         data=calib_data if calib_data not in (None, PYDOC) else None,  # verified on the calibration data
     )
     start_reference_early(model, checks)  # the original runs in ONNX Runtime while the rest loads
-    from qonnx.api import quantize as run_quantize
+    from qonnx.pipeline.quantize import quantize as run_quantize
 
     summary = run_quantize(
         model,
@@ -355,7 +355,7 @@ def quantize(
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable description on stdout.")
 def inspect(model: str, as_json: bool) -> None:
     """Describe MODEL: opsets, op histogram, weights, quantizable layers."""
-    from qonnx.inspection import inspect_model
+    from qonnx.pipeline.inspection import inspect_model
 
     info = inspect_model(model)
     if as_json:
@@ -396,7 +396,7 @@ def inspect(model: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON on stdout.")
 def demo(work_dir: str, windows: int, synthetic: bool, as_json: bool) -> None:
     """Export, quantize (W4A16) and measure the embedded reference model, SmolLM2-135M-Instruct, offline."""
-    from qonnx.demo import format_table, run_demo, run_synthetic_demo
+    from qonnx.cli.demo import format_table, run_demo, run_synthetic_demo
 
     result = run_synthetic_demo(work_dir) if synthetic else run_demo(work_dir, windows=windows)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
@@ -416,7 +416,7 @@ def _activation_config(
     algo: str | None,
 ) -> Any:
     """The config of a weight+activation scheme from the CLI options (weight-only options refused)."""
-    from qonnx.config_activations import Calibration
+    from qonnx.core.config_activations import Calibration
 
     if fmt != "matmulnbits" or accuracy_level is not None:
         raise click.UsageError("--format and --accuracy-level apply to weight-only schemes (w4a16, w8a16)")
@@ -482,7 +482,7 @@ def _budget(target_bits: float | None, max_ppl_increase: str | None, sensitivity
         raise click.UsageError("give --target-bits or --max-ppl-increase, not both")
     if scheme.lower() in ACTIVATION_SCHEMES:
         raise click.UsageError("--target-bits and --max-ppl-increase apply to weight-only schemes (w4a16, w8a16)")
-    from qonnx.mixed_precision import Budget, parse_percent
+    from qonnx.pipeline.mixed_precision import Budget, parse_percent
 
     if max_ppl_increase is not None:
         return Budget(max_ppl_increase=parse_percent(max_ppl_increase), sensitivity=sensitivity)
@@ -533,9 +533,9 @@ def _group_reasons(records: list[Any]) -> list[tuple[str, list[str]]]:
 
 
 def _register_model_commands() -> None:
-    """``export`` and ``eval`` live in qonnx.cli_models (they import torch/transformers only when run)."""
-    from qonnx.cli_analyze import analyze_command
-    from qonnx.cli_models import eval_command, export_command, generate_command, lower_command, report_command
+    """``export`` and ``eval`` live in qonnx.cli.models (they import torch/transformers only when run)."""
+    from qonnx.cli.analyze import analyze_command
+    from qonnx.cli.models import eval_command, export_command, generate_command, lower_command, report_command
 
     cli.add_command(analyze_command)
     cli.add_command(export_command)

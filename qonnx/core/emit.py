@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from qonnx import quant
+from qonnx.core import quant
 
 MS_DOMAIN = "com.microsoft"
 

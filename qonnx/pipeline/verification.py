@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qonnx.errors import QonnxError
+from qonnx.core.errors import QonnxError
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -253,7 +253,7 @@ def verify(
 
 def metadata(config: dict[str, Any], verification: Verification, quantized: int, skipped: int) -> dict[str, str]:
     """The ``metadata_props`` a pipeline can gate on."""
-    from qonnx import __version__
+    from qonnx.core import __version__
 
     worst = verification.worst_sqnr
     return {

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Literal
 
-from qonnx.config import GPTQ, MATMULNBITS_BLOCK_SIZES, SCHEMES, SchemeConfig, WeightOnlyConfig
-from qonnx.errors import ConfigError
+from qonnx.core.config import GPTQ, MATMULNBITS_BLOCK_SIZES, SCHEMES, SchemeConfig, WeightOnlyConfig
+from qonnx.core.errors import ConfigError
 
 __all__ = [
     "CALIBRATION_METHODS",
@@ -98,7 +98,7 @@ class ActivationConfig(SchemeConfig):
             of the largest, at most 5% of the tensors. Their layers keep the weight quantization. The cheap
             remedy for a few layers with massive activations (SmolLM2: the down projections of layers 11,
             28 and 29).
-        algo: how weights are rounded: ``"rtn"`` or GPTQ (``"gptq"`` or :class:`~qonnx.config.GPTQ`), with
+        algo: how weights are rounded: ``"rtn"`` or GPTQ (``"gptq"`` or :class:`~qonnx.core.config.GPTQ`), with
             Hessians from the same calibration data, transformed by the smoothing factors (``"gptq"`` takes
             the calibration's data, samples and seq_len). Default ``"rtn"``; ``"gptq"`` for :class:`FP8`.
         target: the runtime to lower for (``"cpu"``, ``"cuda"``, ``"tensorrt"`` or ``"generic"`` QDQ);

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
-from qonnx.errors import ConfigError
+from qonnx.core.errors import ConfigError
 
 __all__ = [
     "AWQ",
@@ -55,7 +55,7 @@ class GPTQ:
         clip_search: choose each block's range among shrunk ranges (x1.00 .. x0.80) for the lowest weight
             error (the reference's ``Quantizer(mse=True)``); else the block's full range.
         sequential: take each layer's Hessian from the model whose earlier layers are already quantized, stage
-            by stage (:mod:`qonnx.gptq_sequential`; one calibration pass per stage) instead of all from the
+            by stage (:mod:`qonnx.pipeline.gptq_sequential`; one calibration pass per stage) instead of all from the
             float model in one pass.
     """
 
@@ -374,7 +374,7 @@ SCHEMES: dict[str, type[SchemeConfig]] = {"w4a16": W4A16, "w8a16": W8A16, "w3a16
 
 def scheme_from_name(name: str, **options: Any) -> SchemeConfig:
     """Build a scheme config from its CLI name and options (activation schemes: see config_activations)."""
-    import qonnx.config_activations  # noqa: F401  (registers w8a8, w4a8, fp8, dynamic)
+    import qonnx.core.config_activations  # noqa: F401  (registers w8a8, w4a8, fp8, dynamic)
 
     try:
         cls = SCHEMES[name.lower()]

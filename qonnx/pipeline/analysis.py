@@ -1,11 +1,11 @@
 """``qonnx.analyze``: rank layers by the error they cause when quantized alone.
 
 Every layer the scheme would quantize is fake-quantized on its own (its weight quantized exactly as
-``qonnx.quantize`` would store it, then dequantized, :mod:`qonnx.fake_quant`) and fed into one ONNX Runtime
+``qonnx.quantize`` would store it, then dequantized, :mod:`qonnx.pipeline.fake_quant`) and fed into one ONNX Runtime
 session of the float model (:class:`qonnx.runtime.sensitivity.WeightSwapSession`), run over calibration windows:
 the output SQNR and, for a causal LM, the KL divergence from the float model's next-token distribution and the
 perplexity change are that layer's sensitivity. The ranking is what mixed precision
-(:mod:`qonnx.mixed_precision`) spends its budget on.
+(:mod:`qonnx.pipeline.mixed_precision`) spends its budget on.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from qonnx.config import SchemeConfig
-from qonnx.errors import ConfigError
-from qonnx.fake_quant import FakeQuantModel
+from qonnx.core.config import SchemeConfig
+from qonnx.core.errors import ConfigError
+from qonnx.pipeline.fake_quant import FakeQuantModel
 from qonnx.runtime.data import PYDOC
 from qonnx.runtime.sensitivity import Measurement
 

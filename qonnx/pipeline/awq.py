@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qonnx.config import WeightOnlyConfig
+from qonnx.core.config import WeightOnlyConfig
 from qonnx.passes import awq
 from qonnx.passes.smooth_quant import SmoothGroup, absorber, fold
 from qonnx.passes.weight_only import Plan, _act_dtype, all_value_names, hessian_key

@@ -1,0 +1,5 @@
+"""``python -m qonnx.cli``."""
+
+from qonnx.cli.main import main
+
+raise SystemExit(main())
