@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qonnx.core import quant
+from qonnx.core import numerics
 from qonnx.passes.gptq import torch_device
 
 if TYPE_CHECKING:
@@ -94,28 +94,28 @@ def _parts(k: int, block_size: int | None) -> list[tuple[int, int, int]]:
 def _qdq_(x: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, r: Rounding) -> torch.Tensor:
     """Quantize-dequantize blocks ``x`` [..., rows, N] in place, on ranges ``mn``, ``mx`` [..., N], as quant does.
 
-    The arithmetic of :func:`qonnx.core.quant.qparams_from_range` and :func:`qonnx.core.quant.quantize_kn` in float32
-    (``floor(v + 0.5)`` equals quant's round-half-up for every float32 ``v`` below 2^23 in magnitude).
+    The arithmetic of :meth:`qonnx.core.numerics.IntGrid.qparams` in torch (many candidate ranges at once, on
+    the GPU when there is one), then the grid's own rounding (:meth:`IntGrid.round`), as
+    :func:`qonnx.core.quant.quantize_kn` computes it.
     """
     import torch
 
-    qmin, qmax = quant.qrange(r.bits, r.symmetric)
+    grid = numerics.IntGrid(r.bits, r.symmetric)
+    qmin, qmax = grid.qmin, grid.qmax
     dtype = torch.from_numpy(np.zeros(0, dtype=r.scale_dtype)).dtype
     if r.symmetric:
         v = torch.where(mn.abs() >= mx.abs(), mn, mx)
         scale = (v / qmin).to(dtype).float()
-        zpo = torch.full_like(scale, float(-qmin))  # codes in the unsigned domain, as quant computes them
-        lo, hi = 0, qmax - qmin
+        zpo = torch.full_like(scale, float(grid.offset))  # codes in the unsigned domain, as quant computes them
     else:
         mn, mx = mn.clamp(max=0), mx.clamp(min=0)
         scale = ((mx - mn) / (qmax - qmin)).to(dtype).float()
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-        zpo = torch.floor((qmin - mn / safe) + 0.5).clamp_(qmin, qmax)
-        lo, hi = qmin, qmax
+        zpo = numerics.round_half_up(qmin - mn / safe).clamp_(qmin, qmax)
     fmax = float(np.finfo(np.float32).max)
     inv = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale).clamp_(-fmax, fmax)
     zpo = zpo.unsqueeze(-2)
-    x.mul_(inv.unsqueeze(-2)).add_(zpo).add_(0.5).floor_().clamp_(lo, hi)
+    x.copy_(grid.round(x.mul_(inv.unsqueeze(-2)).add_(zpo)))
     return x.sub_(zpo).mul_(scale.unsqueeze(-2))
 
 

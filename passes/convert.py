@@ -9,9 +9,9 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from qonnx.core import emit as _emit
-from qonnx.core import quant
+from qonnx.core import formats, packing, quant
 from qonnx.core.config import MATMULNBITS_BLOCK_SIZES
+from qonnx.passes import nodes
 
 __all__ = ["DequantizeToMatMulNBitsPass", "MatMulNBitsToDequantizePass"]
 
@@ -74,18 +74,16 @@ class DequantizeToMatMulNBitsPass(ir.passes.InPlacePass):
                 continue
             graph = node.graph
             assert isinstance(graph, ir.Graph)
-            qw = _emit.matmulnbits_arrays(qb, dtype)
+            qw = formats.matmulnbits_arrays(qb, dtype.numpy())
             base = (dq.inputs[0].name if dq.inputs[0] is not None else None) or "weight"
-            inputs = [_emit.initializer(graph, f"{base}_{k}", a) for k, a in qw.arrays.items()]
-            if len(inputs) == 2:
-                inputs.append(None)  # type: ignore[arg-type]
-            new = _emit.matmulnbits_node(
-                node.inputs[0], inputs, qw.attrs, name=f"{node.name}_Q{qb.bits}", accuracy_level=self.accuracy_level
+            inputs = [nodes.initializer(graph, f"{base}_{k}", a) for k, a in qw.arrays.items()]
+            new = nodes.fused_node(
+                qw, node.inputs[0], inputs, name=f"{node.name}_Q{qb.bits}", accuracy_level=self.accuracy_level
             )
             ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]])
             count += 1
         if count:
-            model.opset_imports.setdefault(_emit.MS_DOMAIN, 1)
+            model.opset_imports.setdefault(formats.MS_DOMAIN, 1)
         return ir.passes.PassResult(model, modified=bool(count))
 
 
@@ -104,7 +102,7 @@ class MatMulNBitsToDequantizePass(ir.passes.InPlacePass):
         """Rewrite every MatMulNBits node without g_idx."""
         count = 0
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
-            if node.op_type != "MatMulNBits" or node.domain != _emit.MS_DOMAIN:
+            if node.op_type != "MatMulNBits" or node.domain != formats.MS_DOMAIN:
                 continue
             inputs = list(node.inputs) + [None] * (6 - len(node.inputs))
             a, b_v, s_v, zp_v, g_idx, bias_v = inputs[:6]
@@ -121,7 +119,7 @@ class MatMulNBitsToDequantizePass(ir.passes.InPlacePass):
             if bits not in (4, 8) or k is None or n is None or bs is None:
                 continue
             nb = quant.num_blocks(k, bs)
-            codes, zps = quant.unpack_matmulnbits(b, zp_arr, k=k, n=n, bits=bits, block_size=bs)
+            codes, zps = packing.unpack_matmulnbits(b, zp_arr, k=k, n=n, bits=bits, block_size=bs)
             default = 1 << (bits - 1)
             graph = node.graph
             assert isinstance(graph, ir.Graph)
@@ -135,10 +133,10 @@ class MatMulNBitsToDequantizePass(ir.passes.InPlacePass):
                 dq_inputs = [codes.T.astype(code_dtype), scales.reshape(n, nb).T, zps.T.astype(code_dtype)]
             names = ("q", "scale", "zero_point")
             values = [
-                _emit.initializer(graph, f"{base}_{nm}", np.ascontiguousarray(arr))
+                nodes.initializer(graph, f"{base}_{nm}", np.ascontiguousarray(arr))
                 for nm, arr in zip(names, dq_inputs, strict=False)
             ]
-            dq = _emit.dequantize_node(values, {"axis": 0, "block_size": bs}, name=f"{node.name}_DequantizeLinear")
+            dq = nodes.dequantize_node(values, {"axis": 0, "block_size": bs}, name=f"{node.name}_DequantizeLinear")
             mm = ir.node("MatMul", [a, dq.outputs[0]], name=f"{node.name}_MatMul")
             new_nodes = [dq, mm]
             out = mm.outputs[0]

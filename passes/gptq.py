@@ -10,7 +10,7 @@ rows. The scale and zero point of a block are chosen when the solve reaches its 
 the error feedback has changed them (as the reference does with ``groupsize``), or, with ``act_order``, from
 the original weight before the solve (the reference's ``static_groups``: blocks stay contiguous along K
 whatever order the rows are rounded in, so the stored format does not change). Either way they come from
-:func:`qonnx.core.quant.qparams_from_range` (optionally on a shrunk range, ``clip_search``), and codes use the
+:meth:`qonnx.core.numerics.IntGrid.qparams` (optionally on a shrunk range, ``clip_search``), and codes use the
 float32 rounding of :func:`qonnx.core.quant.quantize_kn`: with an identity Hessian the result is round-to-nearest
 bit for bit, and any result is a valid :class:`qonnx.core.quant.QuantizedMatrix` for either output format.
 
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qonnx.core import quant
+from qonnx.core import numerics, quant
 
 if TYPE_CHECKING:
     import torch
@@ -113,92 +113,81 @@ def _group_rows(k: int, group: int, block: int) -> list[tuple[int, int]]:
     return [(i, min(i + step, k)) for i in range(0, k, step)]
 
 
-class _Grid:
+class _IntBlock:
     """One block's integer grid for every column of L matrices: scale and zero point [L, N].
 
-    ``round(x)`` is :func:`qonnx.core.quant.quantize_kn`'s arithmetic: ``roundf(x / scale + zp)`` (``x * (1 / scale)``
-    in float32, ties up, clamped), returned as float codes in the unsigned domain; ``x`` is [L, N] or [L, R, N].
+    ``round(x)`` is :func:`qonnx.core.quant.quantize_kn`'s arithmetic, :meth:`IntGrid.round` of
+    ``x * (1 / scale) + zp`` (float codes in the unsigned domain); ``x`` is [L, N] or [L, R, N].
     """
 
-    def __init__(self, scale: np.ndarray, zero_point: np.ndarray, bits: int, symmetric: bool, device: str) -> None:
-        import torch
+    def __init__(self, grid: numerics.IntGrid, scale: np.ndarray, zero_point: np.ndarray, device: str) -> None:
+        import torch  # heavy (~1 s): GPTQ alone needs it; its callers imported it already
 
-        qmin, qmax = quant.qrange(bits, symmetric)
-        self.bits, self.symmetric = bits, symmetric
-        self.offset = -qmin if symmetric else 0
-        self.lo, self.hi = float(qmin + self.offset), float(qmax + self.offset)
+        self.grid = grid
         self.scale_np, self.zero_point_np = scale, zero_point
         self.scale = torch.from_numpy(scale.astype(np.float32)).to(device)
-        self.inv = torch.from_numpy(quant._inverse(scale)).to(device)
-        self.zpo = torch.from_numpy((zero_point + self.offset).astype(np.float32)).to(device)
+        self.inv = torch.from_numpy(numerics.inverse(scale)).to(device)
+        self.zpo = torch.from_numpy((zero_point + grid.offset).astype(np.float32)).to(device)
         self.zpf = torch.from_numpy(zero_point.astype(np.float32)).to(device)
-
-    @classmethod
-    def from_range(
-        cls, mn: np.ndarray, mx: np.ndarray, bits: int, symmetric: bool, scale_dtype: Any, device: str
-    ) -> _Grid:
-        return cls(*quant.qparams_from_range(mn, mx, bits, symmetric, scale_dtype), bits, symmetric, device)
 
     def params(self) -> list[torch.Tensor]:
         return [self.scale, self.inv, self.zpo, self.zpf]
 
-    def with_params(self, params: list[torch.Tensor]) -> _Grid:
-        grid = object.__new__(_Grid)
-        grid.__dict__.update(self.__dict__)
-        grid.scale, grid.inv, grid.zpo, grid.zpf = params
-        return grid
+    def numpy_params(self) -> list[np.ndarray]:
+        return [self.scale_np, self.zero_point_np]
+
+    def with_params(self, params: list[torch.Tensor]) -> _IntBlock:
+        block = object.__new__(_IntBlock)
+        block.__dict__.update(self.__dict__)
+        block.scale, block.inv, block.zpo, block.zpf = params
+        return block
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
-        import torch
-
         inv, zpo = (self.inv, self.zpo) if x.dim() == 2 else (self.inv[:, None], self.zpo[:, None])
         v = x * inv
         v += zpo
-        q = torch.floor(v)
-        q += (v - q) >= 0.5  # round half up, as quant.round_half_up
-        return q.clamp_(self.lo, self.hi)
+        return self.grid.round(v)
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
         scale, zpf = (self.scale, self.zpf) if q.dim() == 2 else (self.scale[:, None], self.zpf[:, None])
-        return (q - self.offset - zpf) * scale
+        return (q - self.grid.offset - zpf) * scale
 
 
-class _Float8Grid:
-    """float8 E4M3 codes with one scale per column of L matrices [L, N].
+class _ScaledBlock:
+    """One block of a scale-only grid (float8 E4M3, NF4, FP4) for every column of L matrices: scale [L, N].
 
-    As :func:`qonnx.core.quant.quantize_fp8_kn`: ``code = e4m3(clip(x / scale, -448, 448))`` (round to nearest
-    even), ``x ~ code * scale``.
+    ``round(x)`` is the grid value nearest ``x / scale`` (:meth:`Float8Grid.round`, :meth:`LookupGrid.round`),
+    ``x ~ value * scale``, as :func:`qonnx.core.quant.quantize_scaled_kn` computes it.
     """
 
-    def __init__(self, scale: np.ndarray, device: str) -> None:
-        import torch
+    def __init__(self, grid: numerics.Float8Grid | numerics.LookupGrid, scale: np.ndarray, device: str) -> None:
+        import torch  # heavy (~1 s): GPTQ alone needs it; its callers imported it already
 
+        self.grid = grid
         self.scale_np = scale
         self.scale = torch.from_numpy(scale.astype(np.float32)).to(device)
-
-    @classmethod
-    def from_range(cls, mn: np.ndarray, mx: np.ndarray, scale_dtype: Any, device: str) -> _Float8Grid:
-        amax = np.maximum(np.abs(mn), np.abs(mx)).astype(np.float32)
-        scale = (amax / np.float32(quant.FP8_MAX)).astype(scale_dtype).astype(np.float32)
-        return cls(np.where(scale > 0, scale, np.float32(1.0)).astype(scale_dtype), device)
 
     def params(self) -> list[torch.Tensor]:
         return [self.scale]
 
-    def with_params(self, params: list[torch.Tensor]) -> _Float8Grid:
-        grid = object.__new__(_Float8Grid)
-        grid.__dict__.update(self.__dict__)
-        (grid.scale,) = params
-        return grid
+    def numpy_params(self) -> list[np.ndarray]:
+        return [self.scale_np]
+
+    def with_params(self, params: list[torch.Tensor]) -> _ScaledBlock:
+        block = object.__new__(_ScaledBlock)
+        block.__dict__.update(self.__dict__)
+        (block.scale,) = params
+        return block
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
-        import torch
-
-        scale = self.scale if x.dim() == 2 else self.scale[:, None]
-        return (x / scale).clamp_(-quant.FP8_MAX, quant.FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+        return self.grid.round(x / (self.scale if x.dim() == 2 else self.scale[:, None]))
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
         return q * (self.scale if q.dim() == 2 else self.scale[:, None])
+
+
+_Block = _IntBlock | _ScaledBlock
+Grid = numerics.IntGrid | numerics.Float8Grid | numerics.LookupGrid
 
 
 #: Range shrink factors tried by the clip search: 1.0, 0.99, ..., 0.80.
@@ -209,33 +198,35 @@ CLIP_NORM = 2.4
 
 @dataclasses.dataclass(frozen=True)
 class _Scheme:
-    """What a block's grid is made of: integer codes (bits, symmetric) or float8 E4M3; the scales' dtype."""
+    """What a block's grid is made of (:mod:`qonnx.core.numerics`), the scales' dtype, and the clip search."""
 
-    bits: int
-    symmetric: bool
+    grid: Grid
     scale_dtype: Any
-    float8: bool
     clip_search: bool
 
-    def grid(self, mn: np.ndarray, mx: np.ndarray, device: str) -> _Grid | _Float8Grid:
-        if self.float8:
-            return _Float8Grid.from_range(mn, mx, self.scale_dtype, device)
-        return _Grid.from_range(mn, mx, self.bits, self.symmetric, self.scale_dtype, device)
+    def block(self, mn: np.ndarray, mx: np.ndarray, device: str) -> _Block:
+        params = self.grid.qparams(mn, mx, self.scale_dtype)
+        return self.make(list(params) if isinstance(params, tuple) else [params], device)
 
-    def choose(self, rows: torch.Tensor, device: str) -> _Grid | _Float8Grid:
+    def make(self, params: list[np.ndarray], device: str) -> _Block:
+        if isinstance(self.grid, numerics.IntGrid):
+            return _IntBlock(self.grid, params[0], params[1], device)
+        return _ScaledBlock(self.grid, params[0], device)
+
+    def choose(self, rows: torch.Tensor, device: str) -> _Block:
         """The grid of one block [L, R, N] from its range, or the shrunk range that rounds it best."""
-        import torch
+        import torch  # heavy (~1 s): GPTQ alone needs it; its callers imported it already
 
         mn, mx = rows.amin(1).cpu().numpy(), rows.amax(1).cpu().numpy()
         if not self.clip_search:
-            return self.grid(mn, mx, device)
+            return self.block(mn, mx, device)
         best_err = None
         best_np: list[np.ndarray] = []
         for shrink in CLIP_SHRINKS:
             f = np.float32(shrink)
-            grid = self.grid(mn * f, mx * f, device)
-            err = ((rows - grid.dequantize(grid.round(rows))).abs_() ** CLIP_NORM).sum(1)
-            params = [grid.scale_np] if self.float8 else [grid.scale_np, grid.zero_point_np]  # type: ignore[union-attr]
+            block = self.block(mn * f, mx * f, device)
+            err = ((rows - block.dequantize(block.round(rows))).abs_() ** CLIP_NORM).sum(1)
+            params = block.numpy_params()
             if best_err is None:
                 best_err, best_np = err, [p.copy() for p in params]
                 continue
@@ -243,9 +234,7 @@ class _Scheme:
             best_err = torch.where(better, err, best_err)
             mask = better.cpu().numpy()
             best_np = [np.where(mask, p, b) for p, b in zip(params, best_np, strict=True)]
-        if self.float8:
-            return _Float8Grid(best_np[0], device)
-        return _Grid(best_np[0], best_np[1], self.bits, self.symmetric, device)
+        return self.make(best_np, device)
 
 
 def _solve(
@@ -258,7 +247,7 @@ def _solve(
     block: int,
     act_order: bool,
     device: str,
-) -> tuple[torch.Tensor, list[_Grid | _Float8Grid]]:
+) -> tuple[torch.Tensor, list[_Block]]:
     """GPTQ on L matrices at once: W [L, K, N] (overwritten), H [L, K, K]; codes [L, K, N] (K order) and the grids.
 
     Every step works on all L matrices: one Python iteration per row of K, whatever L is, so the small GPU
@@ -271,7 +260,7 @@ def _solve(
     dead = diag == 0
     diag.masked_fill_(dead, 1.0)  # inputs calibration never exercised: no feedback to or from them
     ngroups = quant.num_blocks(k, group)
-    grids: list[_Grid | _Float8Grid | None] = [None] * ngroups
+    grids: list[_Block | None] = [None] * ngroups
     lanes = torch.arange(n_mat, device=device)
     if act_order:  # static groups, then the rows in order of decreasing H diagonal
         static = [scheme.choose(W[:, i : i + group], device) for i in range(0, k, group)]
@@ -294,7 +283,7 @@ def _solve(
         Hinv1 = Hinv[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             row = i1 + i
-            grid: _Grid | _Float8Grid
+            grid: _Block
             if act_order:
                 g_idx = row_group[:, row]
                 grid = template.with_params([p[g_idx, lanes] for p in stacked])
@@ -340,25 +329,21 @@ def gptq_quantize_many(
     ws: list[np.ndarray],
     hessians: list[np.ndarray],
     *,
-    bits: int,
+    grid: Grid,
     block_size: int | None,
-    symmetric: bool,
     scale_dtype: np.dtype | type = np.float32,
     damp: float = 0.01,
     block: int = 128,
     act_order: bool = False,
     clip_search: bool = False,
-    float8: bool = False,
     device: str | None = None,
-) -> list[quant.QuantizedMatrix] | list[tuple[np.ndarray, np.ndarray]]:
+) -> list[quant.QuantizedMatrix] | list[quant.ScaledMatrix]:
     """GPTQ on several [K, N] weights of one shape, each with its own Hessian, solved together.
 
-    See :func:`gptq_quantize` for the arguments. ``float8``: float8 E4M3 codes with one scale per column
-    (``block_size`` None, ``bits`` 8), returned as ``(codes [K, N] float8_e4m3fn, scale [N])`` pairs as
-    :func:`qonnx.core.quant.quantize_fp8_kn` returns them; otherwise :class:`qonnx.core.quant.QuantizedMatrix` objects.
+    See :func:`gptq_quantize` for the arguments. Integer grids give :class:`qonnx.core.quant.QuantizedMatrix`
+    objects, scale-only grids (float8, NF4, FP4) :class:`qonnx.core.quant.ScaledMatrix` ones, in the layout
+    round-to-nearest gives them.
     """
-    import ml_dtypes
-
     if not ws:
         return []
     k, n = ws[0].shape
@@ -367,29 +352,23 @@ def gptq_quantize_many(
             raise ValueError(f"weights solved together must share one shape: {w.shape} and {(k, n)}")
         if h.shape != (k, k):
             raise ValueError(f"Hessian shape {h.shape} does not match a weight with K={k}")
-    if float8 and block_size is not None:
-        raise ValueError("float8 GPTQ takes one scale per column (block_size None)")
     dev = device or torch_device()
     group = k if block_size is None else block_size
     W = _stack(ws, (k, n), dev)
     H = _stack(hessians, (k, k), dev)
-    scheme = _Scheme(bits, symmetric, scale_dtype, float8, clip_search)
-    codes_t, grids = _solve(W, H, scheme, group, damp=damp, block=block, act_order=act_order, device=dev)
+    scheme = _Scheme(grid, scale_dtype, clip_search)
+    codes_t, blocks = _solve(W, H, scheme, group, damp=damp, block=block, act_order=act_order, device=dev)
     del W, H
     out = codes_t.cpu().numpy()
     del codes_t
-    results: list = []
-    if float8:
-        scale = grids[0].scale_np  # [L, N]
-        for j in range(len(ws)):
-            results.append((out[j].astype(ml_dtypes.float8_e4m3fn), np.asarray(scale[j]).astype(scale_dtype)))
-        return results
-    offset = 1 << (bits - 1) if symmetric else 0
-    scales = np.stack([g.scale_np for g in grids], axis=1)  # [L, G, N]
-    zero_points = np.stack([g.zero_point_np for g in grids], axis=1)  # type: ignore[union-attr]
+    scales = np.stack([b.scale_np for b in blocks], axis=1)  # [L, G, N]
+    if not isinstance(grid, numerics.IntGrid):
+        return [quant.ScaledMatrix(grid.codes(out[j]), scales[j], group, grid) for j in range(len(ws))]
+    zero_points = np.stack([b.zero_point_np for b in blocks], axis=1)  # type: ignore[union-attr]
+    results = []
     for j in range(len(ws)):
-        q = (out[j] - offset).astype(np.int8) if symmetric else out[j].astype(np.uint8)
-        results.append(quant.QuantizedMatrix(q, scales[j], zero_points[j], group, bits, symmetric))
+        q = (out[j] - grid.offset).astype(np.int8) if grid.symmetric else out[j].astype(np.uint8)
+        results.append(quant.QuantizedMatrix(q, scales[j], zero_points[j], group, grid.bits, grid.symmetric))
     return results
 
 
@@ -432,9 +411,8 @@ def gptq_quantize(
     (qm,) = gptq_quantize_many(
         [w],
         [hessian],
-        bits=bits,
+        grid=numerics.IntGrid(bits, symmetric),
         block_size=block_size,
-        symmetric=symmetric,
         scale_dtype=scale_dtype,
         damp=damp,
         block=block,

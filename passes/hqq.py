@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from qonnx.core import quant
+from qonnx.core import numerics, quant
 from qonnx.passes.gptq import torch_device
 
 if TYPE_CHECKING:
@@ -87,17 +87,8 @@ def _lp(e: torch.Tensor, p: float) -> torch.Tensor:
     return torch.exp_(e.log_().mul_(p))
 
 
-def _round(v: torch.Tensor, qmax: float) -> torch.Tensor:
-    """:func:`qonnx.core.quant.round_half_up`, then clamp to [0, qmax]."""
-    import torch
-
-    q = torch.floor(v)
-    q += (v - q) >= 0.5
-    return q.clamp_(0.0, qmax)
-
-
 def _inverse(s: torch.Tensor) -> torch.Tensor:
-    """``1 / s`` in float32 as :func:`qonnx.core.quant._inverse` computes it (0 for a zero scale)."""
+    """``1 / s`` in float32 as :func:`qonnx.core.numerics.inverse` computes it (0 for a zero scale)."""
     import torch
 
     inv = torch.where(s != 0, 1.0 / torch.where(s != 0, s, 1.0), 0.0)
@@ -109,7 +100,7 @@ def _solve(
     s: torch.Tensor,
     z: torch.Tensor,
     *,
-    qmax: float,
+    grid: numerics.IntGrid,
     iterations: int,
     p: float,
     beta: float,
@@ -119,14 +110,14 @@ def _solve(
 ) -> torch.Tensor:
     """The zero points [nb, 1, N] of lowest squared error for blocks ``x`` [nb, rows, N] with scales ``s``.
 
-    ``z`` (round-to-nearest's) is where the search starts; codes are unsigned in [0, qmax].
+    ``z`` (round-to-nearest's) is where the search starts; codes are unsigned (``grid.round``).
     """
     import torch
 
     inv = _inverse(s)
 
     def codes(z: torch.Tensor) -> torch.Tensor:
-        return _round(x * inv + z, qmax)
+        return grid.round(x * inv + z)
 
     def error(q: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return (x - (q - z) * s).square_().sum(1, keepdim=True)
@@ -137,7 +128,7 @@ def _solve(
         target = x - _shrink(x - (q - z) * s, beta, p)  # the weights less the outlier part of the error
         beta *= kappa
         z = (q - target * inv).mean(1, keepdim=True)
-        z = _round(z, qmax) if integer else z.to(store).to(torch.float32)  # what the format will hold
+        z = grid.round(z.clone()) if integer else z.to(store).to(torch.float32)  # what the format will hold
         q = codes(z)
         err = error(q, z)
         better = err < best_err
@@ -190,7 +181,7 @@ def hqq_quantize(
     k, n = w.shape
     bs = k if block_size is None else block_size
     full = (k // bs) * bs
-    qmax = float(quant.qrange(bits, False)[1])
+    grid = numerics.IntGrid(bits, False)
     store = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(np.dtype(scale_dtype).name, torch.float32)
     parts = [(0, full, bs)] if full else []
     if full < k:
@@ -201,7 +192,7 @@ def hqq_quantize(
     for r0, r1, rows in parts:
         nb = (r1 - r0) // rows
         blocks = w[r0:r1].astype(np.float32, copy=False).reshape(nb, rows, n)
-        scale, zp = quant.qparams_from_range(blocks.min(1), blocks.max(1), bits, False, scale_dtype)
+        scale, zp = numerics.IntGrid(bits, False).qparams(blocks.min(1), blocks.max(1), scale_dtype)
         z_out = np.empty((nb, n), np.float32)
         for c0 in range(0, n, step):
             c1 = min(n, c0 + step)
@@ -212,7 +203,7 @@ def hqq_quantize(
                 x,
                 s,
                 z0,
-                qmax=qmax,
+                grid=grid,
                 iterations=iterations,
                 p=lp_norm,
                 beta=beta,
@@ -220,7 +211,7 @@ def hqq_quantize(
                 integer=zero_point == "integer",
                 store=store,
             )
-            q = _round(x * _inverse(s) + z, qmax)
+            q = grid.round(x * _inverse(s) + z)
             codes[r0:r1, c0:c1] = q.reshape(r1 - r0, c1 - c0).to(torch.uint8).cpu().numpy()
             z_out[:, c0:c1] = z[:, 0].cpu().numpy()
             del x, q

@@ -44,11 +44,12 @@ from onnxscript.rewriter import _ir_utils, pattern
 from onnxscript.rewriter._basics import MatchResult
 
 from qonnx.core.errors import ConfigError
+from qonnx.core.targets import lowering_targets
 from qonnx.passes._attention_mask import causal_mask_problem
 
 __all__ = ["FuseForOrtPass", "RopeAnglesAsMatMul", "RopeInvFreqExpanded", "FUSED_OPS", "TARGETS"]
 
-TARGETS = ("cpu", "cuda")
+TARGETS = lowering_targets()
 #: The contrib ops the fusions produce (com.microsoft, but SimplifiedLayerNormalization, which ONNX Runtime
 #: registers in the default domain), counted in :attr:`FuseForOrtPass.fused`.
 FUSED_OPS = (

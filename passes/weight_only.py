@@ -24,10 +24,9 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qonnx.core import emit as _emit
-from qonnx.core import quant
+from qonnx.core import formats, numerics, quant
 from qonnx.core.config import AWQ, Targets, WeightOnlyConfig
-from qonnx.passes import cleanup
+from qonnx.passes import cleanup, nodes
 from qonnx.passes.activations import unique_name
 from qonnx.passes.gptq import gptq_quantize_many, torch_device
 from qonnx.passes.hqq import hqq_quantize
@@ -74,7 +73,7 @@ def quantize_weight(
     dtype: ir.DataType,
     hessian: np.ndarray | None = None,
     shrink: np.ndarray | None = None,
-) -> _emit.QuantizedWeight:
+) -> formats.QuantizedWeight:
     """Quantize one candidate's weight into the arrays of the configured format (pure, thread-safe).
 
     ``hessian`` ([K, K], see :mod:`qonnx.passes.gptq`) is required when ``cfg.algo`` is GPTQ. ``shrink``
@@ -91,25 +90,22 @@ def quantize_weight(
         else:
             qb = quant.quantize_blocked(rows, cfg.bits, None, cfg.symmetric, scale_dtype=dtype.numpy())
         del rows
-        return _emit.channel_dequantize_arrays(qb, dtype, cand.shape, cand.axis)
+        return formats.channel_dequantize_arrays(qb, dtype.numpy(), cand.shape, cand.axis)
     w = cand.matrix()  # [K, N]: blocks run down the rows, no transpose of the float weight
-    gptq = cfg.gptq
-    if gptq is not None:
+    grid = cfg.weight_grid
+    solved: quant.QuantizedMatrix | quant.ScaledMatrix
+    if cfg.gptq is not None:
         if hessian is None:
             raise ValueError(f"{cand.node.op_type} '{cand.node.name}': GPTQ needs the Hessian of its input")
         (solved,) = gptq_quantize_many([w], [hessian], **_gptq_options(cfg, dtype))
-        del w
-        return _gptq_arrays(solved, cfg, dtype)
-    if cfg.float8:
-        return _emit.fp8_dequantize_arrays(w, dtype)
-    if cfg.hqq is not None:
-        qm = _hqq(w, cfg, dtype)
+    elif not isinstance(grid, numerics.IntGrid):
+        solved = quant.quantize_scaled_kn(w, grid, cfg.block_size, dtype.numpy())
+    elif cfg.hqq is not None:
+        solved = _hqq(w, cfg, dtype)
     else:
-        qm = quant.quantize_kn(w, cfg.bits, cfg.block_size, cfg.symmetric, scale_dtype=dtype.numpy(), shrink=shrink)
+        solved = quant.quantize_kn(w, cfg.bits, cfg.block_size, cfg.symmetric, scale_dtype=dtype.numpy(), shrink=shrink)
     del w
-    if cfg.format == "matmulnbits":
-        return _emit.matmulnbits_arrays(qm, dtype)
-    return _emit.dequantize_arrays(qm, dtype)
+    return formats.emit(solved, cfg.format, dtype.numpy())
 
 
 def _gptq_options(cfg: WeightOnlyConfig, dtype: ir.DataType) -> dict:
@@ -117,27 +113,14 @@ def _gptq_options(cfg: WeightOnlyConfig, dtype: ir.DataType) -> dict:
     gptq = cfg.gptq
     assert gptq is not None
     return {
-        "bits": cfg.bits,
+        "grid": cfg.weight_grid,
         "block_size": cfg.block_size,
-        "symmetric": cfg.symmetric,
         "scale_dtype": dtype.numpy(),
         "damp": gptq.damp,
         "block": gptq.block,
         "act_order": gptq.act_order,
         "clip_search": gptq.clip_search,
-        "float8": cfg.float8,
     }
-
-
-def _gptq_arrays(
-    solved: quant.QuantizedMatrix | tuple, cfg: WeightOnlyConfig, dtype: ir.DataType
-) -> _emit.QuantizedWeight:
-    """The emitted arrays of one GPTQ result: float8 codes and scales, or integer codes in the config's format."""
-    if isinstance(solved, tuple):  # float8 codes and scales
-        return _emit.fp8_arrays(*solved)
-    if cfg.format == "matmulnbits":
-        return _emit.matmulnbits_arrays(solved, dtype)
-    return _emit.dequantize_arrays(solved, dtype)
 
 
 def hqq_zero_point(cfg: WeightOnlyConfig) -> Literal["float", "integer"]:
@@ -145,7 +128,7 @@ def hqq_zero_point(cfg: WeightOnlyConfig) -> Literal["float", "integer"]:
 
     DequantizeLinear and 8-bit MatMulNBits take integer zero points only: HQQ's are rounded there.
     """
-    if cfg.format == "matmulnbits" and _emit.storage_bits(cfg.bits, cfg.format) in (2, 4):
+    if cfg.format == "matmulnbits" and formats.storage_bits(cfg.bits, cfg.format) in (2, 4):
         return "float"
     return "integer"
 
@@ -175,7 +158,7 @@ def needed_opset(cfg: WeightOnlyConfig, dtype: ir.DataType) -> int:
     """
     if cfg.format != "qdq":
         return 1
-    if cfg.float8:
+    if cfg.grid == "fp8":
         return 19
     if cfg.block_size is not None or cfg.bits <= 4:
         return QDQ_OPSET
@@ -211,7 +194,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self.workers = workers or min(4, os.cpu_count() or 1)
         self.hessians = hessians if hessians is not None else {}
         self.shrinks: dict[str, np.ndarray] = {}
-        self.presolved: dict[tuple, _emit.QuantizedWeight] = {}  # arrays solved beforehand (sequential GPTQ)
+        self.presolved: dict[tuple, formats.QuantizedWeight] = {}  # arrays solved beforehand (sequential GPTQ)
         self.records: list[LayerRecord] = []
         self.planned: int = 0
 
@@ -248,13 +231,17 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     @staticmethod
     def _unsupported(cand: WeightCandidate, cfg: WeightOnlyConfig) -> str | None:
-        node = cand.node
-        if node.op_type == "Gemm" and cfg.format == "matmulnbits":
-            bias, has_c = _emit.bias_vector(node, cand.n)
+        node, fmt = cand.node, formats.FORMATS[cfg.format]
+        if node.op_type == "Gemm" and fmt.fused:
+            bias, has_c = nodes.bias_vector(node, cand.n)
             if has_c and bias is None and node.attributes.get_float("beta", 1.0) != 1.0:
                 return "Gemm with a run-time C and beta != 1"
-        if cfg.format == "matmulnbits" and cand.k < 16:
-            return f"K={cand.k} is smaller than MatMulNBits' smallest block (16)"
+        if cand.k < fmt.min_k:
+            return f"K={cand.k} is smaller than {fmt.op_type}'s smallest block ({fmt.min_k})"
+        if fmt.whole_blocks and cfg.block_size and cand.k % cfg.block_size:
+            return (
+                f"K={cand.k} is not a multiple of block_size {cfg.block_size} ({fmt.op_type}'s blocks run across rows)"
+            )
         return None
 
     def requires(self, model: ir.Model) -> None:
@@ -295,7 +282,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     LayerRecord(cand.node.name or "", cand.node.op_type, cand.weight_name, shape, False, reason)
                 )
         names = all_value_names(model)
-        emitted: dict[tuple, tuple[list[ir.Value | None], _emit.QuantizedWeight, str]] = {}
+        emitted: dict[tuple, tuple[list[ir.Value | None], formats.QuantizedWeight, str]] = {}
         replaced: list[ir.Value | None] = []
         count = 0
         for cand, cfg, qw in self._quantized(todo):
@@ -317,13 +304,13 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         cleanup.remove_unused_weights(replaced, drop_graph_inputs=old_ir)
         if count and old_ir:  # new initializers are not graph inputs, which IR version 3 required
             model.ir_version = 4
-        if any(qw.format == "matmulnbits" for _, qw, _ in emitted.values()):
-            model.opset_imports.setdefault(_emit.MS_DOMAIN, 1)
+        for domain in {formats.FORMATS[qw.format].domain for _, qw, _ in emitted.values()} - {""}:
+            model.opset_imports.setdefault(domain, 1)
         return ir.passes.PassResult(model, modified=bool(count))
 
     def _quantized(
         self, todo: list[tuple[WeightCandidate, WeightOnlyConfig]]
-    ) -> Iterator[tuple[WeightCandidate, WeightOnlyConfig, _emit.QuantizedWeight | None]]:
+    ) -> Iterator[tuple[WeightCandidate, WeightOnlyConfig, formats.QuantizedWeight | None]]:
         """Yield (candidate, config, arrays) in graph order; arrays are None for an already-emitted weight.
 
         GPTQ layers are solved in batches of one shape (:func:`_gptq_batches`) when the first of a batch is
@@ -331,7 +318,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         """
         seen: set[tuple] = set()
         batches = _gptq_batches([(c, cfg) for c, cfg in todo if _share_key(c, cfg) not in self.presolved])
-        solved: dict[tuple, _emit.QuantizedWeight] = dict(self.presolved)
+        solved: dict[tuple, formats.QuantizedWeight] = dict(self.presolved)
 
         def submit(pool, cand, cfg):
             key = _share_key(cand, cfg)
@@ -368,7 +355,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def solve(
         self, batch: list[tuple[WeightCandidate, WeightOnlyConfig]], hessians: dict[str, np.ndarray] | None = None
-    ) -> dict[tuple, _emit.QuantizedWeight]:
+    ) -> dict[tuple, formats.QuantizedWeight]:
         """GPTQ on a batch of weights of one shape and config, together; their arrays by share key.
 
         Hessians by input name come from ``hessians``, else from the pass's own.
@@ -382,13 +369,16 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             found.append(h)
         cfg, dtype = batch[0][1], _act_dtype(batch[0][0])
         results = gptq_quantize_many([c.matrix() for c, _ in batch], found, **_gptq_options(cfg, dtype))
-        return {_share_key(c, cf): _gptq_arrays(r, cf, dtype) for (c, cf), r in zip(batch, results, strict=True)}
+        return {
+            _share_key(c, cf): formats.emit(r, cf.format, dtype.numpy())
+            for (c, cf), r in zip(batch, results, strict=True)
+        }
 
     def _rewrite(
         self,
         cand: WeightCandidate,
         cfg: WeightOnlyConfig,
-        qw: _emit.QuantizedWeight | None,
+        qw: formats.QuantizedWeight | None,
         emitted: dict,
         names: set[str],
         record: LayerRecord,
@@ -401,56 +391,56 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             record.shared_with = first
         else:
             assert qw is not None
-            # MatMulNBits weights go beside the float weight, so If branches and Loop bodies share one copy;
+            # A fused op's weights go beside the float weight, so If branches and Loop bodies share one copy;
             # a DequantizeLinear and its inputs stay in the reading graph (ONNX Runtime's QDQ fusions look
             # for the weight there): the share key tells graphs apart for "qdq".
-            home = cand.home_graph if qw.format == "matmulnbits" else graph
+            fused = formats.FORMATS[qw.format].fused
+            home = cand.home_graph if fused else graph
             weight_inputs = [
-                _emit.initializer(home, f"{base}_{name}", arr, names) if arr is not None else None
+                nodes.initializer(home, f"{base}_{name}", arr, names) if arr is not None else None
                 for name, arr in qw.arrays.items()
             ]
-            if qw.format == "matmulnbits" and len(weight_inputs) == 2:
-                weight_inputs.append(None)
-            if qw.format == "qdq":
-                dq = _emit.dequantize_node(weight_inputs, qw.attrs, name=unique_name(f"{base}_DequantizeLinear", names))
+            if not fused:
+                dq = nodes.dequantize_node(weight_inputs, qw.attrs, name=unique_name(f"{base}_DequantizeLinear", names))
                 graph.insert_before(node, dq)
                 dq.outputs[0].name = unique_name(f"{base}_dequantized", names)
                 weight_inputs = [dq.outputs[0]]
             emitted[key] = (weight_inputs, qw, node.name or base)
             record.bytes_before, record.bytes_after = _stored_nbytes(cand), qw.nbytes
-        if qw.format == "qdq":
+        if not formats.FORMATS[qw.format].fused:
             node.replace_input_with(1, weight_inputs[0])
             if node.op_type == "Gemm":
                 node.attributes["transB"] = ir.AttrInt64("transB", 0)
                 node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
             return
-        self._replace_with_matmulnbits(cand, cfg, weight_inputs, qw, names)
+        self._replace_with_fused(cand, cfg, weight_inputs, qw, names)
 
     @staticmethod
-    def _replace_with_matmulnbits(
-        cand: WeightCandidate, cfg: WeightOnlyConfig, weight_inputs: list, qw: _emit.QuantizedWeight, names: set[str]
+    def _replace_with_fused(
+        cand: WeightCandidate, cfg: WeightOnlyConfig, weight_inputs: list, qw: formats.QuantizedWeight, names: set[str]
     ) -> None:
         graph, node = cand.graph, cand.node
         dtype = _act_dtype(cand)
         bias_value = None
-        bias, has_c = _emit.bias_vector(node, cand.n) if node.op_type == "Gemm" else (None, False)
+        bias, has_c = nodes.bias_vector(node, cand.n) if node.op_type == "Gemm" else (None, False)
         if bias is not None:
-            bias_value = _emit.initializer(
+            bias_value = nodes.initializer(
                 graph, f"{node.name or cand.weight_name}_bias", bias.astype(dtype.numpy()), names
             )
-        new = _emit.matmulnbits_node(
+        slot = formats.FORMATS[qw.format].bias_slot is not None
+        new = nodes.fused_node(
+            qw,
             node.inputs[0],
             weight_inputs,
-            qw.attrs,
             name=f"{node.name}_Q{qw.bits}" if node.name else "",
-            bias=bias_value,
+            bias=bias_value if slot else None,
             accuracy_level=cfg.accuracy_level,
         )
         out = new.outputs[0]
         extra: list[ir.Node] = []
-        if has_c and bias_value is None:  # C computed at run time (beta == 1, checked in plan): add it
+        if has_c and (bias_value is None or not slot):  # C at run time (beta == 1, checked in plan), or no slot
             out.name = unique_name(f"{node.outputs[0].name}_nobias", names)
-            add = ir.node("Add", [out, node.inputs[2]], name=f"{node.name}_bias")
+            add = ir.node("Add", [out, bias_value or node.inputs[2]], name=f"{node.name}_bias")
             extra.append(add)
             out = add.outputs[0]
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new, *extra], [node.outputs[0]], [out])
@@ -465,7 +455,7 @@ def _storage_note(cfg: WeightOnlyConfig) -> str:
         else:
             where = "DequantizeLinear" if cfg.format == "qdq" else f"{cfg.bits}-bit MatMulNBits"
             note += f" hqq (zero points rounded to integers for {where})"
-    stored = _emit.storage_bits(cfg.bits, cfg.format)
+    stored = formats.storage_bits(cfg.bits, cfg.format)
     if stored != cfg.bits:
         note += f" ({cfg.bits}-bit codes in {stored}-bit containers: the size of {stored}-bit weights)"
     return note
@@ -490,12 +480,12 @@ def _check_sizes(planned: Plan) -> Plan:
         first = planned[rows[0]][0]
         assert first.source is not None
         reader = _float_reader(first.source, chosen)
-        float_bytes = _emit.float_nbytes(_stored_nbytes(first), first.weight_name)
+        float_bytes = formats.float_nbytes(_stored_nbytes(first), first.weight_name)
         costs: dict[tuple, int] = {}
         for i in rows:
             cand, cfg, _ = planned[i]
             assert cfg is not None
-            costs[_share_key(cand, cfg)] = _emit.estimated_nbytes(
+            costs[_share_key(cand, cfg)] = formats.estimated_nbytes(
                 cfg.format,
                 cand.k,
                 cand.n,

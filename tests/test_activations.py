@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_cli import assert_one_line_error, qonnx_cli
 
 import qonnx
-from qonnx.core import quant
+from qonnx.core import numerics, quant
 from qonnx.core.config_activations import FP8, W4A8, W8A8, Calibration, Dynamic
 from qonnx.core.errors import ConfigError
 from qonnx.models import build_decoder_stack
@@ -23,19 +23,20 @@ from qonnx.passes.smooth_quant import SmoothGroup, factors, fake_quantize_weight
 
 
 def test_activation_qparams():
-    scale, zp = quant.activation_qparams(-1.0, 3.0, "int8", symmetric=False)
+    scale, zp = numerics.activation_qparams(-1.0, 3.0, "int8", symmetric=False)
     assert scale == pytest.approx(4 / 255) and zp == 64  # -1 / (4/255) = -63.75 -> zero point 64
-    assert quant.activation_qparams(-1.0, 3.0, "int8", symmetric=True) == (pytest.approx(3 / 127), 0)
-    assert quant.activation_qparams(0.5, 3.0, "int8", symmetric=False)[1] == 0  # range widened to hold 0
-    assert quant.activation_qparams(-2.0, 1.0, "fp8", symmetric=True) == (pytest.approx(2 / 448), 0)
-    assert quant.activation_qparams(0.0, 0.0, "int8", symmetric=False)[0] > 0
+    assert numerics.activation_qparams(-1.0, 3.0, "int8", symmetric=True) == (pytest.approx(3 / 127), 0)
+    assert numerics.activation_qparams(0.5, 3.0, "int8", symmetric=False)[1] == 0  # range widened to hold 0
+    assert numerics.activation_qparams(-2.0, 1.0, "fp8", symmetric=True) == (pytest.approx(2 / 448), 0)
+    assert numerics.activation_qparams(0.0, 0.0, "int8", symmetric=False)[0] > 0
 
 
 def test_fp8_weights(rng):
     w = rng.standard_normal((96, 40)).astype(np.float32)
     w[:, 3] *= 50
-    codes, scale = quant.quantize_fp8_kn(w)
-    assert codes.dtype == ml_dtypes.float8_e4m3fn and scale.shape == (40,)
+    sm = quant.quantize_fp8_kn(w)
+    codes, scale = sm.codes, sm.scale.reshape(-1)
+    assert codes.dtype == ml_dtypes.float8_e4m3fn and sm.scale.shape == (1, 40)
     back = codes.astype(np.float32) * scale
     assert np.abs(back).max(axis=0) == pytest.approx(np.abs(w).max(axis=0), rel=1e-6)
     assert sqnr_db(w, back) > 28  # E4M3 keeps 3 mantissa bits: ~30 dB on Gaussian columns
@@ -162,7 +163,7 @@ def test_insert_qdq_shares_one_pair(tmp_path, rng):
 def test_configs():
     assert W8A8().weight_config().bits == 8 and W8A8().weight_config().block_size is None
     assert W4A8().weight_config().block_size == 128 and W4A8().weight_config().format == "qdq"
-    assert FP8().weight_config().float8 and FP8().calibration.method == "minmax"
+    assert FP8().weight_config().grid == "fp8" and FP8().calibration.method == "minmax"
     gptq = FP8(calibration=Calibration(data="x.npz", samples=3, method="minmax")).weight_config().gptq
     assert gptq is not None and (gptq.calib_data, gptq.calib_samples) == ("x.npz", 3)  # FP8 default: GPTQ
     assert FP8(algo="rtn").weight_config().gptq is None and W8A8().weight_config().gptq is None
@@ -336,7 +337,7 @@ def test_w4a8_lowered_for_cpu(stack, tmp_path):
     """W4A8 for the CPU provider is MatMulNBits with int8 activations at run time, not Q/DQ (0.03x fp32 there)."""
     path, npz, test = stack
     cfg = W4A8(target="cpu", calibration=Calibration(data=str(npz), samples=2))
-    assert cfg.dynamic_on_cpu and cfg.weight_config().accuracy_level == 4
+    assert not cfg.form.static_activations and cfg.weight_config().accuracy_level == 4
     assert "smooth_quant" not in cfg.to_dict() and "emitted_as" in cfg.to_dict()  # records what is done
     summary = qonnx.quantize(path, cfg, output=tmp_path / "c" / "model.onnx")
     ops = [n.op_type for n in onnx.load(summary.outputs[0]).graph.node]

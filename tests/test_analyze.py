@@ -12,11 +12,10 @@ from onnx import helper, numpy_helper
 from test_cli import assert_one_line_error, qonnx_cli
 
 import qonnx
-from qonnx.core import emit as _emit
-from qonnx.core import quant
+from qonnx.core import formats, quant
 from qonnx.core.errors import ConfigError
 from qonnx.models import build_decoder_stack
-from qonnx.pipeline.fake_quant import FakeQuantModel, dequantized, to_stored
+from qonnx.pipeline.fake_quant import FakeQuantModel, to_stored
 from qonnx.pipeline.mixed_precision import Budget, eight_bit, mixed_precision, parse_percent
 from qonnx.runtime.session import make_session
 
@@ -57,10 +56,12 @@ def test_dequantized_arrays_match_the_codes(rng, symmetric, bits):
     w = rng.standard_normal((80, 24)).astype(np.float32)  # K = 80: a ragged last block of 32
     qm = quant.quantize_kn(w, bits, 32, symmetric)
     ref = qm.dequantize()
-    np.testing.assert_array_equal(dequantized(_emit.matmulnbits_arrays(qm, FLOAT)), ref)
-    np.testing.assert_array_equal(dequantized(_emit.dequantize_arrays(qm, FLOAT)), ref)
+    np.testing.assert_array_equal(formats.matmulnbits_arrays(qm, np.float32).dequantize(), ref)
+    np.testing.assert_array_equal(formats.dequantize_arrays(qm, np.float32).dequantize(), ref)
     per_channel = quant.quantize_kn(w, bits, None, symmetric)
-    np.testing.assert_array_equal(dequantized(_emit.dequantize_arrays(per_channel, FLOAT)), per_channel.dequantize())
+    np.testing.assert_array_equal(
+        formats.dequantize_arrays(per_channel, np.float32).dequantize(), per_channel.dequantize()
+    )
 
 
 @pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])

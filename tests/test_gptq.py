@@ -13,7 +13,7 @@ from conftest import matmul_model, run, sqnr_db
 from test_cli import assert_one_line_error, qonnx_cli
 
 import qonnx
-from qonnx.core import quant
+from qonnx.core import numerics, packing, quant
 from qonnx.core.config import GPTQ, W3A16, W4A16, Targets
 from qonnx.core.errors import ConfigError
 from qonnx.models import build_decoder_stack
@@ -57,9 +57,9 @@ def reference_gptq(w, h, bits, block_size, symmetric, damp=0.01):
     for i in range(k):
         if i % block_size == 0:
             blk = w[i : i + block_size].astype(np.float32)
-            scale, zp = quant.qparams_from_range(blk.min(0), blk.max(0), bits, symmetric)
+            scale, zp = numerics.IntGrid(bits, symmetric).qparams(blk.min(0), blk.max(0))
         v = w[i].astype(np.float32) * (1 / scale) + (zp + (1 << (bits - 1) if symmetric else 0)).astype(np.float32)
-        q = np.clip(np.floor(v + 0.5), *(np.array(quant.qrange(bits, symmetric)) + (8 if symmetric else 0)))
+        q = np.clip(np.floor(v + 0.5), *(np.array(numerics.qrange(bits, symmetric)) + (8 if symmetric else 0)))
         deq[i] = (q - (8 if symmetric else 0) - zp) * scale
         err = (w[i] - deq[i]) / u[i, i]
         w[i:] -= np.outer(u[i, i:], err)
@@ -131,14 +131,14 @@ def test_lower_output_error_than_rtn(rng, options, bits, block_size, symmetric):
     rtn = quant.quantize_kn(w, bits, block_size, symmetric)
     assert output_error(test, w, qm) < 0.8 * output_error(test, w, rtn)
     # a valid QuantizedMatrix in qonnx's conventions
-    qmin, qmax = quant.qrange(bits, symmetric)
+    qmin, qmax = numerics.qrange(bits, symmetric)
     assert qm.q.min() >= qmin and qm.q.max() <= qmax and qm.q.shape == (k, n)
     assert qm.scale.shape == qm.zero_point.shape == (quant.num_blocks(k, block_size), n)
     if symmetric:
         assert not qm.zero_point.any()
     # the codes and the dequantized weights agree with the MatMulNBits packing round trip
-    packed = quant.pack_matmulnbits(qm)
-    codes = quant.unpack_nbits_matmulnbits(packed, bits, block_size).reshape(n, -1)[:, :k].T
+    packed = packing.pack_matmulnbits(qm)
+    codes = packing.unpack_nbits_matmulnbits(packed, bits, block_size).reshape(n, -1)[:, :k].T
     np.testing.assert_array_equal(codes, qm.unsigned()[0])
 
 
@@ -295,7 +295,7 @@ def test_three_bits(rng, block_size, symmetric):
         w, hessian(calib), bits=3, block_size=block_size, symmetric=symmetric, act_order=True, clip_search=True
     )
     assert output_error(test, w, qm) < 0.8 * output_error(test, w, rtn)
-    qmin, qmax = quant.qrange(3, symmetric)
+    qmin, qmax = numerics.qrange(3, symmetric)
     assert qm.q.min() >= qmin and qm.q.max() <= qmax and qm.zero_point.max() <= qmax
 
 
@@ -324,10 +324,10 @@ def test_batched_solve_equals_one_at_a_time(rng, options, bits, block_size, symm
     ws = [rng.standard_normal((k, n)).astype(np.float32) for _ in range(3)]
     hs = [hessian(correlated(rng, 1024, k, seed=s)) for s in range(3)]
     hs[1][:, 7] = hs[1][7, :] = 0  # a dead input in one matrix only
-    kw = dict(bits=bits, block_size=block_size, symmetric=symmetric, device="cpu", **options)
+    kw = dict(grid=numerics.IntGrid(bits, symmetric), block_size=block_size, device="cpu", **options)
     together = gptq_quantize_many(ws, hs, **kw)
     for w, h, got in zip(ws, hs, together, strict=True):
-        alone = gptq_quantize(w, h, **kw)
+        alone = gptq_quantize(w, h, bits=bits, symmetric=symmetric, block_size=block_size, device="cpu", **options)
         np.testing.assert_array_equal(got.q, alone.q)
         np.testing.assert_array_equal(got.scale, alone.scale)
         np.testing.assert_array_equal(got.zero_point, alone.zero_point)
@@ -345,20 +345,23 @@ def test_float8(rng, scale_dtype):
     k, n = 256, 32
     w = rng.standard_normal((k, n)).astype(np.float32)
     w[:, 5] *= 40  # a column with a large range
-    kw = dict(bits=8, block_size=None, symmetric=True, scale_dtype=scale_dtype, device="cpu", float8=True)
-    ((codes, scale),) = gptq_quantize_many([w], [np.eye(k, dtype=np.float32)], **kw)
-    ref_codes, ref_scale = quant.quantize_fp8_kn(w, scale_dtype=scale_dtype)
+    kw = dict(grid=numerics.FLOAT8, block_size=None, scale_dtype=scale_dtype, device="cpu")
+    (sm,) = gptq_quantize_many([w], [np.eye(k, dtype=np.float32)], **kw)
+    codes, scale = sm.codes, sm.scale.reshape(n)
+    ref = quant.quantize_fp8_kn(w, scale_dtype=scale_dtype)
+    ref_codes, ref_scale = ref.codes, ref.scale.reshape(n)
     assert codes.dtype == ml_dtypes.float8_e4m3fn and scale.dtype == scale_dtype
     np.testing.assert_array_equal(codes.astype(np.float32), ref_codes.astype(np.float32))
     np.testing.assert_array_equal(scale, ref_scale)
     calib, test = correlated(rng, 4096, k), correlated(np.random.default_rng(1), 4096, k)
     for options in ({"act_order": False}, {"act_order": True, "clip_search": True}):
-        ((codes, scale),) = gptq_quantize_many([w], [hessian(calib)], **kw, **options)
+        (sm,) = gptq_quantize_many([w], [hessian(calib)], **kw, **options)
+        codes, scale = sm.codes, sm.scale.reshape(n)
         deq = codes.astype(np.float32) * scale.astype(np.float32)
         rtn = ref_codes.astype(np.float32) * ref_scale.astype(np.float32)
         err, rtn_err = ((test @ w - test @ deq) ** 2).sum(), ((test @ w - test @ rtn) ** 2).sum()
         assert err < 0.8 * rtn_err, (options, err, rtn_err)
-        assert np.isfinite(deq).all() and np.abs(codes.astype(np.float32)).max() <= quant.FP8_MAX
+        assert np.isfinite(deq).all() and np.abs(codes.astype(np.float32)).max() <= numerics.FP8_MAX
 
 
 def test_sequential_stages_and_pipeline(stack_feeds, tmp_path):

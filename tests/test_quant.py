@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from qonnx.core import quant
+from qonnx.core import numerics, packing, quant
 
 
 def reference_blocked(w, bits, block, symmetric):
@@ -93,12 +93,12 @@ def test_zero_block_is_exact():
 def test_pack_unpack_roundtrip(rng, bits):
     w = rng.standard_normal((5, 96)).astype(np.float32)
     qb = quant.quantize_blocked(w, bits, 32, False)
-    packed = quant.pack_nbits_matmulnbits(qb)
+    packed = packing.pack_nbits_matmulnbits(qb)
     assert packed.shape == (5, 3, 32 * bits // 8) and packed.dtype == np.uint8
-    codes = quant.unpack_nbits_matmulnbits(packed, bits, 32)
+    codes = packing.unpack_nbits_matmulnbits(packed, bits, 32)
     np.testing.assert_array_equal(codes, qb.q)
-    zp = quant.pack_zero_points(qb.zero_point, bits)
-    np.testing.assert_array_equal(quant.unpack_zero_points(zp, bits, 5, 3), qb.zero_point)
+    zp = packing.pack_zero_points(qb.zero_point, bits)
+    np.testing.assert_array_equal(packing.unpack_zero_points(zp, bits, 5, 3), qb.zero_point)
 
 
 def test_int4_low_nibble_first():
@@ -111,29 +111,29 @@ def test_int4_low_nibble_first():
         4,
         False,
     )
-    assert quant.pack_nbits_matmulnbits(qb)[0, 0, 0] == 0x21
+    assert packing.pack_nbits_matmulnbits(qb)[0, 0, 0] == 0x21
 
 
 def test_ragged_tail_packs_zero_and_zero_points_pad_with_default(rng):
     w = rng.standard_normal((3, 40)).astype(np.float32)
     qb = quant.quantize_blocked(w, 4, 32, False)
-    codes = quant.unpack_nbits_matmulnbits(quant.pack_nbits_matmulnbits(qb), 4, 32).reshape(3, -1)
+    codes = packing.unpack_nbits_matmulnbits(packing.pack_nbits_matmulnbits(qb), 4, 32).reshape(3, -1)
     assert np.all(codes[:, 40:] == 0)
-    assert quant.pack_zero_points(qb.zero_point, 4).shape == (3, 1)  # 2 blocks fill one byte
+    assert packing.pack_zero_points(qb.zero_point, 4).shape == (3, 1)  # 2 blocks fill one byte
     qb3 = quant.quantize_blocked(rng.standard_normal((2, 80)).astype(np.float32), 4, 32, False)
-    assert np.all(quant.pack_zero_points(qb3.zero_point, 4)[:, 1] >> 4 == 8)  # 3 blocks: pad nibble = 8
+    assert np.all(packing.pack_zero_points(qb3.zero_point, 4)[:, 1] >> 4 == 8)  # 3 blocks: pad nibble = 8
 
 
 def test_round_half_up_is_roundf_for_non_negative():
     v = np.array([0.5, 1.5, 2.5, 2.4999998, 0.49999997, 7.5, 0.0, 3.25], np.float32)
-    np.testing.assert_array_equal(quant.round_half_up(v.copy()), [1, 2, 3, 2, 0, 8, 0, 3])
+    np.testing.assert_array_equal(numerics.round_half_up(v.copy()), [1, 2, 3, 2, 0, 8, 0, 3])
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError):
         quant.quantize_blocked(np.zeros((2, 2, 2), np.float32), 4, 2, False)
     with pytest.raises(ValueError):
-        quant.qrange(5, False)
+        numerics.qrange(5, False)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -147,10 +147,10 @@ def test_kn_layout_equals_row_layout(rng, bits, symmetric, k, block):
     np.testing.assert_array_equal(qm.dequantize(), qb.dequantize().T)
     np.testing.assert_array_equal(qm.scale, qb.scale.T)
     if block is not None and block >= 16:
-        np.testing.assert_array_equal(quant.pack_matmulnbits(qm), quant.pack_nbits_matmulnbits(qb))
+        np.testing.assert_array_equal(packing.pack_matmulnbits(qm), packing.pack_nbits_matmulnbits(qb))
         if not symmetric:
             np.testing.assert_array_equal(
-                quant.pack_matmulnbits_zero_points(qm), quant.pack_zero_points(qb.zero_point, bits)
+                packing.pack_matmulnbits_zero_points(qm), packing.pack_zero_points(qb.zero_point, bits)
             )
 
 
@@ -166,7 +166,7 @@ def test_three_bit_codes_in_four_bit_containers(rng, symmetric):
         assert codes.min() >= 4 and codes.max() <= 11 and np.all(zps == 8)
     else:
         assert codes.max() <= 7 and zps.max() <= 7
-    unpacked = quant.unpack_nbits_matmulnbits(quant.pack_matmulnbits(wide), 4, 32).reshape(24, -1)[:, :200].T
+    unpacked = packing.unpack_nbits_matmulnbits(packing.pack_matmulnbits(wide), 4, 32).reshape(24, -1)[:, :200].T
     np.testing.assert_array_equal(unpacked, codes)
     with pytest.raises(ValueError, match="cannot hold"):
         qm.in_container(2)
@@ -181,4 +181,4 @@ def test_fractional_zero_points(rng):
     np.testing.assert_allclose(frac.dequantize(), qm.dequantize() - 0.25 * np.repeat(qm.scale, 32, axis=0), atol=1e-6)
     assert frac.unsigned()[1].dtype == np.float32  # not truncated to uint8
     with pytest.raises(ValueError, match="not packed"):
-        quant.pack_matmulnbits_zero_points(frac)
+        packing.pack_matmulnbits_zero_points(frac)

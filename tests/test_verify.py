@@ -18,11 +18,11 @@ from onnx import TensorProto, helper, numpy_helper
 from test_cli import assert_one_line_error, qonnx_cli
 
 import qonnx
-from qonnx.pipeline import verification as verification_module
 from qonnx.core import modelfile
 from qonnx.core.errors import QonnxError
 from qonnx.models import build_decoder_stack
 from qonnx.passes.weight_only import QuantizeWeightsPass
+from qonnx.pipeline import verification as verification_module
 from qonnx.pipeline.verification import VerificationError, VerifyOptions, start_reference_early
 from qonnx.runtime import verify as verify_module
 from qonnx.runtime.session import InMemoryModel, make_session

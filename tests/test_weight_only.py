@@ -12,7 +12,7 @@ from conftest import matmul_model, run, sqnr_db
 from onnx import TensorProto, helper, numpy_helper
 
 import qonnx
-from qonnx.core import quant
+from qonnx.core import packing, quant
 from qonnx.passes import DequantizeToMatMulNBitsPass, MatMulNBitsToDequantizePass, UpgradeOpsetPass
 
 CASES = [  # (config, SQNR bound in dB on the tiny decoder)
@@ -273,7 +273,7 @@ def test_three_bit_codes_stay_in_range(tmp_path, rng, fmt, symmetric):
     )
     arrays = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "q.onnx").graph.initializer}
     if fmt == "matmulnbits":
-        codes, zps = quant.unpack_matmulnbits(
+        codes, zps = packing.unpack_matmulnbits(
             arrays["w_B"], arrays.get("w_zero_points"), k=200, n=40, bits=4, block_size=32
         )
         lo = 4 if symmetric else 0  # symmetric: signed [-4, 3] around the default zero point 8

@@ -18,8 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from wild.corpus import BUILDERS
 
 import qonnx
-from qonnx.core import emit as _emit
-from qonnx.core import quant
+from qonnx.core import formats, quant
 from qonnx.core.errors import NothingToQuantizeError, QonnxError
 from qonnx.passes.cleanup import RemoveUnusedInitializersPass, remove_unused_weights
 
@@ -253,11 +252,11 @@ def test_small_model_output_not_larger(tmp_path, rng):
 def test_size_estimate_matches_arrays(rng, fmt, k, n, bits, block, sym, dtype):
     qb = quant.quantize_kn(rng.standard_normal((k, n)).astype(np.float32), bits, block, sym, scale_dtype=dtype)
     ir_dtype = ir.DataType.FLOAT if dtype is np.float32 else ir.DataType.FLOAT16
-    qw = _emit.matmulnbits_arrays(qb, ir_dtype) if fmt == "matmulnbits" else _emit.dequantize_arrays(qb, ir_dtype)
-    est = _emit.estimated_nbytes(
+    qw = formats.emit(qb, fmt, ir_dtype.numpy())
+    est = formats.estimated_nbytes(
         fmt, k, n, bits=bits, block_size=block, symmetric=sym, scale_bytes=np.dtype(dtype).itemsize, name=""
     )
-    overhead = _emit.estimated_nbytes(fmt, 0, 0, bits=bits, block_size=block, symmetric=sym, scale_bytes=2, name="")
+    overhead = formats.estimated_nbytes(fmt, 0, 0, bits=bits, block_size=block, symmetric=sym, scale_bytes=2, name="")
     assert est - overhead == qw.nbytes
 
 

@@ -15,6 +15,7 @@ import click
 
 from qonnx.core import __version__
 from qonnx.core.config import AWQ, GPTQ, SCHEMES, algo_from_name, scheme_from_name
+from qonnx.core.config_activations import ActivationConfig
 from qonnx.core.errors import QonnxError
 from qonnx.pipeline.verification import VerificationError, VerifyOptions, start_reference_early
 
@@ -460,7 +461,7 @@ def _activation_config(
         if act[key] is not None:
             options[key.replace("-", "_")] = act[key]
     config = scheme_from_name(scheme, **options)
-    if getattr(config, "dynamic_on_cpu", False):
+    if isinstance(config, ActivationConfig) and not config.form.static_activations:
         unused = [f"--{k}" for k in ("calib-method", "smooth-quant", "calib-cache", "keep-float") if act[k] is not None]
         unused += ["--symmetric"] if symmetric else []
         if unused:

@@ -12,7 +12,9 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
+from qonnx.core import numerics
 from qonnx.core.errors import ConfigError
+from qonnx.core.formats import FORMATS
 
 __all__ = [
     "AWQ",
@@ -30,6 +32,8 @@ __all__ = [
 ]
 
 Format = Literal["matmulnbits", "qdq"]
+#: Grids weights can be rounded to: integer codes, or a scale-only grid (:mod:`qonnx.core.numerics`).
+GRIDS: dict[str, numerics.Float8Grid | numerics.LookupGrid | None] = {"int": None, "fp8": numerics.FLOAT8}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -226,7 +230,7 @@ class SchemeConfig:
 
 
 #: Block sizes that ONNX Runtime's MatMulNBits kernels accept.
-MATMULNBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)
+MATMULNBITS_BLOCK_SIZES = FORMATS["matmulnbits"].block_sizes or ()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -244,8 +248,9 @@ class WeightOnlyConfig(SchemeConfig):
         accuracy_level: MatMulNBits compute type hint (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).
         algo: how codes are chosen: ``"rtn"`` (round to nearest) or GPTQ (``"gptq"`` or a :class:`GPTQ` with
             options), which needs calibration data and applies to MatMul/Gemm weights of the main graph.
-        float8: 8-bit codes as float8 E4M3 (one scale per output channel, DequantizeLinear opset 19)
-            instead of integers; needs ``bits=8``, ``symmetric=True``, ``block_size=None``, ``format="qdq"``.
+        grid: ``"int"`` (integer codes) or a scale-only grid: ``"fp8"`` (float8 E4M3, one scale per output
+            channel, DequantizeLinear opset 19; needs ``bits=8``, ``symmetric=True``, ``block_size=None``,
+            ``format="qdq"``); the format must store it (:data:`qonnx.core.formats.FORMATS`).
     """
 
     name: ClassVar[str] = "weight-only"
@@ -255,7 +260,7 @@ class WeightOnlyConfig(SchemeConfig):
     format: Format = "matmulnbits"
     accuracy_level: int | None = None
     algo: Algo = "rtn"
-    float8: bool = False
+    grid: str = "int"
 
     def __post_init__(self) -> None:
         if isinstance(self.algo, str):
@@ -270,37 +275,42 @@ class WeightOnlyConfig(SchemeConfig):
             raise ConfigError(
                 f"{self.name}: hqq optimises zero points, which symmetric codes do not have; drop symmetric"
             )
-        if self.format not in ("matmulnbits", "qdq"):
-            raise ConfigError(f"{self.name}: format must be 'matmulnbits' or 'qdq', got {self.format!r}")
-        if self.block_size is not None:
-            if not isinstance(self.block_size, int) or self.block_size < 2:
-                raise ConfigError(f"{self.name}: block_size must be an integer >= 2, got {self.block_size!r}")
-            if self.format == "matmulnbits" and self.block_size not in MATMULNBITS_BLOCK_SIZES:
-                raise ConfigError(
-                    f"{self.name}: MatMulNBits needs block_size in {MATMULNBITS_BLOCK_SIZES}, got {self.block_size}"
-                )
-        elif self.format == "matmulnbits":
+        if self.format not in FORMATS:
             raise ConfigError(
-                f"{self.name}: per-channel weights (block_size=None) need format='qdq'; MatMulNBits is blocked"
+                f"{self.name}: format must be one of {', '.join(map(repr, FORMATS))}, got {self.format!r}"
             )
+        if self.grid not in GRIDS:
+            raise ConfigError(f"{self.name}: grid must be one of {', '.join(map(repr, GRIDS))}, got {self.grid!r}")
+        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 2):
+            raise ConfigError(f"{self.name}: block_size must be an integer >= 2, got {self.block_size!r}")
+        refused = FORMATS[self.format].refuses(self.grid, self.bits, self.block_size, self.symmetric)
+        if refused:
+            raise ConfigError(f"{self.name}: {refused}")
+        scaled = GRIDS[self.grid]
+        if scaled is not None and (self.bits != scaled.bits or not self.symmetric):
+            raise ConfigError(f"{self.name}: {self.grid} weights need bits={scaled.bits} and symmetric=True")
         if self.accuracy_level is not None:
             if self.format != "matmulnbits":
                 raise ConfigError(f"{self.name}: accuracy_level applies to format='matmulnbits' only")
             if self.accuracy_level not in (0, 1, 2, 3, 4):
                 raise ConfigError(f"{self.name}: accuracy_level must be 0..4, got {self.accuracy_level}")
-        if self.float8 and (
-            self.bits != 8 or not self.symmetric or self.block_size is not None or self.format != "qdq"
-        ):
-            raise ConfigError(
-                f"{self.name}: float8 weights need bits=8, symmetric=True, block_size=None and format='qdq'"
-            )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, with the scheme name."""
         out = {"scheme": self.name, **dataclasses.asdict(self)}
         if not isinstance(self.algo, str):
             out["algo"] = self.algo.to_dict()
+        grid = out.pop("grid")
+        out["float8"] = grid == "fp8"  # the key qonnx 0.1's metadata has for the two grids it knew
+        if grid not in ("int", "fp8"):
+            out["grid"] = grid
         return out
+
+    @property
+    def weight_grid(self) -> numerics.IntGrid | numerics.Float8Grid | numerics.LookupGrid:
+        """The grid the weights are rounded to."""
+        scaled = GRIDS[self.grid]
+        return numerics.IntGrid(self.bits, self.symmetric) if scaled is None else scaled
 
     def weight_config(self) -> WeightOnlyConfig:
         """Itself: a weight-only scheme stores weights as it says."""

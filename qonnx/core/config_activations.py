@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Literal
 
-from qonnx.core.config import GPTQ, MATMULNBITS_BLOCK_SIZES, SCHEMES, SchemeConfig, WeightOnlyConfig
+from qonnx.core.config import GPTQ, SCHEMES, SchemeConfig, WeightOnlyConfig
 from qonnx.core.errors import ConfigError
+from qonnx.core.targets import TARGETS, WeightForm, weight_form
 
 __all__ = [
     "CALIBRATION_METHODS",
-    "TARGETS",
     "Calibration",
     "ActivationConfig",
     "W8A8",
@@ -26,8 +26,6 @@ __all__ = [
 ]
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
-#: Runtimes a model can be lowered for; "generic" is plain QDQ for any runtime.
-TARGETS = ("cpu", "cuda", "tensorrt", "generic")
 Method = Literal["minmax", "percentile", "entropy", "mse"]
 Target = Literal["cpu", "cuda", "tensorrt", "generic"]
 
@@ -145,21 +143,16 @@ class ActivationConfig(SchemeConfig):
             raise ConfigError(f"{self.name}: sequential GPTQ applies to weight-only schemes (w4a16, w8a16, ...)")
         if self.target not in TARGETS:
             raise ConfigError(f"{self.name}: target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        if self.target == "tensorrt" and not (self.act_symmetric or self.act_type == "fp8"):
-            object.__setattr__(self, "act_symmetric", True)  # TensorRT takes symmetric int8 only
-        if self.target == "tensorrt" and not self.weight_symmetric:
-            raise ConfigError(f"{self.name}: TensorRT needs symmetric weights (weight_symmetric=True)")
+        if TARGETS[self.target].symmetric_activations:
+            if not (self.act_symmetric or self.act_type == "fp8"):
+                object.__setattr__(self, "act_symmetric", True)  # TensorRT takes symmetric int8 only
+            if not self.weight_symmetric:
+                raise ConfigError(f"{self.name}: {self.target} needs symmetric weights (weight_symmetric=True)")
 
     @property
-    def dynamic_on_cpu(self) -> bool:
-        """W4A8 lowered for ONNX Runtime's CPU provider: MatMulNBits with int8 activations at run time.
-
-        ONNX Runtime 1.31 leaves a blocked int4 weight DequantizeLinear unfused when the activation is also
-        Q/DQ'd, and dequantizes the whole weight on every call (0.03x fp32 on a 4096 layer, bench_targets);
-        its MatMulNBits kernel with ``accuracy_level=4`` quantizes each row of activations to int8 per block
-        as it runs, which is the fast W4A8 there.
-        """
-        return self.target == "cpu" and self.weight_bits == 4 and self.act_type == "int8"
+    def form(self) -> WeightForm:
+        """How this scheme's layers are emitted on its target (:func:`qonnx.core.targets.weight_form`)."""
+        return weight_form(self.target, self.act_type, self.weight_bits, self.block_size)
 
     @property
     def weight_algo(self) -> Literal["rtn"] | GPTQ:
@@ -175,17 +168,22 @@ class ActivationConfig(SchemeConfig):
 
     def weight_config(self) -> WeightOnlyConfig:
         """The weight-only config that quantizes this scheme's weights (as DequantizeLinear)."""
-        algo = self.weight_algo
-        if self.dynamic_on_cpu and self.block_size in MATMULNBITS_BLOCK_SIZES:
+        algo, form = self.weight_algo, self.form
+        if not form.static_activations:
             return WeightOnlyConfig(
-                bits=4, block_size=self.block_size, symmetric=self.weight_symmetric, accuracy_level=4, algo=algo
+                bits=self.weight_bits,
+                block_size=self.block_size,
+                symmetric=self.weight_symmetric,
+                format=form.format,
+                accuracy_level=form.accuracy_level,
+                algo=algo,
             )
         return WeightOnlyConfig(
             bits=self.weight_bits,
             block_size=self.block_size,
             symmetric=self.weight_symmetric,
             format="qdq",
-            float8=self.act_type == "fp8",
+            grid="fp8" if self.act_type == "fp8" else "int",
             algo=algo,
         )
 
@@ -195,8 +193,8 @@ class ActivationConfig(SchemeConfig):
         algo = self.weight_algo
         if isinstance(algo, GPTQ):
             out["algo"] = algo.to_dict()
-        if self.dynamic_on_cpu:  # what was really done: no calibration, no smoothing, no activation Q/DQ
-            out["emitted_as"] = "MatMulNBits accuracy_level 4 (int8 activations at run time)"
+        if not self.form.static_activations:  # what was really done: no calibration, no smoothing, no activation Q/DQ
+            out["emitted_as"] = self.form.note
             for unused in ("smooth_quant", "calibration", "keep_float", "act_symmetric"):
                 out.pop(unused, None)
         return out

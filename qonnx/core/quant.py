@@ -1,19 +1,10 @@
-"""Quantization math: pure, graph-free functions on numpy arrays.
+"""Weights quantized in blocks: pure, graph-free functions on numpy arrays.
 
 Weights are quantized in blocks along one axis (the reduction axis K of a MatMul). A block size of
 ``None`` means one block per channel (the whole axis). When the axis length is not a multiple of the
-block size the last block is ragged: it holds the remaining elements and gets its own scale.
-
-Conventions match ONNX Runtime's MLAS quantizer so results are comparable:
-
-* asymmetric: the range is widened to include 0, ``scale = (max - min) / (qmax - qmin)`` and
-  ``zero_point = round(qmin - min / scale)`` clamped to the integer range; stored codes are unsigned.
-* codes are ``clamp(roundf(w * (1 / scale) + zero_point))`` in float32 in the unsigned domain (symmetric
-  codes use the zero point 2^(bits-1) there and are returned signed), ties away from zero.
-* symmetric: the value of largest magnitude maps to the most negative code (``scale = v / qmin``), so
-  the full signed range is used; codes are signed and the zero point is 0.
-
-``dequantize(q, scale, zp) = (q - zp) * scale``.
+block size the last block is ragged: it holds the remaining elements and gets its own scale. The rounding
+rule and the choice of scale and zero point belong to the grid (:mod:`qonnx.core.numerics`);
+``dequantize(q, scale, zp) = (q - zp) * scale``. The MatMulNBits byte layout is in :mod:`qonnx.core.packing`.
 """
 
 from __future__ import annotations
@@ -22,38 +13,21 @@ import dataclasses
 
 import numpy as np
 
+from qonnx.core.numerics import FLOAT8, Float8Grid, IntGrid, LookupGrid, inverse
+
 __all__ = [
     "QuantizedBlocks",
     "QuantizedMatrix",
-    "quantize_kn",
-    "pack_matmulnbits",
-    "pack_matmulnbits_zero_points",
-    "qparams_from_range",
+    "ScaledMatrix",
     "choose_qparams",
-    "quantize",
     "dequantize",
-    "quantize_blocked",
     "num_blocks",
-    "pack_nbits_matmulnbits",
-    "unpack_nbits_matmulnbits",
-    "pack_zero_points",
-    "unpack_zero_points",
-    "unpack_matmulnbits",
-    "qrange",
-    "round_half_up",
-    "FP8_MAX",
+    "quantize",
+    "quantize_blocked",
     "quantize_fp8_kn",
-    "activation_qparams",
+    "quantize_kn",
+    "quantize_scaled_kn",
 ]
-
-
-def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Return the integer range (qmin, qmax): signed when symmetric, unsigned otherwise."""
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
-    if symmetric:
-        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    return 0, (1 << bits) - 1
 
 
 def num_blocks(length: int, block_size: int | None) -> int:
@@ -82,58 +56,9 @@ def _to_blocks(w: np.ndarray, block_size: int | None) -> np.ndarray:
 def choose_qparams(
     blocks: np.ndarray, bits: int, symmetric: bool, scale_dtype: np.dtype | type = np.float32
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Choose scale and zero point for each block along the last axis.
-
-    Args:
-        blocks: float array [..., block]; the last axis is reduced.
-        bits: code width.
-        symmetric: signed codes with zero point 0, or unsigned codes with a zero point.
-        scale_dtype: dtype the scales are stored in (float16 for fp16 models). Codes are computed with
-            the rounded scale, so dequantization in that dtype reproduces them exactly.
-
-    Returns:
-        (scale, zero_point) of shape [...]; zero_point is int32 (0 when symmetric).
-    """
+    """Scale and zero point of each block along the last axis of ``blocks`` [..., block] (see IntGrid.qparams)."""
     x = blocks.astype(np.float32, copy=False)
-    return qparams_from_range(x.min(axis=-1), x.max(axis=-1), bits, symmetric, scale_dtype)
-
-
-def qparams_from_range(
-    mn: np.ndarray, mx: np.ndarray, bits: int, symmetric: bool, scale_dtype: np.dtype | type = np.float32
-) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point from per-block minima and maxima (see :func:`choose_qparams`)."""
-    qmin, qmax = qrange(bits, symmetric)
-    mn = mn.astype(np.float32, copy=False)
-    mx = mx.astype(np.float32, copy=False)
-    if symmetric:
-        # The value of largest magnitude, with its sign, maps to qmin.
-        v = np.where(np.abs(mn) >= np.abs(mx), mn, mx)
-        scale = (v / np.float32(qmin)).astype(scale_dtype).astype(np.float32)
-        zp = np.zeros(scale.shape, dtype=np.int32)
-    else:
-        mn = np.minimum(mn, 0.0)
-        mx = np.maximum(mx, 0.0)
-        scale = ((mx - mn) / np.float32(qmax - qmin)).astype(scale_dtype).astype(np.float32)
-        safe = np.where(scale == 0, np.float32(1), scale)
-        zp = np.clip(round_half_up(np.float32(qmin) - mn / safe), qmin, qmax).astype(np.int32)
-    return scale.astype(scale_dtype), zp
-
-
-def _inverse(scale: np.ndarray) -> np.ndarray:
-    s = scale.astype(np.float32)
-    inv = np.divide(1.0, s, out=np.zeros_like(s), where=s != 0)
-    fmax = np.finfo(np.float32).max
-    return np.clip(inv, -fmax, fmax, out=inv)  # a subnormal scale: keep 0 * inv finite
-
-
-def _codes(v: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
-    """Round and clamp ``w / scale + zp + offset`` (float32, overwritten) to int8/uint8 codes."""
-    qmin, qmax = qrange(bits, symmetric)
-    offset = -qmin if symmetric else 0
-    q = round_half_up(v)
-    np.clip(q, qmin + offset, qmax + offset, out=q)
-    codes = q.astype(np.uint8)
-    return (codes.astype(np.int16) - offset).astype(np.int8) if symmetric else codes
+    return IntGrid(bits, symmetric).qparams(x.min(axis=-1), x.max(axis=-1), scale_dtype)
 
 
 def quantize(blocks: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
@@ -142,19 +67,11 @@ def quantize(blocks: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits
     Codes are computed in the unsigned domain as ONNX Runtime's MLAS does, ``roundf(w / scale + zp)`` with
     ``zp = 2^(bits-1)`` when symmetric, so both tools agree even at rounding ties.
     """
-    offset = (1 << (bits - 1)) if symmetric else 0
+    grid = IntGrid(bits, symmetric)
     # One strided read of the (possibly transposed) weight, then contiguous in-place work.
-    v = np.multiply(blocks.astype(np.float32, copy=False), _inverse(scale)[..., None], order="C")
-    v += (zero_point[..., None] + offset).astype(np.float32)
-    return _codes(v, bits, symmetric)
-
-
-def round_half_up(v: np.ndarray) -> np.ndarray:
-    """Round to nearest, ties up; equals C's ``roundf`` (ties away from zero) for v >= 0. Overwrites ``v``."""
-    f = np.floor(v)
-    v -= f  # the fraction, exact in float32
-    f += v >= 0.5
-    return f
+    v = np.multiply(blocks.astype(np.float32, copy=False), inverse(scale)[..., None], order="C")
+    v += (zero_point[..., None] + grid.offset).astype(np.float32)
+    return grid.codes(v)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
@@ -215,104 +132,6 @@ def quantize_blocked(
     scale, zp = choose_qparams(blocks, bits, symmetric, scale_dtype)
     q = quantize(blocks, scale, zp, bits, symmetric)
     return QuantizedBlocks(q, scale, zp, k, blocks.shape[2], bits, symmetric)
-
-
-def _pack_rows(codes: np.ndarray, bits: int, fill: int = 0) -> np.ndarray:
-    """Pack unsigned codes [R, L] of ``bits`` each into bytes along L, low bits first.
-
-    Unused bits of the last byte hold ``fill``.
-    """
-    if bits == 8:
-        return codes.astype(np.uint8)
-    r, length = codes.shape
-    per_byte = 8 // bits if 8 % bits == 0 else 0
-    if per_byte:
-        nbytes = -(-length // per_byte)
-        padded = np.full((r, nbytes * per_byte), fill, dtype=np.uint8)
-        padded[:, :length] = codes
-        padded = padded.reshape(r, nbytes, per_byte)
-        out = np.zeros((r, nbytes), dtype=np.uint8)
-        for i in range(per_byte):
-            out |= padded[:, :, i] << np.uint8(i * bits)
-        return out
-    # 3 bits: a continuous little-endian bit stream.
-    nbits = length * bits
-    bitpos = np.arange(length) * bits
-    out = np.zeros((r, -(-nbits // 8) + 1), dtype=np.uint16)
-    c16 = codes.astype(np.uint16)
-    for j in range(length):
-        byte, shift = divmod(int(bitpos[j]), 8)
-        v = c16[:, j] << shift
-        out[:, byte] |= v & 0xFF
-        out[:, byte + 1] |= v >> 8
-    return out[:, : -(-nbits // 8)].astype(np.uint8)
-
-
-def _unpack_rows(packed: np.ndarray, bits: int, length: int) -> np.ndarray:
-    """Inverse of :func:`_pack_rows`."""
-    if bits == 8:
-        return packed[:, :length].astype(np.uint8)
-    mask = (1 << bits) - 1
-    if 8 % bits == 0:
-        per_byte = 8 // bits
-        parts = [(packed >> np.uint8(i * bits)) & np.uint8(mask) for i in range(per_byte)]
-        return np.stack(parts, axis=-1).reshape(packed.shape[0], -1)[:, :length]
-    p16 = np.concatenate([packed, np.zeros((packed.shape[0], 1), np.uint8)], axis=1).astype(np.uint16)
-    out = np.zeros((packed.shape[0], length), dtype=np.uint8)
-    for j in range(length):
-        byte, shift = divmod(j * bits, 8)
-        v = (p16[:, byte] | (p16[:, byte + 1] << 8)) >> shift
-        out[:, j] = v & mask
-    return out
-
-
-def pack_nbits_matmulnbits(qb: QuantizedBlocks) -> np.ndarray:
-    """MatMulNBits' B input: uint8 [N, nblocks, block_size * bits / 8], codes packed low bits first.
-
-    The ragged tail of the last block (beyond K) is zero, as ONNX Runtime's quantizer writes it.
-    """
-    codes, _ = qb.unsigned_codes()
-    n, nb, bs = codes.shape
-    if nb * bs > qb.k:
-        codes = codes.copy()
-        codes.reshape(n, nb * bs)[:, qb.k :] = 0
-    if (bs * qb.bits) % 8:
-        raise ValueError(f"block_size {bs} with {qb.bits} bits does not fill whole bytes")
-    packed = _pack_rows(codes.reshape(n * nb, bs), qb.bits)
-    return packed.reshape(n, nb, bs * qb.bits // 8)
-
-
-def unpack_nbits_matmulnbits(b: np.ndarray, bits: int, block_size: int) -> np.ndarray:
-    """Unsigned codes [N, nblocks, block_size] from MatMulNBits' packed B input."""
-    n, nb, blob = b.shape
-    return _unpack_rows(b.reshape(n * nb, blob), bits, block_size).reshape(n, nb, block_size)
-
-
-def unpack_matmulnbits(
-    b: np.ndarray, zero_points: np.ndarray | None, *, k: int, n: int, bits: int, block_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """MatMulNBits' packed inputs as unsigned codes [N, K] and zero points [N, nblocks].
-
-    ``zero_points`` are the packed uint8 ones, or None for the default 2^(bits-1).
-    """
-    nb = num_blocks(k, block_size)
-    codes = unpack_nbits_matmulnbits(b.reshape(n, nb, -1), bits, block_size).reshape(n, nb * block_size)[:, :k]
-    if zero_points is None:
-        return codes, np.full((n, nb), 1 << (bits - 1), np.uint8)
-    return codes, unpack_zero_points(zero_points, bits, n, nb)
-
-
-def pack_zero_points(zero_point: np.ndarray, bits: int) -> np.ndarray:
-    """MatMulNBits' packed uint8 zero points [N, ceil(nblocks * bits / 8)].
-
-    Unused bits of a row's last byte hold the default zero point 2^(bits-1), as ONNX Runtime writes them.
-    """
-    return _pack_rows(zero_point.astype(np.uint8), bits, fill=1 << (bits - 1))
-
-
-def unpack_zero_points(packed: np.ndarray, bits: int, n: int, nblocks: int) -> np.ndarray:
-    """Inverse of :func:`pack_zero_points`: uint8 [N, nblocks]."""
-    return _unpack_rows(packed.reshape(n, -1), bits, nblocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,94 +232,91 @@ def quantize_kn(
         parts.append((slice(0, full), w[:full].reshape(full // bs, bs, n), slice(0, full // bs)))
     if full < k:
         parts.append((slice(full, k), w[full:].reshape(1, k - full, n), slice(full // bs, full // bs + 1)))
+    grid = IntGrid(bits, symmetric)
     scales, zps, codes = [], [], np.empty((k, n), np.int8 if symmetric else np.uint8)
-    offset = (1 << (bits - 1)) if symmetric else 0
     for rows, blocks, index in parts:
         x = blocks.astype(np.float32, copy=False)
         mn, mx = x.min(axis=1), x.max(axis=1)
         if shrink is not None:
             f = shrink[index].astype(np.float32, copy=False)
             mn, mx = mn * f, mx * f
-        scale, zp = qparams_from_range(mn, mx, bits, symmetric, scale_dtype)
-        v = x * _inverse(scale)[:, None, :]
-        v += (zp + offset).astype(np.float32)[:, None, :]
-        codes[rows] = _codes(v, bits, symmetric).reshape(-1, n)
+        scale, zp = grid.qparams(mn, mx, scale_dtype)
+        v = x * inverse(scale)[:, None, :]
+        v += (zp + grid.offset).astype(np.float32)[:, None, :]
+        codes[rows] = grid.codes(v).reshape(-1, n)
         scales.append(scale)
         zps.append(zp)
     return QuantizedMatrix(codes, np.concatenate(scales), np.concatenate(zps), bs, bits, symmetric)
 
 
-def pack_matmulnbits(qm: QuantizedMatrix) -> np.ndarray:
-    """MatMulNBits' B input for a [K, N] weight: uint8 [N, nblocks, block_size * bits / 8].
+@dataclasses.dataclass(frozen=True)
+class ScaledMatrix:
+    """A [K, N] weight on a scale-only grid (float8 E4M3, NF4, FP4): ``w ~ grid value of code * scale``.
 
-    Codes are packed low bits first along K; the ragged tail of the last block is zero, as ONNX Runtime's
-    quantizer writes it.
+    Attributes:
+        codes: [K, N] as the grid stores them (float8_e4m3fn values, or uint8 table indices).
+        scale: [nblocks, N] in the storage dtype; one block per column when ``block_size`` is K.
+        block_size: rows per block along K (the last block may be ragged).
+        grid: the :class:`~qonnx.core.numerics.Float8Grid` or :class:`~qonnx.core.numerics.LookupGrid`.
     """
-    codes, _ = qm.unsigned()
-    k, n = codes.shape
-    bs, bits = qm.block_size, qm.bits
-    if (bs * bits) % 8:
-        raise ValueError(f"block_size {bs} with {bits} bits does not fill whole bytes")
+
+    codes: np.ndarray
+    scale: np.ndarray
+    block_size: int
+    grid: Float8Grid | LookupGrid
+
+    @property
+    def k(self) -> int:
+        """Rows of the weight."""
+        return int(self.codes.shape[0])
+
+    @property
+    def n(self) -> int:
+        """Columns of the weight (output features)."""
+        return int(self.codes.shape[1])
+
+    def values(self) -> np.ndarray:
+        """The grid values [K, N] the codes stand for, before scaling (float32)."""
+        if isinstance(self.grid, LookupGrid):
+            return np.asarray(self.grid.values, np.float32)[self.codes]
+        return self.codes.astype(np.float32)
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 [K, N] matrix the codes stand for."""
+        rows = np.arange(self.k) // self.block_size
+        return self.values() * self.scale[rows].astype(np.float32)
+
+
+def quantize_scaled_kn(
+    w: np.ndarray,
+    grid: Float8Grid | LookupGrid,
+    block_size: int | None = None,
+    scale_dtype: np.dtype | type = np.float32,
+) -> ScaledMatrix:
+    """Round a [K, N] weight to nearest on a scale-only grid, one scale per block of ``block_size`` rows along K.
+
+    ``None``: one scale per column. The scale is chosen by the grid from the block's range and rounded to
+    ``scale_dtype`` before the codes are computed.
+    """
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {w.shape}")
+    k, n = w.shape
+    bs = k if block_size is None else block_size
+    x = w.astype(np.float32, copy=False)
     nb = num_blocks(k, bs)
-    if nb * bs > k:
-        codes = np.concatenate([codes, np.zeros((nb * bs - k, n), np.uint8)])
-    if bits == 8:
-        packed = codes
-    elif 8 % bits == 0:
-        per_byte = 8 // bits
-        packed = codes[0::per_byte].copy()
-        for i in range(1, per_byte):
-            packed |= codes[i::per_byte] << np.uint8(i * bits)
-    else:  # 3 bits: a bit stream; the rare path packs along rows of the transposed codes
-        return _pack_rows(np.ascontiguousarray(codes.T).reshape(n * nb, bs), bits).reshape(n, nb, -1)
-    return np.ascontiguousarray(packed.T).reshape(n, nb, bs * bits // 8)
+    scales = np.empty((nb, n), dtype=scale_dtype)
+    codes = np.empty((k, n), dtype=np.asarray(grid.codes(np.zeros(1, np.float32))).dtype)
+    for b in range(nb):
+        block = x[b * bs : (b + 1) * bs]
+        scale = grid.qparams(block.min(axis=0), block.max(axis=0), scale_dtype)
+        scales[b] = scale
+        codes[b * bs : (b + 1) * bs] = grid.codes(block / scale.astype(np.float32))
+    return ScaledMatrix(codes, scales, bs, grid)
 
 
-def pack_matmulnbits_zero_points(qm: QuantizedMatrix) -> np.ndarray:
-    """MatMulNBits' packed uint8 zero points [N, ceil(nblocks * bits / 8)] for a [K, N] weight."""
-    if qm.fractional_zero_point:
-        raise ValueError("fractional zero points are stored as floats, not packed")
-    _, zp = qm.unsigned()
-    return pack_zero_points(np.ascontiguousarray(zp.T), qm.bits)
-
-
-#: Largest finite float8 E4M3 (FN) value.
-FP8_MAX = 448.0
-
-
-def quantize_fp8_kn(w: np.ndarray, scale_dtype: np.dtype | type = np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """A [K, N] weight as float8 E4M3 codes [K, N] with one scale per column [N]: ``w ~ codes * scale``.
+def quantize_fp8_kn(w: np.ndarray, scale_dtype: np.dtype | type = np.float32) -> ScaledMatrix:
+    """A [K, N] weight as float8 E4M3 codes [K, N] with one scale per column: ``w ~ codes * scale``.
 
     The column's largest magnitude maps to 448 (E4M3's largest finite value); codes round to nearest even.
     """
-    import ml_dtypes
-
-    if w.ndim != 2:
-        raise ValueError(f"expected a 2-D matrix, got shape {w.shape}")
-    x = w.astype(np.float32, copy=False)
-    amax = np.abs(x).max(axis=0)
-    scale = (amax / np.float32(FP8_MAX)).astype(scale_dtype).astype(np.float32)
-    scale = np.where(scale > 0, scale, np.float32(1.0))
-    codes = np.clip(x / scale, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
-    return codes, scale.astype(scale_dtype)
-
-
-def activation_qparams(lo: float, hi: float, kind: str, symmetric: bool) -> tuple[float, int]:
-    """(scale, zero_point) for one activation tensor whose values are clipped to [lo, hi].
-
-    ``kind`` "int8": symmetric gives int8 codes with zero point 0 (``scale = max|.| / 127``, so that -128
-    is never needed and the range stays symmetric); asymmetric gives uint8 codes with the range widened
-    to hold 0 exactly. "fp8": float8 E4M3, ``scale = max|.| / 448``, zero point 0.
-    """
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    amax = max(-lo, hi)
-    tiny = float(np.finfo(np.float32).tiny)
-    if kind == "fp8":
-        return max(amax / FP8_MAX, tiny), 0
-    if kind != "int8":
-        raise ValueError(f"kind must be 'int8' or 'fp8', got {kind!r}")
-    if symmetric:
-        return max(amax / 127.0, tiny), 0
-    scale = max((hi - lo) / 255.0, tiny)
-    zp = int(np.clip(np.floor(-lo / scale + 0.5), 0, 255))
-    return scale, zp
+    return quantize_scaled_kn(w, FLOAT8, None, scale_dtype)

@@ -1,18 +1,99 @@
-"""Measured speed of each scheme against floating point, per target: what ``warn_if_slow`` consults.
+"""The targets table: what each runtime target runs fast, and the speed measured there against floating point.
 
-Every figure comes from a benchmark script in ``benchmarks/`` and is recorded in ``benchmarks/RESULTS.md``;
-``ratio`` is the scheme's throughput divided by floating point's on the same shapes (above 1: faster).
-Targets without a measured row get no warning.
+One row per ``--target``: the execution provider it stands for, what lowering does for it, and how schemes
+whose default form is slow there are emitted instead (:func:`weight_form`). The speed figures come from
+benchmark scripts in ``benchmarks/`` and are recorded in ``benchmarks/RESULTS.md``; :func:`warn_if_slow`
+consults them. Adding a target is one :class:`Target` row here (and its measurements).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any
 
 from qonnx.core.errors import ConfigError
+from qonnx.core.formats import FORMATS
 
-__all__ = ["MEASURED", "warn_if_slow"]
+__all__ = ["MEASURED", "TARGETS", "Target", "WeightForm", "lowering_targets", "warn_if_slow", "weight_form"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightForm:
+    """How a weight+activation scheme's layers are emitted on a target.
+
+    Attributes:
+        format: the weight format (:data:`qonnx.core.formats.FORMATS`).
+        accuracy_level: MatMulNBits' compute hint (4: int8 activations quantized by the kernel at run time).
+        static_activations: activation Q/DQ with calibrated ranges; False when the kernel quantizes them itself.
+        note: what the layer records and ``--json`` say about the form, when it is not the scheme's default.
+    """
+
+    format: str = "qdq"
+    accuracy_level: int | None = None
+    static_activations: bool = True
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One runtime a model can be emitted and lowered for.
+
+    Attributes:
+        name: the ``--target`` value.
+        provider: the ONNX Runtime execution provider it stands for (None: any runtime).
+        lowers: ``qonnx lower`` can fuse a model for it (contrib ops of that provider).
+        merge_gate_up: lowering also merges gate/up projections into one node + Split (measured faster on CUDA,
+            4% slower for a CPU prefill).
+        half_attention_only: GroupQueryAttention only for float16/bfloat16 models (the provider's kernel).
+        symmetric_activations: int8 activations must be symmetric (TensorRT).
+        forms: (activation type, weight bits) -> the form emitted instead of plain QDQ, where that is slow there.
+    """
+
+    name: str
+    provider: str | None
+    lowers: bool = False
+    merge_gate_up: bool = False
+    half_attention_only: bool = False
+    symmetric_activations: bool = False
+    forms: tuple[tuple[tuple[str, int], WeightForm], ...] = ()
+
+
+_W4A8_CPU = WeightForm(
+    "matmulnbits",
+    accuracy_level=4,
+    static_activations=False,
+    note="MatMulNBits accuracy_level 4 (int8 activations at run time)",
+)
+
+#: Every target, by name. "generic" is plain QDQ for any runtime.
+TARGETS: dict[str, Target] = {
+    # ONNX Runtime 1.31 leaves a blocked int4 weight DequantizeLinear unfused when the activation is also Q/DQ'd
+    # and dequantizes the whole weight on every call (0.03x fp32 on a 4096 layer, bench_targets); its
+    # MatMulNBits kernel with accuracy_level=4 quantizes each row of activations to int8 per block as it runs.
+    "cpu": Target("cpu", "CPUExecutionProvider", lowers=True, forms=((("int8", 4), _W4A8_CPU),)),
+    "cuda": Target("cuda", "CUDAExecutionProvider", lowers=True, merge_gate_up=True, half_attention_only=True),
+    "tensorrt": Target("tensorrt", "TensorrtExecutionProvider", symmetric_activations=True),
+    "generic": Target("generic", None),
+}
+
+
+def lowering_targets() -> tuple[str, ...]:
+    """The targets ``qonnx lower`` fuses for."""
+    return tuple(name for name, t in TARGETS.items() if t.lowers)
+
+
+def weight_form(target: str, act_type: str, weight_bits: int, block_size: int | None) -> WeightForm:
+    """The form a weight+activation scheme's layers take on ``target``: the row's form, else plain QDQ.
+
+    A block size the row's format does not take keeps plain QDQ.
+    """
+    row = TARGETS.get(target)
+    form = dict(row.forms).get((act_type, weight_bits)) if row is not None else None
+    if form is None or FORMATS[form.format].refuses("int", weight_bits, block_size, True) is not None:
+        return WeightForm()
+    return form
+
 
 #: (scheme name, target) -> (ratio vs float, what was measured, where)
 MEASURED: dict[tuple[str, str], tuple[float, str, str]] = {
@@ -30,9 +111,9 @@ MEASURED: dict[tuple[str, str], tuple[float, str, str]] = {
 }
 
 
-def warn_if_slow(scheme: Any, config: Any) -> None:
-    """Warn (or raise with ``strict``) when the scheme measured slower than floating point on its target."""
-    target = getattr(scheme, "target", "generic")
+def warn_if_slow(config: Any) -> None:
+    """Warn (or raise with ``config.strict``) when the scheme measured slower than floating point on its target."""
+    target = getattr(config, "target", "generic")
     row = MEASURED.get((getattr(config, "name", ""), target))
     if row is None or row[0] >= 1.0:
         return
@@ -41,6 +122,6 @@ def warn_if_slow(scheme: Any, config: Any) -> None:
         f"{config.name} on target {target} measured {ratio:.2f}x the speed of floating point ({what}; {where}): "
         "the model gets smaller but slower there"
     )
-    if getattr(scheme, "strict", False):
+    if getattr(config, "strict", False):
         raise ConfigError(f"{message}; refusing (strict)")
     print(f"qonnx: WARNING: {message}", file=sys.stderr)

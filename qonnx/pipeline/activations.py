@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qonnx.core import modelfile, quant
+from qonnx.core import modelfile, numerics
 from qonnx.core.config import Targets
 from qonnx.core.config_activations import ActivationConfig, Calibration
 from qonnx.core.errors import ConfigError
@@ -64,7 +64,7 @@ def plan_activations(model: ir.Model, targets: Targets, plan: Plan) -> Activatio
         scheme, _ = targets.resolve(cand.node.op_type, names)
         if not isinstance(scheme, ActivationConfig):
             continue
-        if scheme.dynamic_on_cpu and cfg.format == "matmulnbits":
+        if not scheme.form.static_activations and cfg.format == scheme.form.format:
             notes[id(cand.node)] = "activations int8 at run time (MatMulNBits accuracy_level 4, W4A8 on CPU)"
             continue
         x = cand.node.inputs[0]
@@ -125,7 +125,7 @@ def _model_key(path: Path, config: ActivationConfig) -> str:
         "data": config.calibration.data_key(),
         "smooth_quant": config.smooth_quant,
         "act": [config.act_type, config.act_symmetric],
-        "weights": [wc.bits, wc.block_size, wc.symmetric, wc.float8],
+        "weights": [wc.bits, wc.block_size, wc.symmetric, wc.grid == "fp8"],
     }
     digest.update(json.dumps(setup, sort_keys=True).encode())
     return digest.hexdigest()
@@ -210,7 +210,7 @@ def apply_activation_scheme(
             if err is not None:
                 info["smoothing"][name]["held_out_error"] = float(f"{err:.4g}")
         lo, hi = _range(observers[name], cfg)
-        scale, zp = quant.activation_qparams(lo, hi, "fp8" if cfg.act_type == "fp8" else "int8", cfg.act_symmetric)
+        scale, zp = numerics.activation_qparams(lo, hi, "fp8" if cfg.act_type == "fp8" else "int8", cfg.act_symmetric)
         kind = "fp8" if cfg.act_type == "fp8" else ("int8" if cfg.act_symmetric else "uint8")
         params[target] = ActivationQParams(scale, zp, kind, tuple(readers))
         renamed[name] = (target, factors_used)
@@ -276,15 +276,11 @@ def _choose_smoothing(plan: ActivationPlan, stats: dict[str, Any], cfg: Activati
     kind = "fp8" if cfg.act_type == "fp8" else "int8"
 
     def fake_act(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-        scale, zp = quant.activation_qparams(lo, hi, kind, cfg.act_symmetric)
+        scale, zp = numerics.activation_qparams(lo, hi, kind, cfg.act_symmetric)
         if kind == "fp8":
-            import ml_dtypes
-
-            return np.clip(x / scale, -quant.FP8_MAX, quant.FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(
-                np.float32
-            ) * np.float32(scale)
+            return numerics.FLOAT8.round(x / scale) * np.float32(scale)
         qmin, qmax = (-127, 127) if cfg.act_symmetric else (0, 255)
-        q = np.clip(np.floor(x / scale + 0.5) + zp, qmin, qmax)
+        q = np.clip(numerics.round_half_up(x / scale) + zp, qmin, qmax)
         return ((q - zp) * scale).astype(np.float32)
 
     def range_of(mn: np.ndarray, mx: np.ndarray) -> Any:

@@ -20,14 +20,13 @@ import onnx_ir as ir
 
 from qonnx.core import modelfile
 from qonnx.core.config import W4A16, SchemeConfig, Targets, WeightOnlyConfig
-from qonnx.core.emit import QuantizedWeight
 from qonnx.core.errors import ConfigError, NothingToQuantizeError
-from qonnx.core.quant import unpack_matmulnbits
+from qonnx.core.formats import QuantizedWeight
 from qonnx.passes.weight_only import Plan, QuantizeWeightsPass, _act_dtype, _float_reader, quantize_weight
 from qonnx.passes.weights import WeightCandidate
 from qonnx.runtime.sensitivity import Measurement, WeightSwapSession, sensitivity_feeds
 
-__all__ = ["FakeQuantModel", "SwapLayer", "dequantized", "plan_layers", "to_stored"]
+__all__ = ["FakeQuantModel", "SwapLayer", "plan_layers", "to_stored"]
 
 
 @dataclasses.dataclass
@@ -47,29 +46,6 @@ class SwapLayer:
     def params(self) -> int:
         """Weights in the layer."""
         return int(self.cand.tensor().size)
-
-
-def dequantized(qw: QuantizedWeight) -> np.ndarray:
-    """The float32 weight that quantized arrays stand for, as the node reads it ([K, N] for MatMul/Gemm)."""
-    a = qw.arrays
-    if qw.format == "matmulnbits":
-        bs = qw.attrs["block_size"]
-        codes, zps = unpack_matmulnbits(
-            a["B"], a.get("zero_points"), k=qw.k, n=qw.n, bits=qw.attrs["bits"], block_size=bs
-        )
-        rows = np.arange(qw.k) // bs
-        scales = a["scales"].reshape(qw.n, -1).astype(np.float32)
-        return ((codes.astype(np.float32) - zps[:, rows].astype(np.float32)) * scales[:, rows]).T
-    x, s = a["x"].astype(np.float32), a["scale"].astype(np.float32)
-    z = a["zero_point"].astype(np.float32) if "zero_point" in a else np.zeros_like(s)
-    axis = qw.attrs.get("axis", 1) % x.ndim
-    block = qw.attrs.get("block_size", 0)
-    if block:
-        idx = np.arange(x.shape[axis]) // block
-        return (x - np.take(z, idx, axis=axis)) * np.take(s, idx, axis=axis)
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    return (x - z.reshape(shape)) * s.reshape(shape)
 
 
 def to_stored(cand: WeightCandidate, w: np.ndarray) -> np.ndarray:
@@ -209,7 +185,7 @@ class FakeQuantModel:
 
     def fake(self, i: int, cfg: WeightOnlyConfig | None = None) -> np.ndarray:
         """Layer ``i``'s weight quantized then dequantized, in its stored layout (a feed for the session)."""
-        return to_stored(self.layers[i].cand, dequantized(self.quantized(i, cfg)))
+        return to_stored(self.layers[i].cand, self.quantized(i, cfg).dequantize())
 
     def measure(self, configs: Mapping[int, WeightOnlyConfig]) -> Measurement:
         """The model with the layers in ``configs`` fake-quantized by their configs, the others float."""

@@ -30,7 +30,7 @@ import onnx
 import onnx_ir as ir
 
 from qonnx.core.config import WeightOnlyConfig
-from qonnx.core.emit import QuantizedWeight
+from qonnx.core.formats import QuantizedWeight
 from qonnx.passes.weights import WeightCandidate
 
 __all__ = ["stages", "sequential_gptq"]
@@ -139,7 +139,7 @@ def sequential_gptq(
 
     from qonnx.passes.gptq import HessianAccumulator
     from qonnx.passes.weight_only import _share_key
-    from qonnx.pipeline.fake_quant import dequantized, to_stored
+    from qonnx.pipeline.fake_quant import to_stored
     from qonnx.runtime.calibration import _spill
     from qonnx.runtime.sensitivity import _with_weight_inputs
     from qonnx.runtime.session import make_session
@@ -177,7 +177,7 @@ def sequential_gptq(
                 solved.update(arrays)
                 for cand, cfg in stage:
                     if cand.weight_name in feedable:
-                        w = to_stored(cand, dequantized(arrays[_share_key(cand, cfg)]))
+                        w = to_stored(cand, arrays[_share_key(cand, cfg)].dequantize())
                         fed[cand.weight_name] = _spill(w, Path(tmp), f"w{s}-{len(fed)}")
             return solved
     finally:

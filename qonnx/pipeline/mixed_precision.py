@@ -246,7 +246,7 @@ def mixed_precision(
             analysis = measure_layers(ctx, progress, start)
             everything = analysis.all_quantized
         ranked = [r.index for r in analysis.layers]  # worst first
-        low = [i for i in ranked if ctx.layers[i].cfg.bits < 8 and not ctx.layers[i].cfg.float8]
+        low = [i for i in ranked if ctx.layers[i].cfg.bits < 8 and ctx.layers[i].cfg.grid == "int"]
         choice: dict[int, WeightOnlyConfig | None] = {}
         if budget.target_bits is not None:
             choice = _by_bits(ctx, analysis, low, q_bytes, params, budget.target_bits)

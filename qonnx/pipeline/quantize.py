@@ -265,7 +265,7 @@ def quantize(
     activations = plan_activations(ir_model, resolved, qpass.plan(ir_model))  # after the upgrade: its nodes
     act_info: dict[str, Any] | None = None
     if activations is not None:
-        warn_if_slow(activations.config, activations.config)
+        warn_if_slow(activations.config)
         with phase("activations"):
             act_info, renamed = apply_activation_scheme(ir_model, source, activations, progress=progress)
         _carry_hessians(qpass.hessians, renamed)

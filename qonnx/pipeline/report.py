@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qonnx.core import modelfile, quant
+from qonnx.core import modelfile, packing
 from qonnx.core.errors import QonnxError
 from qonnx.passes.weights import find_weight_candidates
 
@@ -106,10 +106,10 @@ def _matmulnbits_weight(node: ir.Node) -> tuple[np.ndarray, int] | None:
     if k is None or n is None or bs is None:
         return None
     if zp is not None and zp.dtype != np.uint8:  # zero points in the scales' float type (HQQ): [N, nblocks]
-        codes, _ = quant.unpack_matmulnbits(b, None, k=k, n=n, bits=bits, block_size=bs)
+        codes, _ = packing.unpack_matmulnbits(b, None, k=k, n=n, bits=bits, block_size=bs)
         zps = zp.reshape(n, -1).astype(np.float32)
     else:
-        codes, zps = quant.unpack_matmulnbits(b, zp, k=k, n=n, bits=bits, block_size=bs)
+        codes, zps = packing.unpack_matmulnbits(b, zp, k=k, n=n, bits=bits, block_size=bs)
     rows = np.arange(k) // bs
     w = (codes.astype(np.float32) - zps[:, rows]) * scales.reshape(n, -1).astype(np.float32)[:, rows]
     nbytes = sum(_nbytes(v) for v in node.inputs[1:4] if v is not None)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from qonnx.core import quant
+from qonnx.core import numerics, quant
 from qonnx.core.errors import ConfigError
 from qonnx.runtime.observers import METHODS, TensorObserver
 
@@ -37,7 +37,7 @@ def growing_batches(rng):
 
 def qdq_error(x, lo, hi, symmetric):
     """Mean squared error of quantize-dequantize to 8 bits with qonnx.core.quant's conventions."""
-    scale, zp = quant.qparams_from_range(np.float32([lo]), np.float32([hi]), 8, symmetric)
+    scale, zp = numerics.IntGrid(8, symmetric).qparams(np.float32([lo]), np.float32([hi]))
     q = quant.quantize(x.reshape(1, -1), scale, zp, 8, symmetric)
     return float(((quant.dequantize(q, scale, zp).ravel() - x) ** 2).mean())
 
@@ -124,7 +124,7 @@ def test_mse_beats_minmax_and_percentile(symmetric):
 )  # fmt: skip
 def test_expected_error_matches_quantize_dequantize(symmetric, qmin, qmax, lo, hi):
     x = np.random.default_rng(10).laplace(0, 1, 200_000).astype(np.float32)
-    scale, zp = quant.qparams_from_range(np.float32([lo]), np.float32([hi]), 8 if qmax > 15 else 4, symmetric)
+    scale, zp = numerics.IntGrid(8 if qmax > 15 else 4, symmetric).qparams(np.float32([lo]), np.float32([hi]))
     q = quant.quantize(x.reshape(1, -1), scale, zp, 8 if qmax > 15 else 4, symmetric)
     ref = float(((quant.dequantize(q, scale, zp).ravel() - x) ** 2).mean())
     got = observe(x, channels=False).expected_error(lo, hi, symmetric=symmetric, qmin=qmin, qmax=qmax)
