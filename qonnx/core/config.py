@@ -26,14 +26,21 @@ __all__ = [
     "W3A16",
     "W4A16",
     "W8A16",
+    "NF4",
+    "FP4",
     "Targets",
     "scheme_from_name",
     "SCHEMES",
 ]
 
-Format = Literal["matmulnbits", "qdq"]
+Format = Literal["matmulnbits", "qdq", "bnb4"]
 #: Grids weights can be rounded to: integer codes, or a scale-only grid (:mod:`qonnx.core.numerics`).
-GRIDS: dict[str, numerics.Float8Grid | numerics.LookupGrid | None] = {"int": None, "fp8": numerics.FLOAT8}
+GRIDS: dict[str, numerics.Float8Grid | numerics.LookupGrid | None] = {
+    "int": None,
+    "fp8": numerics.FLOAT8,
+    "nf4": numerics.NF4,
+    "fp4": numerics.FP4,
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -379,7 +386,39 @@ class W2A16(WeightOnlyConfig):
     bits: int = 2
 
 
-SCHEMES: dict[str, type[SchemeConfig]] = {"w4a16": W4A16, "w8a16": W8A16, "w3a16": W3A16, "w2a16": W2A16}
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NF4(WeightOnlyConfig):
+    """bitsandbytes' 4-bit NormalFloat weights (16 normal quantiles, one absmax per block), as MatMulBnb4.
+
+    ONNX Runtime's com.microsoft MatMulBnb4 runs them on its CPU and CUDA providers; its blocks run along the
+    flattened transposed weight, so a layer whose K is not a multiple of ``block_size`` stays in floating
+    point (SmolLM2's K = 576 and 1536 take block sizes up to 64). ``algo`` "rtn" or "gptq".
+    """
+
+    name: ClassVar[str] = "nf4"
+    bits: int = 4
+    block_size: int | None = 64
+    symmetric: bool = True
+    format: Format = "bnb4"
+    grid: str = "nf4"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FP4(NF4):
+    """bitsandbytes' FP4 weights (a 4-bit float grid, one absmax per block), as MatMulBnb4 (see :class:`NF4`)."""
+
+    name: ClassVar[str] = "fp4"
+    grid: str = "fp4"
+
+
+SCHEMES: dict[str, type[SchemeConfig]] = {
+    "w4a16": W4A16,
+    "w8a16": W8A16,
+    "w3a16": W3A16,
+    "w2a16": W2A16,
+    "nf4": NF4,
+    "fp4": FP4,
+}
 
 
 def scheme_from_name(name: str, **options: Any) -> SchemeConfig:

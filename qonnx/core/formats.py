@@ -21,7 +21,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from qonnx.core import packing, quant
+from qonnx.core import numerics, packing, quant
 
 MS_DOMAIN = "com.microsoft"
 
@@ -95,6 +95,9 @@ FORMATS: dict[str, Format] = {
         "matmulnbits", "MatMulNBits", MS_DOMAIN, bias_slot=5, min_k=16, block_sizes=(16, 32, 64, 128, 256)
     ),
     "qdq": Format("qdq", None, grids=("int", "fp8"), per_channel=True),
+    "bnb4": Format(
+        "bnb4", "MatMulBnb4", MS_DOMAIN, grids=("nf4", "fp4"), block_sizes=(16, 32, 64, 128, 256), whole_blocks=True
+    ),
 }
 
 
@@ -298,6 +301,40 @@ def _read_qdq(qw: QuantizedWeight) -> np.ndarray:
     shape = [1] * x.ndim
     shape[axis] = -1
     return (x - z.reshape(shape)) * s.reshape(shape)
+
+
+#: MatMulBnb4's quant_type for each grid (ONNX Runtime's Bnb_DataType_t).
+_BNB4_TYPES = {"fp4": 0, "nf4": 1}
+
+
+@emitter("nf4", "bnb4")
+@emitter("fp4", "bnb4")
+def bnb4_arrays(sm: quant.ScaledMatrix, dtype: np.dtype) -> QuantizedWeight:
+    """MatMulBnb4 inputs, as ONNX Runtime's MatMulBnb4Quantizer writes them.
+
+    The transposed weight's codes, flattened, two a byte (high nibble first), and one absmax per block of that
+    order (K a multiple of the block size, so that each block is part of one column).
+    """
+    if sm.k % sm.block_size:
+        raise ValueError(f"MatMulBnb4 blocks run across rows: K={sm.k} must be a multiple of {sm.block_size}")
+    codes = np.ascontiguousarray(sm.codes.T).reshape(-1)
+    if codes.size % 2:
+        codes = np.append(codes, np.uint8(0))
+    arrays = {
+        "B": (codes[0::2] << 4) | codes[1::2],
+        "absmax": np.ascontiguousarray(sm.scale.T).reshape(-1).astype(dtype),
+    }
+    attrs = {"K": sm.k, "N": sm.n, "block_size": sm.block_size, "quant_type": _BNB4_TYPES[sm.grid.kind]}
+    return QuantizedWeight("bnb4", arrays, attrs, sm.k, sm.n, 4)
+
+
+@reader("bnb4")
+def _read_bnb4(qw: QuantizedWeight) -> np.ndarray:
+    packed, k, n, bs = qw.arrays["B"], qw.k, qw.n, qw.attrs["block_size"]
+    codes = np.stack([packed >> 4, packed & 15], axis=1).reshape(-1)[: k * n]
+    grid = numerics.NF4 if qw.attrs["quant_type"] == _BNB4_TYPES["nf4"] else numerics.FP4
+    values = np.asarray(grid.values, np.float32)[codes] * np.repeat(qw.arrays["absmax"].astype(np.float32), bs)[: k * n]
+    return values.reshape(n, k).T
 
 
 def channel_dequantize_arrays(

@@ -29,6 +29,8 @@ import numpy as np
 __all__ = [
     "FP8_MAX",
     "FLOAT8",
+    "FP4",
+    "NF4",
     "Float8Grid",
     "IntGrid",
     "LookupGrid",
@@ -167,11 +169,12 @@ class LookupGrid:
     """A 4-bit grid of 16 values in [-1, 1] with one absmax scale per block (bitsandbytes' NF4 and FP4).
 
     ``values`` are in code order (code i stands for ``values[i] * scale``); a value rounds to the nearest
-    table entry (ties to the lower code).
+    table entry (ties to the smaller value, as bitsandbytes' thresholds do).
     """
 
     kind: str
     values: tuple[float, ...]
+    sign_bit: bool = False  # code 8 | c stands for -values[c]: the sign is kept, the magnitude rounded
     bits: ClassVar[int] = 4
     symmetric: ClassVar[bool] = True
 
@@ -180,25 +183,21 @@ class LookupGrid:
         amax = np.maximum(np.abs(mn), np.abs(mx)).astype(np.float32).astype(scale_dtype).astype(np.float32)
         return np.where(amax > 0, amax, np.float32(1.0)).astype(scale_dtype)
 
-    def _table(self, v: Any) -> tuple[Any, Any]:
-        """The sorted table and the code of each sorted entry, as arrays of ``v``'s kind."""
-        order = np.argsort(np.asarray(self.values, np.float32), kind="stable")
-        table = np.asarray(self.values, np.float32)[order]
-        if _is_numpy(v):
-            return table, order
-        import torch  # heavy: only the torch solvers (GPTQ) pass tensors, and they imported it already
-
-        return torch.from_numpy(table).to(v.device), torch.from_numpy(order).to(v.device)
-
     def index(self, v: Any) -> Any:
         """Codes (int) of the table values nearest ``v = x / scale``."""
-        table, order = self._table(v)
+        half = len(self.values) // 2 if self.sign_bit else len(self.values)
+        order = np.argsort(np.asarray(self.values[:half], np.float32), kind="stable")
+        table = np.asarray(self.values[:half], np.float32)[order]
         mids = (table[1:] + table[:-1]) / 2
         if _is_numpy(v):
-            return order[np.searchsorted(mids, v, side="left")]
-        import torch  # heavy: see _table
+            x = np.abs(v) if self.sign_bit else v
+            codes = order[np.searchsorted(mids, x, side="left")]
+            return codes + half * (v < 0) if self.sign_bit else codes
+        import torch  # heavy: only the torch solvers (GPTQ) pass tensors, and they imported it already
 
-        return order[torch.searchsorted(mids, v.contiguous(), side="left")]
+        x = (v.abs() if self.sign_bit else v).contiguous()
+        codes = torch.from_numpy(order).to(v.device)[torch.searchsorted(torch.from_numpy(mids).to(v.device), x)]
+        return codes + half * (v < 0) if self.sign_bit else codes
 
     def round(self, v: Any) -> Any:
         """The table value nearest ``v = x / scale``, as float32."""
@@ -206,7 +205,7 @@ class LookupGrid:
         table = np.asarray(self.values, np.float32)
         if _is_numpy(v):
             return table[codes]
-        import torch  # heavy: see _table
+        import torch  # heavy: only the torch solvers (GPTQ) pass tensors
 
         return torch.from_numpy(table).to(v.device)[codes]
 
@@ -217,6 +216,27 @@ class LookupGrid:
 
 #: E4M3 (FN) float8.
 FLOAT8 = Float8Grid()
+
+
+#: bitsandbytes' NormalFloat4: quantiles of a standard normal, scaled to [-1, 1] (code 7 is 0).
+NF4 = LookupGrid(
+    "nf4",
+    (
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+        0.7229568362236023, 1.0,
+    ),
+)  # fmt: skip
+#: bitsandbytes' FP4 (E2M1 with its own exponent bias): sign bit 3, values scaled so that the largest is 1.
+FP4 = LookupGrid(
+    "fp4",
+    (
+        0.0, 0.005208333333, 0.6666666667, 1.0, 0.3333333333, 0.5, 0.1666666667, 0.25,
+        -0.0, -0.005208333333, -0.6666666667, -1.0, -0.3333333333, -0.5, -0.1666666667, -0.25,
+    ),
+    sign_bit=True,
+)  # fmt: skip
 
 
 def activation_qparams(lo: float, hi: float, kind: str, symmetric: bool) -> tuple[float, int]:
