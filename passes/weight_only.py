@@ -25,7 +25,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qonnx.core import formats, numerics, quant
-from qonnx.core.config import AWQ, Targets, WeightOnlyConfig
+from qonnx.core.algos import AWQ
+from qonnx.core.config import WeightOnlyConfig
+from qonnx.core.schemes import Targets
 from qonnx.passes import cleanup, nodes
 from qonnx.passes.activations import unique_name
 from qonnx.passes.gptq import gptq_quantize_many, torch_device

@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from qonnx.core.config import AWQ, GPTQ, HQQ, W2A16, W3A16, W4A16, W8A16, SchemeConfig, Targets, WeightOnlyConfig
+from qonnx.core.algos import AWQ, GPTQ, HQQ
+from qonnx.core.config import W2A16, W3A16, W4A16, W8A16, SchemeConfig, WeightOnlyConfig
 from qonnx.core.config_activations import FP8, W4A8, W8A8, ActivationConfig, Calibration, Dynamic
 from qonnx.core.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError, QonnxError
+from qonnx.core.schemes import Targets
 
 if TYPE_CHECKING:
     from qonnx.core.modelfile import load, save

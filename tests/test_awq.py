@@ -14,8 +14,10 @@ from test_gptq import correlated, hessian
 
 import qonnx
 from qonnx.core import modelfile, quant
-from qonnx.core.config import AWQ, GPTQ, W4A16, Targets
+from qonnx.core.algos import AWQ, GPTQ
+from qonnx.core.config import W4A16
 from qonnx.core.errors import ConfigError
+from qonnx.core.schemes import Targets
 from qonnx.models import build_decoder_stack
 from qonnx.passes.awq import Rounding, fake_quantize, scale_factors, scaled_hessian, search_clip, search_scales
 from qonnx.passes.weight_only import QuantizeWeightsPass, hessian_key

@@ -46,11 +46,11 @@ def test_rtn_bytes_equal_onnxruntimes_quantizer(rng, grid):
 def test_quantize_runs_in_onnxruntime(rng, tmp_path, scheme, algo):
     k, n = 128, 48
     w = rng.standard_normal((k, n)).astype(np.float32)
-    cfg = qonnx.core.config.scheme_from_name(scheme, algo=algo)
+    cfg = qonnx.core.schemes.scheme_from_name(scheme, algo=algo)
     if algo == "gptq":  # a Hessian from correlated inputs, given as calibration feeds
         x = rng.standard_normal((64, 2, k)).astype(np.float32) @ rng.standard_normal((k, k)).astype(np.float32)
         np.savez(tmp_path / "cal.npz", x=x)
-        cfg = qonnx.core.config.scheme_from_name(scheme, algo=qonnx.GPTQ(calib_data=str(tmp_path / "cal.npz")))
+        cfg = qonnx.core.schemes.scheme_from_name(scheme, algo=qonnx.GPTQ(calib_data=str(tmp_path / "cal.npz")))
     summary = qonnx.quantize(_matmul_model(w), cfg, output=tmp_path / "q.onnx", verify=False)
     assert len(summary.quantized) == 1 and "MatMulBnb4" in [n.op_type for n in summary.model.graph]
     xs = rng.standard_normal((2, k)).astype(np.float32)

@@ -14,8 +14,10 @@ from test_cli import assert_one_line_error, qonnx_cli
 
 import qonnx
 from qonnx.core import numerics, packing, quant
-from qonnx.core.config import GPTQ, W3A16, W4A16, Targets
+from qonnx.core.algos import GPTQ
+from qonnx.core.config import W3A16, W4A16
 from qonnx.core.errors import ConfigError
+from qonnx.core.schemes import Targets
 from qonnx.models import build_decoder_stack
 from qonnx.passes.gptq import HessianAccumulator, gptq_quantize, gptq_quantize_many
 from qonnx.passes.weight_only import QuantizeWeightsPass

@@ -13,8 +13,10 @@ from test_cli import qonnx_cli
 
 import qonnx
 from qonnx.core import numerics, quant
-from qonnx.core.config import HQQ, SCHEMES, W2A16, W3A16, W4A16, W8A16
+from qonnx.core.algos import HQQ
+from qonnx.core.config import W2A16, W3A16, W4A16, W8A16
 from qonnx.core.errors import ConfigError
+from qonnx.core.schemes import SCHEMES
 from qonnx.passes.hqq import hqq_quantize, lp_error
 
 

@@ -92,7 +92,7 @@ def analyze_command(
     progress: bool | None,
 ) -> None:
     """Rank the layers of MODEL by the error each causes when quantized alone (output SQNR, perplexity change)."""
-    from qonnx.core.config import scheme_from_name
+    from qonnx.core.schemes import scheme_from_name
     from qonnx.pipeline.analysis import analyze
 
     options: dict[str, Any] = {"symmetric": symmetric, "format": fmt, "algo": algo}

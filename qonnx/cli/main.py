@@ -14,9 +14,10 @@ from typing import Any
 import click
 
 from qonnx.core import __version__
-from qonnx.core.config import AWQ, GPTQ, SCHEMES, algo_from_name, scheme_from_name
+from qonnx.core.algos import AWQ, GPTQ, algo_from_name
 from qonnx.core.config_activations import ActivationConfig
 from qonnx.core.errors import QonnxError
+from qonnx.core.schemes import SCHEMES, scheme_from_name
 from qonnx.pipeline.verification import VerificationError, VerifyOptions, start_reference_early
 
 __all__ = ["main", "cli"]

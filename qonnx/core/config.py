@@ -8,18 +8,14 @@ the layer in floating point), in the spirit of torchao's ``FqnToConfig``.
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from qonnx.core import numerics
+from qonnx.core.algos import ALGOS, AWQ, GPTQ, HQQ, Algo, algo_from_name
 from qonnx.core.errors import ConfigError
 from qonnx.core.formats import FORMATS
 
 __all__ = [
-    "AWQ",
-    "GPTQ",
-    "HQQ",
     "SchemeConfig",
     "WeightOnlyConfig",
     "W2A16",
@@ -28,12 +24,8 @@ __all__ = [
     "W8A16",
     "NF4",
     "FP4",
-    "Targets",
-    "scheme_from_name",
-    "SCHEMES",
 ]
 
-Format = Literal["matmulnbits", "qdq", "bnb4"]
 #: Grids weights can be rounded to: integer codes, or a scale-only grid (:mod:`qonnx.core.numerics`).
 GRIDS: dict[str, numerics.Float8Grid | numerics.LookupGrid | None] = {
     "int": None,
@@ -41,185 +33,6 @@ GRIDS: dict[str, numerics.Float8Grid | numerics.LookupGrid | None] = {
     "nf4": numerics.NF4,
     "fp4": numerics.FP4,
 }
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class GPTQ:
-    """GPTQ (Frantar et al., 2022): round weights so that the layer's outputs, not its weights, stay close.
-
-    A weight is rounded one K row at a time and each row's rounding error is folded into the rows not yet
-    rounded, weighted by the inverse Hessian ``H = 2/n X^T X`` of the layer's input. The Hessians come from
-    calibration data run through ONNX Runtime on the *float* model, all layers at once (the "non-sequential"
-    mode), or with ``sequential`` stage by stage on the partly quantized model.
-
-    Attributes:
-        damp: fraction of the mean Hessian diagonal added to the diagonal (percdamp) before inverting.
-        block: rows per lazy batch update; a speed knob that does not change the result much.
-        calib_samples: calibration windows (sequences).
-        calib_seq_len: tokens per window.
-        calib_data: ``"pydoc"`` (the standard corpus, from token 60,000: disjoint from evaluation),
-            a ``.txt`` / ``.jsonl`` file tokenized with the model folder's tokenizer, or a ``.npz`` file of
-            feeds (one array per model input, the first axis indexing batches) for a model without one.
-        act_order: round the rows of K in order of decreasing Hessian diagonal (the inputs with the most
-            energy first). Blocks stay contiguous along K ("static groups": their scales and zero points are
-            chosen from the original weight), so the stored format and the kernels are unchanged.
-        clip_search: choose each block's range among shrunk ranges (x1.00 .. x0.80) for the lowest weight
-            error (the reference's ``Quantizer(mse=True)``); else the block's full range.
-        sequential: take each layer's Hessian from the model whose earlier layers are already quantized, stage
-            by stage (:mod:`qonnx.pipeline.gptq_sequential`; one calibration pass per stage) instead of all from the
-            float model in one pass.
-    """
-
-    name: ClassVar[str] = "gptq"
-    damp: float = 0.01
-    block: int = 128
-    calib_samples: int = 16
-    calib_seq_len: int = 512
-    calib_data: str = "pydoc"
-    act_order: bool = True
-    clip_search: bool = True
-    sequential: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
-            raise ConfigError(f"gptq: damp must be in (0, 1), got {self.damp!r}")
-        if not isinstance(self.block, int) or self.block < 1:
-            raise ConfigError(f"gptq: block must be a positive integer, got {self.block!r}")
-        if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
-            raise ConfigError(f"gptq: calib_samples must be a positive integer, got {self.calib_samples!r}")
-        if not isinstance(self.calib_seq_len, int) or self.calib_seq_len < 2:
-            raise ConfigError(f"gptq: calib_seq_len must be an integer >= 2, got {self.calib_seq_len!r}")
-        for flag in ("act_order", "clip_search", "sequential"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ConfigError(f"gptq: {flag} must be True or False, got {getattr(self, flag)!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready description, with the algorithm name."""
-        return {"name": self.name, **dataclasses.asdict(self)}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class AWQ:
-    """AWQ (Lin et al., 2023): scale each weight's input channels by ``s = rms(x)^a`` before rounding.
-
-    The inputs that carry the most activation energy get finer weight grids; ``1/s`` is folded into what
-    produces the input (the preceding RMSNorm/LayerNorm weight, or the preceding linear's columns: the up
-    projection under SwiGLU); layers whose input nothing can absorb keep ``s = 1``. ``a`` is searched per group
-    of layers that read the same input, and each block's range is then shrunk (clip search), both for the
-    least output error on calibration data, computed exactly from the Hessians GPTQ uses (one calibration
-    pass). With ``gptq`` set the scaled weights are then rounded by GPTQ ("awq+gptq"), which chooses its own
-    ranges (its ``clip_search``). See :mod:`qonnx.passes.awq`.
-
-    Attributes:
-        grid: values of ``a`` tried in [0, 1) (``grid`` evenly spaced points, searched coarse to fine).
-        clip_search: search each block's range shrink for the least output error (awq; GPTQ's own with gptq).
-        calib_samples, calib_seq_len, calib_data: calibration data, as for :class:`GPTQ`.
-        gptq: round the scaled weights with GPTQ instead of to nearest.
-    """
-
-    name: ClassVar[str] = "awq"
-    grid: int = 20
-    clip_search: bool = True
-    calib_samples: int = 16
-    calib_seq_len: int = 512
-    calib_data: str = "pydoc"
-    gptq: GPTQ | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.grid, int) or self.grid < 1:
-            raise ConfigError(f"awq: grid must be a positive integer, got {self.grid!r}")
-        if not isinstance(self.clip_search, bool):
-            raise ConfigError(f"awq: clip_search must be True or False, got {self.clip_search!r}")
-        if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
-            raise ConfigError(f"awq: calib_samples must be a positive integer, got {self.calib_samples!r}")
-        if not isinstance(self.calib_seq_len, int) or self.calib_seq_len < 2:
-            raise ConfigError(f"awq: calib_seq_len must be an integer >= 2, got {self.calib_seq_len!r}")
-        if self.gptq is not None:
-            if not isinstance(self.gptq, GPTQ):
-                raise ConfigError(f"awq: gptq must be a GPTQ(...) config or None, got {self.gptq!r}")
-            if self.gptq.sequential:
-                raise ConfigError("awq: sequential GPTQ applies to algo 'gptq' alone, not after AWQ's scaling")
-            # one calibration run serves both: GPTQ uses AWQ's data
-            object.__setattr__(
-                self,
-                "gptq",
-                dataclasses.replace(
-                    self.gptq,
-                    calib_samples=self.calib_samples,
-                    calib_seq_len=self.calib_seq_len,
-                    calib_data=self.calib_data,
-                ),
-            )
-
-    @property
-    def label(self) -> str:
-        """The label "awq+gptq" when GPTQ rounds the scaled weights, else "awq"."""
-        return "awq+gptq" if self.gptq is not None else "awq"
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready description, with the algorithm name."""
-        out = {"name": self.label, **dataclasses.asdict(self)}
-        out["gptq"] = None if self.gptq is None else self.gptq.to_dict()
-        return out
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class HQQ:
-    """HQQ (Badri & Shaji, 2023): half-quadratic optimisation of each block's zero point, no data needed.
-
-    Minimises ``|| W - dequant(quant(W)) ||_p`` (``p`` < 1 favours fitting most weights exactly and
-    letting outliers go) by alternating a shrinkage step on the error with a closed-form zero-point update
-    (see :mod:`qonnx.passes.hqq`). Asymmetric codes only (symmetric ones have no zero point). Zero points
-    stay fractional in MatMulNBits (2- and 4-bit codes: ONNX Runtime runs those far slower on the CPU than
-    packed integer ones); DequantizeLinear and 8-bit MatMulNBits take integers, where HQQ's zero points are
-    rounded and give about round-to-nearest.
-
-    Attributes:
-        iterations: optimisation steps per weight.
-        lp_norm: ``p`` of the error norm.
-        beta: initial weight of the quadratic penalty; multiplied by ``kappa`` every step.
-        kappa: growth of ``beta`` per step.
-    """
-
-    name: ClassVar[str] = "hqq"
-    iterations: int = 20
-    lp_norm: float = 0.7
-    beta: float = 10.0
-    kappa: float = 1.01
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.iterations, int) or self.iterations < 1:
-            raise ConfigError(f"hqq: iterations must be a positive integer, got {self.iterations!r}")
-        if not isinstance(self.lp_norm, (int, float)) or not 0 < self.lp_norm <= 2:
-            raise ConfigError(f"hqq: lp_norm must be in (0, 2], got {self.lp_norm!r}")
-        if not isinstance(self.beta, (int, float)) or self.beta <= 0:
-            raise ConfigError(f"hqq: beta must be positive, got {self.beta!r}")
-        if not isinstance(self.kappa, (int, float)) or self.kappa < 1:
-            raise ConfigError(f"hqq: kappa must be >= 1, got {self.kappa!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready description, with the algorithm name."""
-        return {"name": self.name, **dataclasses.asdict(self)}
-
-
-#: ``algo=`` strings and the configs they stand for.
-ALGOS = ("rtn", "gptq", "awq", "awq+gptq", "hqq")
-Algo = Literal["rtn"] | GPTQ | AWQ | HQQ
-
-
-def algo_from_name(name: str) -> Algo:
-    """The default config of an algorithm named on the command line (``rtn`` stays a string)."""
-    table: dict[str, Any] = {
-        "rtn": "rtn",
-        "gptq": GPTQ(),
-        "awq": AWQ(),
-        "awq+gptq": AWQ(gptq=GPTQ()),
-        "hqq": HQQ(),
-    }
-    try:
-        return table[name.lower()]
-    except (KeyError, AttributeError):
-        raise ConfigError(f"unknown algo {name!r}; choose one of {', '.join(ALGOS)}") from None
 
 
 class SchemeConfig:
@@ -264,7 +77,7 @@ class WeightOnlyConfig(SchemeConfig):
     bits: int = 4
     block_size: int | None = 128
     symmetric: bool = False
-    format: Format = "matmulnbits"
+    format: str = "matmulnbits"
     accuracy_level: int | None = None
     algo: Algo = "rtn"
     grid: str = "int"
@@ -399,7 +212,7 @@ class NF4(WeightOnlyConfig):
     bits: int = 4
     block_size: int | None = 64
     symmetric: bool = True
-    format: Format = "bnb4"
+    format: str = "bnb4"
     grid: str = "nf4"
 
 
@@ -409,69 +222,3 @@ class FP4(NF4):
 
     name: ClassVar[str] = "fp4"
     grid: str = "fp4"
-
-
-SCHEMES: dict[str, type[SchemeConfig]] = {
-    "w4a16": W4A16,
-    "w8a16": W8A16,
-    "w3a16": W3A16,
-    "w2a16": W2A16,
-    "nf4": NF4,
-    "fp4": FP4,
-}
-
-
-def scheme_from_name(name: str, **options: Any) -> SchemeConfig:
-    """Build a scheme config from its CLI name and options (activation schemes: see config_activations)."""
-    import qonnx.core.config_activations  # noqa: F401  (registers w8a8, w4a8, fp8, dynamic)
-
-    try:
-        cls = SCHEMES[name.lower()]
-    except KeyError:
-        raise ConfigError(f"unknown scheme {name!r}; choose one of {', '.join(SCHEMES)}") from None
-    try:
-        return cls(**options)
-    except TypeError as e:
-        raise ConfigError(f"{name}: {e}") from None
-
-
-class Targets:
-    """Which config each layer gets: exact name, then ``re:`` regex (in order), then op type, then default.
-
-    Keys are matched against the node name, the weight's name and the source module path that torch.onnx
-    recorded (``model.layers.3.mlp.down_proj``). A value of ``None`` keeps the layer
-    in floating point. Example: ``Targets(W4A16(), {"lm_head": None, "re:.*mlp.*": W8A16()})``.
-    """
-
-    def __init__(
-        self, default: SchemeConfig | None, overrides: Mapping[str, SchemeConfig | None] | None = None
-    ) -> None:
-        self.default = default
-        self.exact: dict[str, SchemeConfig | None] = {}
-        self.patterns: list[tuple[str, re.Pattern[str], SchemeConfig | None]] = []
-        self.op_types: dict[str, SchemeConfig | None] = {}
-        for key, cfg in (overrides or {}).items():
-            if cfg is not None and not isinstance(cfg, SchemeConfig):
-                raise ConfigError(f"target {key!r}: expected a scheme config or None, got {type(cfg).__name__}")
-            if key.startswith("re:"):
-                try:
-                    self.patterns.append((key, re.compile(key[3:]), cfg))
-                except re.error as e:
-                    raise ConfigError(f"target {key!r}: bad regular expression: {e}") from None
-            elif key in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
-                self.op_types[key] = cfg
-            else:
-                self.exact[key] = cfg
-
-    def resolve(self, op_type: str, names: tuple[str, ...]) -> tuple[SchemeConfig | None, str]:
-        """Return (config or None, the rule that chose it)."""
-        for n in names:
-            if n in self.exact:
-                return self.exact[n], f"name {n!r}"
-        for key, pattern, cfg in self.patterns:
-            for n in names:
-                if pattern.search(n):
-                    return cfg, f"pattern {key!r}"
-        if op_type in self.op_types:
-            return self.op_types[op_type], f"op type {op_type}"
-        return self.default, "default"

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Literal
 
-from qonnx.core.config import GPTQ, SCHEMES, SchemeConfig, WeightOnlyConfig
+from qonnx.core.algos import GPTQ
+from qonnx.core.config import SchemeConfig, WeightOnlyConfig
 from qonnx.core.errors import ConfigError
 from qonnx.core.targets import TARGETS, WeightForm, weight_form
 
@@ -96,7 +97,7 @@ class ActivationConfig(SchemeConfig):
             of the largest, at most 5% of the tensors. Their layers keep the weight quantization. The cheap
             remedy for a few layers with massive activations (SmolLM2: the down projections of layers 11,
             28 and 29).
-        algo: how weights are rounded: ``"rtn"`` or GPTQ (``"gptq"`` or :class:`~qonnx.core.config.GPTQ`), with
+        algo: how weights are rounded: ``"rtn"`` or GPTQ (``"gptq"`` or :class:`~qonnx.core.algos.GPTQ`), with
             Hessians from the same calibration data, transformed by the smoothing factors (``"gptq"`` takes
             the calibration's data, samples and seq_len). Default ``"rtn"``; ``"gptq"`` for :class:`FP8`.
         target: the runtime to lower for (``"cpu"``, ``"cuda"``, ``"tensorrt"`` or ``"generic"`` QDQ);
@@ -260,5 +261,3 @@ class Dynamic(SchemeConfig):
         """A JSON-ready description, with the scheme name."""
         return {"scheme": self.name, **dataclasses.asdict(self)}
 
-
-SCHEMES.update({"w8a8": W8A8, "w4a8": W4A8, "fp8": FP8, "dynamic": Dynamic})

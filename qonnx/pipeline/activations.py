@@ -28,9 +28,9 @@ import onnx
 import onnx_ir as ir
 
 from qonnx.core import modelfile, numerics
-from qonnx.core.config import Targets
 from qonnx.core.config_activations import ActivationConfig, Calibration
 from qonnx.core.errors import ConfigError
+from qonnx.core.schemes import Targets
 from qonnx.passes.activations import ActivationQParams, InsertActivationQDQPass
 from qonnx.passes.smooth_quant import SmoothGroup, factors, fake_quantize_weight, fold, search_alpha
 from qonnx.passes.weight_only import Plan, all_value_names

@@ -19,9 +19,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qonnx.core import modelfile
-from qonnx.core.config import W4A16, SchemeConfig, Targets, WeightOnlyConfig
+from qonnx.core.config import W4A16, SchemeConfig, WeightOnlyConfig
 from qonnx.core.errors import ConfigError, NothingToQuantizeError
 from qonnx.core.formats import QuantizedWeight
+from qonnx.core.schemes import Targets
 from qonnx.passes.weight_only import Plan, QuantizeWeightsPass, _act_dtype, _float_reader, quantize_weight
 from qonnx.passes.weights import WeightCandidate
 from qonnx.runtime.sensitivity import Measurement, WeightSwapSession, sensitivity_feeds

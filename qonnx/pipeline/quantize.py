@@ -20,8 +20,9 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qonnx.core import modelfile
-from qonnx.core.config import W4A16, SchemeConfig, Targets, WeightOnlyConfig
+from qonnx.core.config import W4A16, SchemeConfig, WeightOnlyConfig
 from qonnx.core.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError
+from qonnx.core.schemes import Targets
 from qonnx.core.targets import warn_if_slow
 from qonnx.passes.cleanup import RemoveUnusedInitializersPass
 from qonnx.passes.opset import OpsetConversionError, UpgradeOpsetPass
