@@ -38,6 +38,8 @@ __all__ = [
     "LayerRecord",
     "QuantizeWeightsPass",
     "all_value_names",
+    "gptq_batches",
+    "share_key",
     "hessian_key",
     "hqq_zero_point",
     "needed_opset",
@@ -257,7 +259,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 cfg is not None
                 and cfg.gptq is not None
                 and hessian_key(cand) not in self.hessians
-                and _share_key(cand, cfg) not in self.presolved
+                and share_key(cand, cfg) not in self.presolved
             ):
                 raise ir.passes.PreconditionError(
                     f"{cand.node.op_type} '{cand.node.name}': GPTQ needs the Hessian of its input "
@@ -315,15 +317,15 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     ) -> Iterator[tuple[WeightCandidate, WeightOnlyConfig, formats.QuantizedWeight | None]]:
         """Yield (candidate, config, arrays) in graph order; arrays are None for an already-emitted weight.
 
-        GPTQ layers are solved in batches of one shape (:func:`_gptq_batches`) when the first of a batch is
+        GPTQ layers are solved in batches of one shape (:func:`gptq_batches`) when the first of a batch is
         due; the others' arrays wait until their turn.
         """
         seen: set[tuple] = set()
-        batches = _gptq_batches([(c, cfg) for c, cfg in todo if _share_key(c, cfg) not in self.presolved])
+        batches = gptq_batches([(c, cfg) for c, cfg in todo if share_key(c, cfg) not in self.presolved])
         solved: dict[tuple, formats.QuantizedWeight] = dict(self.presolved)
 
         def submit(pool, cand, cfg):
-            key = _share_key(cand, cfg)
+            key = share_key(cand, cfg)
             if key in seen:
                 return None
             seen.add(key)
@@ -372,7 +374,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         cfg, dtype = batch[0][1], _act_dtype(batch[0][0])
         results = gptq_quantize_many([c.matrix() for c, _ in batch], found, **_gptq_options(cfg, dtype))
         return {
-            _share_key(c, cf): formats.emit(r, cf.format, dtype.numpy())
+            share_key(c, cf): formats.emit(r, cf.format, dtype.numpy())
             for (c, cf), r in zip(batch, results, strict=True)
         }
 
@@ -386,7 +388,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         record: LayerRecord,
     ) -> None:
         graph, node = cand.graph, cand.node
-        key = _share_key(cand, cfg)
+        key = share_key(cand, cfg)
         base = cand.weight_name or node.name or "weight"
         if key in emitted:
             weight_inputs, qw, first = emitted[key]
@@ -487,7 +489,7 @@ def _check_sizes(planned: Plan) -> Plan:
         for i in rows:
             cand, cfg, _ = planned[i]
             assert cfg is not None
-            costs[_share_key(cand, cfg)] = formats.estimated_nbytes(
+            costs[share_key(cand, cfg)] = formats.estimated_nbytes(
                 cfg.format,
                 cand.k,
                 cand.n,
@@ -579,7 +581,7 @@ def _act_dtype(cand: WeightCandidate) -> ir.DataType:
 GPTQ_BATCH_BYTES = {"cuda": 4 << 30, "cpu": 48 << 20}
 
 
-def _gptq_batches(
+def gptq_batches(
     todo: list[tuple[WeightCandidate, WeightOnlyConfig]],
 ) -> dict[tuple, list[tuple[WeightCandidate, WeightOnlyConfig]]]:
     """GPTQ weights grouped for batched solves, by share key.
@@ -591,7 +593,7 @@ def _gptq_batches(
     classes: dict[tuple, list[list[tuple[WeightCandidate, WeightOnlyConfig]]]] = {}
     keys: set[tuple] = set()
     for cand, cfg in todo:
-        key = _share_key(cand, cfg)
+        key = share_key(cand, cfg)
         if cfg.gptq is None or cand.axis is not None or key in keys:
             continue
         if not budget:
@@ -602,10 +604,11 @@ def _gptq_batches(
         if runs[-1] and (len(runs[-1]) + 1) * per > budget:
             runs.append([])
         runs[-1].append((cand, cfg))
-    return {_share_key(c, cf): run for runs in classes.values() for run in runs for c, cf in run}
+    return {share_key(c, cf): run for runs in classes.values() for run in runs for c, cf in run}
 
 
-def _share_key(cand: WeightCandidate, cfg: WeightOnlyConfig) -> tuple:
+def share_key(cand: WeightCandidate, cfg: WeightOnlyConfig) -> tuple:
+    """What makes two layers' quantized weights one: the stored weight, the config, and the graph for "qdq"."""
     return (cand.key, cfg, id(cand.graph) if cfg.format == "qdq" else None)
 
 

@@ -12,19 +12,18 @@ import dataclasses
 import os
 import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from qonnx.core import modelfile
 from qonnx.core.config import W4A16, SchemeConfig, WeightOnlyConfig
 from qonnx.core.errors import ConfigError, NothingToQuantizeError
 from qonnx.core.formats import QuantizedWeight
 from qonnx.core.schemes import Targets
-from qonnx.passes.weight_only import Plan, QuantizeWeightsPass, _act_dtype, _float_reader, quantize_weight
+from qonnx.passes.weight_only import Plan, QuantizeWeightsPass, _act_dtype, _float_reader, hessian_key, quantize_weight
 from qonnx.passes.weights import WeightCandidate
+from qonnx.pipeline.calibrate import layer_hessians, load_model, runtime_file
 from qonnx.runtime.sensitivity import Measurement, WeightSwapSession, sensitivity_feeds
 
 __all__ = ["FakeQuantModel", "SwapLayer", "plan_layers", "to_stored"]
@@ -109,8 +108,6 @@ class FakeQuantModel:
         device: str,
         progress: bool,
     ) -> None:
-        from qonnx.pipeline.quantize import _load
-
         config = W4A16() if config is None else config
         if not isinstance(config, WeightOnlyConfig):
             raise ConfigError(
@@ -118,13 +115,8 @@ class FakeQuantModel:
             )
         self.config = config
         self._tmp = tempfile.TemporaryDirectory(prefix="qonnx-analyze-")
-        self.model, source = _load(model)
-        self.path = source
-        if source is None or self.model.ir_version > modelfile.MAX_RUNTIME_IR_VERSION:
-            version = self.model.ir_version
-            self.path = Path(self._tmp.name) / modelfile.MODEL_FILENAME
-            modelfile.save(self.model, self.path)
-            self.model.ir_version = version
+        self.model, source = load_model(model)
+        self.path = runtime_file(self.model, source, self._tmp.name)
         self.plan = QuantizeWeightsPass(Targets(config, targets)).plan(self.model)
         for cand, cfg, _ in self.plan:
             if cfg is not None and cfg.awq is not None:
@@ -161,11 +153,9 @@ class FakeQuantModel:
     def hessians(self) -> dict[str, np.ndarray]:
         """GPTQ's calibration Hessians, collected on first use (empty when no layer uses GPTQ)."""
         if self._hessians is None:
-            from qonnx.pipeline.quantize import _hessians
-
             self._hessians = {}
             if any(cfg.gptq is not None for _, cfg, _ in self.plan if cfg is not None):
-                self._hessians = _hessians(self.model, self._source, self.plan, self._progress)
+                self._hessians = layer_hessians(self.model, self._source, self.plan, self._progress)
         return self._hessians
 
     def quantized(self, i: int, cfg: WeightOnlyConfig | None = None) -> QuantizedWeight:
@@ -177,8 +167,6 @@ class FakeQuantModel:
             cand = layer.cand
             hessian = None
             if cfg.gptq is not None:
-                from qonnx.passes.weight_only import hessian_key
-
                 hessian = np.asarray(self.hessians[hessian_key(cand)])
             self._cache[key] = quantize_weight(cand, cfg, _act_dtype(cand), hessian)
             cand.release()

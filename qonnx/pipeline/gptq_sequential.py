@@ -21,6 +21,7 @@ Written here by hand: no library runs GPTQ layer by layer on an ONNX graph.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,10 +29,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+from tqdm import tqdm
 
 from qonnx.core.config import WeightOnlyConfig
 from qonnx.core.formats import QuantizedWeight
+from qonnx.passes.gptq import HessianAccumulator
+from qonnx.passes.weight_only import Plan, QuantizeWeightsPass, gptq_batches, hessian_key, share_key
 from qonnx.passes.weights import WeightCandidate
+from qonnx.pipeline.calibrate import calibration_run, is_sequential
+from qonnx.pipeline.fake_quant import plan_layers, to_stored
+from qonnx.runtime.calibration import _spill
+from qonnx.runtime.sensitivity import _with_weight_inputs
+from qonnx.runtime.session import make_session
 
 __all__ = ["stages", "sequential_gptq"]
 
@@ -133,17 +142,6 @@ def sequential_gptq(
         device: where ONNX Runtime runs.
         progress: a progress bar on stderr.
     """
-    import sys
-
-    from tqdm import tqdm
-
-    from qonnx.passes.gptq import HessianAccumulator
-    from qonnx.passes.weight_only import _share_key
-    from qonnx.pipeline.fake_quant import to_stored
-    from qonnx.runtime.calibration import _spill
-    from qonnx.runtime.sensitivity import _with_weight_inputs
-    from qonnx.runtime.session import make_session
-
     cut = stages(model, layers, key)
     base = onnx.ModelProto.FromString(_with_weight_inputs(path, sorted(feedable)))
     graph_inputs = {i.name for i in base.graph.input} - feedable
@@ -177,8 +175,33 @@ def sequential_gptq(
                 solved.update(arrays)
                 for cand, cfg in stage:
                     if cand.weight_name in feedable:
-                        w = to_stored(cand, arrays[_share_key(cand, cfg)].dequantize())
+                        w = to_stored(cand, arrays[share_key(cand, cfg)].dequantize())
                         fed[cand.weight_name] = _spill(w, Path(tmp), f"w{s}-{len(fed)}")
             return solved
     finally:
         bar.close()
+
+
+def solve_sequential(
+    model: ir.Model, source: Path | None, plan: Plan, qpass: QuantizeWeightsPass, progress: bool
+) -> dict[tuple, QuantizedWeight]:
+    """Arrays of the layers GPTQ rounds sequentially (:mod:`qonnx.pipeline.gptq_sequential`), by share key."""
+    layers, keys = [], set()
+    for cand, cfg, _ in plan:
+        if is_sequential(cfg) and cand.axis is None and share_key(cand, cfg) not in keys:
+            keys.add(share_key(cand, cfg))
+            layers.append((cand, cfg))
+    if not layers:
+        return {}
+    feedable = {layer.name for layer in plan_layers(model, plan)[0]}
+
+    def solve(stage: list, hessians: dict[str, np.ndarray]) -> dict[tuple, QuantizedWeight]:
+        out: dict[tuple, QuantizedWeight] = {}
+        for batch in {id(b): b for b in gptq_batches(stage).values()}.values():
+            out.update(qpass.solve(batch, hessians))
+        return out
+
+    with calibration_run(model, source, [(c, cfg.gptq) for c, cfg in layers]) as (path, feeds):
+        return sequential_gptq(
+            model, path, layers, feeds, solve=solve, key=hessian_key, feedable=feedable, progress=progress
+        )

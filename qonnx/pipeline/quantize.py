@@ -8,35 +8,41 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
+from tqdm import tqdm
 
-from qonnx.core import modelfile
-from qonnx.core.config import W4A16, SchemeConfig, WeightOnlyConfig
+from qonnx.core import __version__, modelfile
+from qonnx.core.config import W4A16, SchemeConfig
 from qonnx.core.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError
 from qonnx.core.schemes import Targets
 from qonnx.core.targets import warn_if_slow
 from qonnx.passes.cleanup import RemoveUnusedInitializersPass
 from qonnx.passes.opset import OpsetConversionError, UpgradeOpsetPass
-from qonnx.passes.weight_only import QDQ_OPSET, LayerRecord, Plan, QuantizeWeightsPass, hessian_key
+from qonnx.passes.weight_only import QDQ_OPSET, LayerRecord, QuantizeWeightsPass
 from qonnx.pipeline.activations import apply_activation_scheme, plan_activations
 from qonnx.pipeline.awq import apply_awq
+from qonnx.pipeline.calibrate import (
+    ModelLike,
+    calibration_data,
+    is_sequential,
+    layer_hessians,
+    load_model,
+)
+from qonnx.pipeline.gptq_sequential import solve_sequential
 from qonnx.pipeline.mixed_precision import Budget, MixedPrecision, mixed_precision
 from qonnx.pipeline.verification import Verification, VerifyOptions, start_reference, start_verify
 from qonnx.pipeline.verification import metadata as verification_metadata
 from qonnx.pipeline.verification import verify as run_verify
+from qonnx.runtime.session import InMemoryModel
 
 __all__ = ["QuantizeSummary", "quantize"]
-
-ModelLike = str | os.PathLike | ir.Model | onnx.ModelProto
 
 
 @dataclasses.dataclass
@@ -80,8 +86,6 @@ class QuantizeSummary:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (without the model)."""
-        from qonnx.core import __version__
-
         return {
             "qonnx_version": __version__,
             "config": self.config,
@@ -98,17 +102,6 @@ class QuantizeSummary:
             "mixed_precision": self.mixed_precision,
             "layers": [r.to_dict() for r in self.layers],
         }
-
-
-def _load(model: ModelLike) -> tuple[ir.Model, Path | None]:
-    if isinstance(model, ir.Model):
-        return model, None
-    if isinstance(model, onnx.ModelProto):
-        return ir.serde.deserialize_model(model), None
-    if isinstance(model, (str, os.PathLike)):
-        path = modelfile.resolve_model_path(model)
-        return modelfile.load(path), path
-    raise ConfigError(f"model must be a path, an onnx.ModelProto or an onnx_ir.Model, not {type(model).__name__}")
 
 
 def _output_model_path(output: str | os.PathLike, source: Path | None, source_arg: Any) -> tuple[Path, Path | None]:
@@ -183,7 +176,7 @@ def quantize(
     config = W4A16() if config is None else config
     if not isinstance(config, SchemeConfig):
         raise ConfigError(f"config must be a scheme config such as W4A16(), not {type(config).__name__}")
-    data = _calibration_data(config)
+    data = calibration_data(config)
     if options.feeds is None and options.data is None and data is not None:  # verified on the same kind of data
         options = dataclasses.replace(options, data=data)
     mixed = None
@@ -202,7 +195,7 @@ def quantize(
             mixed = mixed_precision(model, config, budget, targets=targets, progress=progress)
         targets = {**(targets or {}), **mixed.targets}
     resolved = Targets(config, targets)
-    ir_model, source = _load(model)
+    ir_model, source = load_model(model)
     protect = modelfile.model_files(ir_model, source) if source is not None else []
     out_path, mirror = (None, None) if output is None else _output_model_path(output, source, model)
     if out_path is not None:
@@ -243,10 +236,10 @@ def quantize(
     if any(cfg.calibrated is not None for cfg in todo):  # before any rewrite: ONNX Runtime runs the float model
         reuse = mixed.hessians if mixed is not None else {}  # the budget's measurements collected them already
         with phase("calibration"):
-            qpass.hessians = reuse or _hessians(ir_model, source, plan, progress)
-        if any(_sequential(cfg) for cfg in todo):  # calibrated and solved stage by stage
+            qpass.hessians = reuse or layer_hessians(ir_model, source, plan, progress)
+        if any(is_sequential(cfg) for cfg in todo):  # calibrated and solved stage by stage
             with phase("sequential gptq"):
-                qpass.presolved = _sequential_gptq(ir_model, source, plan, qpass, progress)
+                qpass.presolved = solve_sequential(ir_model, source, plan, qpass, progress)
     if any(c.format == "qdq" for c in todo) and ir_model.opset_imports.get("", 1) < QDQ_OPSET:
         try:
             UpgradeOpsetPass(QDQ_OPSET)(ir_model)
@@ -273,8 +266,6 @@ def quantize(
 
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(todo), unit="layer", desc="quantizing", leave=False)
         qpass.progress = lambda record: bar.update()  # type: ignore[union-attr]
     try:
@@ -305,8 +296,6 @@ def quantize(
     use = reference or original or b""
     snapshot = None
     if wants_check and out_path is not None and modelfile.writes_one_file(ir_model, external_data):
-        from qonnx.runtime.session import InMemoryModel
-
         snapshot = InMemoryModel.of(ir_model)
     pending = None
     if not skip_note and out_path is not None:
@@ -361,81 +350,6 @@ def quantize(
     )
 
 
-@contextlib.contextmanager
-def _calibration(model: ir.Model, source: Path | None, layers: list) -> Iterator[tuple[Path, list]]:
-    """A file of the float model ONNX Runtime loads, and the calibration feeds ``layers``' configs ask for."""
-    from qonnx.runtime.calibration import calibration_feeds
-
-    settings = {(g.calib_data, g.calib_samples, g.calib_seq_len) for _, g in layers}
-    if len(settings) > 1:
-        raise ConfigError(
-            "GPTQ/AWQ layers must share one calibration setting (calib_data, calib_samples, calib_seq_len); "
-            f"got {sorted(settings)}"
-        )
-    data, samples, seq_len = settings.pop()
-    with tempfile.TemporaryDirectory(prefix="qonnx-calibration-") as tmp:
-        path = source
-        if path is None or model.ir_version > modelfile.MAX_RUNTIME_IR_VERSION:  # a file ONNX Runtime can load
-            version = model.ir_version
-            path = Path(tmp) / modelfile.MODEL_FILENAME
-            modelfile.save(model, path)
-            model.ir_version = version
-        folder = source.parent if source is not None else None
-        yield path, calibration_feeds(path, data, samples=samples, seq_len=seq_len, tokenizer_dir=folder)
-
-
-def _sequential(cfg: WeightOnlyConfig | None) -> bool:
-    return cfg is not None and cfg.gptq is not None and cfg.awq is None and cfg.gptq.sequential
-
-
-def _hessians(model: ir.Model, source: Path | None, plan: Plan, progress: bool) -> dict[str, np.ndarray]:
-    """The Hessians of the inputs of the layers that GPTQ (not sequential) or AWQ quantize.
-
-    They come from calibration runs of the float model.
-    """
-    from qonnx.runtime.calibration import collect_hessians
-
-    layers = [
-        (cand, cfg.calibrated)
-        for cand, cfg, _ in plan
-        if cfg is not None and cfg.calibrated is not None and not _sequential(cfg)
-    ]
-    if not layers:
-        return {}
-    inputs = {hessian_key(cand): cand.k for cand, _ in layers}
-    with _calibration(model, source, layers) as (path, feeds):
-        return collect_hessians(path, inputs, feeds, device="auto", progress=progress)
-
-
-def _sequential_gptq(
-    model: ir.Model, source: Path | None, plan: Plan, qpass: QuantizeWeightsPass, progress: bool
-) -> dict[tuple, Any]:
-    """Arrays of the layers GPTQ rounds sequentially (:mod:`qonnx.pipeline.gptq_sequential`), by share key."""
-    from qonnx.passes.weight_only import _gptq_batches, _share_key
-    from qonnx.pipeline.fake_quant import plan_layers
-    from qonnx.pipeline.gptq_sequential import sequential_gptq
-
-    layers, keys = [], set()
-    for cand, cfg, _ in plan:
-        if _sequential(cfg) and cand.axis is None and _share_key(cand, cfg) not in keys:
-            keys.add(_share_key(cand, cfg))
-            layers.append((cand, cfg))
-    if not layers:
-        return {}
-    feedable = {layer.name for layer in plan_layers(model, plan)[0]}
-
-    def solve(stage: list, hessians: dict[str, np.ndarray]) -> dict[tuple, Any]:
-        out: dict[tuple, Any] = {}
-        for batch in {id(b): b for b in _gptq_batches(stage).values()}.values():
-            out.update(qpass.solve(batch, hessians))
-        return out
-
-    with _calibration(model, source, [(c, cfg.gptq) for c, cfg in layers]) as (path, feeds):
-        return sequential_gptq(
-            model, path, layers, feeds, solve=solve, key=hessian_key, feedable=feedable, progress=progress
-        )
-
-
 def _carry_hessians(hessians: dict[str, np.ndarray], renamed: dict[str, tuple[str, np.ndarray | None]]) -> None:
     """GPTQ's Hessians follow their tensor to its new name; smoothing makes them those of X / s."""
     for old, (new, s) in renamed.items():
@@ -480,18 +394,6 @@ def _note_mixed_precision(records: list[LayerRecord], mixed: MixedPrecision) -> 
     info = mixed.to_dict()
     info["bits_per_weight"]["output"] = round(8 * stored / params, 4) if params else None
     return info
-
-
-def _calibration_data(config: SchemeConfig) -> str | None:
-    """The data a scheme calibrates on when it is not the pydoc corpus (verification then uses it too)."""
-    from qonnx.runtime.data import PYDOC
-
-    calibration = getattr(config, "calibration", None)
-    algo = getattr(config, "algo", None)
-    for data in (getattr(calibration, "data", None), getattr(algo, "calib_data", None)):
-        if data is not None and str(data) != PYDOC:
-            return str(data)
-    return None
 
 
 def _weight_bytes(model: ir.Model) -> int:
