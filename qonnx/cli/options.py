@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import click
 
+from qonnx.core.config import Format
 from qonnx.core.config_activations import SCHEMES
 
 __all__ = [
@@ -108,7 +109,7 @@ storage = together(
     click.option(
         "--format",
         "fmt",
-        type=click.Choice(["matmulnbits", "qdq"]),
+        type=click.Choice(get_args(Format)),
         default="matmulnbits",
         help="How weight-only schemes store weights: ONNX Runtime's MatMulNBits, or opset-21 DequantizeLinear + "
         "MatMul.",

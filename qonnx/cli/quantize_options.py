@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
 import click
 from click.core import ParameterSource
 
 from qonnx.cli import options as opt
 from qonnx.core.config import AWQ, GPTQ, SchemeConfig, WeightOnlyConfig, algo_from_name, scheme_from_name
-from qonnx.core.config_activations import SCHEMES, Calibration
+from qonnx.core.config_activations import SCHEMES, Calibration, Method, Target
 from qonnx.pipeline.verification import VerifyOptions
 from qonnx.runtime.data import PYDOC
 from qonnx.runtime.verify import parse_shape_overrides
@@ -65,7 +65,7 @@ def options(f: F) -> F:
 _ACTIVATIONS = opt.together(
     click.option(
         "--calib-method",
-        type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+        type=click.Choice(get_args(Method)),
         default=None,
         help="Activation ranges (w8a8, w4a8, fp8): observed min/max, a percentile of |x|, KL divergence "
         "(TensorRT's), or least squared error (default: mse; fp8: minmax).",
@@ -86,7 +86,7 @@ _ACTIVATIONS = opt.together(
     ),
     click.option(
         "--target",
-        type=click.Choice(["cpu", "cuda", "tensorrt", "generic"]),
+        type=click.Choice(get_args(Target)),
         default=None,
         help="Runtime to lower for (w8a8, w4a8, fp8; default: generic QDQ): tensorrt forces symmetric int8 "
         "activations; a scheme measured slower than floating point there gets a warning.",
