@@ -16,8 +16,9 @@ from __future__ import annotations
 import ast
 import dataclasses
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 #: Which packages each package may import (itself included).
 ALLOWED: dict[str, set[str]] = {
