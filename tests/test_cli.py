@@ -143,3 +143,59 @@ def test_demo_runs_offline(tmp_path):
     rows = {r["model"]: r for r in out["rows"]}
     assert rows["w4a16"]["bytes"] * 4 < rows["fp32"]["bytes"]
     assert 8 < out["verification"]["worst_sqnr_db"] < 40
+
+
+def test_help_is_one_voice():
+    """Every optional option of every command shows or states its default (a plain flag is off); --device is auto and
+    --progress follows the terminal wherever they appear; the top-level help has examples and no cut summary."""
+    import click
+    from click.testing import CliRunner
+
+    from qonnx.cli import cli
+    from qonnx.cli.main import COMMANDS
+
+    top = CliRunner().invoke(cli, ["--help"])
+    assert top.exit_code == 0 and "Examples:" in top.output
+    listed = [line for line in top.output.splitlines() if line.split()[:1] in ([n] for n in COMMANDS)]
+    assert len(listed) == len(COMMANDS) and not any(line.endswith("...") for line in listed), listed
+    devices = progress = 0
+    for name in COMMANDS:
+        command = cli.get_command(click.Context(cli), name)
+        ctx = click.Context(command, info_name=name, show_default=True)
+        for p in command.params:
+            if not isinstance(p, click.Option) or p.required or (p.is_flag and not p.secondary_opts):
+                continue
+            text = p.get_help_record(ctx)[1]
+            assert "default" in text, (name, p.opts, text)
+            if p.name == "device":
+                devices += 1
+                assert p.default == "auto" and "[default: auto]" in text, (name, text)
+            if p.name == "progress":
+                progress += 1
+                assert p.default is None and "on when stderr is a terminal" in text, (name, text)
+    assert devices == 5 and progress == 3
+    assert "dynamic  int8 weights and int8 activations" in CliRunner().invoke(cli, ["quantize", "--help"]).output
+
+
+def test_top_level_help_imports_no_command():
+    code = (
+        "import sys; from qonnx.cli import main; main(['--help']); "
+        "print(sorted(m for m in sys.modules if m.startswith('qonnx.cli.') or m in ('torch', 'onnx_ir')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.splitlines()[-1] == "['qonnx.cli.main']"
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--device", "cpu"], "--device applies to --scheme w8a8/w4a8/fp8/dynamic only"),
+        (["--device", "auto"], "--device applies to --scheme w8a8/w4a8/fp8/dynamic only"),
+        (["--scheme", "dynamic", "--device", "auto"], "--device does not apply to --scheme dynamic"),
+        (["--scheme", "w8a8", "--smooth-quant", "half"], "--smooth-quant takes a number in [0, 1]"),
+    ],
+)
+def test_options_a_scheme_does_not_use_are_refused(tmp_path, tiny_model, extra, fragment):
+    """A typed --device counts even when it names the default; left out, it is the scheme's own."""
+    assert_one_line_error(qonnx_cli("quantize", tiny_model, "-o", tmp_path / "q.onnx", *extra), fragment)
+    assert not (tmp_path / "q.onnx").exists()

@@ -168,7 +168,7 @@ def test_encoder_export_errors(tmp_path):
 
 
 def test_cli_export_encoder(tmp_path):
-    from qonnx.cli.models import export_command
+    from qonnx.cli.export import export_command
 
     tiny_encoder("roberta").save_pretrained(tmp_path / "hf")
     tiny_wordpiece().save_pretrained(tmp_path / "hf")

@@ -184,7 +184,7 @@ def test_reference_model_path_names_the_package(monkeypatch):
 
 
 def test_cli_export_and_errors(tmp_path):
-    from qonnx.cli.models import export_command
+    from qonnx.cli.export import export_command
 
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "hf")

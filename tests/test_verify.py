@@ -408,9 +408,10 @@ def test_reference_started_early_is_taken_over(tmp_path, tiny_model, monkeypatch
 
 
 def test_cli_starts_without_the_passes():
-    """``qonnx.cli`` imports neither onnx_ir nor the passes: the original's run starts before they load."""
+    """``qonnx.cli`` and its quantize command import neither onnx_ir nor the passes: the original's run starts
+    before they load."""
     heavy = "('onnx_ir', 'onnxscript', 'qonnx.pipeline.quantize')"
-    code = f"import sys, qonnx.cli; print(sorted(m for m in {heavy} if m in sys.modules))"
+    code = f"import sys, qonnx.cli, qonnx.cli.quantize; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert out.stdout.strip() == "[]"
 

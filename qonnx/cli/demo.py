@@ -8,21 +8,44 @@ answer from each. ``--synthetic`` runs a seconds-long variant on a decoder-shape
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 
+from qonnx.cli import options as opt
 from qonnx.core.config import W4A16
+from qonnx.models.hf import reference_model_path
+from qonnx.models.synthetic import build_decoder_stack
 from qonnx.pipeline.quantize import quantize
+from qonnx.runtime.evaluate import perplexity
+from qonnx.runtime.generate import Generator
 from qonnx.runtime.session import make_session
 
-__all__ = ["run_demo", "run_synthetic_demo", "format_table", "PROMPT"]
+__all__ = ["demo_command", "run_demo", "run_synthetic_demo", "format_table", "PROMPT"]
 
 PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+@click.command("demo")
+@click.option(
+    "--work-dir",
+    default="qonnx-demo",
+    type=click.Path(path_type=str),
+    help="Folder for the models the demo writes (an export found there is reused).",
+)
+@opt.windows(8)
+@click.option("--synthetic", is_flag=True, help="A seconds-long run on a random model built in code instead.")
+@opt.json_flag("the figures")
+def demo_command(work_dir: str, windows: int, synthetic: bool, as_json: bool) -> None:
+    """Export, quantize (W4A16) and measure the embedded reference model, SmolLM2-135M-Instruct, offline."""
+    result = run_synthetic_demo(work_dir) if synthetic else run_demo(work_dir, windows=windows)
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
 def _dir_bytes(folder: Path) -> int:
@@ -31,8 +54,6 @@ def _dir_bytes(folder: Path) -> int:
 
 def _prefill_ms(folder: Path, tokens: int, repeat: int) -> float:
     """Median latency of one forward over ``tokens`` tokens with an empty cache (batch 1, CPU)."""
-    from qonnx.runtime.generate import Generator
-
     gen = Generator(folder)
     ids = np.random.default_rng(0).integers(0, 1000, size=(1, tokens))
     feeds = gen._feeds(ids, np.ones((1, tokens)), 0)
@@ -55,10 +76,7 @@ def run_demo(
     log: Any = sys.stderr,
 ) -> dict[str, Any]:
     """Export, quantize and measure the reference model; returns the figures the table shows."""
-    from qonnx.models.export import export_causal_lm
-    from qonnx.models.hf import reference_model_path
-    from qonnx.runtime.evaluate import perplexity
-    from qonnx.runtime.generate import Generator
+    from qonnx.models.export import export_causal_lm  # deferred: loads torch (~3 s), which --synthetic never needs
 
     gguf = reference_model_path()  # a one-line error with the install command when missing
     work = Path(work_dir)
@@ -100,8 +118,6 @@ def run_demo(
 
 def run_synthetic_demo(work_dir: str | Path = "qonnx-demo", *, repeat: int = 10, seed: int = 0) -> dict[str, Any]:
     """Seconds-long variant: a random decoder-shaped model built in code (hidden 576, like SmolLM2)."""
-    from qonnx.models.synthetic import build_decoder_stack
-
     work = Path(work_dir)
     src = build_decoder_stack(
         work / "synthetic-fp32" / "model.onnx", hidden=576, intermediate=1536, layers=4, vocab=4096, seed=seed

