@@ -191,16 +191,24 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         progress: Callable[[LayerRecord], None] | None = None,
         workers: int | None = None,
         hessians: dict[str, np.ndarray] | None = None,
+        shrinks: dict[str, np.ndarray] | None = None,
+        presolved: dict[tuple, formats.QuantizedWeight] | None = None,
     ) -> None:
         super().__init__()
         self.targets = targets
         self.progress = progress
         self.workers = workers or min(4, os.cpu_count() or 1)
         self.hessians = hessians if hessians is not None else {}
-        self.shrinks: dict[str, np.ndarray] = {}
-        self.presolved: dict[tuple, formats.QuantizedWeight] = {}  # arrays solved beforehand (sequential GPTQ)
+        self.shrinks = shrinks if shrinks is not None else {}
+        self.presolved = presolved if presolved is not None else {}  # arrays solved beforehand (sequential GPTQ)
         self.records: list[LayerRecord] = []
         self.planned: int = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizeWeightsPass(workers={self.workers}, hessians={len(self.hessians)}, "
+            f"shrinks={len(self.shrinks)}, presolved={len(self.presolved)})"
+        )
 
     def plan(self, model: ir.Model) -> Plan:
         """Every candidate with the config chosen for it (None: skipped) and the reason."""

@@ -288,11 +288,14 @@ def test_ppl_search_keeps_float_when_8_bit_is_not_enough():
 
 
 def test_gptq_budget_collects_hessians_once(tiny_llm, tmp_path, monkeypatch):
+    import qonnx.pipeline.calibrate
+    import qonnx.pipeline.fake_quant
     import qonnx.pipeline.quantize
 
     calls = []
-    real = qonnx.pipeline.quantize.layer_hessians
-    monkeypatch.setattr(qonnx.pipeline.quantize, "layer_hessians", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = qonnx.pipeline.calibrate.layer_hessians
+    for module in (qonnx.pipeline.quantize, qonnx.pipeline.fake_quant):  # the two callers: quantize, the budget
+        monkeypatch.setattr(module, "layer_hessians", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = qonnx.W4A16(block_size=16, algo=qonnx.GPTQ(calib_samples=2, calib_seq_len=32))
     summary = qonnx.quantize(
         tiny_llm, cfg, output=tmp_path / "out", budget=Budget(target_bits=7.0, samples=2, seq_len=64), verify=False

@@ -73,6 +73,7 @@ class QuantizeSummary:
     activations: dict[str, Any] | None = None
     mixed_precision: dict[str, Any] | None = None
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    passes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def quantized(self) -> list[LayerRecord]:
@@ -96,6 +97,7 @@ class QuantizeSummary:
             "compression": round(self.bytes_before / self.bytes_after, 3) if self.bytes_after else None,
             "seconds": round(self.seconds, 3),
             "phases": {k: round(v, 3) for k, v in self.phases.items()},
+            "passes": self.passes,
             "outputs": [str(p) for p in self.outputs],
             "verification": self.verification.to_dict(),
             "activations": self.activations,
@@ -226,8 +228,10 @@ def quantize(
     # The original runs in ONNX Runtime in the background, while the weights are quantized.
     reference = start_reference(original, options) if wants_check and original is not None else None
 
-    qpass = QuantizeWeightsPass(resolved, workers=workers)
-    plan = qpass.plan(ir_model)
+    planner = QuantizeWeightsPass(resolved)  # plans only; the pass that quantizes gets what calibration found
+    plan = planner.plan(ir_model)
+    hessians: dict[str, np.ndarray] = {}
+    presolved: dict[tuple, Any] = {}
     todo = [cfg for _, cfg, _ in plan if cfg is not None]
     if not todo:
         reasons = sorted({r for _, cfg, r in plan if cfg is None})
@@ -236,10 +240,10 @@ def quantize(
     if any(cfg.calibrated is not None for cfg in todo):  # before any rewrite: ONNX Runtime runs the float model
         reuse = mixed.hessians if mixed is not None else {}  # the budget's measurements collected them already
         with phase("calibration"):
-            qpass.hessians = reuse or layer_hessians(ir_model, source, plan, progress)
+            hessians = reuse or layer_hessians(ir_model, source, plan, progress)
         if any(is_sequential(cfg) for cfg in todo):  # calibrated and solved stage by stage
             with phase("sequential gptq"):
-                qpass.presolved = solve_sequential(ir_model, source, plan, qpass, progress)
+                presolved = solve_sequential(ir_model, source, plan, QuantizeWeightsPass(resolved), progress)
     if any(c.format == "qdq" for c in todo) and ir_model.opset_imports.get("", 1) < QDQ_OPSET:
         try:
             UpgradeOpsetPass(QDQ_OPSET)(ir_model)
@@ -254,28 +258,31 @@ def quantize(
     awq = None
     if any(cfg.awq is not None for cfg in todo):  # scales folded, clip ranges and Hessians of X / s for the pass
         with phase("awq"):
-            awq = apply_awq(ir_model, qpass.plan(ir_model), qpass.hessians, progress=progress)
-        qpass.shrinks = awq.shrinks
-    activations = plan_activations(ir_model, resolved, qpass.plan(ir_model))  # after the upgrade: its nodes
+            awq = apply_awq(ir_model, planner.plan(ir_model), hessians, progress=progress)
+    activations = plan_activations(ir_model, resolved, planner.plan(ir_model))  # after the upgrade: its nodes
     act_info: dict[str, Any] | None = None
     if activations is not None:
         warn_if_slow(activations.config)
         with phase("activations"):
             act_info, renamed = apply_activation_scheme(ir_model, source, activations, progress=progress)
-        _carry_hessians(qpass.hessians, renamed)
+        _carry_hessians(hessians, renamed)
 
-    bar = None
-    if progress:
-        bar = tqdm(total=len(todo), unit="layer", desc="quantizing", leave=False)
-        qpass.progress = lambda record: bar.update()  # type: ignore[union-attr]
+    bar = tqdm(total=len(todo), unit="layer", desc="quantizing", leave=False) if progress else None
+    qpass = QuantizeWeightsPass(
+        resolved,
+        workers=workers,
+        hessians=hessians,
+        shrinks=awq.shrinks if awq is not None else None,
+        presolved=presolved,
+        progress=(lambda record: bar.update()) if bar is not None else None,
+    )
+    steps = ir.passes.PassManager([qpass, RemoveUnusedNodesPass(), RemoveUnusedInitializersPass()])  # subgraphs too
     try:
         with phase("quantization"):
-            qpass(ir_model)
+            steps(ir_model)
     finally:
         if bar is not None:
             bar.close()
-    RemoveUnusedNodesPass()(ir_model)
-    RemoveUnusedInitializersPass()(ir_model)  # subgraphs too
 
     if activations is not None:
         _note_activations(qpass.records, activations, act_info or {})
@@ -347,6 +354,7 @@ def quantize(
         activations=act_info,
         mixed_precision=mixed_info,
         phases=phases,
+        passes=[repr(p) for p in steps.passes],
     )
 
 
