@@ -19,7 +19,13 @@ import onnx_ir as ir
 
 from qonnx.core.errors import ModelLoadError, OutputPathError
 from qonnx.core.paths import MODEL_FILENAME, resolve_model_path
-from qonnx.core.snapshot import Snapshot, write_snapshot
+from qonnx.core.snapshot import (
+    MAX_RUNTIME_IR_VERSION,
+    Snapshot,
+    iter_tensors,
+    make_runtime_compatible,
+    write_snapshot,
+)
 
 __all__ = [
     "MODEL_FILENAME",
@@ -37,7 +43,6 @@ __all__ = [
 ]
 
 #: The newest IR version that the ONNX Runtime releases we target accept (1.31 refuses 14).
-MAX_RUNTIME_IR_VERSION = 13
 #: Above this many bytes of weights, a model is saved with external data (a protobuf is built in memory).
 EXTERNAL_DATA_THRESHOLD = 256 << 20
 #: Tensors up to this size stay inside the protobuf even when weights go to external data.
@@ -45,16 +50,6 @@ _INLINE_BYTES = 1024
 
 #: Contrib ops that ONNX Runtime registers in the default domain (onnx's checker rejects them there).
 _ORT_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
-
-_SUB_BYTE = {ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.FLOAT4E2M1}
-
-
-def iter_tensors(model: ir.Model) -> Iterator[tuple[ir.Value, ir.TensorProtocol]]:
-    """Yield (value, tensor) for every initializer of every graph, subgraphs included."""
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            if value.const_value is not None:
-                yield value, value.const_value
 
 
 def _check_external_data(model: ir.Model, model_path: Path) -> None:
@@ -161,37 +156,6 @@ def model_files(model: ir.Model, model_path: str | os.PathLike) -> list[Path]:
             if p not in files:
                 files.append(p)
     return files
-
-
-def _uses_dtypes(model: ir.Model) -> set[ir.DataType]:
-    dtypes = {t.dtype for _, t in iter_tensors(model)}
-    for graph in model.graphs():
-        for v in [*graph.inputs, *graph.outputs]:
-            if v.dtype is not None:
-                dtypes.add(v.dtype)
-    return dtypes
-
-
-def make_runtime_compatible(model: ir.Model) -> None:
-    """Set the IR version to one ONNX Runtime accepts and that covers the model's opsets and types.
-
-    The version is the smallest that holds what the model uses, but never lower than the input's
-    own (capped at :data:`MAX_RUNTIME_IR_VERSION`).
-
-    Raises:
-        ModelLoadError: the model needs an IR version newer than ONNX Runtime accepts.
-    """
-    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
-    needed = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
-    if _uses_dtypes(model) & _SUB_BYTE:
-        needed = max(needed, 10)
-    version = max(needed, min(model.ir_version or needed, MAX_RUNTIME_IR_VERSION))
-    if version > MAX_RUNTIME_IR_VERSION:
-        raise ModelLoadError(
-            f"the model needs ONNX IR version {version}, newer than ONNX Runtime accepts "
-            f"({MAX_RUNTIME_IR_VERSION}); lower its opset first"
-        )
-    model.ir_version = version
 
 
 def _weight_bytes(model: ir.Model) -> int:

@@ -8,15 +8,29 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from qonnx.core.errors import ModelLoadError
+
 if TYPE_CHECKING:
     import onnx_ir as ir
 
-__all__ = ["SNAPSHOT_LOCATION", "Snapshot", "write_snapshot"]
+__all__ = [
+    "MAX_RUNTIME_IR_VERSION",
+    "SNAPSHOT_LOCATION",
+    "Snapshot",
+    "iter_tensors",
+    "make_runtime_compatible",
+    "write_snapshot",
+]
+
+#: The newest ONNX IR version ONNX Runtime 1.31 loads.
+MAX_RUNTIME_IR_VERSION = 13
+#: Sub-byte element types (they need IR version 10).
+_SUB_BYTE = {"INT4", "UINT4", "FLOAT4E2M1"}
 
 #: Element types that ONNX Runtime takes from numpy arrays as they are (no sub-byte, float8 or bfloat16 types).
 _NUMPY_TYPES = frozenset(
@@ -48,9 +62,7 @@ class Snapshot:
 
         Not thread-safe: while it serializes, the model's large tensors are swapped for placeholders.
         """
-        import onnx_ir as ir
-
-        from qonnx.core.modelfile import iter_tensors, make_runtime_compatible
+        import onnx_ir as ir  # deferred: keeps this module light (an ONNX Runtime session starts from it first)
 
         main = set(model.graph.initializers.values())
         weights: dict[str, np.ndarray] = {}
@@ -78,6 +90,47 @@ class Snapshot:
             for value, tensor in swapped:
                 value.const_value = tensor
         return cls(proto, weights)
+
+
+def iter_tensors(model: ir.Model) -> Iterator[tuple[ir.Value, ir.TensorProtocol]]:
+    """Yield (value, tensor) for every initializer of every graph, subgraphs included."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value, value.const_value
+
+
+def _uses_dtypes(model: ir.Model) -> set[str]:
+    dtypes = {t.dtype.name for _, t in iter_tensors(model)}
+    for graph in model.graphs():
+        for v in [*graph.inputs, *graph.outputs]:
+            if v.dtype is not None:
+                dtypes.add(v.dtype.name)
+    return dtypes
+
+
+def make_runtime_compatible(model: ir.Model) -> None:
+    """Set the IR version to one ONNX Runtime accepts and that covers the model's opsets and types.
+
+    The version is the smallest that holds what the model uses, but never lower than the input's
+    own (capped at :data:`MAX_RUNTIME_IR_VERSION`).
+
+    Raises:
+        ModelLoadError: the model needs an IR version newer than ONNX Runtime accepts.
+    """
+    import onnx  # deferred: keeps this module light (an ONNX Runtime session starts from it before onnx loads)
+
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    needed = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    if _uses_dtypes(model) & _SUB_BYTE:
+        needed = max(needed, 10)
+    version = max(needed, min(model.ir_version or needed, MAX_RUNTIME_IR_VERSION))
+    if version > MAX_RUNTIME_IR_VERSION:
+        raise ModelLoadError(
+            f"the model needs ONNX IR version {version}, newer than ONNX Runtime accepts "
+            f"({MAX_RUNTIME_IR_VERSION}); lower its opset first"
+        )
+    model.ir_version = version
 
 
 def _varint(n: int) -> bytes:
@@ -115,7 +168,7 @@ def write_snapshot(snapshot: Snapshot, path: str | os.PathLike) -> None:
     the whole model takes, nor its single call holding the interpreter lock for 0.1-0.2 s per 180 MB (which
     stalled the verification thread's ONNX Runtime build beside it).
     """
-    import onnx
+    import onnx  # deferred: keeps this module light (an ONNX Runtime session starts from it before onnx loads)
 
     proto = onnx.ModelProto.FromString(snapshot.proto)
     graph = proto.graph
