@@ -14,6 +14,7 @@ from collections.abc import Collection
 
 import onnxruntime as ort
 
+from qonnx.core.paths import resolve_model_path
 from qonnx.core.snapshot import Snapshot
 
 __all__ = ["cuda_usable", "resolve_device", "make_session", "InMemoryModel", "PRECISE_QDQ"]
@@ -101,8 +102,6 @@ def make_session(
     if isinstance(model_path, bytes):
         model: str | bytes = model_path
     else:
-        from qonnx.core.modelfile import resolve_model_path
-
         model = os.fspath(resolve_model_path(model_path))  # a folder means its model.onnx
     if has_float8_qdq(model):
         so.add_session_config_entry(*FLOAT8_SESSION_CONFIG)
@@ -118,7 +117,7 @@ FLOAT8_SESSION_CONFIG = ("session.disable_quant_qdq", "1")
 
 def has_float8_qdq(model: str | bytes) -> bool:
     """Whether a model (file path or bytes) holds float8 QuantizeLinear/DequantizeLinear nodes."""
-    import onnx
+    import onnx  # loads ml_dtypes (about 1 CPU-second): qonnx.cli imports this module at start-up
 
     if isinstance(model, bytes):
         if b"QuantizeLinear" not in model:
