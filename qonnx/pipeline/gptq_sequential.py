@@ -140,8 +140,8 @@ def sequential_gptq(
     from qonnx.passes.gptq import HessianAccumulator
     from qonnx.passes.weight_only import _share_key
     from qonnx.pipeline.fake_quant import to_stored
-    from qonnx.runtime.calibration import _spill
-    from qonnx.runtime.sensitivity import _with_weight_inputs
+    from qonnx.runtime.calibration import spill as _spill
+    from qonnx.runtime.sensitivity import with_weight_inputs as _with_weight_inputs
     from qonnx.runtime.session import make_session
 
     cut = stages(model, layers, key)
