@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import ml_dtypes
 import numpy as np
 
 if TYPE_CHECKING:
@@ -29,17 +30,9 @@ _ORT_TO_NUMPY = {
     "tensor(int8)": np.int8,
     "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
+    "tensor(bfloat16)": ml_dtypes.bfloat16,
     "tensor(int16)": np.int16,
 }
-
-
-def _numpy_type(ort_type: str) -> Any:
-    """The numpy type of an ONNX Runtime type string ("tensor(float)"), None for one without."""
-    if ort_type == "tensor(bfloat16)":
-        import ml_dtypes  # heavy (about 1 CPU-second): only bfloat16 inputs need it, and qonnx.cli imports this
-
-        return ml_dtypes.bfloat16
-    return _ORT_TO_NUMPY.get(ort_type)
 
 
 def parse_shape_overrides(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -142,12 +135,12 @@ def make_inputs(
     for inp in session.get_inputs():
         if inp.name in feeds:
             continue
-        dtype = _numpy_type(inp.type)
+        dtype = _ORT_TO_NUMPY.get(inp.type)
         if dtype is None:
             raise ValueError(f"input {inp.name!r} has type {inp.type}; give verification inputs explicitly")
         shape = shapes.get(inp.name) or tuple(_dim(d, inp.name, i, sizes) for i, d in enumerate(inp.shape or []))
         lname = inp.name.lower()
-        if np.issubdtype(dtype, np.floating) or inp.type == "tensor(bfloat16)":
+        if np.issubdtype(dtype, np.floating) or dtype is ml_dtypes.bfloat16:
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype is np.bool_ or "mask" in lname:
             feeds[inp.name] = np.ones(shape, dtype=dtype)

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Collection
 
+import onnx
 import onnxruntime as ort
 
 from qonnx.core.paths import resolve_model_path
@@ -117,8 +118,6 @@ FLOAT8_SESSION_CONFIG = ("session.disable_quant_qdq", "1")
 
 def has_float8_qdq(model: str | bytes) -> bool:
     """Whether a model (file path or bytes) holds float8 QuantizeLinear/DequantizeLinear nodes."""
-    import onnx  # loads ml_dtypes (about 1 CPU-second): qonnx.cli imports this module at start-up
-
     if isinstance(model, bytes):
         if b"QuantizeLinear" not in model:
             return False

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from qonnx.core.paths import resolve_model_path  # not qonnx.core.modelfile: the IR's import would delay the build
@@ -49,8 +50,6 @@ def verification_session(
         so.add_session_config_entry("session.disable_prepacking", "1")
     so.intra_op_num_threads = threads
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    import onnx  # loads ml_dtypes (about 1 CPU-second): qonnx.cli imports this module at start-up
-
     fed: dict[str, np.ndarray] = {}
     keep: list[ort.OrtValue] = []
     if isinstance(model, InMemoryModel):
@@ -117,8 +116,6 @@ def feed_weights(model: bytes, weights: Mapping[str, np.ndarray]) -> tuple[bytes
     as an ordinary input (``_FEEDABLE_READERS``) and no subgraph reads; integer weights (quantized, prepacked
     by their kernels) are never fed.
     """
-    import onnx  # loads ml_dtypes (about 1 CPU-second): qonnx.cli imports this module at start-up
-
     proto = onnx.ModelProto.FromString(model)
     names = _feed(proto, weights)
     return (proto.SerializeToString(), names) if names else None
@@ -126,8 +123,6 @@ def feed_weights(model: bytes, weights: Mapping[str, np.ndarray]) -> tuple[bytes
 
 def _feed(proto: Any, weights: Mapping[str, np.ndarray]) -> list[str]:
     """:func:`feed_weights` on a ModelProto, in place; the names fed."""
-    import onnx  # loads ml_dtypes (about 1 CPU-second): qonnx.cli imports this module at start-up
-
     graph = proto.graph
     declared = {i.name for i in graph.input} | {o.name for o in graph.output}
     candidates = {
@@ -199,8 +194,6 @@ def untranspose_weights(model: bytes | Path) -> bytes | None:
     there is nothing to rewrite (or a file cannot be read), so the model is used as it is. A file is read
     without its external data.
     """
-    import onnx  # loads ml_dtypes (about 1 CPU-second): qonnx.cli imports this module at start-up
-
     try:
         proto = onnx.load(os.fspath(model), load_external_data=False) if isinstance(model, Path) else None
         if proto is None:
@@ -212,8 +205,6 @@ def untranspose_weights(model: bytes | Path) -> bytes | None:
 
 def _untranspose(proto: Any) -> bool:
     """:func:`untranspose_weights` on a ModelProto, in place; whether anything changed."""
-    import onnx  # loads ml_dtypes (about 1 CPU-second): qonnx.cli imports this module at start-up
-
     graph = proto.graph
     floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2}
     producers = {o: n for n in graph.node for o in n.output}
