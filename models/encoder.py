@@ -22,11 +22,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import onnxscript.optimizer
 import torch
 
 from qonnx.core.errors import ConfigError, OutputPathError
 from qonnx.core.modelfile import MODEL_FILENAME, save
-from qonnx.models.export import DTYPES, _max_diff, _quiet_logger, _save_hf_files, cpu_session, report_export
+from qonnx.models.export_common import DTYPES, cpu_session, max_diff, quiet_logger, report_export, save_hf_files
 from qonnx.models.hf import load_encoder
 
 __all__ = ["export_encoder", "verify_encoder_export", "encoder_io"]
@@ -74,15 +75,13 @@ def _feeds(batch: int, seq: int, vocab: int, inputs: list[str], seed: int) -> tu
 
 def _to_onnx(model: Any, opset: int | None) -> Any:
     """Export with torch.onnx (dynamo) and optimize with onnxscript; returns an onnx_ir Model."""
-    import onnxscript.optimizer
-
     inputs, outputs = encoder_io(model)
     args = _feeds(2, 5, model.config.vocab_size, inputs, 0)
     axes = {0: torch.export.Dim("batch_size"), 1: torch.export.Dim("sequence_length")}
     dynamic: dict[str, Any] = {"input_ids": axes, "attention_mask": axes, "token_type_ids": (axes,)}
     if "token_type_ids" not in inputs:
         del dynamic["token_type_ids"]
-    with torch.no_grad(), warnings.catch_warnings(), _quiet_logger("torch.onnx._internal.exporter._registration"):
+    with torch.no_grad(), warnings.catch_warnings(), quiet_logger("torch.onnx._internal.exporter._registration"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             _make_wrapper(model, outputs),
@@ -155,7 +154,7 @@ def export_encoder(
     path = out / MODEL_FILENAME
     save(onnx_model, path)
     del onnx_model, exported
-    _save_hf_files(out, model, tokenizer, dtype, None)
+    save_hf_files(out, model, tokenizer, dtype, None)
     report_export(
         path,
         time.perf_counter() - start,
@@ -184,4 +183,4 @@ def verify_encoder_export(
     onnx_out = session.run(outputs, {n: t.numpy() for n, t in zip(names, args, strict=True)})
     with torch.no_grad():
         ref = _make_wrapper(model, outputs)(*args)
-    return max(_max_diff(o, r) for o, r in zip(onnx_out, ref, strict=True))
+    return max(max_diff(o, r) for o, r in zip(onnx_out, ref, strict=True))

@@ -17,28 +17,27 @@ from the model's config.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
+import onnx_ir as ir
+import onnxscript.optimizer
 import torch
+from transformers import DynamicCache
 
 from qonnx.core.errors import ConfigError, OutputPathError
 from qonnx.core.modelfile import MODEL_FILENAME, save
+from qonnx.models.encoder import export_encoder
+from qonnx.models.export_common import DTYPES, cpu_session, max_diff, quiet_logger, report_export, save_hf_files
 from qonnx.models.hf import load_causal_lm, reference_model_path, source_is_encoder
 
 __all__ = ["DTYPES", "export_model", "export_causal_lm", "verify_export", "reference_model_path"]
 
-#: Export precisions: the name on the command line and the torch dtype name.
-DTYPES = {"fp32": "float32", "fp16": "float16"}
 #: Above this max |logits| difference (fp32 export) the export prints a warning.
 _FP32_TOLERANCE = 1e-2
 _FP16_TOLERANCE = 0.5
@@ -47,7 +46,6 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 def _make_wrapper(model: Any, kv_cache: bool) -> Any:
     """An nn.Module with flat tensor inputs and outputs around ``model`` (see the module docstring)."""
-    from transformers import DynamicCache
 
     class CausalLMWithFlatCache(torch.nn.Module):
         def __init__(self) -> None:
@@ -112,23 +110,8 @@ def _feeds(
     return (ids, mask, pos, *past)
 
 
-@contextlib.contextmanager
-def _quiet_logger(name: str) -> Any:
-    """Silence a logger's warnings (the exporter lists every torchvision op it skips)."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _to_onnx(model: Any, kv_cache: bool, opset: int | None) -> Any:
     """Export with torch.onnx (dynamo) and optimize with onnxscript; returns an onnx_ir Model."""
-    import onnx_ir as ir
-    import onnxscript.optimizer
-
     shapes = _cache_shapes(model)
     inputs, past, outputs = _io_names(len(shapes), kv_cache)
     dtype = next(model.parameters()).dtype
@@ -145,7 +128,7 @@ def _to_onnx(model: Any, kv_cache: bool, opset: int | None) -> Any:
     }
     if not kv_cache:
         del dynamic["past"]
-    with torch.no_grad(), warnings.catch_warnings(), _quiet_logger("torch.onnx._internal.exporter._registration"):
+    with torch.no_grad(), warnings.catch_warnings(), quiet_logger("torch.onnx._internal.exporter._registration"):
         warnings.simplefilter("ignore")  # deprecations and the exporter's notes on renamed dimensions
         program = torch.onnx.export(
             _make_wrapper(model, kv_cache),
@@ -170,25 +153,6 @@ def _to_onnx(model: Any, kv_cache: bool, opset: int | None) -> Any:
     return onnx_model
 
 
-def _save_hf_files(out_dir: Path, model: Any, tokenizer: Any | None, dtype: str, kv_cache: bool | None) -> None:
-    """Write config.json, generation_config.json and the tokenizer files beside model.onnx.
-
-    ``kv_cache`` sets the config's ``use_cache``; None (encoders) leaves it as it is.
-    """
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):  # the GGUF quantization does not apply to the ONNX weights
-        delattr(config, "quantization_config")
-    if kv_cache is not None:
-        config.use_cache = kv_cache
-    config.dtype = DTYPES[dtype]
-    config.save_pretrained(out_dir)
-    generation = getattr(model, "generation_config", None)
-    if generation is not None and model.can_generate():
-        generation.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-
-
 def export_model(
     source: str | os.PathLike | Any,
     out_dir: str | os.PathLike,
@@ -205,8 +169,6 @@ def export_model(
     else to :func:`export_causal_lm`. The arguments are theirs.
     """
     if source_is_encoder(source):
-        from qonnx.models.encoder import export_encoder  # imports this module: import it late
-
         return export_encoder(source, out_dir, dtype=dtype, opset=opset, verify=verify, quiet=quiet)
     return export_causal_lm(source, out_dir, dtype=dtype, kv_cache=kv_cache, opset=opset, verify=verify, quiet=quiet)
 
@@ -265,7 +227,7 @@ def export_causal_lm(
     path = out / MODEL_FILENAME
     save(onnx_model, path)
     del onnx_model, exported
-    _save_hf_files(out, model, tokenizer, dtype, kv_cache)
+    save_hf_files(out, model, tokenizer, dtype, kv_cache)
     report_export(
         path,
         time.perf_counter() - start,
@@ -276,32 +238,6 @@ def export_causal_lm(
         tolerance=_FP32_TOLERANCE if dtype == "fp32" else _FP16_TOLERANCE,
     )
     return path
-
-
-def report_export(
-    path: Path, seconds: float, *, dtype: str, quiet: bool, what: str, check: Any | None, tolerance: float
-) -> None:
-    """Say how long the export took and, with ``check``, how far ONNX Runtime is from PyTorch.
-
-    A difference above ``tolerance`` (or not finite) prints a warning.
-    """
-    if check is None:
-        if not quiet:
-            print(f"qonnx: exported {path} in {seconds:.1f} s", file=sys.stderr)
-        return
-    diff = check()
-    if not quiet:
-        print(
-            f"qonnx: exported {path} in {seconds:.1f} s; "
-            f"max |{what} ONNX Runtime ({dtype}) - PyTorch (fp32)| = {diff:.3g}",
-            file=sys.stderr,
-        )
-    if diff > tolerance or not np.isfinite(diff):
-        print(
-            f"qonnx: warning: the ONNX {what} differ from PyTorch's by {diff:.3g} "
-            f"(more than {tolerance:g} expected for {dtype})",
-            file=sys.stderr,
-        )
 
 
 def verify_export(model_path: str | os.PathLike, model: Any, *, batch: int = 2, seq: int = 8, seed: int = 1) -> float:
@@ -323,7 +259,7 @@ def verify_export(model_path: str | os.PathLike, model: Any, *, batch: int = 2, 
     onnx_out = session.run(None, feed)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=kv_cache)
-    diff = _max_diff(onnx_out[0], ref.logits)
+    diff = max_diff(onnx_out[0], ref.logits)
     if not kv_cache:
         return diff
     gen = torch.Generator().manual_seed(seed + 1)
@@ -340,19 +276,4 @@ def verify_export(model_path: str | os.PathLike, model: Any, *, batch: int = 2, 
             past_key_values=ref.past_key_values,
             use_cache=True,
         )
-    return max(diff, _max_diff(onnx_step[0], ref_step.logits))
-
-
-def cpu_session(model_path: str | os.PathLike) -> ort.InferenceSession:
-    """A plain CPU session of an exported float model, quiet (the export's own check; no qonnx policies apply)."""
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(os.fspath(model_path), so, providers=["CPUExecutionProvider"])
-
-
-def _max_diff(onnx_logits: np.ndarray, torch_logits: Any) -> float:
-    a = np.asarray(onnx_logits, dtype=np.float64)
-    b = torch_logits.detach().double().numpy()
-    if a.shape != b.shape:
-        raise RuntimeError(f"ONNX outputs have shape {a.shape}, PyTorch's {b.shape}")
-    return float(np.abs(a - b).max())
+    return max(diff, max_diff(onnx_step[0], ref_step.logits))

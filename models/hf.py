@@ -126,8 +126,8 @@ def load_causal_lm(source: str | os.PathLike) -> tuple[Any, Any | None]:
     Raises:
         ModelLoadError: the source is missing or transformers cannot load it.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # heavy (about 2 s): only loading a model needs it, not the path and config helpers here
+    from transformers import AutoModelForCausalLM  # heavy (about 2 s), as torch
 
     folder, gguf = _resolve_source(source)
     kwargs: dict[str, Any] = {"local_files_only": True}
@@ -165,7 +165,7 @@ def source_is_encoder(source: str | os.PathLike | Any) -> bool:
     folder, gguf = _resolve_source(source)
     if gguf:
         return False
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy (about 2 s): only a folder's config needs it
 
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -187,8 +187,8 @@ def load_encoder(source: str | os.PathLike) -> tuple[Any, Any | None]:
     Raises:
         ModelLoadError: the source is missing or transformers cannot load it.
     """
-    import torch
-    from transformers import AutoModel
+    import torch  # heavy (about 2 s): only loading a model needs it, not the path and config helpers here
+    from transformers import AutoModel  # heavy (about 2 s), as torch
 
     folder, gguf = _resolve_source(source)
     if gguf:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 
 __all__ = ["causal_mask_problem"]
 
@@ -107,8 +108,6 @@ def causal_mask_problem(model: ir.Model, mask: ir.Value) -> str | None:
     Causal: a query at position ``past + i`` may see every key at positions ``0 .. past + i`` (score added
     0) and no later one (a large negative score).
     """
-    import onnxruntime as ort
-
     built = _mask_model(model, mask)
     if isinstance(built, str):
         return built

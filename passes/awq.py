@@ -28,7 +28,7 @@ from qonnx.core import numerics
 from qonnx.passes.gptq import torch_device
 
 if TYPE_CHECKING:
-    import torch
+    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
 __all__ = [
     "CLIP_SHRINKS",
@@ -98,7 +98,7 @@ def _qdq_(x: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, r: Rounding) -> t
     the GPU when there is one), then the grid's own rounding (:meth:`IntGrid.round`), as
     :func:`qonnx.core.quant.quantize_kn` computes it.
     """
-    import torch
+    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
     grid = numerics.IntGrid(r.bits, r.symmetric)
     qmin, qmax = grid.qmin, grid.qmax
@@ -121,7 +121,7 @@ def _qdq_(x: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, r: Rounding) -> t
 
 def _fake_quantize_(w: torch.Tensor, r: Rounding, shrink: np.ndarray | None = None) -> torch.Tensor:
     """:func:`fake_quantize` in place."""
-    import torch
+    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
     k, n = w.shape
     first = 0
@@ -143,7 +143,7 @@ def fake_quantize(w: torch.Tensor, r: Rounding, shrink: np.ndarray | None = None
 
 def output_error(err: torch.Tensor, h: torch.Tensor) -> float:
     """``tr(E^T H E)`` for a weight error E [K, N]: the squared output error over the calibration rows, x n/2."""
-    import torch
+    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
     return float(torch.dot(err.reshape(-1), (h @ err).reshape(-1)))
 
@@ -156,7 +156,7 @@ def scaled_hessian(h: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 def _weight_mean(w: torch.Tensor, block_size: int | None) -> torch.Tensor:
     """AutoAWQ's per-input-channel weight magnitude: ``|W|`` over its block's max per column, averaged over N."""
-    import torch
+    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
     out = torch.empty(w.shape[0], dtype=w.dtype, device=w.device)
     for r0, r1 in _blocks(w.shape[0], block_size):
@@ -193,7 +193,7 @@ def search_scales(
     error is unimodal or nearly so in ``a`` and flat near its minimum. With ``duo`` the weights' own magnitude
     enters as in AutoAWQ: ``s = x^a / w^(1-a)``.
     """
-    import torch
+    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
     dev = device or torch_device()
     by_rounding: dict[Rounding, list[np.ndarray]] = {}
@@ -254,7 +254,7 @@ def search_clip(
     with every other block), so with 1.0 in ``shrinks`` the result never has a larger output error than
     round-to-nearest. Pass the result to :func:`qonnx.core.quant.quantize_kn` as ``shrink``.
     """
-    import torch
+    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
     dev = device or torch_device()
     wt = torch.tensor(np.asarray(w, dtype=np.float32), device=dev)

@@ -30,14 +30,14 @@ import numpy as np
 from qonnx.core import numerics, quant
 
 if TYPE_CHECKING:
-    import torch
+    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
 __all__ = ["HessianAccumulator", "gptq_quantize", "gptq_quantize_many", "torch_device"]
 
 
 def torch_device() -> str:
     """The torch device GPTQ runs on: "cuda" when torch sees a GPU, else "cpu"."""
-    import torch
+    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
     if not torch.cuda.is_available():
         return "cpu"
@@ -58,7 +58,7 @@ class HessianAccumulator:
     """Streams ``H = 2/n X^T X`` of one layer input [..., K] over calibration batches (n: rows of X seen)."""
 
     def __init__(self, k: int, device: str | None = None) -> None:
-        import torch
+        import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
         self.k = k
         self.device = device or torch_device()
@@ -67,7 +67,7 @@ class HessianAccumulator:
 
     def add_batch(self, x: np.ndarray | torch.Tensor) -> None:
         """Add the rows of an activation [..., K] (any float dtype)."""
-        import torch
+        import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
         t = torch.as_tensor(x).to(self.device, torch.float32).reshape(-1, self.k)
         if t.shape[0]:
@@ -88,7 +88,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
     A matrix that is not positive definite is retried with 10x, 100x, 1000x damping (the others keep theirs).
     """
-    import torch
+    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
     mean = torch.diagonal(h, dim1=-2, dim2=-1).mean(-1)  # [L]
     out = torch.empty_like(h)
@@ -253,7 +253,7 @@ def _solve(
     Every step works on all L matrices: one Python iteration per row of K, whatever L is, so the small GPU
     kernels of a row are launched once for the whole batch.
     """
-    import torch
+    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
     n_mat, k, _ = W.shape
     diag = torch.diagonal(H, dim1=-2, dim2=-1)
@@ -312,7 +312,7 @@ def _stack(arrays: list[np.ndarray], shape: tuple[int, int], device: str) -> tor
 
     No stacked copy in host memory for a GPU; read-only (memory-mapped) inputs are copied once.
     """
-    import torch
+    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
     if device == "cpu":
         out = np.empty((len(arrays), *shape), dtype=np.float32)

@@ -40,7 +40,7 @@ from qonnx.core import numerics, quant
 from qonnx.passes.gptq import torch_device
 
 if TYPE_CHECKING:
-    import torch
+    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
 __all__ = ["hqq_quantize", "lp_error"]
 
@@ -60,7 +60,7 @@ def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     For ``p < 2`` it is non-zero only where ``|x|^(2-p) > 1 / beta``: the power (slow on CPU) is computed
     for those elements alone, typically a few outliers.
     """
-    import torch
+    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
     a = x.abs()
     if p == 1:
@@ -77,7 +77,7 @@ def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
 
 def _lp(e: torch.Tensor, p: float) -> torch.Tensor:
     """``|e|^p`` elementwise, in place: through exp and log, several times faster than pow on CPU."""
-    import torch
+    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
     e.abs_()
     if p == 1:
@@ -89,7 +89,7 @@ def _lp(e: torch.Tensor, p: float) -> torch.Tensor:
 
 def _inverse(s: torch.Tensor) -> torch.Tensor:
     """``1 / s`` in float32 as :func:`qonnx.core.numerics.inverse` computes it (0 for a zero scale)."""
-    import torch
+    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
     inv = torch.where(s != 0, 1.0 / torch.where(s != 0, s, 1.0), 0.0)
     return inv.clamp_(-_FMAX, _FMAX)
@@ -112,7 +112,7 @@ def _solve(
 
     ``z`` (round-to-nearest's) is where the search starts; codes are unsigned (``grid.round``).
     """
-    import torch
+    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
     inv = _inverse(s)
 
@@ -169,7 +169,7 @@ def hqq_quantize(
         A :class:`qonnx.core.quant.QuantizedMatrix`; its zero points are int32, or float32 values exact in
         ``scale_dtype`` when fractional.
     """
-    import torch
+    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
 
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {w.shape}")

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 __all__ = ["MergeParallelLinearPass"]
 
@@ -154,8 +155,6 @@ class MergeParallelLinearPass(ir.passes.InPlacePass):
             if len(nodes) > 1:
                 self._merge(model, nodes)
         if self.merged:
-            from onnx_ir.passes.common import RemoveUnusedNodesPass
-
             RemoveUnusedNodesPass()(model)  # the separate weights
         return ir.passes.PassResult(model, modified=bool(self.merged))
 

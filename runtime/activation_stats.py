@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from qonnx.core.errors import ConfigError
 from qonnx.runtime.capture import capture
@@ -93,8 +94,6 @@ def collect_activation_stats(
         divide: per-channel factors to divide a tensor by before it is measured (the smoothed tensor of a
             float model, without building the smoothed model).
     """
-    from tqdm import tqdm
-
     if not feeds:
         raise ConfigError("calibration needs at least one batch of feeds")
     divide = divide or {}

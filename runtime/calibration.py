@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import onnx
+from tqdm import tqdm
 
 from qonnx.core.errors import ConfigError, ModelLoadError
 from qonnx.core.modelfile import resolve_model_path
+from qonnx.passes.gptq import HessianAccumulator, torch_device
 from qonnx.runtime.capture import capture
 from qonnx.runtime.data import CALIBRATION_START, PYDOC, calibration_windows, corpus_tokens, npz_batches
+from qonnx.runtime.evaluate import check_seq_len, feed_builder, model_config
 
-__all__ = ["calibration_feeds", "collect_hessians"]
+__all__ = ["GraphIO", "calibration_feeds", "collect_hessians", "spill"]
 
 #: Bytes of captured activations one ONNX Runtime run may hand over at once (estimated from the feeds).
 ACTIVATION_BUDGET = 256 << 20
@@ -65,7 +69,7 @@ def calibration_feeds(
     path = resolve_model_path(model)
     if str(data).lower().endswith(".npz"):
         feeds = _npz_feeds(Path(data), samples)
-        io = _GraphIO(path)
+        io = GraphIO(path)
         names = {i.name for i in io.get_inputs()}
         missing = sorted(names - io.initializers - set(feeds[0]))
         unknown = sorted(set(feeds[0]) - names)
@@ -75,17 +79,15 @@ def calibration_feeds(
                 + "; ".join(f"{what} {', '.join(v)}" for what, v in (("missing", missing), ("unknown", unknown)) if v)
             )
         return feeds
-    from qonnx.runtime.evaluate import _check_seq_len, _feed_builder, model_config
-
     folder = Path(tokenizer_dir) if tokenizer_dir is not None else path.parent
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise ConfigError(
             f"{path}: calibration needs data: there is no tokenizer beside the model to tokenize {str(data)!r}; "
             "pass a .npz file of input feeds (calib_data='feeds.npz', --calib-data feeds.npz)"
         )
-    _check_seq_len(model_config(folder), seq_len, folder)
+    check_seq_len(model_config(folder), seq_len, folder)
     try:
-        feed, _ = _feed_builder(_GraphIO(path), path)
+        feed, _ = feed_builder(GraphIO(path), path)
     except ModelLoadError as e:
         raise ModelLoadError(f"{e}; pass a .npz file of input feeds for calibration instead") from None
     start = CALIBRATION_START if str(data) == PYDOC else 0
@@ -93,7 +95,7 @@ def calibration_feeds(
     return [feed(ids) for ids in windows]
 
 
-class _GraphIO:
+class GraphIO:
     """The inputs and outputs of a model file as an ONNX Runtime session lists them, without loading weights."""
 
     def __init__(self, path: Path) -> None:
@@ -135,7 +137,7 @@ def _groups(inputs: Mapping[str, int], rows: int, sums_budget: int = HESSIAN_BUD
     return [*groups, current] if current else groups
 
 
-def _spill(h: np.ndarray, folder: Path, index: int | str) -> np.ndarray:
+def spill(h: np.ndarray, folder: Path, index: int | str) -> np.ndarray:
     """``h`` memory-mapped from an unlinked file: read when used, freed when dropped (in memory on Windows).
 
     ``index`` names the file within ``folder`` (unique per call).
@@ -175,18 +177,10 @@ def collect_hessians(
     Raises:
         ModelLoadError: a captured tensor's last axis is not K.
     """
-    import tempfile
-
-    from tqdm import tqdm
-
-    from qonnx.passes.gptq import HessianAccumulator
-
     if not feeds:
         raise ConfigError("calibration needs at least one batch of feeds")
     # A guess at the rows (tokens) of one batch: all elements of integer feeds (token ids), vectors of float ones
     rows = max(a.size if a.dtype.kind in "iub" or a.ndim < 2 else a.size // a.shape[-1] for a in feeds[0].values())
-    from qonnx.passes.gptq import torch_device
-
     groups = _groups(inputs, max(rows, 1), HESSIAN_BUDGET_CUDA if torch_device() == "cuda" else HESSIAN_BUDGET)
     bar = tqdm(total=len(groups) * len(feeds), desc="calibrating", unit="batch", file=sys.stderr, disable=not progress)
     hessians: dict[str, np.ndarray] = {}
@@ -206,7 +200,7 @@ def collect_hessians(
 
                 capture(model, group, feeds, on_batch, device=device, progress=bar.update)
                 for name in group:
-                    hessians[name] = _spill(accumulators.pop(name).finalize(), Path(tmp), len(hessians))
+                    hessians[name] = spill(accumulators.pop(name).finalize(), Path(tmp), len(hessians))
     finally:
         bar.close()
     return hessians

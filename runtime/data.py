@@ -16,9 +16,11 @@ import functools
 import json
 import os
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Any
 
 import numpy as np
+import tokenizers
 
 from qonnx.core.errors import ConfigError, ModelLoadError
 from qonnx.core.tokenizer import load_tokenizer
@@ -42,8 +44,6 @@ CALIBRATION_START = 60_000
 
 def pydoc_text() -> str:
     """The standard corpus: every pydoc topic, in sorted key order, joined with blank lines."""
-    from pydoc_data.topics import topics
-
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
@@ -131,8 +131,6 @@ def corpus_tokens(model_dir: str | os.PathLike, data: str | os.PathLike = PYDOC,
 def _cached_tokens(folder: str, key: tuple[str, int, int], data: str, lean: bool = False) -> np.ndarray:
 
     if lean and (Path(folder) / "tokenizer.json").is_file():
-        import tokenizers
-
         try:
             fast = tokenizers.Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
         except Exception:  # not a tokenizers file after all: the full loader says why, or copes

@@ -18,7 +18,7 @@ step after it replays the graph captured on the first steps. Every row of a batc
 On the CPU the same loop runs without capture (what the tests check: its logits equal the growing-mask loop's).
 
 Which models qualify (:func:`fixed_shape_decodable`): every past input feeds GroupQueryAttention alone (see
-:func:`qonnx.runtime.generate.kv_buffer_shareable`), its lengths come from ReduceSum over ``attention_mask`` and its
+:func:`kv_buffer_shareable`), its lengths come from ReduceSum over ``attention_mask`` and its
 rotary cos/sin caches are constants (``qonnx lower`` writes both since 2026-11-24; models lowered before compute
 them from ``Shape(attention_mask)`` and ``position_ids`` and do not qualify).
 """
@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
-__all__ = ["FixedShapeDecoder", "fixed_shape_decodable", "rotary_cache_positions"]
+__all__ = ["FixedShapeDecoder", "fixed_shape_decodable", "kv_buffer_shareable", "rotary_cache_positions"]
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 _graph_ids = itertools.count(1)  # one CUDA graph per decoder; ids are per session but unique anywhere is simpler
@@ -74,10 +75,31 @@ def rotary_cache_positions(model: ir.Model) -> int | None:
     return min(sizes) if sizes else None
 
 
+def kv_buffer_shareable(model: ir.Model) -> bool:
+    """True when past and present can share one buffer per cache input.
+
+    That needs every ``past_key_values.{i}.key|value`` input read by a GroupQueryAttention node alone (as its
+    past_key / past_value) whose present_key / present_value is the graph output ``present.{i}.key|value``:
+    that node then writes the new positions into the bound buffer, and nothing else sees its full length.
+    """
+    outputs = {v.name for v in model.graph.outputs}
+    past = [v for v in model.graph.inputs if v.name and v.name.startswith("past_key_values.")]
+    for value in past:
+        uses = list(value.uses())
+        if len(uses) != 1:
+            return False
+        node, index = uses[0]
+        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" or index not in (3, 4):
+            return False
+        present = node.outputs[index - 2] if len(node.outputs) > index - 2 else None
+        want = (value.name or "").replace("past_key_values.", "present.")
+        if present is None or present.name != want or want not in outputs or list(present.uses()):
+            return False
+    return bool(past)
+
+
 def fixed_shape_decodable(model: ir.Model) -> bool:
     """Whether :class:`FixedShapeDecoder` can run ``model`` (see the module docstring)."""
-    from qonnx.runtime.generate import kv_buffer_shareable
-
     nodes = _gqa_nodes(model)
     if not nodes or not kv_buffer_shareable(model):
         return False
@@ -106,8 +128,6 @@ class FixedShapeDecoder:
     """
 
     def __init__(self, session: Any, batch: int, max_len: int, *, cuda_graph: bool = False) -> None:
-        import onnxruntime as ort
-
         self.session = session
         self.device = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
         self.batch, self.max_len = batch, max_len
@@ -137,8 +157,6 @@ class FixedShapeDecoder:
             self._step_options.add_run_config_entry("gpu_graph_id", str(self.graph_id))
 
     def _ortvalue(self, array: np.ndarray) -> Any:
-        import onnxruntime as ort
-
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
     def _feeds(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -191,8 +209,6 @@ class FixedShapeDecoder:
         self.mask[:, self.length] = 1
         feeds = self._feeds(ids, self.mask)
         if self._step_io is None:
-            import onnxruntime as ort
-
             io = self.session.io_binding()
             # copies: on the CPU an OrtValue wraps its array, and self.mask changes between steps
             self._values = {name: self._ortvalue(np.array(array)) for name, array in feeds.items()}

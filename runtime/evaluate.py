@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from qonnx.core.errors import ConfigError, ModelLoadError
 from qonnx.core.modelfile import resolve_model_path
@@ -33,7 +34,17 @@ from qonnx.core.tokenizer import load_tokenizer
 from qonnx.runtime.data import PYDOC, corpus_tokens, evaluation_windows, read_text
 from qonnx.runtime.session import make_session, resolve_device
 
-__all__ = ["token_nlls", "perplexity", "perplexity_torch", "text_chunks", "sentence_embeddings", "similarity"]
+__all__ = [
+    "check_seq_len",
+    "feed_builder",
+    "model_config",
+    "perplexity",
+    "perplexity_torch",
+    "sentence_embeddings",
+    "similarity",
+    "text_chunks",
+    "token_nlls",
+]
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -58,14 +69,22 @@ def model_config(folder: Path) -> dict[str, Any]:
         return {}
 
 
-def _check_seq_len(config: dict[str, Any], seq_len: int, where: Path) -> None:
+def check_seq_len(config: dict[str, Any], seq_len: int, where: Path) -> None:
+    """Refuse ``seq_len`` beyond the positions the model's ``config`` (its config.json) supports."""
     limit = config.get("max_position_embeddings") or config.get("n_positions")
     if isinstance(limit, int) and seq_len > limit:
         raise ConfigError(f"seq_len {seq_len} exceeds the {limit} positions the model in {where} supports")
 
 
-def _feed_builder(session: Any, where: Path) -> tuple[Any, str]:
-    """A function mapping window ids [L] to the session's feed, and the name of the logits output."""
+def feed_builder(session: Any, where: Path) -> tuple[Any, str]:
+    """A function mapping window ids [L] to the session's feed, and the name of the logits output.
+
+    ``session`` lists the inputs and outputs of a causal LM export (an InferenceSession, or anything with its
+    ``get_inputs()`` / ``get_outputs()``); ``where`` names the model in errors.
+
+    Raises:
+        ModelLoadError: the inputs are not those of a causal LM export (or it is an encoder).
+    """
     static: dict[str, np.ndarray] = {}
     names = []
     outputs = [o.name for o in session.get_outputs()]
@@ -128,16 +147,14 @@ def perplexity(
         ModelLoadError: no model or tokenizer there, or inputs that are not a causal LM export's.
         ConfigError: bad window options, or a corpus too short for them.
     """
-    from tqdm import tqdm
-
     path = resolve_model_path(model_dir)
     config = model_config(path.parent)
-    _check_seq_len(config, seq_len, path.parent)
+    check_seq_len(config, seq_len, path.parent)
     batches = evaluation_windows(corpus_tokens(path.parent, data), seq_len, windows)
     device = resolve_device(device)
     start = time.perf_counter()
     session = make_session(path, device, threads=threads)
-    feed, logits_name = _feed_builder(session, path)
+    feed, logits_name = feed_builder(session, path)
     total, count = 0.0, 0
     for ids in tqdm(batches, desc="perplexity", unit="window", file=sys.stderr, disable=not progress):
         logits = session.run([logits_name], feed(ids))[0]
@@ -161,8 +178,7 @@ def perplexity(
 
 def perplexity_torch(model: Any, windows: np.ndarray, *, progress: bool = False) -> float:
     """The same protocol on a PyTorch causal LM, for checking an export: windows is [N, L] token ids."""
-    import torch
-    from tqdm import tqdm
+    import torch  # heavy (about 2 s): only checking an export against PyTorch needs it
 
     total, count = 0.0, 0
     with torch.no_grad():
@@ -237,8 +253,6 @@ def sentence_embeddings(
 
     Also returns the number of tokens embedded. Chunks are batched in order of length, padded at the end.
     """
-    from tqdm import tqdm
-
     names = [i.name for i in session.get_inputs()]
     ids = [tokenizer(c, truncation=True, max_length=max_length, verbose=False)["input_ids"] for c in chunks]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -318,7 +332,7 @@ def similarity(
     embeddings, tokens, paths = [], 0, []
     for folder in folders:
         session, tokenizer, path = _encoder_session(folder, device, threads)
-        _check_seq_len(model_config(path.parent), max_length, path.parent)
+        check_seq_len(model_config(path.parent), max_length, path.parent)
         e, n = sentence_embeddings(session, tokenizer, chunks, max_length=max_length, progress=progress)
         embeddings.append(e)
         tokens = tokens or n

@@ -27,9 +27,12 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 from qonnx.core.errors import ConfigError
-from qonnx.runtime.session import make_session
+from qonnx.core.modelfile import resolve_model_path
+from qonnx.runtime.decode import FixedShapeDecoder, fixed_shape_decodable, kv_buffer_shareable, rotary_cache_positions
+from qonnx.runtime.session import make_session, resolve_device
 
 __all__ = ["Generator", "GenerationResult", "kv_buffer_shareable"]
 
@@ -51,29 +54,6 @@ class GenerationResult:
         """New tokens after the first, per second of decoding."""
         n = len(self.tokens) - 1
         return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else float("nan")
-
-
-def kv_buffer_shareable(model: ir.Model) -> bool:
-    """True when past and present can share one buffer per cache input.
-
-    That needs every ``past_key_values.{i}.key|value`` input read by a GroupQueryAttention node alone (as its
-    past_key / past_value) whose present_key / present_value is the graph output ``present.{i}.key|value``:
-    that node then writes the new positions into the bound buffer, and nothing else sees its full length.
-    """
-    outputs = {v.name for v in model.graph.outputs}
-    past = [v for v in model.graph.inputs if v.name and v.name.startswith("past_key_values.")]
-    for value in past:
-        uses = list(value.uses())
-        if len(uses) != 1:
-            return False
-        node, index = uses[0]
-        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" or index not in (3, 4):
-            return False
-        present = node.outputs[index - 2] if len(node.outputs) > index - 2 else None
-        want = (value.name or "").replace("past_key_values.", "present.")
-        if present is None or present.name != want or want not in outputs or list(present.uses()):
-            return False
-    return bool(past)
 
 
 class Generator:
@@ -99,10 +79,6 @@ class Generator:
         shared_kv: bool | None = None,
         fixed_shapes: bool | None = None,
     ) -> None:
-        from qonnx.core.modelfile import resolve_model_path
-        from qonnx.runtime.decode import fixed_shape_decodable, rotary_cache_positions
-        from qonnx.runtime.session import resolve_device
-
         path = resolve_model_path(model_dir)
         model = ir.load(path)
         device = resolve_device(device)
@@ -121,7 +97,7 @@ class Generator:
         self.session = make_session(path, device, cuda_graph=self.fixed_shapes and device == "cuda")
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         if tokenizer is None:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # heavy (about 2 s): only when no tokenizer is given
 
             tokenizer = AutoTokenizer.from_pretrained(Path(path).parent)
         self.tokenizer = tokenizer
@@ -153,8 +129,6 @@ class Generator:
 
     def _fixed_decoder(self, needed: int) -> Any:
         """The fixed-shape decoder, kept between calls (a CUDA graph is captured once per buffer size)."""
-        from qonnx.runtime.decode import FixedShapeDecoder
-
         if self._decoder is None or self._decoder.max_len < needed:
             size = -(-needed // 256) * 256  # whole blocks of 256 positions: fewer new buffers and graphs
             if self.max_positions is not None:
@@ -169,8 +143,6 @@ class Generator:
         return self._decoder
 
     def _shared_buffers(self, batch: int, max_len: int) -> dict[str, Any]:
-        import onnxruntime as ort
-
         buffers = {}
         for name in self.past_names:
             info = self.inputs[name]
@@ -180,8 +152,6 @@ class Generator:
 
     def _run_shared(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """One forward with past and present bound to ``self.kv_buffers`` (written in place); the logits."""
-        import onnxruntime as ort
-
         io = self.session.io_binding()
         for name, arr in feeds.items():
             io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr, self.device, 0))

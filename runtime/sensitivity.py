@@ -26,10 +26,12 @@ import numpy as np
 import onnx
 
 from qonnx.core.modelfile import resolve_model_path
+from qonnx.runtime.calibration import GraphIO, calibration_feeds
 from qonnx.runtime.data import PYDOC
+from qonnx.runtime.inputs import make_inputs
 from qonnx.runtime.session import make_session
 
-__all__ = ["Measurement", "WeightSwapSession", "sensitivity_feeds"]
+__all__ = ["Measurement", "WeightSwapSession", "sensitivity_feeds", "with_weight_inputs"]
 
 _FLOAT_OUTPUTS = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
 #: Elements per float32 dot product when summing squared errors (the partial sums add up in float64).
@@ -70,11 +72,8 @@ def sensitivity_feeds(
         seq_len: tokens per window.
         seed: seed of the made-up inputs.
     """
-    from qonnx.runtime.calibration import _GraphIO, calibration_feeds
-    from qonnx.runtime.verify import make_inputs
-
     path = resolve_model_path(model)
-    io = _GraphIO(path)
+    io = GraphIO(path)
     if str(data).lower().endswith(".npz"):
         return calibration_feeds(path, data, samples=samples), False
     is_lm = "logits" in {o.name for o in io.get_outputs()} and "input_ids" in {i.name for i in io.get_inputs()}
@@ -89,7 +88,7 @@ def sensitivity_feeds(
     return [make_inputs(shim, seed=seed + i) for i in range(samples)], False  # type: ignore[arg-type]
 
 
-def _with_weight_inputs(path: Path, weights: Sequence[str]) -> bytes:
+def with_weight_inputs(path: Path, weights: Sequence[str]) -> bytes:
     """The model's protobuf (weights left in their external file) with ``weights`` also listed as graph inputs."""
     proto = onnx.load(os.fspath(path), load_external_data=False)
     listed = {i.name for i in proto.graph.input}
@@ -194,7 +193,7 @@ class WeightSwapSession:
             raise ValueError("sensitivity measurement needs at least one feed")
         path = resolve_model_path(model)
         self.weights = set(weights)
-        self.session = make_session(_with_weight_inputs(path, weights), device, external_data_dir=path.parent)
+        self.session = make_session(with_weight_inputs(path, weights), device, external_data_dir=path.parent)
         self.feeds = feeds
         self.causal_lm = causal_lm
         if causal_lm:

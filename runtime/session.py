@@ -12,8 +12,10 @@ import os
 import sys
 from collections.abc import Collection
 
+import onnx
 import onnxruntime as ort
 
+from qonnx.core.paths import resolve_model_path
 from qonnx.core.snapshot import Snapshot
 
 __all__ = ["cuda_usable", "resolve_device", "make_session", "InMemoryModel", "PRECISE_QDQ"]
@@ -101,8 +103,6 @@ def make_session(
     if isinstance(model_path, bytes):
         model: str | bytes = model_path
     else:
-        from qonnx.core.modelfile import resolve_model_path
-
         model = os.fspath(resolve_model_path(model_path))  # a folder means its model.onnx
     if has_float8_qdq(model):
         so.add_session_config_entry(*FLOAT8_SESSION_CONFIG)
@@ -118,8 +118,6 @@ FLOAT8_SESSION_CONFIG = ("session.disable_quant_qdq", "1")
 
 def has_float8_qdq(model: str | bytes) -> bool:
     """Whether a model (file path or bytes) holds float8 QuantizeLinear/DequantizeLinear nodes."""
-    import onnx
-
     if isinstance(model, bytes):
         if b"QuantizeLinear" not in model:
             return False

@@ -34,6 +34,9 @@ from qonnx.core.schemes import Targets
 from qonnx.passes.activations import ActivationQParams, InsertActivationQDQPass
 from qonnx.passes.smooth_quant import SmoothGroup, factors, fake_quantize_weight, fold, search_alpha
 from qonnx.passes.weight_only import Plan, all_value_names
+from qonnx.runtime.activation_stats import collect_activation_stats
+from qonnx.runtime.calibration import calibration_feeds
+from qonnx.runtime.observers import TensorObserver
 
 __all__ = ["ActivationPlan", "plan_activations", "apply_activation_scheme"]
 
@@ -140,9 +143,6 @@ def apply_activation_scheme(
     for each quantized tensor the name of the value its readers now read and the smoothing factors (or
     None), which GPTQ needs to carry its Hessians over.
     """
-    from qonnx.runtime.activation_stats import collect_activation_stats
-    from qonnx.runtime.calibration import calibration_feeds
-
     cfg = plan.config
     cal = cfg.calibration
     if cfg.act_type == "fp8" and cal.method in ("entropy", "mse"):
@@ -323,8 +323,6 @@ def _read_cache(cal: Calibration, key: str, tensors: list[str]) -> tuple[dict[st
 
     A cache of the same model and data that holds more tensors serves a run that quantizes fewer layers.
     """
-    from qonnx.runtime.observers import TensorObserver
-
     if not cal.cache or not Path(cal.cache).exists():
         return None
     try:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from qonnx.core.config import SchemeConfig
 from qonnx.core.errors import ConfigError
@@ -183,11 +184,11 @@ class Sensitivity:
 
     def plot(self, path: str | os.PathLike) -> Path:
         """A PNG, per layer in graph order, coloured by projection: perplexity change and KL (causal LMs), or SQNR."""
-        import matplotlib
+        import matplotlib  # optional (the dev extra), and heavy (about 1 s): only the plot needs it
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
+        import matplotlib.pyplot as plt  # optional, as above
+        from matplotlib.patches import Patch  # optional, as above
 
         by_order = sorted(self.layers, key=lambda r: r.index)
         kinds = [(r.module or r.node or r.weight).rsplit(".", 1)[-1] for r in by_order]
@@ -238,8 +239,6 @@ def _finite(x: float) -> float | None:
 
 def measure_layers(model: FakeQuantModel, progress: bool, start: float) -> Sensitivity:
     """Every layer of ``model`` quantized alone, then all of them at once."""
-    from tqdm import tqdm
-
     rows = []
     float_nll = model.session.float_nll
     _ = model.hessians  # collected before the progress bar starts

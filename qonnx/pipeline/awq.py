@@ -27,12 +27,14 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from tqdm import tqdm
 
 from qonnx.core.config import WeightOnlyConfig
 from qonnx.passes import awq
 from qonnx.passes.smooth_quant import SmoothGroup, absorber, fold
 from qonnx.passes.weight_only import Plan, _act_dtype, all_value_names, hessian_key
 from qonnx.passes.weights import WeightCandidate
+from qonnx.runtime.calibration import spill
 
 __all__ = ["AWQResult", "apply_awq"]
 
@@ -70,10 +72,6 @@ def apply_awq(model: ir.Model, plan: Plan, hessians: dict[str, np.ndarray], *, p
     Hessians of inputs read only by AWQ layers are dropped once used, unless GPTQ rounds those layers
     (awq+gptq): then they are replaced by the Hessians of the scaled inputs.
     """
-    from tqdm import tqdm
-
-    from qonnx.runtime.calibration import _spill
-
     groups: dict[str, list[tuple[WeightCandidate, WeightOnlyConfig]]] = {}
     for cand, cfg, _ in plan:
         if cfg is not None and cfg.awq is not None:
@@ -135,7 +133,7 @@ def apply_awq(model: ir.Model, plan: Plan, hessians: dict[str, np.ndarray], *, p
             if name not in rounded_by_gptq:
                 hessians.pop(name, None)
             elif s is not None:  # X has no other readers (the fold needs that): GPTQ sees X / s
-                hessians[name] = _spill(hs, Path(tmp), index)
+                hessians[name] = spill(hs, Path(tmp), index)
             bar.update()
     bar.close()
     return result

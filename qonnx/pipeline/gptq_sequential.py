@@ -38,8 +38,8 @@ from qonnx.passes.weight_only import Plan, QuantizeWeightsPass, gptq_batches, he
 from qonnx.passes.weights import WeightCandidate
 from qonnx.pipeline.calibrate import calibration_run, is_sequential
 from qonnx.pipeline.fake_quant import plan_layers, to_stored
-from qonnx.runtime.calibration import _spill
-from qonnx.runtime.sensitivity import _with_weight_inputs
+from qonnx.runtime.calibration import spill
+from qonnx.runtime.sensitivity import with_weight_inputs
 from qonnx.runtime.session import make_session
 
 __all__ = ["stages", "sequential_gptq"]
@@ -143,7 +143,7 @@ def sequential_gptq(
         progress: a progress bar on stderr.
     """
     cut = stages(model, layers, key)
-    base = onnx.ModelProto.FromString(_with_weight_inputs(path, sorted(feedable)))
+    base = onnx.ModelProto.FromString(with_weight_inputs(path, sorted(feedable)))
     graph_inputs = {i.name for i in base.graph.input} - feedable
     fed: dict[str, np.ndarray] = {}
     solved: dict[tuple, QuantizedWeight] = {}
@@ -176,7 +176,7 @@ def sequential_gptq(
                 for cand, cfg in stage:
                     if cand.weight_name in feedable:
                         w = to_stored(cand, arrays[share_key(cand, cfg)].dequantize())
-                        fed[cand.weight_name] = _spill(w, Path(tmp), f"w{s}-{len(fed)}")
+                        fed[cand.weight_name] = spill(w, Path(tmp), f"w{s}-{len(fed)}")
             return solved
     finally:
         bar.close()

@@ -23,6 +23,10 @@ import onnx_ir as ir
 from qonnx.core import modelfile, packing
 from qonnx.core.errors import QonnxError
 from qonnx.passes.weights import find_weight_candidates
+from qonnx.runtime.capture import capture
+from qonnx.runtime.inputs import make_inputs
+from qonnx.runtime.session import make_session
+from qonnx.runtime.verify import text_token_ids
 
 __all__ = ["LayerReport", "layer_report", "write_report"]
 
@@ -146,10 +150,6 @@ def layer_report(
     max_outputs: int = 32,
 ) -> list[LayerReport]:
     """Per-layer figures, worst output SQNR first (layers whose output could not be captured last)."""
-    from qonnx.runtime.capture import capture
-    from qonnx.runtime.session import make_session
-    from qonnx.runtime.verify import make_inputs, text_token_ids
-
     orig_path, q_path = modelfile.resolve_model_path(original), modelfile.resolve_model_path(quantized)
     orig, qmodel = modelfile.load(orig_path), modelfile.load(q_path)
     rows: list[LayerReport] = []
@@ -213,10 +213,10 @@ def layer_report(
 
 
 def _plots(rows: list[LayerReport], folder: Path, stem: str) -> list[Path]:
-    import matplotlib
+    import matplotlib  # optional (the dev extra), and heavy (about 1 s): only the plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional, as above
 
     by_order = sorted(rows, key=lambda r: r.index)
     fig, ax = plt.subplots(figsize=(10, 3.5))

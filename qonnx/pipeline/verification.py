@@ -8,19 +8,21 @@ import math
 import os
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from qonnx.core import __version__
 from qonnx.core.errors import QonnxError
+from qonnx.runtime.session import InMemoryModel
+from qonnx.runtime.verify import ReferenceRun, verify_models
 
 if TYPE_CHECKING:
     import onnx_ir as ir
-
-    from qonnx.runtime.session import InMemoryModel
-    from qonnx.runtime.verify import ReferenceRun
 
 __all__ = [
     "VerifyOptions",
@@ -109,8 +111,6 @@ def start_reference_early(model: str | os.PathLike, options: VerifyOptions) -> N
     :func:`start_reference` for the same file with the same ``options`` object takes the run over. Nothing
     starts where verification might not run: disabled, or the model's folder over ``max_bytes``.
     """
-    from pathlib import Path
-
     path = Path(model) / "model.onnx" if Path(model).is_dir() else Path(model)
     if options.enabled is False or not path.is_file():
         return
@@ -139,8 +139,6 @@ def start_reference(original: str | os.PathLike | bytes, options: VerifyOptions)
 
 
 def _reference(original: str | os.PathLike | bytes, options: VerifyOptions) -> ReferenceRun:
-    from qonnx.runtime.verify import ReferenceRun
-
     return ReferenceRun(
         original,
         feeds=options.feeds,
@@ -163,8 +161,6 @@ def start_verify(
     already) and may be saved meanwhile, but not changed. ``result()`` returns what :func:`verify` returns,
     or raises what it raises.
     """
-    from qonnx.runtime.session import InMemoryModel
-
     future: Future[Verification] = Future()
     skipped = _skipped(options, size)
     if skipped is not None:
@@ -205,10 +201,6 @@ def verify(
     ``original`` is the model itself or its run started by :func:`start_reference`; ``quantized`` a file,
     bytes, or a model in memory.
     """
-    import time
-
-    from qonnx.runtime.verify import ReferenceRun, verify_models
-
     skipped = _skipped(options, size)
     if skipped is not None:
         return skipped
@@ -253,8 +245,6 @@ def verify(
 
 def metadata(config: dict[str, Any], verification: Verification, quantized: int, skipped: int) -> dict[str, str]:
     """The ``metadata_props`` a pipeline can gate on."""
-    from qonnx.core import __version__
-
     worst = verification.worst_sqnr
     return {
         "qonnx.version": __version__,
