@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qonnx.core import numerics
-from qonnx.passes.gptq import torch_device
+from qonnx.passes.hessian import torch_device
 
 if TYPE_CHECKING:
     import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it

@@ -16,59 +16,35 @@ not quantized reads it (tied embeddings: a Gather and the lm_head share one tabl
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import os
 from collections.abc import Callable, Iterator
-from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
 from qonnx.core import formats, numerics, quant
-from qonnx.core.algos import AWQ
 from qonnx.core.config import WeightOnlyConfig
 from qonnx.core.schemes import Targets
 from qonnx.passes import cleanup, nodes
 from qonnx.passes.activations import unique_name
-from qonnx.passes.gptq import gptq_quantize_many, torch_device
+from qonnx.passes.gptq import gptq_quantize_many
+from qonnx.passes.hessian import torch_device
 from qonnx.passes.hqq import hqq_quantize
-from qonnx.passes.weights import WeightCandidate, find_weight_candidates
+from qonnx.passes.weight_plan import (
+    QDQ_OPSET,
+    LayerRecord,
+    Plan,
+    act_dtype,
+    hessian_key,
+    hqq_zero_point,
+    needed_opset,
+    plan_weights,
+    share_key,
+    stored_nbytes,
+)
+from qonnx.passes.weights import WeightCandidate
 
-__all__ = [
-    "LayerRecord",
-    "QuantizeWeightsPass",
-    "all_value_names",
-    "gptq_batches",
-    "share_key",
-    "hessian_key",
-    "hqq_zero_point",
-    "needed_opset",
-    "quantize_weight",
-]
-
-QDQ_OPSET = 21
-_CHAIN_OPS = ("Transpose", "Cast", "Identity")
-
-Plan = list[tuple[WeightCandidate, WeightOnlyConfig | None, str]]
-
-
-@dataclasses.dataclass
-class LayerRecord:
-    """What happened to one weight-holding node (shape is (K, N); for a convolution N is its channels)."""
-
-    node: str
-    op_type: str
-    weight: str
-    shape: tuple[int, int] | None
-    quantized: bool
-    reason: str
-    bytes_before: int = 0
-    bytes_after: int = 0
-    shared_with: str | None = None
-
-    def to_dict(self) -> dict:
-        """JSON-ready form."""
-        return dataclasses.asdict(self)
+__all__ = ["QuantizeWeightsPass", "all_value_names", "gptq_batches", "quantize_weight"]
 
 
 def quantize_weight(
@@ -127,16 +103,6 @@ def _gptq_options(cfg: WeightOnlyConfig, dtype: ir.DataType) -> dict:
     }
 
 
-def hqq_zero_point(cfg: WeightOnlyConfig) -> Literal["float", "integer"]:
-    """How HQQ's zero points are stored: as floats where MatMulNBits runs them (2- and 4-bit containers).
-
-    DequantizeLinear and 8-bit MatMulNBits take integer zero points only: HQQ's are rounded there.
-    """
-    if cfg.format == "matmulnbits" and formats.storage_bits(cfg.bits, cfg.format) in (2, 4):
-        return "float"
-    return "integer"
-
-
 def _hqq(w: np.ndarray, cfg: WeightOnlyConfig, dtype: ir.DataType) -> quant.QuantizedMatrix:
     """HQQ on a [K, N] weight, its zero points as the format stores them."""
     hqq = cfg.hqq
@@ -152,21 +118,6 @@ def _hqq(w: np.ndarray, cfg: WeightOnlyConfig, dtype: ir.DataType) -> quant.Quan
         kappa=hqq.kappa,
         zero_point=hqq_zero_point(cfg),
     )
-
-
-def needed_opset(cfg: WeightOnlyConfig, dtype: ir.DataType) -> int:
-    """The default-domain opset a quantized form needs (MatMulNBits, in com.microsoft: none).
-
-    DequantizeLinear: 13 per axis, 19 with float16/bfloat16 scales, 21 blocked or with int4 codes (2-, 3- and
-    4-bit codes).
-    """
-    if cfg.format != "qdq":
-        return 1
-    if cfg.grid == "fp8":
-        return 19
-    if cfg.block_size is not None or cfg.bits <= 4:
-        return QDQ_OPSET
-    return 13 if dtype == ir.DataType.FLOAT else 19
 
 
 class QuantizeWeightsPass(ir.passes.InPlacePass):
@@ -211,50 +162,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         )
 
     def plan(self, model: ir.Model) -> Plan:
-        """Every candidate with the config chosen for it (None: skipped) and the reason."""
-        planned: Plan = []
-        for cand in find_weight_candidates(model):
-            if cand.reason is not None:
-                planned.append((cand, None, cand.reason))
-                continue
-            names = tuple(n for n in (cand.node.name, cand.weight_name, cand.module) if n)
-            scheme, rule = self.targets.resolve(cand.node.op_type, names)
-            cfg = scheme.weight_config() if scheme is not None else None  # how weight+activation schemes store weights
-            if cfg is None:
-                planned.append((cand, None, f"excluded by {rule}"))
-                continue
-            how = ""
-            if cand.axis is not None:
-                how = " per output channel" if cfg.format == "qdq" else " per output channel (no MatMulNBits form)"
-                cfg = dataclasses.replace(cfg, format="qdq", block_size=None, accuracy_level=None)
-            calibrated = cfg.calibrated
-            label = calibrated.label if isinstance(calibrated, AWQ) else "gptq"
-            if calibrated is not None and (cand.axis is not None or cand.graph is not model.graph):
-                where = "a convolution" if cand.axis is not None else "in a subgraph"
-                how += f" round-to-nearest ({label}: {where})"
-                cfg = dataclasses.replace(cfg, algo="rtn")
-            elif calibrated is not None:
-                how += f" {label}"
-            how += _storage_note(cfg)
-            reason = self._unsupported(cand, cfg)
-            name = scheme.name if scheme is not None else cfg.name
-            planned.append((cand, None, reason) if reason else (cand, cfg, f"{name}{how} by {rule}"))
-        return _check_sizes(planned)
-
-    @staticmethod
-    def _unsupported(cand: WeightCandidate, cfg: WeightOnlyConfig) -> str | None:
-        node, fmt = cand.node, formats.FORMATS[cfg.format]
-        if node.op_type == "Gemm" and fmt.fused:
-            bias, has_c = nodes.bias_vector(node, cand.n)
-            if has_c and bias is None and node.attributes.get_float("beta", 1.0) != 1.0:
-                return "Gemm with a run-time C and beta != 1"
-        if cand.k < fmt.min_k:
-            return f"K={cand.k} is smaller than {fmt.op_type}'s smallest block ({fmt.min_k})"
-        if fmt.whole_blocks and cfg.block_size and cand.k % cfg.block_size:
-            return (
-                f"K={cand.k} is not a multiple of block_size {cfg.block_size} ({fmt.op_type}'s blocks run across rows)"
-            )
-        return None
+        """Every candidate with the config chosen for it (None: skipped) and the reason (:func:`plan_weights`)."""
+        return plan_weights(model, self.targets)
 
     def requires(self, model: ir.Model) -> None:
         """DequantizeLinear needs opset 13 per axis, 19 with float16/bfloat16 scales, 21 blocked or int4.
@@ -273,8 +182,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     f"{cand.node.op_type} '{cand.node.name}': GPTQ needs the Hessian of its input "
                     f"'{hessian_key(cand)}' (collect them with qonnx.runtime.calibration.collect_hessians)"
                 )
-            if cfg is not None and needed_opset(cfg, _act_dtype(cand)) > opset:
-                need = needed_opset(cfg, _act_dtype(cand))
+            if cfg is not None and needed_opset(cfg, act_dtype(cand)) > opset:
+                need = needed_opset(cfg, act_dtype(cand))
                 raise ir.passes.PreconditionError(
                     f"{cand.node.op_type} '{cand.node.name}': its DequantizeLinear needs opset {need}; the model "
                     f"has opset {opset} (run UpgradeOpsetPass({QDQ_OPSET}) first)"
@@ -345,7 +254,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 return done
             hessian = self.hessians.get(hessian_key(cand)) if cfg.gptq is not None else None
             shrink = self.shrinks.get(cand.weight_name)
-            return pool.submit(quantize_weight, cand, cfg, _act_dtype(cand), hessian, shrink)
+            return pool.submit(quantize_weight, cand, cfg, act_dtype(cand), hessian, shrink)
 
         # A stored tensor is unmapped after its last user is done, never while a worker may read it.
         last_use = {id(c.source): i for i, (c, _) in enumerate(todo)}
@@ -379,7 +288,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if h is None:
                 raise ValueError(f"{cand.node.op_type} '{cand.node.name}': GPTQ needs the Hessian of its input")
             found.append(h)
-        cfg, dtype = batch[0][1], _act_dtype(batch[0][0])
+        cfg, dtype = batch[0][1], act_dtype(batch[0][0])
         results = gptq_quantize_many([c.matrix() for c, _ in batch], found, **_gptq_options(cfg, dtype))
         return {
             share_key(c, cf): formats.emit(r, cf.format, dtype.numpy())
@@ -418,7 +327,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 dq.outputs[0].name = unique_name(f"{base}_dequantized", names)
                 weight_inputs = [dq.outputs[0]]
             emitted[key] = (weight_inputs, qw, node.name or base)
-            record.bytes_before, record.bytes_after = _stored_nbytes(cand), qw.nbytes
+            record.bytes_before, record.bytes_after = stored_nbytes(cand), qw.nbytes
         if not formats.FORMATS[qw.format].fused:
             node.replace_input_with(1, weight_inputs[0])
             if node.op_type == "Gemm":
@@ -432,7 +341,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         cand: WeightCandidate, cfg: WeightOnlyConfig, weight_inputs: list, qw: formats.QuantizedWeight, names: set[str]
     ) -> None:
         graph, node = cand.graph, cand.node
-        dtype = _act_dtype(cand)
+        dtype = act_dtype(cand)
         bias_value = None
         bias, has_c = nodes.bias_vector(node, cand.n) if node.op_type == "Gemm" else (None, False)
         if bias is not None:
@@ -458,108 +367,6 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new, *extra], [node.outputs[0]], [out])
 
 
-def _storage_note(cfg: WeightOnlyConfig) -> str:
-    """What a layer record says about HQQ's zero points and codes stored wider than they are."""
-    note = ""
-    if cfg.hqq is not None:
-        if hqq_zero_point(cfg) == "float":
-            note += " hqq (float zero points)"
-        else:
-            where = "DequantizeLinear" if cfg.format == "qdq" else f"{cfg.bits}-bit MatMulNBits"
-            note += f" hqq (zero points rounded to integers for {where})"
-    stored = formats.storage_bits(cfg.bits, cfg.format)
-    if stored != cfg.bits:
-        note += f" ({cfg.bits}-bit codes in {stored}-bit containers: the size of {stored}-bit weights)"
-    return note
-
-
-def hessian_key(cand: WeightCandidate) -> str:
-    """The name of the tensor whose Hessian GPTQ uses for a MatMul/Gemm: its activation input."""
-    x = cand.node.inputs[0]
-    return (x.name or "") if x is not None else ""
-
-
-def _check_sizes(planned: Plan) -> Plan:
-    """Skip the planned layers of each stored weight whose quantized form would not shrink the model."""
-    chosen = {id(c.node) for c, cfg, _ in planned if cfg is not None}
-    saving = 0  # bytes the planned layers save in all, and the groups that add bytes instead
-    adders: list[tuple[list[int], str]] = []
-    by_source: dict[int, list[int]] = {}
-    for i, (cand, cfg, _) in enumerate(planned):
-        if cfg is not None:
-            by_source.setdefault(id(cand.source), []).append(i)
-    for rows in by_source.values():
-        first = planned[rows[0]][0]
-        assert first.source is not None
-        reader = _float_reader(first.source, chosen)
-        float_bytes = formats.float_nbytes(_stored_nbytes(first), first.weight_name)
-        costs: dict[tuple, int] = {}
-        for i in rows:
-            cand, cfg, _ = planned[i]
-            assert cfg is not None
-            costs[share_key(cand, cfg)] = formats.estimated_nbytes(
-                cfg.format,
-                cand.k,
-                cand.n,
-                bits=cfg.bits,
-                block_size=cfg.block_size,
-                symmetric=cfg.symmetric,
-                scale_bytes=int(_act_dtype(cand).itemsize),
-                name=cand.weight_name,
-                float_zero_points=cfg.hqq is not None and hqq_zero_point(cfg) == "float",
-            )
-        cost = sum(costs.values())
-        if cost * 10 >= float_bytes * 9:  # not even 10% smaller (the protobuf overhead estimate is rough)
-            reason = f"too small to gain from quantizing: ~{cost} bytes quantized vs {float_bytes} bytes in float"
-            for i in rows:
-                planned[i] = (planned[i][0], None, reason)
-        elif reader and not all(" by name " in planned[i][2] or " by pattern " in planned[i][2] for i in rows):
-            # A tied weight (lm_head sharing the embedding): the float copy stays, so quantizing adds bytes
-            # and error (SmolLM2-135M: perplexity 20.1 -> 23.5), for decode speed. Only when asked by name.
-            reason = (
-                f"the float weight '{first.weight_name}' stays (also read by {reader}): quantizing it would add "
-                f"~{cost} bytes and error; name it in targets to quantize it anyway"
-            )
-            for i in rows:
-                planned[i] = (planned[i][0], None, reason)
-        elif reader:
-            note = f"; the float weight '{first.weight_name}' stays (also read by {reader}): adds ~{cost} bytes"
-            for i in rows:
-                cand, cfg, why = planned[i]
-                planned[i] = (cand, cfg, why + note)
-            saving -= cost
-            adders.append(
-                (
-                    rows,
-                    f"the float weight '{first.weight_name}' stays (also read by {reader}), and "
-                    f"quantizing it too (~{cost} bytes) would make the model larger",
-                )
-            )
-        else:
-            saving += float_bytes - cost
-    if saving <= 0:  # the model as a whole would grow: keep the shared weights in floating point
-        for rows, reason in adders:
-            for i in rows:
-                planned[i] = (planned[i][0], None, reason)
-    return planned
-
-
-def _float_reader(value: ir.Value, chosen: set[int]) -> str | None:
-    """A node (or graph output) that will still read ``value`` in floating point once ``chosen`` are quantized."""
-    if value.is_graph_output():
-        return "a graph output"
-    for node, idx in value.uses():
-        if id(node) in chosen and idx == 1:
-            continue
-        if node.domain == "" and node.op_type in _CHAIN_OPS:
-            reader = _float_reader(node.outputs[0], chosen)
-            if reader is None:
-                continue
-            return reader
-        return f"{node.op_type} '{node.name}'"
-    return None
-
-
 def all_value_names(model: ir.Model) -> set[str]:
     """Every value name in the model, subgraphs included (new names must not shadow outer ones)."""
     names: set[str] = set()
@@ -572,20 +379,6 @@ def all_value_names(model: ir.Model) -> set[str]:
     return names
 
 
-def _act_dtype(cand: WeightCandidate) -> ir.DataType:
-    dtype = cand.node.inputs[0].dtype if cand.node.inputs[0] is not None else None
-    if dtype is None:
-        dtype = cand.tensor().dtype
-        for n in cand.chain:
-            if n.op_type == "Cast":
-                dtype = ir.DataType(n.attributes.get_int("to", 1))
-    return dtype
-
-
-#: Working memory of one batched GPTQ solve (about three float32 copies of the weights and of the
-#: Hessians): on the GPU a batch is launched as one set of small kernels per row of K, so its cost barely
-#: grows with the batch; on the CPU batching saves little (22 s instead of 25 s on SmolLM2) and the working
-#: copies, and the weights read ahead of their turn, count against the peak memory.
 GPTQ_BATCH_BYTES = {"cuda": 4 << 30, "cpu": 48 << 20}
 
 
@@ -608,18 +401,8 @@ def gptq_batches(
             budget = GPTQ_BATCH_BYTES["cuda" if torch_device() == "cuda" else "cpu"]
         keys.add(key)
         per = 3 * 4 * (cand.k * cand.n + cand.k * cand.k)
-        runs = classes.setdefault((cand.k, cand.n, cfg, _act_dtype(cand)), [[]])
+        runs = classes.setdefault((cand.k, cand.n, cfg, act_dtype(cand)), [[]])
         if runs[-1] and (len(runs[-1]) + 1) * per > budget:
             runs.append([])
         runs[-1].append((cand, cfg))
     return {share_key(c, cf): run for runs in classes.values() for run in runs for c, cf in run}
-
-
-def share_key(cand: WeightCandidate, cfg: WeightOnlyConfig) -> tuple:
-    """What makes two layers' quantized weights one: the stored weight, the config, and the graph for "qdq"."""
-    return (cand.key, cfg, id(cand.graph) if cfg.format == "qdq" else None)
-
-
-def _stored_nbytes(cand: WeightCandidate) -> int:
-    t = cand.tensor()
-    return int(t.nbytes)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from qonnx.core.errors import ConfigError, ModelLoadError
 from qonnx.core.modelfile import resolve_model_path
-from qonnx.passes.gptq import HessianAccumulator, torch_device
+from qonnx.passes.hessian import HessianAccumulator, torch_device
 from qonnx.runtime.capture import capture
 from qonnx.runtime.data import CALIBRATION_START, PYDOC, calibration_windows, corpus_tokens, npz_batches
 from qonnx.runtime.evaluate import check_seq_len, feed_builder, model_config

@@ -20,7 +20,8 @@ from qonnx.core.errors import ConfigError
 from qonnx.core.schemes import Targets
 from qonnx.models import build_decoder_stack
 from qonnx.passes.awq import Rounding, fake_quantize, scale_factors, scaled_hessian, search_clip, search_scales
-from qonnx.passes.weight_only import QuantizeWeightsPass, hessian_key
+from qonnx.passes.weight_only import QuantizeWeightsPass
+from qonnx.passes.weight_plan import hessian_key
 from qonnx.pipeline.awq import apply_awq
 from qonnx.runtime.calibration import calibration_feeds, collect_hessians
 from qonnx.runtime.evaluate import perplexity

@@ -19,7 +19,8 @@ from qonnx.core.config import W3A16, W4A16
 from qonnx.core.errors import ConfigError
 from qonnx.core.schemes import Targets
 from qonnx.models import build_decoder_stack
-from qonnx.passes.gptq import HessianAccumulator, gptq_quantize, gptq_quantize_many
+from qonnx.passes.gptq import gptq_quantize, gptq_quantize_many
+from qonnx.passes.hessian import HessianAccumulator
 from qonnx.passes.weight_only import QuantizeWeightsPass
 from qonnx.runtime.calibration import calibration_feeds, collect_hessians
 from qonnx.runtime.evaluate import perplexity
@@ -369,7 +370,7 @@ def test_float8(rng, scale_dtype):
 def test_sequential_stages_and_pipeline(stack_feeds, tmp_path):
     """Sequential GPTQ: stages in true-sequential order; the first stage sees the float model (same codes as
     plain GPTQ), later stages see the quantized earlier layers (other codes); a valid, closer-than-RTN model."""
-    from qonnx.passes.weight_only import hessian_key
+    from qonnx.passes.weight_plan import hessian_key
     from qonnx.pipeline.gptq_sequential import stages
 
     path, npz, test = stack_feeds

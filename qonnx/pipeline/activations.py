@@ -33,7 +33,8 @@ from qonnx.core.errors import ConfigError
 from qonnx.core.schemes import Targets
 from qonnx.passes.activations import ActivationQParams, InsertActivationQDQPass
 from qonnx.passes.smooth_quant import SmoothGroup, factors, fake_quantize_weight, fold, search_alpha
-from qonnx.passes.weight_only import Plan, all_value_names
+from qonnx.passes.weight_only import all_value_names
+from qonnx.passes.weight_plan import Plan
 from qonnx.runtime.activation_stats import collect_activation_stats
 from qonnx.runtime.calibration import calibration_feeds
 from qonnx.runtime.observers import TensorObserver

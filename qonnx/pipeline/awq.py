@@ -32,7 +32,8 @@ from tqdm import tqdm
 from qonnx.core.config import WeightOnlyConfig
 from qonnx.passes import awq
 from qonnx.passes.smooth_quant import SmoothGroup, absorber, fold
-from qonnx.passes.weight_only import Plan, _act_dtype, all_value_names, hessian_key
+from qonnx.passes.weight_only import all_value_names
+from qonnx.passes.weight_plan import Plan, act_dtype, hessian_key
 from qonnx.passes.weights import WeightCandidate
 from qonnx.runtime.calibration import spill
 
@@ -63,7 +64,7 @@ def _simple(cand: WeightCandidate) -> bool:
 
 
 def _rounding(cand: WeightCandidate, cfg: WeightOnlyConfig) -> awq.Rounding:
-    return awq.Rounding(cfg.bits, cfg.block_size, cfg.symmetric, _act_dtype(cand).numpy())
+    return awq.Rounding(cfg.bits, cfg.block_size, cfg.symmetric, act_dtype(cand).numpy())
 
 
 def apply_awq(model: ir.Model, plan: Plan, hessians: dict[str, np.ndarray], *, progress: bool = False) -> AWQResult:

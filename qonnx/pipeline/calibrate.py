@@ -20,7 +20,7 @@ import onnx_ir as ir
 from qonnx.core import modelfile
 from qonnx.core.config import SchemeConfig, WeightOnlyConfig
 from qonnx.core.errors import ConfigError
-from qonnx.passes.weight_only import Plan, hessian_key
+from qonnx.passes.weight_plan import Plan, hessian_key
 from qonnx.runtime.calibration import calibration_feeds, collect_hessians
 from qonnx.runtime.data import PYDOC
 

@@ -21,7 +21,8 @@ from qonnx.core.config import W4A16, SchemeConfig, WeightOnlyConfig
 from qonnx.core.errors import ConfigError, NothingToQuantizeError
 from qonnx.core.formats import QuantizedWeight
 from qonnx.core.schemes import Targets
-from qonnx.passes.weight_only import Plan, QuantizeWeightsPass, _act_dtype, _float_reader, hessian_key, quantize_weight
+from qonnx.passes.weight_only import QuantizeWeightsPass, quantize_weight
+from qonnx.passes.weight_plan import Plan, act_dtype, float_reader, hessian_key
 from qonnx.passes.weights import WeightCandidate
 from qonnx.pipeline.calibrate import layer_hessians, load_model, runtime_file
 from qonnx.runtime.sensitivity import Measurement, WeightSwapSession, sensitivity_feeds
@@ -81,7 +82,7 @@ def plan_layers(model: ir.Model, plan: Plan) -> tuple[list[SwapLayer], list[tupl
             why = "its weight is not an initializer of the main graph (a Constant, or in a subgraph): it cannot be fed"
         elif len({(c.key, g) for c, g in group}) > 1:
             why = "its weight is read through different Transpose/Cast chains or configs"
-        elif (reader := _float_reader(src, chosen)) is not None:
+        elif (reader := float_reader(src, chosen)) is not None:
             why = f"its float weight is also read by {reader}"
         if why is not None:
             skipped.append((cand.module or cand.node.name or cand.weight_name, why))
@@ -168,7 +169,7 @@ class FakeQuantModel:
             hessian = None
             if cfg.gptq is not None:
                 hessian = np.asarray(self.hessians[hessian_key(cand)])
-            self._cache[key] = quantize_weight(cand, cfg, _act_dtype(cand), hessian)
+            self._cache[key] = quantize_weight(cand, cfg, act_dtype(cand), hessian)
             cand.release()
         return self._cache[key]
 

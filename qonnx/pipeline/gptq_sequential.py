@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 from qonnx.core.config import WeightOnlyConfig
 from qonnx.core.formats import QuantizedWeight
-from qonnx.passes.gptq import HessianAccumulator
-from qonnx.passes.weight_only import Plan, QuantizeWeightsPass, gptq_batches, hessian_key, share_key
+from qonnx.passes.hessian import HessianAccumulator
+from qonnx.passes.weight_only import QuantizeWeightsPass, gptq_batches
+from qonnx.passes.weight_plan import Plan, hessian_key, share_key
 from qonnx.passes.weights import WeightCandidate
 from qonnx.pipeline.calibrate import calibration_run, is_sequential
 from qonnx.pipeline.fake_quant import plan_layers, to_stored

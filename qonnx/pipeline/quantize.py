@@ -25,7 +25,8 @@ from qonnx.core.schemes import Targets
 from qonnx.core.targets import warn_if_slow
 from qonnx.passes.cleanup import RemoveUnusedInitializersPass
 from qonnx.passes.opset import OpsetConversionError, UpgradeOpsetPass
-from qonnx.passes.weight_only import QDQ_OPSET, LayerRecord, QuantizeWeightsPass
+from qonnx.passes.weight_only import QuantizeWeightsPass
+from qonnx.passes.weight_plan import QDQ_OPSET, LayerRecord
 from qonnx.pipeline.activations import apply_activation_scheme, plan_activations
 from qonnx.pipeline.awq import apply_awq
 from qonnx.pipeline.calibrate import (
