@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from helpers import run, sqnr_db
 from onnx import numpy_helper
@@ -14,6 +15,18 @@ import qonnx
 from qonnx.core.config_activations import FP8, W4A8, W8A8, Calibration, Dynamic
 from qonnx.core.errors import ConfigError
 from qonnx.models import build_decoder_stack
+
+#: The floors hold for the model's own numbers: a session without graph optimizations runs each Q/DQ pair and the
+#: float MatMul as written. Worst of 20 held-out inputs of this stack (seed 2, 2026-12): w8a8 24.7 dB, w4a8 19.6,
+#: w4a8-gptq 20.0, fp8 26.9; the test takes the first 3. ONNX Runtime's default session instead fuses W8A8's pairs
+#: into u8s8 integer kernels (QLinearMatMul, MatMulIntegerToFloat). On x86 CPUs without VNNI, MLAS adds pairs of
+#: uint8 x int8 products in int16 with saturation (VPMADDUBSW; ONNX Runtime's quantization docs name it), which
+#: costs this stack up to 15 dB (w8a8-plain, third input: 33.6 dB as written, 19.5 dB fused on an AMD EPYC with
+#: AVX2 only; a Xeon with VNNI loses nothing). That is the runtime on that CPU, not the quantized model, so the
+#: fused run has a floor of its own: FUSED_FLOOR_DB, 3.3 dB under its worst measured input (w8a8-plain, 18.3 dB).
+#: W4A8 and FP8 use no integer kernel on the CPU (MatMulNBits on float activations, float8 Q/DQ unfused): their
+#: fused and unfused runs give the same numbers.
+FUSED_FLOOR_DB = 15
 
 
 @pytest.mark.parametrize(
@@ -43,10 +56,13 @@ def test_pipeline(activation_stack, tmp_path, config, floor_db):
     assert len(kept) <= 1  # "auto": at most 5% of the tensors (and at least one may go)
     assert ops.count("QuantizeLinear") == summary.activations["inserted"] == 2 * 4 + 1 - len(kept)
     assert all(r.reason.startswith(cfg.name) for r in summary.quantized)
+    unfused = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     for x in test:
         (ref,) = run(path, {"x": x})
-        (got,) = run(summary.outputs[0], {"x": x})
-        assert sqnr_db(ref, got) > floor_db
+        (as_written,) = run(summary.outputs[0], {"x": x}, optimization=unfused)
+        (fused,) = run(summary.outputs[0], {"x": x})
+        assert sqnr_db(ref, as_written) > floor_db
+        assert sqnr_db(ref, fused) > min(floor_db, FUSED_FLOOR_DB)
     if cfg.smooth_quant is not None:
         assert summary.activations["smoothing"]
     if cfg.algo != "rtn":
