@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 import pytest
-from builders import (
-    SENTENCES,
-    tiny_causal_lm,
-    tiny_encoder,
-    tiny_wordpiece,
-)
+from builders import SENTENCES, tiny_causal_lm, tiny_encoder, tiny_wordpiece
 from click.testing import CliRunner
 from helpers import onnx_io
 
@@ -103,7 +100,7 @@ def test_cli_generate_on_quantized_model(generation_llama, tmp_path):
 
 
 def test_cli_lower_writes_a_verified_folder(llama, tmp_path, capsys):
-    src = llama.parent
+    src = Path(shutil.copytree(llama.parent, tmp_path / "src"))  # the session's export is shared: a copy
     (src / "tokenizer.json").write_text("{}")  # stands for the files beside the model
     out = tmp_path / "low"
     assert main(["lower", str(src), "-o", str(out), "--json"]) == 0

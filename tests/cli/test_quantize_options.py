@@ -6,12 +6,7 @@ import json
 
 import numpy as np
 import onnx
-from builders import (
-    OUTLIER,
-    outlier_stack,
-    tiny_causal_lm,
-    tiny_tokenizer,
-)
+from builders import OUTLIER, outlier_stack, tiny_causal_lm, tiny_tokenizer
 from helpers import assert_one_line_error, qonnx_cli, run, sqnr_db
 from onnx import TensorProto, numpy_helper
 

@@ -10,14 +10,7 @@ import onnx
 import pytest
 import torch
 import transformers
-from builders import (
-    BERT_LIKE,
-    SENTENCES,
-    text_feeds,
-    tiny_causal_lm,
-    tiny_encoder,
-    tiny_wordpiece,
-)
+from builders import BERT_LIKE, SENTENCES, text_feeds, tiny_causal_lm, tiny_encoder, tiny_wordpiece
 from helpers import onnx_io
 
 import qonnx
@@ -72,7 +65,6 @@ def test_fp16_encoder_export(tmp_path):
 
 def test_dispatch_by_config(tmp_path):
     """export_model (and qonnx export) picks the encoder export from the config, causal LMs stay as they are."""
-
     encoder = tiny_encoder("bert")
     encoder.save_pretrained(tmp_path / "bert")
     tiny_causal_lm("llama").save_pretrained(tmp_path / "llama")

@@ -10,11 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from builders import (
-    TINY_CONFIGS,
-    tiny_causal_lm,
-    tiny_tokenizer,
-)
+from builders import TINY_CONFIGS, tiny_causal_lm, tiny_tokenizer
 from helpers import onnx_io
 
 from qonnx.core.errors import ConfigError, ModelLoadError, OutputPathError

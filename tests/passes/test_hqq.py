@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from builders import (
-    matmul_model,
-)
+from builders import matmul_model
 from helpers import run
 from onnx import TensorProto, helper, numpy_helper
 
@@ -133,7 +131,6 @@ def test_onnxruntime_computes_what_numpy_says(tmp_path, rng, cfg, zero_points, b
 
 def test_convolution_per_channel(tmp_path, rng):
     """Conv weights get HQQ per output channel with integer zero points (DequantizeLinear); ORT agrees with numpy."""
-
     w = with_outliers(rng, 16 * 8 * 3, 3).reshape(16, 8, 3, 3)
 
     def conv_model(path, weight):

@@ -8,9 +8,7 @@ import onnx_ir as ir
 import pytest
 import torch
 import transformers
-from builders import (
-    export_tiny_causal_lm,
-)
+from builders import export_tiny_causal_lm
 
 from qonnx.models.export import export_causal_lm
 from qonnx.passes.lower import FuseForOrtPass, RopeAnglesAsMatMul

@@ -7,10 +7,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from builders import (
-    tiny_causal_lm,
-    tiny_tokenizer,
-)
+from builders import tiny_causal_lm, tiny_tokenizer
 
 import qonnx
 from qonnx.passes.merge_linear import MergeParallelLinearPass
@@ -154,7 +151,6 @@ def test_cuda_target_also_merges_gate_and_up(tmp_path):
 
 def test_split_before_opset_13_takes_its_sizes_as_an_attribute(tmp_path):
     """Split's sizes became an input in opset 13: an older model gets the attribute form, and stays valid."""
-
     path = _branchy(tmp_path, opset=11)
     model = ir.load(path)
     MergeParallelLinearPass()(model)

@@ -7,9 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from builders import (
-    matmul_model,
-)
+from builders import matmul_model
 from helpers import run, sqnr_db
 from onnx import TensorProto, helper, numpy_helper
 

@@ -10,13 +10,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
-from builders import (
-    OUTLIER,
-    matmul_model,
-    outlier_stack,
-    tiny_causal_lm,
-    tiny_tokenizer,
-)
+from builders import OUTLIER, matmul_model, outlier_stack, tiny_causal_lm, tiny_tokenizer
 from onnx import helper, numpy_helper
 
 import qonnx

@@ -9,9 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from builders import (
-    matmul_model,
-)
+from builders import matmul_model
 from helpers import correlated, run, sqnr_db
 
 import qonnx

@@ -8,11 +8,7 @@ import threading
 import numpy as np
 import onnx
 import pytest
-from builders import (
-    matmul_model,
-    tiny_causal_lm,
-    tiny_tokenizer,
-)
+from builders import matmul_model, tiny_causal_lm, tiny_tokenizer
 from helpers import qonnx_cli
 
 import qonnx

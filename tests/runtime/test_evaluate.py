@@ -7,9 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from builders import (
-    TEXT,
-)
+from builders import TEXT
 
 from qonnx.core.errors import ConfigError, ModelLoadError
 from qonnx.models.export import export_causal_lm

@@ -6,12 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from builders import (
-    SENTENCES,
-    tiny_causal_lm,
-    tiny_encoder,
-    tiny_wordpiece,
-)
+from builders import SENTENCES, tiny_causal_lm, tiny_encoder, tiny_wordpiece
 
 from qonnx.core.errors import ConfigError, ModelLoadError
 from qonnx.models.export import export_model
@@ -67,7 +62,6 @@ def test_text_chunks(tmp_path):
 
 
 def test_similarity_errors(bert_encoders, tmp_path):
-
     fp32, _, data = bert_encoders
     with pytest.raises(ModelLoadError, match="encoder export"):
         similarity(export_model(tiny_causal_lm("llama"), tmp_path / "lm", quiet=True, verify=False), data=data)

@@ -11,9 +11,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from builders import (
-    matmul_model,
-)
+from builders import matmul_model
 from helpers import sqnr_db
 from onnx import TensorProto, helper, numpy_helper
 
