@@ -14,6 +14,7 @@ from helpers import assert_one_line_error, qonnx_cli
 from qonnx.models import build_decoder_stack
 
 
+@pytest.mark.slow
 def test_quantize_json_and_inspect(tmp_path, tiny_model):
     res = qonnx_cli(
         "quantize", tiny_model, "-o", tmp_path / "q.onnx", "--block-size", "32", "--json", "--exclude", "lm_head"
@@ -122,6 +123,7 @@ def test_input_folder_without_model(tmp_path):
     assert_one_line_error(qonnx_cli("quantize", tmp_path, "-o", tmp_path / "o"), "holds no model.onnx")
 
 
+@pytest.mark.slow
 def test_demo_runs_offline(tmp_path):
     res = qonnx_cli("demo", "--synthetic", "--work-dir", tmp_path / "demo", "--json")
     assert res.returncode == 0, res.stderr
@@ -131,6 +133,7 @@ def test_demo_runs_offline(tmp_path):
     assert 8 < out["verification"]["worst_sqnr_db"] < 40
 
 
+@pytest.mark.slow
 def test_cli_shape_errors(tmp_path, tiny_model):
     assert_one_line_error(
         qonnx_cli("quantize", tiny_model, "-o", tmp_path / "q.onnx", "--input-shape", "x=2"),

@@ -20,6 +20,7 @@ from qonnx.passes.lower import FuseForOrtPass
 from qonnx.runtime.evaluate import perplexity
 
 
+@pytest.mark.slow
 def test_cli_export_and_errors(tmp_path):
     from qonnx.cli.models import export_command
 
@@ -32,6 +33,7 @@ def test_cli_export_and_errors(tmp_path):
     assert isinstance(result.exception, ModelLoadError)
 
 
+@pytest.mark.slow
 def test_cli_export_encoder(tmp_path):
     from qonnx.cli.models import export_command
 

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 from builders import OUTLIER, outlier_stack, tiny_causal_lm, tiny_tokenizer
 from helpers import assert_one_line_error, qonnx_cli, run, sqnr_db
 from onnx import TensorProto, numpy_helper
@@ -13,6 +14,7 @@ from onnx import TensorProto, numpy_helper
 from qonnx.runtime.evaluate import perplexity
 
 
+@pytest.mark.slow
 def test_w8a8_options(activation_stack, tmp_path):
     path, npz, _ = activation_stack
     out = tmp_path / "cli" / "model.onnx"
@@ -56,6 +58,7 @@ def test_cli_w4a8_for_cpu_says_which_options_it_ignores(activation_stack, tmp_pa
     assert res.returncode == 0 and "ignored" not in res.stderr
 
 
+@pytest.mark.slow
 def test_fp8_gptq(activation_stack, tmp_path):
     """``--scheme fp8 --algo gptq`` (the default) rounds the float8 weights with GPTQ: other codes than RTN's,
     outputs closer to the float model."""
@@ -98,6 +101,7 @@ def test_hqq_options(tmp_path, tiny_model):
     assert res.returncode == 2 and "--calib-samples applies to" in res.stderr
 
 
+@pytest.mark.slow
 def test_cli_on_exported_llm(tmp_path):
     """A causal LM folder: feeds from its tokenizer and the pydoc corpus; the CLI options reach the config."""
     from qonnx.models.export import export_causal_lm
@@ -130,6 +134,7 @@ def test_cli_on_exported_llm(tmp_path):
     assert np.isfinite(ppl["perplexity"])
 
 
+@pytest.mark.slow
 def test_cli_on_exported_llama(tmp_path):
     """A Llama export (RMSNorm as Mul, SwiGLU, attention output behind Reshape): --algo awq+gptq from the CLI."""
     from qonnx.models.export import export_causal_lm
@@ -153,6 +158,7 @@ def test_cli_on_exported_llama(tmp_path):
         assert np.isfinite(perplexity(out, seq_len=32, windows=2, progress=False)["perplexity"])
 
 
+@pytest.mark.slow
 def test_cli_analyze_and_budget_json(tmp_path):
     path = outlier_stack(tmp_path)
     res = qonnx_cli("analyze", path, "--block-size", "32", "--calib-samples", "2", "--json", "-o", tmp_path / "s.png")

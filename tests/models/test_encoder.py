@@ -23,6 +23,7 @@ from qonnx.runtime.evaluate import similarity
 from qonnx.runtime.session import make_session
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("arch", "pooler", "inputs", "outputs"),
     [
@@ -53,6 +54,7 @@ def test_encoder_export_matches_torch(arch, pooler, inputs, outputs, tmp_path):
     assert verify_encoder_export(path, model, batch=1, seq=1) < 1e-4
 
 
+@pytest.mark.slow
 def test_fp16_encoder_export(tmp_path):
     model = tiny_encoder("bert")
     path = export_encoder(model, tmp_path, dtype="fp16", quiet=True, verify=False)
@@ -63,6 +65,7 @@ def test_fp16_encoder_export(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float16"
 
 
+@pytest.mark.slow
 def test_dispatch_by_config(tmp_path):
     """export_model (and qonnx export) picks the encoder export from the config, causal LMs stay as they are."""
     encoder = tiny_encoder("bert")
@@ -79,6 +82,7 @@ def test_dispatch_by_config(tmp_path):
     assert list(onnx_io(path)[1]) == ["logits"]
 
 
+@pytest.mark.slow
 def test_checkpoint_without_pooler_weights_drops_the_pooler(tmp_path):
     """A masked-LM checkpoint has no pooler weights: no random pooler_output in the export."""
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ from qonnx.models.hf import reference_model_path
 from qonnx.runtime.session import make_session
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_export_without_cache_matches_torch(arch, tmp_path):
     model = tiny_causal_lm(arch)
@@ -36,6 +37,7 @@ def test_export_without_cache_matches_torch(arch, tmp_path):
     assert verify_export(path, model, batch=3, seq=11) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
 def test_export_with_cache_matches_torch(arch, tmp_path):
     model = tiny_causal_lm(arch)
@@ -54,6 +56,7 @@ def test_export_with_cache_matches_torch(arch, tmp_path):
     assert verify_export(path, model, batch=2, seq=9) < 1e-4
 
 
+@pytest.mark.slow
 def test_cache_decoding_continues_a_prefix(tmp_path):
     """Logits of a sequence fed in two chunks through the cache equal those of one pass."""
     model = tiny_causal_lm("llama")
@@ -79,6 +82,7 @@ def test_cache_decoding_continues_a_prefix(tmp_path):
     assert present["past_key_values.1.value"].shape == (1, 2, 10, 16)  # fed back as the next past
 
 
+@pytest.mark.slow
 def test_left_padding_is_masked(tmp_path):
     model = tiny_causal_lm("llama")
     path = export_causal_lm(model, tmp_path, kv_cache=False, quiet=True, verify=False)
@@ -95,6 +99,7 @@ def test_left_padding_is_masked(tmp_path):
     np.testing.assert_allclose(out[valid], ref[valid], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_fp16_export_runs_on_cpu(tmp_path):
     model = tiny_causal_lm("llama")
     path = export_causal_lm(model, tmp_path, dtype="fp16", quiet=True, verify=False)
@@ -105,6 +110,7 @@ def test_fp16_export_runs_on_cpu(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float16"
 
 
+@pytest.mark.slow
 def test_export_from_hf_folder(tmp_path):
     model = tiny_causal_lm("qwen2")
     model.save_pretrained(tmp_path / "hf")

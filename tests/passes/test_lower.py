@@ -109,6 +109,7 @@ def test_without_attention(llama, tmp_path):
     _assert_close(_run_both(llama, tmp_path / "norms.onnx"), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sliding_window_mask_is_not_dropped(tmp_path_factory, tmp_path):
     """onnxscript's GQA rule does not look at the mask; a sliding window must keep MultiHeadAttention."""
     path = export_tiny_causal_lm(tmp_path_factory, "mistral", sliding_window=4)
@@ -118,6 +119,7 @@ def test_sliding_window_mask_is_not_dropped(tmp_path_factory, tmp_path):
     _assert_close(_run_both(path, tmp_path / "mistral.onnx", seq=9), atol=1e-5)  # 9 tokens > the window
 
 
+@pytest.mark.slow
 def test_gpt2_attention_output_reshaped_to_2d_is_not_fused_wrongly(tmp_path_factory, tmp_path):
     """GPT-2 reshapes the attention output to [batch * sequence, hidden] for a Gemm: it must still load."""
     torch.manual_seed(0)
@@ -165,6 +167,7 @@ def test_lowered_model_with_external_data_loads_and_quantizes(llama, tmp_path):
     assert sum(1 for r in summary.layers if r.quantized) == 11  # q/k/v merged by the lowering
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("dtype", "overrides", "target"),
     [
@@ -218,6 +221,7 @@ def _as_expanded_inv_freq(path, out):
     return out
 
 
+@pytest.mark.slow
 def test_expanded_float16_inv_freq_still_fuses_rotary_and_gqa(tmp_path_factory, tmp_path):
     """transformers < 5.20 (the GPU machine's 5.17) expands a float16 inv_freq per batch: GQA must still apply."""
     path = export_tiny_causal_lm(tmp_path_factory, "llama", dtype="fp16")

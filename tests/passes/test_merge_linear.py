@@ -109,6 +109,7 @@ def test_merged_names_do_not_collide(tmp_path):
     assert set(_run(tmp_path / "merged.onnx", feeds)) == {f"out{i}" for i in range(5)}
 
 
+@pytest.mark.slow
 def test_decoder_qkv_packed_into_group_query_attention(tmp_path):
     """Lowered W4A16 decoder: q/k/v become one MatMulNBits read by GroupQueryAttention as packed QKV."""
     from qonnx.models.export import export_causal_lm
@@ -126,6 +127,7 @@ def test_decoder_qkv_packed_into_group_query_attention(tmp_path):
             assert node.inputs[1] is None and node.inputs[2] is None
 
 
+@pytest.mark.slow
 def test_cuda_target_also_merges_gate_and_up(tmp_path):
     """For CUDA gate/up are merged too (with a Split), q/k/v as well where attention stays unfused (float32)."""
     from qonnx.models.export import export_causal_lm

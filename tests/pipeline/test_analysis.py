@@ -226,6 +226,7 @@ def test_ppl_search_keeps_float_when_8_bit_is_not_enough():
     assert _smallest(lambda k: asked.append(k) or k >= 3, 0, 200) == 3 and max(asked) == 4  # never asks 200
 
 
+@pytest.mark.slow
 def test_gptq_budget_collects_hessians_once(tiny_llm, tmp_path, monkeypatch):
     import qonnx.pipeline.quantize
 

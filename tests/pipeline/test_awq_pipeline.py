@@ -25,6 +25,7 @@ def stack(stack_feeds):
     return path, npz, {"x": test}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gptq", [None, GPTQ()])
 def test_fold_keeps_the_float_model(stack, tmp_path, gptq):
     """Scales folded into the LayerNorms and the up projections: the float model computes the same outputs."""
@@ -55,6 +56,7 @@ def test_fold_keeps_the_float_model(stack, tmp_path, gptq):
     np.testing.assert_allclose(run(out, feeds)[0], run(path, feeds)[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
 def test_pipeline_npz_feeds(stack, tmp_path, fmt):
     """awq and awq+gptq: valid models closer to the float model than RTN on unseen inputs; records say what AWQ did."""

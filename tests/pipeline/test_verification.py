@@ -168,6 +168,7 @@ def test_verified_on_the_calibration_data(tmp_path, tiny_model, rng):
     assert not (tmp_path / "r.onnx").exists()
 
 
+@pytest.mark.slow
 def test_verified_on_the_calibration_text(tmp_path):
     """An LLM calibrated on a text file is verified on that text's last tokens (through its tokenizer), from
     the CLI too; without calibration data, on the end of the pydoc corpus."""

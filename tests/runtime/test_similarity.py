@@ -61,6 +61,7 @@ def test_text_chunks(tmp_path):
         text_chunks(tmp_path / "b.txt")
 
 
+@pytest.mark.slow
 def test_similarity_errors(bert_encoders, tmp_path):
     fp32, _, data = bert_encoders
     with pytest.raises(ModelLoadError, match="encoder export"):
