@@ -19,13 +19,14 @@ from qonnx.models import build_decoder_stack
 #: The floors hold for the model's own numbers: a session without graph optimizations runs each Q/DQ pair and the
 #: float MatMul as written. Worst of 20 held-out inputs of this stack (seed 2, 2026-12): w8a8 24.7 dB, w4a8 19.6,
 #: w4a8-gptq 20.0, fp8 26.9; the test takes the first 3. ONNX Runtime's default session instead fuses W8A8's pairs
-#: into u8s8 integer kernels (QLinearMatMul, MatMulIntegerToFloat). On x86 CPUs without VNNI, MLAS adds pairs of
-#: uint8 x int8 products in int16 with saturation (VPMADDUBSW; ONNX Runtime's quantization docs name it), which
-#: costs this stack up to 15 dB (w8a8-plain, third input: 33.6 dB as written, 19.5 dB fused on an AMD EPYC with
-#: AVX2 only; a Xeon with VNNI loses nothing). That is the runtime on that CPU, not the quantized model, so the
-#: fused run has a floor of its own: FUSED_FLOOR_DB, 3.3 dB under its worst measured input (w8a8-plain, 18.3 dB).
-#: W4A8 and FP8 use no integer kernel on the CPU (MatMulNBits on float activations, float8 Q/DQ unfused): their
-#: fused and unfused runs give the same numbers.
+#: into u8s8 integer kernels (QLinearMatMul, MatMulIntegerToFloat). On x86 CPUs without VNNI these add pairs of
+#: uint8 x int8 products in int16 with saturation (VPMADDUBSW; see ONNX Runtime PR 12088, "x86/64 U8S8 Gemm
+#: Precision Fix"; VNNI's VPDPBUSD does not saturate). On an AMD EPYC with AVX2 only that costs this stack up to
+#: 15 dB: w8a8-plain, third input, 33.6 dB as written, 19.5 dB fused, 33.6 dB fused with the session option
+#: session.x64quantprecision=1. That is the runtime on that CPU, not the quantized model, so the fused run (default
+#: session options) has a floor of its own: FUSED_FLOOR_DB, 3.3 dB under its worst measured input (w8a8-plain,
+#: 18.3 dB). W4A8 and FP8 use no integer kernel on the CPU (MatMulNBits on float activations, float8 Q/DQ
+#: unfused): their fused and unfused runs give the same numbers.
 FUSED_FLOOR_DB = 15
 
 
