@@ -9,25 +9,12 @@ import sys
 
 import onnx
 import pytest
+from helpers import assert_one_line_error, qonnx_cli
 
 from qonnx.models import build_decoder_stack
 
 
-def qonnx_cli(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "qonnx.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=120
-    )
-
-
-def assert_one_line_error(res, *fragments):
-    assert res.returncode == 2, (res.stdout, res.stderr)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("qonnx: error: "), res.stderr
-    assert "Traceback" not in res.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-
-
+@pytest.mark.slow
 def test_quantize_json_and_inspect(tmp_path, tiny_model):
     res = qonnx_cli(
         "quantize", tiny_model, "-o", tmp_path / "q.onnx", "--block-size", "32", "--json", "--exclude", "lm_head"
@@ -136,6 +123,7 @@ def test_input_folder_without_model(tmp_path):
     assert_one_line_error(qonnx_cli("quantize", tmp_path, "-o", tmp_path / "o"), "holds no model.onnx")
 
 
+@pytest.mark.slow
 def test_demo_runs_offline(tmp_path):
     res = qonnx_cli("demo", "--synthetic", "--work-dir", tmp_path / "demo", "--json")
     assert res.returncode == 0, res.stderr
@@ -143,6 +131,27 @@ def test_demo_runs_offline(tmp_path):
     rows = {r["model"]: r for r in out["rows"]}
     assert rows["w4a16"]["bytes"] * 4 < rows["fp32"]["bytes"]
     assert 8 < out["verification"]["worst_sqnr_db"] < 40
+
+
+@pytest.mark.slow
+def test_cli_shape_errors(tmp_path, tiny_model):
+    assert_one_line_error(
+        qonnx_cli("quantize", tiny_model, "-o", tmp_path / "q.onnx", "--input-shape", "x=2"),
+        "verification could not run",
+    )
+    assert_one_line_error(
+        qonnx_cli("quantize", tiny_model, "-o", tmp_path / "q.onnx", "--input-shape", "x"), "--input-shape"
+    )
+    res = qonnx_cli("quantize", tiny_model, "-o", tmp_path / "q.onnx", "--input-shape", "x=2x3x72", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["verification"]["ran"]
+
+
+def test_cli_starts_without_the_passes():
+    """``qonnx.cli`` imports neither onnx_ir nor the passes: the original's run starts before they load."""
+    heavy = "('onnx_ir', 'onnxscript', 'qonnx.pipeline.quantize')"
+    code = f"import sys, qonnx.cli, qonnx.cli.quantize; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == "[]"
 
 
 def test_help_is_one_voice():

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from test_export import tiny_model, tiny_tokenizer
+from builders import tiny_causal_lm, tiny_tokenizer
 
 import qonnx
 from qonnx.passes.merge_linear import MergeParallelLinearPass
@@ -108,12 +109,13 @@ def test_merged_names_do_not_collide(tmp_path):
     assert set(_run(tmp_path / "merged.onnx", feeds)) == {f"out{i}" for i in range(5)}
 
 
+@pytest.mark.slow
 def test_decoder_qkv_packed_into_group_query_attention(tmp_path):
     """Lowered W4A16 decoder: q/k/v become one MatMulNBits read by GroupQueryAttention as packed QKV."""
     from qonnx.models.export import export_causal_lm
     from qonnx.pipeline.lowering import lower
 
-    export_causal_lm(tiny_model("llama"), tmp_path / "kv", tokenizer=tiny_tokenizer(), quiet=True, verify=False)
+    export_causal_lm(tiny_causal_lm("llama"), tmp_path / "kv", tokenizer=tiny_tokenizer(), quiet=True, verify=False)
     qonnx.quantize(tmp_path / "kv", qonnx.W4A16(block_size=32), output=tmp_path / "w4", verify=False)
     summary = lower(tmp_path / "w4", tmp_path / "low")  # verified against the input before it is written
     assert summary.fusions["packed_qkv_for_gqa_merged"] == 2 and summary.fusions["merged_linear"] == 4  # CPU
@@ -125,12 +127,13 @@ def test_decoder_qkv_packed_into_group_query_attention(tmp_path):
             assert node.inputs[1] is None and node.inputs[2] is None
 
 
+@pytest.mark.slow
 def test_cuda_target_also_merges_gate_and_up(tmp_path):
     """For CUDA gate/up are merged too (with a Split), q/k/v as well where attention stays unfused (float32)."""
     from qonnx.models.export import export_causal_lm
     from qonnx.passes.lower import FuseForOrtPass
 
-    export_causal_lm(tiny_model("llama"), tmp_path / "kv", tokenizer=tiny_tokenizer(), quiet=True, verify=False)
+    export_causal_lm(tiny_causal_lm("llama"), tmp_path / "kv", tokenizer=tiny_tokenizer(), quiet=True, verify=False)
     model = ir.load(tmp_path / "kv" / "model.onnx")
     fuse = FuseForOrtPass("cuda")
     fuse(model)
@@ -150,8 +153,6 @@ def test_cuda_target_also_merges_gate_and_up(tmp_path):
 
 def test_split_before_opset_13_takes_its_sizes_as_an_attribute(tmp_path):
     """Split's sizes became an input in opset 13: an older model gets the attribute form, and stays valid."""
-    import onnx
-
     path = _branchy(tmp_path, opset=11)
     model = ir.load(path)
     MergeParallelLinearPass()(model)

@@ -1,4 +1,4 @@
-"""Per-layer report: matched layers, figures that rank the damaged layer first, files written, errors."""
+"""Per-layer reports: a damaged layer ranks first, files and CLI, float zero points."""
 
 from __future__ import annotations
 

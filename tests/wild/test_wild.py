@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import math
 
-import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import run, sqnr_db
+from helpers import run, sqnr_db
 from onnx import TensorProto, helper, numpy_helper
 from wild.corpus import BUILDERS
 
 import qonnx
-from qonnx.core import formats, quant
+from qonnx.core import quant
 from qonnx.core.errors import NothingToQuantizeError, QonnxError
-from qonnx.passes.cleanup import RemoveUnusedInitializersPass, remove_unused_weights
 
 SCHEMES = {
     "w8": qonnx.W8A16(block_size=32),
@@ -28,6 +26,7 @@ SCHEMES = {
     "w8-qdq": qonnx.W8A16(block_size=32, format="qdq"),
     "w4-qdq": qonnx.W4A16(block_size=32, symmetric=True, format="qdq"),
 }
+
 
 # graph -> (lowest SQNR in dB on any float output with 8-bit, with 4-bit weights), or (error, message fragment)
 EXPECT: dict[str, tuple] = {
@@ -238,75 +237,3 @@ def test_small_model_output_not_larger(tmp_path, rng):
     except NothingToQuantizeError:
         return
     assert s.bytes_after <= s.bytes_before
-
-
-@pytest.mark.parametrize(
-    ("fmt", "k", "n", "bits", "block", "sym", "dtype"),
-    [
-        ("matmulnbits", 576, 40, 4, 128, False, np.float32),
-        ("matmulnbits", 72, 24, 8, 32, True, np.float16),
-        ("qdq", 100, 24, 4, 32, False, np.float32),
-        ("qdq", 64, 48, 8, None, True, np.float16),
-    ],
-)
-def test_size_estimate_matches_arrays(rng, fmt, k, n, bits, block, sym, dtype):
-    qb = quant.quantize_kn(rng.standard_normal((k, n)).astype(np.float32), bits, block, sym, scale_dtype=dtype)
-    ir_dtype = ir.DataType.FLOAT if dtype is np.float32 else ir.DataType.FLOAT16
-    qw = formats.emit(qb, fmt, ir_dtype.numpy())
-    est = formats.estimated_nbytes(
-        fmt, k, n, bits=bits, block_size=block, symmetric=sym, scale_bytes=np.dtype(dtype).itemsize, name=""
-    )
-    overhead = formats.estimated_nbytes(fmt, 0, 0, bits=bits, block_size=block, symmetric=sym, scale_bytes=2, name="")
-    assert est - overhead == qw.nbytes
-
-
-def _subgraph_model(rng):
-    v = helper.make_tensor_value_info
-    inner = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "used"], ["t"])],
-        "then",
-        [],
-        [v("t", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), n) for n in ("used", "dead")],
-    )
-    other = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["e"])], "else", [], [v("e", TensorProto.FLOAT, None)]
-    )
-    g = helper.make_graph(
-        [helper.make_node("If", ["c"], ["y"], then_branch=inner, else_branch=other)],
-        "g",
-        [v("x", TensorProto.FLOAT, [2, 4]), v("c", TensorProto.BOOL, []), v("kept_input", TensorProto.FLOAT, [4])],
-        [v("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(np.ones(4, np.float32), n) for n in ("main_dead", "kept_input")],
-    )
-    return ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
-
-
-def test_remove_unused_initializers_in_subgraphs(rng):
-    model = _subgraph_model(rng)
-    assert RemoveUnusedInitializersPass()(model).modified
-    names = {v.name for g in model.graphs() for v in g.initializers.values()}
-    assert names == {"used", "kept_input"}  # unused ones gone in both graphs; an initializer-input stays
-    assert not RemoveUnusedInitializersPass()(model).modified
-
-
-def test_remove_unused_weights_takes_chains_and_only_dead_values(rng):
-    model = _subgraph_model(rng)
-    then = next(g for g in model.graphs() if g.name == "then")
-    assert remove_unused_weights([then.node(0).inputs[1]]) == 0  # `used` is still read
-    cast = ir.node("Cast", [then.initializers["dead"]], attributes={"to": 1})
-    relu = ir.node("Relu", [then.initializers["used"]])
-    then.extend([cast, relu])
-    assert remove_unused_weights([cast.outputs[0], relu.outputs[0]]) == 2  # Cast and `dead`; Relu is no weight op
-    assert set(then.initializers) == {"used"} and relu.graph is then
-    kept = model.graph.initializers["kept_input"]
-    assert remove_unused_weights([kept]) == 0  # an initializer that is also a graph input can be fed
-    assert remove_unused_weights([kept], drop_graph_inputs=True) == 1 and len(model.graph.inputs) == 2
-
-
-def test_bf16_scales_are_float32_math(rng):
-    """Quantization of bfloat16 weights runs in float32; scales are rounded to bfloat16 before the codes."""
-    w = rng.standard_normal((16, 64)).astype(ml_dtypes.bfloat16)
-    qb = quant.quantize_blocked(w.astype(np.float32), 4, 32, False, scale_dtype=ml_dtypes.bfloat16)
-    assert qb.scale.dtype == ml_dtypes.bfloat16
-    assert sqnr_db(w.astype(np.float32), qb.dequantize()) > 15

@@ -1,22 +1,17 @@
-"""HQQ: the solver against round-to-nearest, and its zero points through MatMulNBits and DequantizeLinear."""
+"""HQQ: less error than round to nearest, codes from the stored parameters, ONNX Runtime computes what numpy says."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import onnx
 import pytest
-from conftest import matmul_model, run
-from onnx import numpy_helper
-from test_cli import qonnx_cli
+from builders import matmul_model
+from helpers import run
+from onnx import TensorProto, helper, numpy_helper
 
 import qonnx
 from qonnx.core import numerics, quant
-from qonnx.core.algos import HQQ
 from qonnx.core.config import W2A16, W3A16, W4A16, W8A16
-from qonnx.core.errors import ConfigError
-from qonnx.core.schemes import SCHEMES
 from qonnx.passes.hqq import hqq_quantize, lp_error
 
 
@@ -93,19 +88,6 @@ def test_arguments():
     assert not qm.dequantize().any()
 
 
-def test_config():
-    cfg = W4A16(algo="hqq")
-    assert cfg.hqq == HQQ() and cfg.gptq is None and cfg.calibrated is None
-    assert cfg.to_dict()["algo"]["name"] == "hqq" and json.dumps(cfg.to_dict())
-    for bad in [dict(iterations=0), dict(lp_norm=0), dict(beta=0), dict(kappa=0.5)]:
-        with pytest.raises(ConfigError, match="hqq"):
-            HQQ(**bad)
-    with pytest.raises(ConfigError, match="symmetric"):
-        W4A16(algo="hqq", symmetric=True)
-    assert SCHEMES["w3a16"] is W3A16 and SCHEMES["w2a16"] is W2A16
-    assert qonnx.W3A16().bits == 3 and qonnx.W2A16().bits == 2
-
-
 def stored(model_path, suffix):
     m = onnx.load(model_path)
     return next(numpy_helper.to_array(i) for i in m.graph.initializer if i.name.endswith(suffix))
@@ -147,20 +129,8 @@ def test_onnxruntime_computes_what_numpy_says(tmp_path, rng, cfg, zero_points, b
         assert expected.q.max() <= 7
 
 
-def test_cli(tmp_path, tiny_model):
-    res = qonnx_cli("quantize", tiny_model, "-o", tmp_path / "q.onnx", "--scheme", "w3a16", "--algo", "hqq", "--json")
-    assert res.returncode == 0, res.stderr
-    summary = json.loads(res.stdout)
-    assert summary["config"]["scheme"] == "w3a16" and summary["config"]["algo"]["name"] == "hqq"
-    assert all("hqq (float zero points)" in r["reason"] for r in summary["layers"] if r["quantized"])
-    res = qonnx_cli("quantize", tiny_model, "-o", tmp_path / "q2.onnx", "--algo", "hqq", "--calib-samples", "2")
-    assert res.returncode == 2 and "--calib-samples applies to" in res.stderr
-
-
 def test_convolution_per_channel(tmp_path, rng):
     """Conv weights get HQQ per output channel with integer zero points (DequantizeLinear); ORT agrees with numpy."""
-    from onnx import TensorProto, helper
-
     w = with_outliers(rng, 16 * 8 * 3, 3).reshape(16, 8, 3, 3)
 
     def conv_model(path, weight):

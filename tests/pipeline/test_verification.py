@@ -1,0 +1,204 @@
+"""Verification in qonnx.quantize: metadata, refusals that write nothing, the original run early and aside."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import onnx
+import pytest
+from builders import matmul_model, tiny_causal_lm, tiny_tokenizer
+from helpers import qonnx_cli
+
+import qonnx
+from qonnx.core import modelfile
+from qonnx.core.errors import QonnxError
+from qonnx.passes.weight_only import QuantizeWeightsPass
+from qonnx.pipeline import verification as verification_module
+from qonnx.pipeline.verification import VerificationError, VerifyOptions, start_reference_early
+from qonnx.runtime import verify as verify_module
+from qonnx.runtime.session import InMemoryModel
+from qonnx.runtime.verify import (
+    ReferenceRun,
+    verify_models,
+)
+
+
+def test_metadata_and_summary(tmp_path, tiny_model):
+    s = qonnx.quantize(tiny_model, qonnx.W8A16(block_size=32), output=tmp_path / "q.onnx")
+    assert s.verification.ran and s.verification.worst_sqnr > 30
+    props = {p.key: p.value for p in onnx.load(tmp_path / "q.onnx").metadata_props}
+    assert props["qonnx.version"] == qonnx.__version__
+    assert json.loads(props["qonnx.config"])["scheme"] == "w8a16"
+    assert float(props["qonnx.worst_sqnr_db"]) == pytest.approx(s.verification.worst_sqnr, abs=1e-3)
+    assert json.loads(props["qonnx.verification"])["outputs"][0]["name"] == "y"
+
+
+def test_min_sqnr_refuses_and_writes_nothing(tmp_path, tiny_model):
+    with pytest.raises(VerificationError):
+        qonnx.quantize(
+            tiny_model, qonnx.W4A16(block_size=32), output=tmp_path / "q.onnx", verify=VerifyOptions(min_sqnr=60)
+        )
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.onnx"]  # the input alone: no output, no temp files
+    res = qonnx_cli("quantize", tiny_model, "-o", tmp_path / "q.onnx", "--min-sqnr", "60")
+    assert res.returncode == 3 and "below --min-sqnr 60" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_garbage_model_warns_loudly(tmp_path, rng, capsys):
+    """A weight with one huge outlier per block destroys 4-bit precision: the run must say so."""
+    w = rng.standard_normal((64, 16)).astype(np.float32)
+    w[::16] = 1e4
+    src = matmul_model(tmp_path / "m.onnx", w)
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    x[:, ::16] = 0  # the outlier channels are silent: the output is made of the weights rounded away
+    s = qonnx.quantize(
+        src, qonnx.W4A16(block_size=16), output=tmp_path / "q.onnx", verify=VerifyOptions(feeds=[{"x": x}])
+    )
+    assert s.verification.worst_sqnr < 10
+    assert "WARNING" in capsys.readouterr().err
+
+
+def test_no_verify(tmp_path, tiny_model):
+    s = qonnx.quantize(tiny_model, output=tmp_path / "q.onnx", verify=False)
+    assert not s.verification.ran and "disabled" in s.verification.note
+
+
+def test_original_with_ir_version_onnx_runtime_refuses(tmp_path, rng):
+    """onnx 1.23's helpers write IR 14, which ONNX Runtime 1.31 refuses: verification compares with a copy
+    at a version it accepts, and the output is written at that version."""
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    path = matmul_model(tmp_path / "m.onnx", w)
+    m = onnx.load(path)
+    m.ir_version = 14
+    onnx.save(m, path)
+    s = qonnx.quantize(path, qonnx.W8A16(block_size=32), output=tmp_path / "q.onnx")
+    assert s.verification.ran and s.verification.worst_sqnr > 30
+    assert onnx.load(tmp_path / "q.onnx").ir_version <= 13
+    s2 = qonnx.quantize(qonnx.load(path), qonnx.W8A16(block_size=32))
+    assert s2.verification.ran and s2.verification.worst_sqnr > 30
+
+
+def test_quantize_runs_the_original_while_quantizing(tmp_path, tiny_model, monkeypatch):
+    """The original is started before the weights are quantized and runs off the main thread."""
+    events: list[str] = []
+    start, run, call = ReferenceRun.start, ReferenceRun.run, QuantizeWeightsPass.call
+    monkeypatch.setattr(ReferenceRun, "start", lambda self: (events.append("start"), start(self))[1])
+    monkeypatch.setattr(ReferenceRun, "run", lambda self: (events.append(threading.current_thread().name), run(self)))
+    monkeypatch.setattr(QuantizeWeightsPass, "call", lambda self, m: (events.append("quantize"), call(self, m))[1])
+    s = qonnx.quantize(tiny_model, qonnx.W8A16(block_size=32), output=tmp_path / "q.onnx")
+    assert s.verification.ran and s.verification.worst_sqnr > 30
+    assert events.index("start") < events.index("quantize")
+    assert "qonnx-verify-reference" in events and "MainThread" not in events
+
+
+def test_background_errors_surface_and_nothing_is_written(tmp_path, tiny_model):
+    """ONNX Runtime refusing the made-up inputs in the background thread is reported like any verification error."""
+    with pytest.raises(QonnxError, match=r"verification could not run the models: .*Invalid rank for input: x"):
+        qonnx.quantize(tiny_model, output=tmp_path / "q.onnx", verify=VerifyOptions(shapes={"x": (2,)}))
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.onnx"]
+
+
+def test_quantized_model_verified_from_memory_while_written(tmp_path, tiny_model, monkeypatch):
+    """The quantized model is compared from memory in a background thread that overlaps the writing, with the
+    figures of the written file; the file is written from the same snapshot. A refusal there still leaves
+    nothing written."""
+    events: list[tuple[object, str]] = []
+    session, write = verify_module.verification_session, modelfile.write_snapshot
+    monkeypatch.setattr(
+        verify_module,
+        "verification_session",
+        lambda m, *a, **k: (events.append((m, threading.current_thread().name)), session(m, *a, **k))[1],
+    )
+    monkeypatch.setattr(
+        modelfile, "write_snapshot", lambda m, p: (events.append((m, threading.current_thread().name)), write(m, p))[1]
+    )
+    s = qonnx.quantize(tiny_model, qonnx.W4A16(block_size=32), output=tmp_path / "q.onnx")
+    by_thread = {thread: m for m, thread in events}  # the original is run from its file on a third thread
+    assert isinstance(by_thread["MainThread"], InMemoryModel)
+    assert by_thread["qonnx-verify-quantized"] is by_thread["MainThread"]
+    from_file = verify_models(tiny_model, tmp_path / "q.onnx")
+    assert [m.to_dict() for m in s.verification.outputs] == [m.to_dict() for m in from_file]
+    props = {p.key: p.value for p in onnx.load(tmp_path / "q.onnx").metadata_props}
+    assert float(props["qonnx.worst_sqnr_db"]) == pytest.approx(s.verification.worst_sqnr, abs=1e-3)
+    with pytest.raises(VerificationError):
+        qonnx.quantize(
+            tiny_model, output=tmp_path / "r.onnx", verify=VerifyOptions(min_sqnr=s.verification.worst_sqnr + 1)
+        )
+    assert not (tmp_path / "r.onnx").exists() and not list(tmp_path.glob(".r.onnx*"))
+
+
+def test_reference_started_early_is_taken_over(tmp_path, tiny_model, monkeypatch):
+    """The CLI starts the original's run before quantize is imported; quantize takes that run over instead of
+    starting another. Nothing starts where verification would not run."""
+    starts: list[str] = []
+    start = ReferenceRun.start
+    monkeypatch.setattr(ReferenceRun, "start", lambda self: (starts.append(str(self.original)), start(self))[1])
+    options = VerifyOptions()
+    start_reference_early(tiny_model.parent, options)  # a folder without model.onnx: nothing to start
+    start_reference_early(tiny_model, VerifyOptions(enabled=False))
+    start_reference_early(tiny_model, VerifyOptions(max_bytes=tiny_model.stat().st_size - 1))
+    assert starts == []
+    start_reference_early(tiny_model, options)
+    assert starts == [str(tiny_model)]
+    s = qonnx.quantize(tiny_model, qonnx.W8A16(block_size=32), output=tmp_path / "q.onnx", verify=options)
+    assert starts == [str(tiny_model)] and s.verification.ran and s.verification.worst_sqnr > 30
+    assert not verification_module._EARLY
+    qonnx.quantize(tiny_model, qonnx.W8A16(block_size=32), output=tmp_path / "r.onnx", verify=VerifyOptions())
+    assert len(starts) == 2  # other options: a run of its own
+
+
+def test_verified_on_the_calibration_data(tmp_path, tiny_model, rng):
+    """A scheme that calibrates on a .npz of feeds is verified on its last batch (the figures of a direct run
+    on that batch), and says so; a .npz given for verification alone whose arrays are not named after inputs
+    is refused in one line, nothing written."""
+    batches = rng.standard_normal((3, 2, 5, 72)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", x=batches)
+    config = qonnx.W8A8(calibration=qonnx.Calibration(data=str(tmp_path / "cal.npz"), samples=2, device="cpu"))
+    s = qonnx.quantize(tiny_model, config, output=tmp_path / "q.onnx")
+    assert s.verification.inputs == "cal.npz, its last batch (of 3)"
+    direct = verify_models(tiny_model, tmp_path / "q.onnx", feeds=[{"x": batches[-1]}])
+    assert [m.to_dict() for m in s.verification.outputs] == [m.to_dict() for m in direct]
+    props = {p.key: p.value for p in onnx.load(tmp_path / "q.onnx").metadata_props}
+    assert json.loads(props["qonnx.verification"])["inputs"] == "cal.npz, its last batch (of 3)"
+    np.savez(tmp_path / "bad.npz", pixels=batches)
+    with pytest.raises(QonnxError, match=r"bad.npz: arrays not named after an input of the model: pixels"):
+        qonnx.quantize(tiny_model, output=tmp_path / "r.onnx", verify=VerifyOptions(data=str(tmp_path / "bad.npz")))
+    assert not (tmp_path / "r.onnx").exists()
+
+
+@pytest.mark.slow
+def test_verified_on_the_calibration_text(tmp_path):
+    """An LLM calibrated on a text file is verified on that text's last tokens (through its tokenizer), from
+    the CLI too; without calibration data, on the end of the pydoc corpus."""
+    from qonnx.models.export import export_causal_lm
+
+    tokenizer = tiny_tokenizer()
+    src = export_causal_lm(
+        tiny_causal_lm("llama"), tmp_path / "src", tokenizer=tokenizer, quiet=True, verify=False
+    ).parent
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)
+    (tmp_path / "cal.txt").write_text(text)
+    ids = verify_module.text_token_ids(src, data=tmp_path / "cal.txt")
+    expected = tokenizer(text, add_special_tokens=False)["input_ids"][-verify_module.VERIFY_TOKENS :]
+    assert ids is not None and ids.tolist() == [expected]
+    res = qonnx_cli(
+        "quantize", src, "-o", tmp_path / "out", "--algo", "gptq", "--block-size", "32", "--calib-data",
+        tmp_path / "cal.txt", "--calib-samples", "2", "--calib-seq-len", "32", "--json",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["verification"]["inputs"] == "cal.txt, its last 128 tokens"
+    s = qonnx.quantize(src, output=tmp_path / "rtn")
+    assert s.verification.inputs == "pydoc text, its last 128 tokens"
+    # a .npz that gives the token ids alone: the mask, positions and empty KV cache follow their length
+    np.savez(tmp_path / "ids.npz", input_ids=np.asarray(expected[:40], np.int64).reshape(2, 1, 20))
+    s = qonnx.quantize(src, output=tmp_path / "npz", verify=VerifyOptions(data=str(tmp_path / "ids.npz")))
+    assert s.verification.inputs == "ids.npz, its last batch (of 2)" and s.verification.worst_sqnr > 10
+
+
+def test_default_verification_of_a_bert_quantization(bert_encoders, tmp_path):
+    """Quantizing a BERT export with the default verification (no feeds given), as `qonnx quantize` does."""
+    fp32, _, _ = bert_encoders
+    summary = qonnx.quantize(fp32, qonnx.W8A16(block_size=16), output=tmp_path / "w8")
+    assert summary.verification.ran
