@@ -301,3 +301,34 @@ def to_bytes(model: ir.Model) -> bytes:
     """The whole model, weights included, as one serialized protobuf (for models under 2 GB)."""
     with _inlined(model, None):
         return ir.serde.serialize_model(model).SerializeToString()
+
+
+def output_paths(output: str | os.PathLike, source: Path | None, source_arg: object) -> tuple[Path, Path | None]:
+    """Where a model read from ``source`` goes: (.onnx path to write, folder whose other files go beside it).
+
+    A folder input (``source_arg``) is mirrored into an output folder; an output .onnx path is taken as it is.
+
+    Raises:
+        OutputPathError: the output folder is the input folder.
+    """
+    out = Path(output)
+    if isinstance(source_arg, (str, os.PathLike)) and Path(source_arg).is_dir():
+        if out.suffix == ".onnx":
+            return out, None
+        if out.resolve() == Path(source_arg).resolve():
+            raise OutputPathError(f"{out}: output folder is the input folder")
+        return out / MODEL_FILENAME, Path(source_arg)
+    if out.is_dir() or out.suffix != ".onnx":
+        return out / (source.name if source is not None else MODEL_FILENAME), None
+    return out, None
+
+
+def mirror_folder(src: Path, dst: Path, skip: Collection[Path]) -> None:
+    """Copy the files beside a model (tokenizer, config) into the output folder; model files are not copied."""
+    for item in sorted(src.iterdir()):
+        if item.resolve() in skip or item.name.startswith(".") or item.suffix in (".onnx", ".data"):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, dst / item.name)

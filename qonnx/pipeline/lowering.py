@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import onnx_ir as ir
 
 from qonnx.core import modelfile
-from qonnx.core.errors import ModelLoadError, OutputPathError, QonnxError
+from qonnx.core.errors import ModelLoadError, QonnxError
 from qonnx.passes.lower import FuseForOrtPass
 from qonnx.pipeline.lowering_check import LoweringMismatchError, compare_outputs
 from qonnx.runtime.evaluate import model_config
@@ -57,31 +56,6 @@ class LowerSummary:
         d = dataclasses.asdict(self)
         d["outputs"] = [str(p) for p in self.outputs]
         return d
-
-
-def _output_path(output: str | os.PathLike, source: Path, source_arg: str | os.PathLike) -> tuple[Path, Path | None]:
-    """(.onnx path to write, folder whose other files to copy beside it, if any)."""
-    out = Path(output)
-    if Path(source_arg).is_dir():
-        if out.suffix == ".onnx":
-            return out, None
-        if out.exists() and out.resolve() == Path(source_arg).resolve():
-            raise OutputPathError(f"{out}: output folder is the input folder")
-        return out / modelfile.MODEL_FILENAME, Path(source_arg)
-    if out.suffix != ".onnx":
-        return out / source.name, None
-    return out, None
-
-
-def _mirror(src: Path, dst: Path, skip: set[Path]) -> None:
-    """Copy the tokenizer, config and other files beside the model into the output folder."""
-    for item in sorted(src.iterdir()):
-        if item.resolve() in skip or item.name.startswith(".") or item.suffix in (".onnx", ".data"):
-            continue
-        if item.is_dir():
-            shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
-        else:
-            shutil.copy2(item, dst / item.name)
 
 
 def _mismatches(found: dict[str, Any]) -> list[str]:
@@ -142,7 +116,7 @@ def lower(
     source = modelfile.resolve_model_path(model)
     ir_model = modelfile.load(source)
     protect = modelfile.model_files(ir_model, source)
-    out_path, mirror = _output_path(output, source, model)
+    out_path, mirror = modelfile.output_paths(output, source, model)
     size = sum(p.stat().st_size for p in protect)
     if attention is None:
         attention = True
@@ -174,7 +148,7 @@ def lower(
 
     outputs = modelfile.save(ir_model, out_path, protect=protect, external_data=external_data, finalize=finalize)
     if mirror is not None:  # after the model: a failed verification leaves no half-filled folder behind
-        _mirror(mirror, out_path.parent, set(protect))
+        modelfile.mirror_folder(mirror, out_path.parent, set(protect))
     notes = list(fuse.notes)
     if found.get("pinned"):
         notes.append(f"verified with the input's rounding: {found['pinned']} quantized activations' codes carried over")

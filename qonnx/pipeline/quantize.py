@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -107,32 +106,6 @@ class QuantizeSummary:
         }
 
 
-def _output_model_path(output: str | os.PathLike, source: Path | None, source_arg: Any) -> tuple[Path, Path | None]:
-    """(.onnx path to write, folder to mirror other files from, if any)."""
-    out = Path(output)
-    src_is_dir = isinstance(source_arg, (str, os.PathLike)) and Path(source_arg).is_dir()
-    if src_is_dir:
-        if out.suffix == ".onnx":
-            return out, None
-        return out / modelfile.MODEL_FILENAME, Path(source_arg)
-    if out.is_dir() or out.suffix != ".onnx":
-        name = source.name if source is not None else modelfile.MODEL_FILENAME
-        return out / name, None
-    return out, None
-
-
-def _mirror_folder(src: Path, dst: Path, skip: set[Path]) -> None:
-    """Copy the files beside the model (tokenizer, config) into the output folder."""
-    for item in sorted(src.iterdir()):
-        if item.resolve() in skip or item.name.startswith("."):
-            continue
-        target = dst / item.name
-        if item.is_dir():
-            shutil.copytree(item, target, dirs_exist_ok=True)
-        else:
-            shutil.copy2(item, target)
-
-
 def quantize(
     model: ModelLike,
     config: SchemeConfig | None = None,
@@ -200,7 +173,7 @@ def quantize(
     resolved = Targets(config, targets)
     ir_model, source = load_model(model)
     protect = modelfile.model_files(ir_model, source) if source is not None else []
-    out_path, mirror = (None, None) if output is None else _output_model_path(output, source, model)
+    out_path, mirror = (None, None) if output is None else modelfile.output_paths(output, source, model)
     if out_path is not None:
         for p in protect:
             if out_path.exists() and os.path.samefile(out_path, p):
@@ -329,7 +302,7 @@ def quantize(
     if out_path is not None:
         if mirror is not None:
             out_path.parent.mkdir(parents=True, exist_ok=True)
-            _mirror_folder(mirror, out_path.parent, skip=set(protect))
+            modelfile.mirror_folder(mirror, out_path.parent, skip=set(protect))
         with phase("writing"):
             outputs = modelfile.save(
                 ir_model, out_path, protect=protect, external_data=external_data, finalize=finalize, snapshot=snapshot
