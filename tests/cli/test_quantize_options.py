@@ -91,6 +91,7 @@ def test_fp8_gptq(activation_stack, tmp_path):
     assert_one_line_error(res, "algo must be 'rtn', 'gptq'")
 
 
+@pytest.mark.slow
 def test_hqq_options(tmp_path, tiny_model):
     res = qonnx_cli("quantize", tiny_model, "-o", tmp_path / "q.onnx", "--scheme", "w3a16", "--algo", "hqq", "--json")
     assert res.returncode == 0, res.stderr

@@ -76,6 +76,7 @@ def test_pipeline_per_channel_and_three_bits(stack_feeds, tmp_path, cfg, bound):
     assert gptq_db > rtn_db + bound, (gptq_db, rtn_db)
 
 
+@pytest.mark.slow
 def test_sequential_stages_and_pipeline(stack_feeds, tmp_path):
     """Sequential GPTQ: stages in true-sequential order; the first stage sees the float model (same codes as
     plain GPTQ), later stages see the quantized earlier layers (other codes); a valid, closer-than-RTN model."""
