@@ -260,4 +260,3 @@ class Dynamic(SchemeConfig):
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, with the scheme name."""
         return {"scheme": self.name, **dataclasses.asdict(self)}
-
