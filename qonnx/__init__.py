@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from qonnx.core.algos import AWQ, GPTQ, HQQ
-from qonnx.core.config import W2A16, W3A16, W4A16, W8A16, SchemeConfig, WeightOnlyConfig
+from qonnx.core.config import FP4, NF4, W2A16, W3A16, W4A16, W8A16, SchemeConfig, WeightOnlyConfig
 from qonnx.core.config_activations import FP8, W4A8, W8A8, ActivationConfig, Calibration, Dynamic
 from qonnx.core.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError, QonnxError
 from qonnx.core.schemes import Targets
@@ -44,6 +44,8 @@ __all__ = [
     "W3A16",
     "W4A16",
     "W8A16",
+    "NF4",
+    "FP4",
     "ConfigError",
     "ModelLoadError",
     "NothingToQuantizeError",
