@@ -10,7 +10,6 @@ import numpy as np
 import onnx_ir as ir
 
 from qonnx.core import formats, packing, quant
-from qonnx.core.config import MATMULNBITS_BLOCK_SIZES
 from qonnx.passes import nodes
 
 __all__ = ["DequantizeToMatMulNBitsPass", "MatMulNBitsToDequantizePass"]
@@ -40,7 +39,11 @@ def _blocks_from_dequantize(dq: ir.Node) -> quant.QuantizedMatrix | None:
     bs = dq.attributes.get_int("block_size", 0)
     axis = dq.attributes.get_int("axis", 1)
     k, n = x.shape
-    if bs not in MATMULNBITS_BLOCK_SIZES or axis not in (0, -2) or scale.shape != (quant.num_blocks(k, bs), n):
+    if (
+        bs not in (formats.FORMATS["matmulnbits"].block_sizes or ())
+        or axis not in (0, -2)
+        or scale.shape != (quant.num_blocks(k, bs), n)
+    ):
         return None
     off = 1 << (bits - 1)
     codes = x.astype(np.int32)

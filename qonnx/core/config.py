@@ -49,10 +49,6 @@ class SchemeConfig:
         raise NotImplementedError
 
 
-#: Block sizes that ONNX Runtime's MatMulNBits kernels accept.
-MATMULNBITS_BLOCK_SIZES = FORMATS["matmulnbits"].block_sizes or ()
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WeightOnlyConfig(SchemeConfig):
     """Weight-only quantization: weights stored in ``bits`` bits, activations stay floating point.

@@ -1,4 +1,4 @@
-"""Format emitters: the arrays and nodes that stand for a quantized weight, registered per (grid, format).
+"""Format emitters: the arrays that stand for a quantized weight, registered per (grid, format).
 
 A *format* is how a model stores a quantized MatMul weight: ``matmulnbits`` (ONNX Runtime's MatMulNBits, a
 fused op in place of the MatMul), ``qdq`` (a DequantizeLinear feeding the MatMul). An *emitter* turns a
@@ -55,7 +55,6 @@ class Format:
         domain: the op's domain.
         bias_slot: input index of the fused op's bias, or None (a Gemm's bias then becomes an Add).
         min_k: the smallest K the op takes.
-        grids: the grid kinds it stores (``int`` integer codes; ``fp8``, ``nf4``, ``fp4`` scale-only grids).
         block_sizes: the block sizes along K it takes (None: any >= 2, or one block per channel).
         per_channel: scale-only grids take one scale per output channel only (no blocks).
         whole_blocks: blocks run over the flattened transposed weight, so K must be a multiple of the block size.
@@ -66,15 +65,15 @@ class Format:
     domain: str = ""
     bias_slot: int | None = None
     min_k: int = 1
-    grids: tuple[str, ...] = ("int",)
     block_sizes: tuple[int, ...] | None = None
     per_channel: bool = False
     whole_blocks: bool = False
 
     def refuses(self, grid: str, bits: int, block_size: int | None, symmetric: bool) -> str | None:
         """Why this format cannot hold such weights, or None."""
-        if grid not in self.grids:
-            return f"format {self.name!r} stores {', '.join(self.grids)} codes, not {grid}"
+        if not emits(grid, self.name):  # the grids it stores are those with an emitter for it
+            held = sorted(g for g, f in _EMITTERS if f == self.name)
+            return f"format {self.name!r} stores {', '.join(held)} codes, not {grid}"
         if self.block_sizes is not None and block_size not in self.block_sizes:
             if block_size is None:
                 return f"per-channel weights (block_size=None) need format='qdq'; {self.op_type} is blocked"
@@ -94,10 +93,8 @@ FORMATS: dict[str, Format] = {
     "matmulnbits": Format(
         "matmulnbits", "MatMulNBits", MS_DOMAIN, bias_slot=5, min_k=16, block_sizes=(16, 32, 64, 128, 256)
     ),
-    "qdq": Format("qdq", None, grids=("int", "fp8"), per_channel=True),
-    "bnb4": Format(
-        "bnb4", "MatMulBnb4", MS_DOMAIN, grids=("nf4", "fp4"), block_sizes=(16, 32, 64, 128, 256), whole_blocks=True
-    ),
+    "qdq": Format("qdq", None, per_channel=True),
+    "bnb4": Format("bnb4", "MatMulBnb4", MS_DOMAIN, block_sizes=(16, 32, 64, 128, 256), whole_blocks=True),
 }
 
 
