@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from click.core import ParameterSource
@@ -17,8 +17,9 @@ from click.core import ParameterSource
 from qonnx.cli import options as opt
 from qonnx.core.algos import AWQ, GPTQ, algo_from_name
 from qonnx.core.config import SchemeConfig, WeightOnlyConfig
-from qonnx.core.config_activations import ActivationConfig, Calibration, Method, Target
+from qonnx.core.config_activations import CALIBRATION_METHODS, ActivationConfig, Calibration
 from qonnx.core.schemes import SCHEMES, scheme_from_name
+from qonnx.core.targets import TARGETS
 from qonnx.pipeline.verification import VerifyOptions
 from qonnx.runtime.data import PYDOC
 from qonnx.runtime.verify import parse_shape_overrides
@@ -67,7 +68,7 @@ def options(f: F) -> F:
 _ACTIVATIONS = opt.together(
     click.option(
         "--calib-method",
-        type=click.Choice(get_args(Method)),
+        type=click.Choice(CALIBRATION_METHODS),
         default=None,
         help="Activation ranges (w8a8, w4a8, fp8): observed min/max, a percentile of |x|, KL divergence "
         "(TensorRT's), or least squared error (default: mse; fp8: minmax).",
@@ -88,7 +89,7 @@ _ACTIVATIONS = opt.together(
     ),
     click.option(
         "--target",
-        type=click.Choice(get_args(Target)),
+        type=click.Choice(list(TARGETS)),
         default=None,
         help="Runtime to lower for (w8a8, w4a8, fp8; default: generic QDQ): tensorrt forces symmetric int8 "
         "activations; a scheme measured slower than floating point there gets a warning.",

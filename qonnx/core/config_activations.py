@@ -9,7 +9,7 @@ the activation outliers of each layer into its weights before calibration.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from qonnx.core.algos import GPTQ
 from qonnx.core.config import SchemeConfig, WeightOnlyConfig
@@ -26,9 +26,8 @@ __all__ = [
     "Dynamic",
 ]
 
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 Method = Literal["minmax", "percentile", "entropy", "mse"]
-Target = Literal["cpu", "cuda", "tensorrt", "generic"]
+CALIBRATION_METHODS: tuple[str, ...] = get_args(Method)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -116,7 +115,7 @@ class ActivationConfig(SchemeConfig):
     attention: bool = False
     keep_float: int | Literal["auto"] = "auto"
     algo: Literal["rtn", "gptq"] | GPTQ = "rtn"
-    target: Target = "generic"
+    target: str = "generic"  # a key of qonnx.core.targets.TARGETS
     strict: bool = False
 
     def __post_init__(self) -> None:
