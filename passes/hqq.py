@@ -75,18 +75,6 @@ def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     return out
 
 
-def _lp(e: torch.Tensor, p: float) -> torch.Tensor:
-    """``|e|^p`` elementwise, in place: through exp and log, several times faster than pow on CPU."""
-    import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it
-
-    e.abs_()
-    if p == 1:
-        return e
-    if p == 2:
-        return e.square_()
-    return torch.exp_(e.log_().mul_(p))
-
-
 def _inverse(s: torch.Tensor) -> torch.Tensor:
     """``1 / s`` in float32 as :func:`qonnx.core.numerics.inverse` computes it (0 for a zero scale)."""
     import torch  # deferred: heavy (~1 s); only the solvers need it, so round-to-nearest runs without it

@@ -18,7 +18,7 @@ from qonnx.core.algos import AWQ
 from qonnx.core.config import WeightOnlyConfig
 from qonnx.core.schemes import Targets
 from qonnx.passes import nodes
-from qonnx.passes.weights import WeightCandidate, find_weight_candidates
+from qonnx.passes.weights import CHAIN_OPS, WeightCandidate, find_weight_candidates
 
 __all__ = [
     "QDQ_OPSET",
@@ -35,7 +35,6 @@ __all__ = [
 ]
 
 QDQ_OPSET = 21
-_CHAIN_OPS = ("Transpose", "Cast", "Identity")
 
 Plan = list[tuple[WeightCandidate, WeightOnlyConfig | None, str]]
 
@@ -222,7 +221,7 @@ def float_reader(value: ir.Value, chosen: set[int]) -> str | None:
     for node, idx in value.uses():
         if id(node) in chosen and idx == 1:
             continue
-        if node.domain == "" and node.op_type in _CHAIN_OPS:
+        if node.domain == "" and node.op_type in CHAIN_OPS:
             reader = float_reader(node.outputs[0], chosen)
             if reader is None:
                 continue

@@ -18,13 +18,14 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["WeightCandidate", "find_weight_candidates", "FLOAT_TYPES", "QUANTIZABLE_OPS"]
+__all__ = ["CHAIN_OPS", "FLOAT_TYPES", "QUANTIZABLE_OPS", "WeightCandidate", "find_weight_candidates"]
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 #: Default-domain ops whose constant weight is quantized, with the weight axis that holds output channels
 #: (None: a [K, N] matrix quantized in blocks along K).
 QUANTIZABLE_OPS: dict[str, int | None] = {"MatMul": None, "Gemm": None, "Conv": 0, "ConvTranspose": 1}
-_CHAIN_OPS = ("Transpose", "Cast", "Identity")
+#: Ops a constant weight may pass through on its way to the MatMul/Gemm that reads it.
+CHAIN_OPS = ("Transpose", "Cast", "Identity")
 _RECURRENT = ("LSTM", "GRU", "RNN")
 _QUANTIZED = {
     ("", "MatMulInteger"),
@@ -150,7 +151,7 @@ def _trace_constant(value: ir.Value, inputs_are_constants: bool) -> tuple[ir.Val
             if "value" not in producer.attributes:
                 return None, chain, "weight Constant node has no tensor 'value'"
             return value, chain[::-1], None
-        if producer.domain == "" and producer.op_type in _CHAIN_OPS and producer.inputs[0] is not None:
+        if producer.domain == "" and producer.op_type in CHAIN_OPS and producer.inputs[0] is not None:
             chain.append(producer)
             value = producer.inputs[0]
             continue

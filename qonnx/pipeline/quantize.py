@@ -217,7 +217,7 @@ def quantize(
             hessians = reuse or layer_hessians(ir_model, source, plan, progress)
         if any(is_sequential(cfg) for cfg in todo):  # calibrated and solved stage by stage
             with phase("sequential gptq"):
-                presolved = solve_sequential(ir_model, source, plan, QuantizeWeightsPass(resolved), progress)
+                presolved = solve_sequential(ir_model, source, plan, planner, progress)
     if any(c.format == "qdq" for c in todo) and ir_model.opset_imports.get("", 1) < QDQ_OPSET:
         try:
             UpgradeOpsetPass(QDQ_OPSET)(ir_model)
