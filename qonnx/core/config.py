@@ -87,6 +87,8 @@ class WeightOnlyConfig(SchemeConfig):
             )
         if self.bits not in (2, 3, 4, 8):
             raise ConfigError(f"{self.name}: bits must be 2, 3, 4 or 8, got {self.bits}")
+        if isinstance(self.algo, HQQ) and self.grid != "int":
+            raise ConfigError(f"{self.name}: hqq optimises integer zero points; {self.grid} has none (use rtn or gptq)")
         if isinstance(self.algo, HQQ) and self.symmetric:
             raise ConfigError(
                 f"{self.name}: hqq optimises zero points, which symmetric codes do not have; drop symmetric"

@@ -75,8 +75,10 @@ class Format:
             held = sorted(g for g, f in _EMITTERS if f == self.name)
             return f"format {self.name!r} stores {', '.join(held)} codes, not {grid}"
         if self.block_sizes is not None and block_size not in self.block_sizes:
-            if block_size is None:
+            if block_size is None and emits(grid, "qdq"):
                 return f"per-channel weights (block_size=None) need format='qdq'; {self.op_type} is blocked"
+            if block_size is None:
+                return f"{self.op_type} is blocked: block_size in {self.block_sizes}, not one per channel"
             return f"{self.op_type} needs block_size in {self.block_sizes}, got {block_size}"
         if grid != "int" and self.per_channel and block_size is not None:
             return f"{grid} weights in format {self.name!r} take one scale per output channel (block_size=None)"

@@ -71,3 +71,7 @@ def test_ragged_k_stays_float_and_bad_options_refused(rng, tmp_path):
         qonnx.core.config.NF4(symmetric=False)
     with pytest.raises(ConfigError, match="format 'matmulnbits' stores int codes, not nf4"):
         qonnx.core.config.NF4(format="matmulnbits")
+    with pytest.raises(ConfigError, match="hqq optimises integer zero points; nf4 has none"):
+        qonnx.core.config.NF4(algo="hqq")
+    with pytest.raises(ConfigError, match="MatMulBnb4 is blocked: block_size in"):
+        qonnx.core.config.NF4(block_size=None)
