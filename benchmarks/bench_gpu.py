@@ -124,15 +124,15 @@ def build_and_export(size: str, work: Path, device: str) -> tuple[Path, float, i
     return out, seconds, params
 
 
-def quantize(src: Path, work: Path, size: str, symmetric: bool = False) -> tuple[Path, float]:
-    """qonnx W4A16 (block 128, asymmetric unless ``symmetric``) of the exported folder."""
+def quantize(src: Path, work: Path, size: str, symmetric: bool = False, block: int = 128) -> tuple[Path, float]:
+    """qonnx W4A16 (block ``block``, asymmetric unless ``symmetric``) of the exported folder."""
     import qonnx
 
-    out = work / f"{size}-w4a16{'-sym' if symmetric else ''}"
+    out = work / f"{size}-w4a16{'-sym' if symmetric else ''}{'' if block == 128 else f'-b{block}'}"
     if (out / "model.onnx").exists():
         return out, 0.0
     t = time.perf_counter()
-    qonnx.quantize(src, qonnx.W4A16(block_size=128, symmetric=symmetric), output=out, verify=False)
+    qonnx.quantize(src, qonnx.W4A16(block_size=block, symmetric=symmetric), output=out, verify=False)
     return out, time.perf_counter() - t
 
 
@@ -401,7 +401,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"device": device, "copy_bandwidth": bw, "ort": ort.__version__, "sizes": {}}
     for size in args.sizes.split(","):
         fp16, export_s, params = build_and_export(size, work, device)
-        w4, quant_s = quantize(fp16, work, size, symmetric=args.symmetric)
+        w4, quant_s = quantize(fp16, work, size, symmetric=args.symmetric, block=args.block_size)
         entry: dict[str, Any] = {"params": params, "export_s": export_s, "quantize_s": quant_s, "models": {}}
         pairs: list[tuple[str, Path, Path | None]] = [("fp16", fp16, None), ("w4a16", w4, None)]
         if args.fuse:
@@ -519,6 +519,7 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     fuse += " --cuda-graph" if args.cuda_graph else ""
     fuse += " --no-merge-linear" if args.no_merge_linear else ""
     fuse += " --symmetric" if args.symmetric else ""
+    fuse += f" --block-size {args.block_size}" if args.block_size != 128 else ""
     fpa = os.environ.get("ORT_FPA_INTB_GEMM")
     fuse += f"` with `ORT_FPA_INTB_GEMM={fpa}" if fpa else ""
     lines = [
@@ -532,7 +533,7 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"{results['ort']}, Python {platform.python_version()}.",
         "Random-weight Llama models (TinyLlama-1.1B and Llama-2-7B shapes), exported by "
         "`qonnx.models.export_causal_lm` (fp16, KV cache), quantized by "
-        + f"`qonnx.quantize(W4A16(block_size=128{', symmetric=True' if args.symmetric else ''}))`"
+        + f"`qonnx.quantize(W4A16(block_size={args.block_size}{', symmetric=True' if args.symmetric else ''}))`"
         + ("; fused = the same model after `qonnx.pipeline.lowering.lower(target=...)`" if args.fuse else "")
         + (
             "; fused+kv = the fused model with past and present bound to one KV buffer per layer"
@@ -645,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", metavar="DIR", help="also profile W4A16 decode steps with ONNX Runtime into DIR")
     p.add_argument("--fuse", action="store_true", help="also lower both models (qonnx lower) and measure them")
     p.add_argument("--symmetric", action="store_true", help="W4A16 with symmetric weights (no zero points)")
+    p.add_argument("--block-size", type=int, default=128, help="W4A16 block size (32 with --symmetric: fpA_intB)")
     p.add_argument(
         "--share-kv",
         action="store_true",
