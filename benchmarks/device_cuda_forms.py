@@ -98,7 +98,8 @@ def dq_form(w: np.ndarray, bs: int) -> tuple[bytes, np.ndarray]:
     q, s, z, deq = int4_blocks(w, bs, sym=False)
     codes = q.reshape(N, K).T  # [K, N]
     inits = [helper.make_tensor("Wq", T.UINT4, [K, N], codes.reshape(-1).tolist()),
-             raw("Ws", T.FLOAT16, s.T.astype(np.float16)), helper.make_tensor("Wz", T.UINT4, [K // bs, N], z.T.reshape(-1).tolist())]
+             raw("Ws", T.FLOAT16, s.T.astype(np.float16)),
+             helper.make_tensor("Wz", T.UINT4, [K // bs, N], z.T.reshape(-1).tolist())]
     nodes = [helper.make_node("DequantizeLinear", ["Wq", "Ws", "Wz"], ["W"], axis=0, block_size=bs),
              helper.make_node("MatMul", ["A", "W"], ["Y"])]
     return model(nodes, inits, K, N), deq

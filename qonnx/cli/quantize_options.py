@@ -91,8 +91,10 @@ _ACTIVATIONS = opt.together(
         "--target",
         type=click.Choice(list(TARGETS)),
         default=None,
-        help="Runtime to lower for (w8a8, w4a8, fp8; default: generic QDQ): tensorrt forces symmetric int8 "
-        "activations; a scheme measured slower than floating point there gets a warning.",
+        help="Runtime the model is for (default: generic). Weight-only 4-bit on cuda: symmetric blocks of 32 (the "
+        "storage ONNX Runtime's fpA_intB kernel takes; its session option is written beside the model); "
+        "w8a8/w4a8/fp8: the form that target runs (tensorrt: symmetric int8 activations). A scheme measured "
+        "slower than floating point there gets a warning.",
     ),
     click.option("--strict", is_flag=True, help="Refuse (exit 2) a scheme measured slower than float on --target."),
     opt.device(" calibration (w8a8, w4a8, fp8)"),
@@ -237,7 +239,7 @@ class QuantizeOptions:
                 raise click.UsageError("--sequential applies to weight-only schemes with --algo gptq")
             return self._activation_config()
         for name, value in self._act().items():
-            if value is not None:
+            if value is not None and name not in ("target", "strict"):
                 raise click.UsageError(f"--{name} applies to --scheme {'/'.join(ACTIVATION_SCHEMES)} only")
         given = {"symmetric": self.symmetric or None, "format": self.fmt, "accuracy_level": self.accuracy_level}
         options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}  # else the scheme's own
@@ -255,7 +257,13 @@ class QuantizeOptions:
             )
         if self.sequential:
             options["algo"] = dataclasses.replace(options["algo"], sequential=True)
-        return scheme_from_name(self.scheme, **options)
+        config = scheme_from_name(self.scheme, **options)
+        if self.strict and self.target is None:
+            raise click.UsageError("--strict applies with --target")
+        if self.target is not None and isinstance(config, WeightOnlyConfig):  # storage its kernel wants, unless given
+            config = config.for_target(self.target, keep=frozenset(k for k in options if k != "algo"))
+            config = dataclasses.replace(config, strict=self.strict)
+        return config
 
     def _activation_config(self) -> SchemeConfig:
         """The config of a weight+activation scheme (weight-only options refused)."""

@@ -14,6 +14,7 @@ from qonnx.core import numerics
 from qonnx.core.algos import ALGOS, AWQ, GPTQ, HQQ, Algo, algo_from_name
 from qonnx.core.errors import ConfigError
 from qonnx.core.formats import FORMATS
+from qonnx.core.targets import TARGETS, weight_only_form
 
 __all__ = [
     "SchemeConfig",
@@ -67,6 +68,10 @@ class WeightOnlyConfig(SchemeConfig):
         grid: ``"int"`` (integer codes) or a scale-only grid: ``"fp8"`` (float8 E4M3, one scale per output
             channel, DequantizeLinear opset 19; needs ``bits=8``, ``symmetric=True``, ``block_size=None``,
             ``format="qdq"``); the format must store it (:data:`qonnx.core.formats.FORMATS`).
+        target: the runtime the model is for (:data:`qonnx.core.targets.TARGETS`); :meth:`for_target` gives the
+            storage that target's fast kernel needs. The session options that kernel wants are written with
+            the model.
+        strict: refuse (instead of a warning) a scheme measured slower than floating point on ``target``.
     """
 
     name: ClassVar[str] = "weight-only"
@@ -77,8 +82,12 @@ class WeightOnlyConfig(SchemeConfig):
     accuracy_level: int | None = None
     algo: Algo = "rtn"
     grid: str = "int"
+    target: str = "generic"
+    strict: bool = False
 
     def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ConfigError(f"{self.name}: target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if isinstance(self.algo, str):
             object.__setattr__(self, "algo", algo_from_name(self.algo))
         elif not isinstance(self.algo, (GPTQ, AWQ, HQQ)):
@@ -122,7 +131,34 @@ class WeightOnlyConfig(SchemeConfig):
         out["float8"] = grid == "fp8"  # the key qonnx 0.1's metadata has for the two grids it knew
         if grid not in ("int", "fp8"):
             out["grid"] = grid
+        for key, default in (("target", "generic"), ("strict", False)):  # metadata as before for the defaults
+            if out[key] == default:
+                del out[key]
         return out
+
+    def for_target(self, target: str, *, keep: frozenset[str] = frozenset()) -> WeightOnlyConfig:
+        """This scheme for ``target``: the storage its fast kernel needs, but for the fields named in ``keep``.
+
+        On a target without such a kernel (or for another format or width) only ``target`` changes.
+        """
+        form = weight_only_form(target, self.bits, self.format)
+        if form is None or self.grid != "int":
+            return dataclasses.replace(self, target=target)
+        if self.hqq is not None and "symmetric" not in keep:
+            raise ConfigError(
+                f"{self.name}: target {target}'s fast kernel takes symmetric weights, and hqq optimises zero "
+                "points; use rtn, gptq or awq there, or leave the target out"
+            )
+        wanted: dict[str, Any] = {"symmetric": form.symmetric, "block_size": form.block_size}
+        return dataclasses.replace(self, target=target, **{k: v for k, v in wanted.items() if k not in keep})
+
+    @property
+    def session_config(self) -> dict[str, str]:
+        """The session config entries the target's kernel wants for this storage, or {} (none, or not met)."""
+        form = weight_only_form(self.target, self.bits, self.format)
+        if form is None or self.grid != "int" or (self.symmetric, self.block_size) != (form.symmetric, form.block_size):
+            return {}
+        return dict(form.session_config)
 
     @property
     def weight_grid(self) -> numerics.IntGrid | numerics.Float8Grid | numerics.LookupGrid:

@@ -15,7 +15,17 @@ from typing import Any
 from qonnx.core.errors import ConfigError
 from qonnx.core.formats import FORMATS
 
-__all__ = ["MEASURED", "TARGETS", "Target", "WeightForm", "lowering_targets", "warn_if_slow", "weight_form"]
+__all__ = [
+    "MEASURED",
+    "TARGETS",
+    "Target",
+    "WeightForm",
+    "WeightOnlyForm",
+    "lowering_targets",
+    "warn_if_slow",
+    "weight_form",
+    "weight_only_form",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +46,25 @@ class WeightForm:
 
 
 @dataclasses.dataclass(frozen=True)
+class WeightOnlyForm:
+    """How a weight-only scheme is stored for a target whose fast kernel wants a particular layout.
+
+    Attributes:
+        symmetric, block_size: the storage the kernel needs (options the user did not give take these).
+        session_config: ONNX Runtime session config entries that turn the kernel on, for the target's provider;
+            recorded in the model's ``qonnx.session_config`` metadata and in ``session_options.json`` beside it.
+        use_when: the workloads where those entries win (and where to leave them off), as measured.
+        measured: what the form measured against floating point, for the run's note and ``--json``.
+    """
+
+    symmetric: bool
+    block_size: int
+    session_config: tuple[tuple[str, str], ...] = ()
+    use_when: str = ""
+    measured: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class Target:
     """One runtime a model can be emitted and lowered for.
 
@@ -48,6 +77,7 @@ class Target:
         half_attention_only: GroupQueryAttention only for float16/bfloat16 models (the provider's kernel).
         symmetric_activations: int8 activations must be symmetric (TensorRT).
         forms: (activation type, weight bits) -> the form emitted instead of plain QDQ, where that is slow there.
+        weight_only: weight bits -> the MatMulNBits storage of weight-only schemes on this target.
     """
 
     name: str
@@ -57,8 +87,23 @@ class Target:
     half_attention_only: bool = False
     symmetric_activations: bool = False
     forms: tuple[tuple[tuple[str, int], WeightForm], ...] = ()
+    weight_only: tuple[tuple[int, WeightOnlyForm], ...] = ()
 
 
+# The CUDA provider's MatMulNBits has two kernels for 4-bit weights: its default one (a GEMV, then dequantize +
+# cuBLAS for larger M) and, with ``ep.cuda.fpa_intb_gemm=1``, CUTLASS' fpA_intB GEMM, which this build of
+# ONNX Runtime (1.31.1's wheel) runs only for symmetric weights in blocks of 32. Symmetric block 32 serves
+# both: the option is a session setting, chosen per deployment. 7B Llama shape, H100, lowered, KV cache shared,
+# CUDA graphs (benchmarks/device_best_forms.py, RESULTS.md "Weight-only forms on the CUDA provider").
+_W4_CUDA = WeightOnlyForm(
+    symmetric=True,
+    block_size=32,
+    session_config=(("ep.cuda.fpa_intb_gemm", "1"),),
+    use_when="batched decode (2 to 64 sequences) and prompts up to ~256 tokens; leave it off for batch-1 decode "
+    "and long prompts",
+    measured="7B decode vs the best fp16 form: 2.05x at batch 1 (option off), 1.76/1.73/1.39/1.29/1.06/0.99x at "
+    "batch 2/4/8/16/32/64 (option on); prefill 0.81x at 128 tokens (on), 0.71x at 512 and 0.90x at 2048 (off)",
+)
 _W4A8_CPU = WeightForm(
     "matmulnbits",
     accuracy_level=4,
@@ -72,7 +117,14 @@ TARGETS: dict[str, Target] = {
     # and dequantizes the whole weight on every call (0.03x fp32 on a 4096 layer, bench_targets); its
     # MatMulNBits kernel with accuracy_level=4 quantizes each row of activations to int8 per block as it runs.
     "cpu": Target("cpu", "CPUExecutionProvider", lowers=True, forms=((("int8", 4), _W4A8_CPU),)),
-    "cuda": Target("cuda", "CUDAExecutionProvider", lowers=True, merge_gate_up=True, half_attention_only=True),
+    "cuda": Target(
+        "cuda",
+        "CUDAExecutionProvider",
+        lowers=True,
+        merge_gate_up=True,
+        half_attention_only=True,
+        weight_only=((4, _W4_CUDA),),
+    ),
     "tensorrt": Target("tensorrt", "TensorrtExecutionProvider", symmetric_activations=True),
     "generic": Target("generic", None),
 }
@@ -95,6 +147,14 @@ def weight_form(target: str, act_type: str, weight_bits: int, block_size: int | 
     return form
 
 
+def weight_only_form(target: str, bits: int, fmt: str) -> WeightOnlyForm | None:
+    """The storage a weight-only scheme of ``bits`` in format ``fmt`` takes on ``target``, or None (as given)."""
+    row = TARGETS.get(target)
+    if row is None or fmt != "matmulnbits":
+        return None
+    return dict(row.weight_only).get(bits)
+
+
 #: (scheme name, target) -> (ratio vs float, what was measured, where)
 MEASURED: dict[tuple[str, str], tuple[float, str, str]] = {
     # benchmarks/bench_targets.py (RESULTS.md sections bench_targets_cpu16 / bench_targets_cuda): one 4096x4096
@@ -108,6 +168,9 @@ MEASURED: dict[tuple[str, str], tuple[float, str, str]] = {
     ("w8a8", "cuda"): (0.26, "W8A8 QDQ layer vs fp16, CUDA provider, H100", "bench_targets"),
     ("w4a8", "cuda"): (0.2, "W4A8 QDQ layer vs fp16, CUDA provider, H100", "bench_targets"),
     ("fp8", "cuda"): (0.63, "FP8 QDQ layer vs fp16, CUDA provider, H100 (GemmFloat8: 0.07-0.22x)", "bench_targets"),
+    # device_best_forms: 7B, lowered, the form above; the smallest ratio over prefill 128/512/2048 tokens with
+    # the better setting of the option for each (decode: 0.99x at batch 64 and above 1x below it).
+    ("w4a16", "cuda"): (0.71, "W4A16 prefill of 512 tokens vs the best fp16 form, 7B, H100", "device_best_forms"),
 }
 
 

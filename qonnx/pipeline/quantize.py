@@ -18,7 +18,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from tqdm import tqdm
 
 from qonnx.core import __version__, modelfile
-from qonnx.core.config import W4A16, SchemeConfig
+from qonnx.core.config import W4A16, SchemeConfig, WeightOnlyConfig
 from qonnx.core.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError
 from qonnx.core.schemes import Targets
 from qonnx.core.targets import warn_if_slow
@@ -35,6 +35,7 @@ from qonnx.pipeline.calibrate import (
     layer_hessians,
     load_model,
 )
+from qonnx.pipeline.deploy import METADATA_KEY, session_options, write_sidecar
 from qonnx.pipeline.gptq_sequential import solve_sequential
 from qonnx.pipeline.mixed_precision import Budget, MixedPrecision, mixed_precision
 from qonnx.pipeline.verification import Verification, VerifyOptions, start_reference, start_verify
@@ -240,6 +241,8 @@ def quantize(
         with phase("activations"):
             act_info, renamed = apply_activation_scheme(ir_model, source, activations, progress=progress)
         _carry_hessians(hessians, renamed)
+    elif isinstance(config, WeightOnlyConfig):
+        warn_if_slow(config)
 
     bar = tqdm(total=len(todo), unit="layer", desc="quantizing", leave=False) if progress else None
     qpass = QuantizeWeightsPass(
@@ -266,6 +269,9 @@ def quantize(
             record.reason = f"{record.reason}; {notes[record.weight]}"
     mixed_info = None if mixed is None else _note_mixed_precision(qpass.records, mixed)
     extra_props = {} if mixed_info is None else {"qonnx.mixed_precision": json.dumps(mixed_info, sort_keys=True)}
+    deploy = session_options(config)
+    if deploy is not None:
+        extra_props[METADATA_KEY] = json.dumps(deploy, sort_keys=True)
     quantized = sum(1 for r in qpass.records if r.quantized)
     skipped = len(qpass.records) - quantized
     checked = Verification(False, note=skip_note or "verification disabled")
@@ -308,6 +314,8 @@ def quantize(
                 ir_model, out_path, protect=protect, external_data=external_data, finalize=finalize, snapshot=snapshot
             )
         bytes_after = sum(p.stat().st_size for p in outputs)
+        if deploy is not None:
+            outputs.append(write_sidecar(deploy, out_path))
     else:
         bytes_after = _weight_bytes(ir_model)
         if wants_check:
