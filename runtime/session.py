@@ -10,7 +10,7 @@ import functools
 import glob
 import os
 import sys
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 import onnx
 import onnxruntime as ort
@@ -65,6 +65,7 @@ def make_session(
     external_data_dir: str | os.PathLike | None = None,
     lean: bool = False,
     cuda_graph: bool = False,
+    config_entries: Mapping[str, str] | None = None,
 ) -> ort.InferenceSession:
     """An InferenceSession on ``device`` ("cpu", "cuda" or "auto").
 
@@ -80,6 +81,7 @@ def make_session(
             prepacked copies) and no CPU memory arena, so that memory is returned after each run.
         cuda_graph: on CUDA, let runs be captured and replayed as CUDA graphs (provider option
             ``enable_cuda_graph``; see :mod:`qonnx.runtime.decode`). Ignored on the CPU.
+        config_entries: more session config entries (e.g. a kernel switch a model's target asks for).
     """
     device = resolve_device(device)
     so = ort.SessionOptions()
@@ -96,6 +98,8 @@ def make_session(
         so.enable_cpu_mem_arena = False
     if qdq_accuracy_level is not None:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", qdq_accuracy_level)
+    for key, value in (config_entries or {}).items():
+        so.add_session_config_entry(key, value)
     providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
     if device == "cuda":
         cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if cuda_graph else "CUDAExecutionProvider"

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("qonnx.cli.analyze:analyze_command", "Rank the layers by the error each adds, quantized alone."),
     "report": ("qonnx.cli.models:report_command", "Per-layer error of a quantized model, worst first."),
     "lower": ("qonnx.cli.models:lower_command", "Fuse into ONNX Runtime contrib ops (attention, RMSNorm)."),
+    "bench": ("qonnx.cli.bench:bench_command", "Prefill and decode speed against the original, on this machine."),
     "demo": ("qonnx.cli.demo:demo_command", "Export, quantize and measure SmolLM2-135M, offline."),
 }
 
