@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from helpers import assert_one_line_error, run
 from onnx import TensorProto, helper, numpy_helper
+
+import qonnx
+from qonnx.models import build_decoder_stack
 
 EVIL_PY = """
 import pathlib
@@ -130,3 +136,180 @@ def test_auto_map_beside_a_known_class_loads_without_the_folders_code(tmp_path):
     assert not marker.exists(), "the folder's Python ran"
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["transformers", "True"], res.stdout  # transformers' own classes
+
+
+# --- folder inputs: links, special files, output folder inside the input (items 2 and 7) ---
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    """A folder input: model.onnx and the files a tokenizer or config would be."""
+    folder = tmp_path / "fold"
+    build_decoder_stack(folder / "model.onnx", hidden=64, intermediate=128, layers=1, vocab=64)
+    (folder / "config.json").write_text('{"a": 1}')
+    return folder
+
+
+def secret_file(tmp_path):
+    secret = tmp_path / "outside" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("the user's private file")
+    return secret
+
+
+@pytest.mark.parametrize("kind", ["file", "folder", "nested", "dangling", "fifo"])
+def test_mirroring_refuses_links_out_and_special_files(tmp_path, model_folder, kind):
+    secret = secret_file(tmp_path)
+    entry = model_folder / "leak.bin"
+    if kind == "file":
+        entry.symlink_to(secret)
+    elif kind == "folder":
+        entry.symlink_to(secret.parent, target_is_directory=True)
+    elif kind == "nested":  # deeper in the tree, and relative
+        (model_folder / "sub").mkdir()
+        entry = model_folder / "sub" / "leak.bin"
+        entry.symlink_to(Path("..") / ".." / "outside" / "secret.txt")
+    elif kind == "dangling":
+        entry.symlink_to(tmp_path / "nothing-here")
+    else:
+        os.mkfifo(entry)
+    with pytest.raises(qonnx.QonnxError, match=r"leak\.bin"):
+        qonnx.quantize(model_folder, qonnx.W4A16(block_size=32), output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_mirroring_refusal_is_one_line(tmp_path, model_folder):
+    (model_folder / "leak.bin").symlink_to(secret_file(tmp_path))
+    res = cli("quantize", model_folder, "-o", tmp_path / "out")
+    assert_one_line_error(res, "leak.bin", "outside the model folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_links_inside_the_folder_are_copied_as_files(tmp_path, model_folder):
+    (model_folder / "real").mkdir()
+    (model_folder / "real" / "tokenizer.json").write_text('{"t": 1}')
+    (model_folder / "tokenizer.json").symlink_to(Path("real") / "tokenizer.json")
+    qonnx.quantize(model_folder, qonnx.W4A16(block_size=32), output=tmp_path / "out")
+    copied = tmp_path / "out" / "tokenizer.json"
+    assert not copied.is_symlink() and copied.read_text() == '{"t": 1}'
+    assert (tmp_path / "out" / "real" / "tokenizer.json").read_text() == '{"t": 1}'
+
+
+@pytest.mark.parametrize("inside", ["sub", "sub/deeper"])
+def test_output_folder_inside_the_input_folder_is_refused(tmp_path, model_folder, inside):
+    with pytest.raises(qonnx.OutputPathError, match="inside the input folder"):
+        qonnx.quantize(model_folder, qonnx.W4A16(block_size=32), output=model_folder / inside)
+    assert sorted(p.name for p in model_folder.iterdir()) == ["config.json", "model.onnx"]
+    res = cli("quantize", model_folder, "-o", model_folder / inside)
+    assert_one_line_error(res, "inside the input folder")
+    assert sorted(p.name for p in model_folder.iterdir()) == ["config.json", "model.onnx"]
+
+
+# --- no file lost; a model and its data file replace the previous pair atomically (items 5 and 6) ---
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def ext_input(tmp_path):
+    """d/in.onnx with its weights in d/in.onnx.data."""
+    return build_decoder_stack(tmp_path / "d" / "in.onnx", hidden=64, intermediate=128, layers=1, external_data=True)
+
+
+def feeds(seed=0):
+    return {"x": np.random.default_rng(seed).standard_normal((1, 3, 64)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["one-file", "external-data"])
+def test_a_data_file_another_model_reads_is_never_touched(ext_input, external):
+    d = ext_input.parent
+    # another model whose data file happens to be called q.onnx.data (a renamed copy of an earlier output, say)
+    build_decoder_stack(d / "q.onnx", hidden=64, intermediate=128, layers=1, seed=5, external_data=True)
+    os.replace(d / "q.onnx", d / "other.onnx")
+    before, expected = digest(d / "q.onnx.data"), run(d / "other.onnx", feeds())[0]
+    s = qonnx.quantize(ext_input, qonnx.W4A16(block_size=32), output=d / "q.onnx", external_data=external)
+    assert digest(d / "q.onnx.data") == before
+    np.testing.assert_array_equal(run(d / "other.onnx", feeds())[0], expected)
+    assert s.outputs == ([d / "q.onnx", d / "q.onnx.1.data"] if external else [d / "q.onnx"])
+    assert run(d / "q.onnx", feeds())[0].shape == (1, 3, 256)
+
+
+def test_replacing_an_output_pair_removes_only_its_own_data_file_and_says_so(tmp_path, ext_input, capfd):
+    out = tmp_path / "o" / "q.onnx"
+    qonnx.quantize(ext_input, qonnx.W8A16(), output=out, external_data=True)
+    (tmp_path / "o" / "q.onnx.7.data").write_text("named like ours, read by no output of ours")
+    capfd.readouterr()
+    qonnx.quantize(ext_input, qonnx.W4A16(block_size=32), output=out, external_data=True)
+    assert f"replaced the previous {out} and removed its data file q.onnx.data" in capfd.readouterr().err
+    names = sorted(p.name for p in out.parent.iterdir())
+    assert names == ["q.onnx", "q.onnx.1.data", "q.onnx.7.data"]  # a fresh name: the old pair stayed whole
+    w4 = {n: digest(out.parent / n) for n in names}
+    qonnx.quantize(ext_input, qonnx.W4A16(block_size=32), output=out, external_data=True)  # a rerun: same bytes
+    assert {p.name: digest(p) for p in out.parent.iterdir()} == w4
+    qonnx.quantize(ext_input, qonnx.W4A16(block_size=32), output=out, external_data=False)  # now one file
+    assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx", "q.onnx.7.data"]
+    assert run(out, feeds())[0].shape == (1, 3, 256)
+
+
+def test_files_are_synced_before_they_are_renamed(tmp_path, ext_input, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "o" / "q.onnx"
+    qonnx.quantize(ext_input, qonnx.W4A16(block_size=32), output=out, external_data=True)
+    folder = os.path.realpath(out.parent)
+    moves = [e for e in events if e[0] == "replace" and os.path.dirname(e[2]) == folder]
+    assert [os.path.basename(e[2]) for e in moves] == ["q.onnx.data", "q.onnx"]  # the data file first
+    for move in moves:
+        i = events.index(move)
+        assert ("fsync", move[1]) in events[:i]  # the file is on disk before its name changes
+        assert ("fsync", folder) in events[i + 1 :]  # and the rename after
+
+
+CRASH = """
+import os, signal, sys
+from pathlib import Path
+import qonnx
+from qonnx.cli.main import main
+out = Path(sys.argv[1])
+real = os.replace
+def replace(src, dst, *a, **k):
+    if Path(dst) == out:  # between the data file's rename and the model's
+        os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+    return real(src, dst, *a, **k)
+os.replace = replace
+sys.exit(main(["quantize", sys.argv[3], "-o", str(out), "--external-data", "--block-size", "32"]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_killed_between_the_renames_the_previous_pair_still_reads_and_nothing_stays(tmp_path, ext_input, sig):
+    out = tmp_path / "o" / "q.onnx"
+    qonnx.quantize(ext_input, qonnx.W8A16(), output=out, external_data=True)
+    expected = run(out, feeds())[0]
+    res = subprocess.run(
+        [sys.executable, "-c", CRASH, out, sig, ext_input], capture_output=True, text=True, timeout=300
+    )
+    np.testing.assert_array_equal(run(out, feeds())[0], expected)  # the old .onnx reads the old data file
+    temps = [p.name for p in out.parent.iterdir() if ".tmp-" in p.name]
+    if sig == "SIGTERM":
+        assert res.returncode == 143 and res.stderr.strip().splitlines()[-1] == "qonnx: terminated", res.stderr
+        assert temps == []  # cleaned up on the way out
+        assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx", "q.onnx.data"]
+    else:
+        assert res.returncode == -9 and temps  # a killed process cleans nothing ...
+        qonnx.quantize(ext_input, qonnx.W4A16(block_size=32), output=out, external_data=True)
+        assert [p.name for p in out.parent.iterdir() if ".tmp-" in p.name] == []  # ... the next run does
+        assert run(out, feeds())[0].shape == (1, 3, 256)
