@@ -34,6 +34,7 @@ class Terminated(BaseException):
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated
 
+
 #: Each command: ``module:attribute`` of its click command, and its summary in ``qonnx --help``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("qonnx.cli.export:export_command", "Export a Hugging Face or GGUF model to an ONNX folder."),

@@ -149,6 +149,8 @@ def quantize(
     """
     start = time.perf_counter()
     options = verify if isinstance(verify, VerifyOptions) else VerifyOptions(enabled=verify)
+    if options.min_sqnr is not None and options.enabled is None:  # a gate is never skipped for size
+        options = dataclasses.replace(options, enabled=True)
     config = W4A16() if config is None else config
     if not isinstance(config, SchemeConfig):
         raise ConfigError(f"config must be a scheme config such as W4A16(), not {type(config).__name__}")
@@ -189,6 +191,8 @@ def quantize(
                 f"verification skipped: ONNX Runtime cannot load the original (IR version "
                 f"{ir_model.ir_version} > {modelfile.MAX_RUNTIME_IR_VERSION}) and its weights are external"
             )
+            if options.min_sqnr is not None:
+                raise ConfigError(f"{source}: min_sqnr cannot be checked: {skip_note.split(': ', 1)[1]}")
             wants_check = False
         else:
             version = ir_model.ir_version

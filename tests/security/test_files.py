@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qonnx
 from qonnx.models import build_decoder_stack
+from qonnx.pipeline.verification import VerificationError, VerifyOptions
 
 EVIL_PY = """
 import pathlib
@@ -313,3 +314,50 @@ def test_killed_between_the_renames_the_previous_pair_still_reads_and_nothing_st
         qonnx.quantize(ext_input, qonnx.W4A16(block_size=32), output=out, external_data=True)
         assert [p.name for p in out.parent.iterdir() if ".tmp-" in p.name] == []  # ... the next run does
         assert run(out, feeds())[0].shape == (1, 3, 256)
+
+
+# --- --min-sqnr: a failed gate writes nothing; a gate cannot be switched off or made meaningless (item 8) ---
+
+
+def test_a_failed_min_sqnr_writes_nothing_for_a_folder_input(tmp_path, model_folder):
+    (model_folder / "tokenizer.json").write_text("{}")
+    gate = VerifyOptions(min_sqnr=99.0)
+    with pytest.raises(VerificationError, match="nothing was written"):
+        qonnx.quantize(model_folder, qonnx.W4A16(block_size=32), output=tmp_path / "new" / "out", verify=gate)
+    assert not (tmp_path / "new").exists()
+    qonnx.quantize(model_folder, qonnx.W8A16(), output=tmp_path / "out")  # a previous output stays as it was
+    before = {p.name: digest(p) for p in (tmp_path / "out").iterdir()}
+    (model_folder / "config.json").write_text('{"a": 2}')
+    with pytest.raises(VerificationError):
+        qonnx.quantize(model_folder, qonnx.W4A16(block_size=32), output=tmp_path / "out", verify=gate)
+    assert {p.name: digest(p) for p in (tmp_path / "out").iterdir()} == before
+    res = cli("quantize", model_folder, "-o", tmp_path / "cli-out", "--min-sqnr", "99")
+    assert res.returncode == 3 and not (tmp_path / "cli-out").exists(), res.stderr
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--min-sqnr", "20", "--no-verify"], ["--min-sqnr", "nan"], ["--min-sqnr", "inf"], ["--min-sqnr", "-inf"]],
+    ids=["no-verify", "nan", "inf", "-inf"],
+)
+def test_min_sqnr_that_cannot_gate_is_refused(tmp_path, model_folder, flags):
+    res = cli("quantize", model_folder, "-o", tmp_path / "out", *flags)
+    assert_one_line_error(res, "--min-sqnr")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"min_sqnr": 20.0, "enabled": False}, {"min_sqnr": float("nan")}, {"min_sqnr": float("inf")}],
+    ids=["disabled", "nan", "inf"],
+)
+def test_min_sqnr_that_cannot_gate_is_refused_by_the_api(options):
+    with pytest.raises(qonnx.ConfigError, match="min_sqnr"):
+        VerifyOptions(**options)
+
+
+def test_min_sqnr_is_checked_whatever_the_size(tmp_path, model_folder):
+    """Models above ``max_bytes`` are not verified by default; one with a gate always is."""
+    with pytest.raises(VerificationError):
+        qonnx.quantize(model_folder, output=tmp_path / "out", verify=VerifyOptions(min_sqnr=99.0, max_bytes=1))
+    assert not (tmp_path / "out").exists()
