@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qonnx
 from qonnx.models import build_decoder_stack
+from qonnx.pipeline.report import layer_report, write_report
 from qonnx.pipeline.verification import VerificationError, VerifyOptions
 
 EVIL_PY = """
@@ -361,3 +362,18 @@ def test_min_sqnr_is_checked_whatever_the_size(tmp_path, model_folder):
     with pytest.raises(VerificationError):
         qonnx.quantize(model_folder, output=tmp_path / "out", verify=VerifyOptions(min_sqnr=99.0, max_bytes=1))
     assert not (tmp_path / "out").exists()
+
+
+# --- qonnx report: works after the user install; a failed report leaves nothing (item 14) ---
+
+
+def test_a_failed_report_leaves_no_folder_and_no_file(tmp_path, model_folder, monkeypatch):
+    qonnx.quantize(model_folder, qonnx.W4A16(block_size=32), output=tmp_path / "q.onnx", verify=False)
+    rows = layer_report(model_folder, tmp_path / "q.onnx")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the install that lacked it (issue 15 item 14)
+    with pytest.raises(qonnx.QonnxError, match="matplotlib"):
+        write_report(rows, tmp_path / "new" / "sub" / "report.md", title="t")
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    files = write_report(rows, tmp_path / "new" / "sub" / "report.md", title="t")
+    assert sorted(p.name for p in files) == ["report.md", "report_layers.png", "report_worst.png"]
