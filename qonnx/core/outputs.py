@@ -10,13 +10,15 @@
   own data file is removed, and nothing else: a ``q.onnx.data`` that the previous ``q.onnx`` does not name
   (another model's, say) is never touched.
 - Temporary names carry the writer's process id (``.q.onnx.tmp-<pid>-<random>``): a later write into the
-  same folder removes those whose process is gone (after a SIGKILL; SIGTERM and Ctrl-C clean up at once).
+  same folder removes those whose process is gone (after a SIGKILL; SIGTERM and Ctrl-C clean up at once),
+  and the data file such a process had moved into place when it died before its .onnx.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -47,6 +49,8 @@ __all__ = [
 #: A temporary file or folder of a qonnx write: ``.NAME.tmp-PID-RANDOM``.
 _TEMP = re.compile(r"\..+\.tmp-(\d+)-[A-Za-z0-9_]+")
 _CHUNK = 1 << 20
+#: In a staging folder: the output and the data file name :func:`commit` is moving into place.
+_COMMITTING = "committing.json"
 
 
 def temp_prefix(name: str) -> str:
@@ -67,13 +71,22 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temps(folder: Path) -> None:
-    """Remove the temporary files and folders that killed qonnx processes left in ``folder``."""
+    """Remove the temporary files and folders that killed qonnx processes left in ``folder``.
+
+    A process killed between :func:`commit`'s two renames also left a data file that no .onnx reads: its
+    staging folder names it (``_COMMITTING``), and it goes too, unless the output there reads it.
+    """
     with contextlib.suppress(OSError), os.scandir(folder) as entries:
         for entry in entries:
             found = _TEMP.fullmatch(entry.name)
             if found is None or _alive(int(found.group(1))):
                 continue
             if entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    pending = json.loads((Path(entry.path) / _COMMITTING).read_text())
+                    out, data = folder / Path(pending["out"]).name, Path(pending["data"]).name
+                    if data not in _previous_data(out):
+                        (folder / data).unlink(missing_ok=True)
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 with contextlib.suppress(OSError):
@@ -180,7 +193,7 @@ def _data_name(name: str, k: int) -> str:
 def _previous_data(out: Path) -> set[str]:
     """The data files, named as :func:`commit` names them, that the .onnx now at ``out`` reads."""
     pattern = re.compile(re.escape(out.name) + r"(\.[0-9]+)?\.data")
-    if not out.is_file():
+    if out.is_symlink() or not out.is_file():  # a link is replaced, not what it points at (nor that one's data)
         return set()
     try:
         present = {p.name for p in out.parent.iterdir() if pattern.fullmatch(p.name)}
@@ -238,6 +251,8 @@ def commit(tmp_model: Path, tmp_data: Path | None, out: Path, protect: Collectio
     written = [out]
     if tmp_data is not None and data_name is not None:
         data_path = parent / data_name
+        if data_name not in previous:  # a fresh file: if this process dies before the .onnx is in place, it goes
+            (tmp_data.parent / _COMMITTING).write_text(json.dumps({"out": out.name, "data": data_name}))
         os.replace(tmp_data, data_path)
         _fsync(parent, folder=True)
         written.append(data_path)

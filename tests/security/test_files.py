@@ -314,6 +314,7 @@ def test_killed_between_the_renames_the_previous_pair_still_reads_and_nothing_st
         assert res.returncode == -9 and temps  # a killed process cleans nothing ...
         qonnx.quantize(ext_input, qonnx.W4A16(block_size=32), output=out, external_data=True)
         assert [p.name for p in out.parent.iterdir() if ".tmp-" in p.name] == []  # ... the next run does
+        assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx", "q.onnx.1.data"]  # no orphan data file
         assert run(out, feeds())[0].shape == (1, 3, 256)
 
 
@@ -377,3 +378,17 @@ def test_a_failed_report_leaves_no_folder_and_no_file(tmp_path, model_folder, mo
     monkeypatch.undo()
     files = write_report(rows, tmp_path / "new" / "sub" / "report.md", title="t")
     assert sorted(p.name for p in files) == ["report.md", "report_layers.png", "report_worst.png"]
+
+
+def test_an_output_that_is_a_link_replaces_the_link_only(ext_input):
+    """-o d/q.onnx where d/q.onnx links to a model elsewhere: the link goes, the model and d's files stay."""
+    d = ext_input.parent
+    elsewhere = build_decoder_stack(
+        d.parent / "e" / "q.onnx", hidden=64, intermediate=128, layers=1, external_data=True
+    )
+    (d / "q.onnx").symlink_to(elsewhere)
+    (d / "q.onnx.data").write_text("beside the link, read by nothing of ours")
+    before = {p: digest(p) for p in (elsewhere, elsewhere.with_name("q.onnx.data"), d / "q.onnx.data")}
+    qonnx.quantize(ext_input, qonnx.W4A16(block_size=32), output=d / "q.onnx")
+    assert not (d / "q.onnx").is_symlink()
+    assert {p: digest(p) for p in before} == before
