@@ -12,13 +12,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from builders import tiny_tokenizer
 from helpers import assert_one_line_error, run
 from onnx import TensorProto, helper, numpy_helper
 
 import qonnx
+from qonnx.core.tokenizer import load_tokenizer
 from qonnx.models import build_decoder_stack
+from qonnx.models.hf import load_causal_lm, load_encoder, source_is_encoder
 from qonnx.pipeline.report import layer_report, write_report
 from qonnx.pipeline.verification import VerificationError, VerifyOptions
+from qonnx.runtime.generate import Generator
 
 EVIL_PY = """
 import pathlib
@@ -84,6 +88,37 @@ def remote_code_folder(tmp_path):
     return folder, marker, env
 
 
+@pytest.fixture
+def answers_yes(tmp_path, monkeypatch):
+    """Whatever asks on stdin gets "y" (and is recorded); code transformers fetches goes to tmp_path."""
+    import transformers.dynamic_module_utils as dynamic
+
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "y")
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
+    return asked
+
+
+LOADERS = {
+    "tokenizer": lambda folder: load_tokenizer(folder),
+    "tokenizer-optional": lambda folder: load_tokenizer(folder, required=False),
+    "config": lambda folder: source_is_encoder(folder),
+    "causal-lm": lambda folder: load_causal_lm(folder),
+    "encoder": lambda folder: load_encoder(folder),
+    "generator": lambda folder: Generator(folder),
+}
+
+
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_never_runs_code_from_a_model_folder(remote_code_folder, answers_yes, loader):
+    folder, marker, _ = remote_code_folder
+    with pytest.raises(qonnx.ModelLoadError, match="qonnx never runs code from a model folder"):
+        LOADERS[loader](folder)
+    assert not marker.exists(), "the folder's Python ran"
+    assert answers_yes == []  # and nothing asked
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "command",
     [
@@ -94,7 +129,8 @@ def remote_code_folder(tmp_path):
     ],
     ids=["export", "eval", "generate", "quantize-gptq"],
 )
-def test_never_runs_code_from_a_model_folder(remote_code_folder, command):
+def test_no_command_runs_code_from_a_model_folder(remote_code_folder, command):
+    """The commands, as a script runs them with "y" piped in: refused, nothing asked, nothing run."""
     folder, marker, env = remote_code_folder
     args = [a.format(folder=folder, tmp=folder.parent) for a in command]
     res = cli(*args, env=env)
@@ -106,13 +142,11 @@ def test_never_runs_code_from_a_model_folder(remote_code_folder, command):
     assert last.startswith("qonnx: error: ") and "qonnx never runs code from a model folder" in last, res.stderr
 
 
-def test_auto_map_beside_a_known_class_loads_without_the_folders_code(tmp_path):
+def test_auto_map_beside_a_known_class_loads_without_the_folders_code(tmp_path, answers_yes):
     """config.json and tokenizer_config.json that transformers can read alone load so, without the folder's .py.
 
     (transformers already did so before ``trust_remote_code=False``: this pins the behaviour, it is not the fix's test.)
     """
-    from builders import tiny_tokenizer
-
     folder = tmp_path / "known"
     tiny_tokenizer().save_pretrained(folder)
     marker = tmp_path / "MARKER"
@@ -122,22 +156,10 @@ def test_auto_map_beside_a_known_class_loads_without_the_folders_code(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
     config = {"model_type": "bert", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}}
     (folder / "config.json").write_text(json.dumps(config))
-    code = (
-        "import sys; from qonnx.core.tokenizer import load_tokenizer; from qonnx.models.hf import source_is_encoder; "
-        "t = load_tokenizer(sys.argv[1]); print(type(t).__module__.split('.')[0], source_is_encoder(sys.argv[1]))"
-    )
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf-modules")}
-    res = subprocess.run(
-        [sys.executable, "-c", code, str(folder)],
-        input="y\ny\ny\n",
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert not marker.exists(), "the folder's Python ran"
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["transformers", "True"], res.stdout  # transformers' own classes
+    tokenizer = load_tokenizer(folder)
+    assert type(tokenizer).__module__.startswith("transformers.") and tokenizer("the fox")["input_ids"]
+    assert source_is_encoder(folder)  # read as transformers' BertConfig
+    assert not marker.exists() and answers_yes == []
 
 
 # --- folder inputs: links, special files, output folder inside the input (items 2 and 7) ---
