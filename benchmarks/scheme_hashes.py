@@ -8,7 +8,8 @@ Meant to prove that a refactoring leaves every scheme's output byte-identical: r
 
 Each scheme is one plain `qonnx quantize MODEL -o OUT/NAME/ [flags]` run, with the environment of the caller
 minus OMP_NUM_THREADS (as a user runs it). Recorded per scheme: the command, wall seconds, exit code, and the
-sha256 of every file in OUT/NAME/ whose name ends in .onnx or .onnx.data. w4a16-rtn is always run twice and
+sha256 of every file in OUT/NAME/ whose name ends in .onnx or .data (a fresh OUT/NAME/ gets MODEL.onnx.data;
+MODEL.onnx.1.data etc. only replace a previous output). w4a16-rtn is always run twice and
 w4a16-gptq twice (--repeat-gptq, on by default), with the same command line into the same folder, to show
 whether outputs are deterministic. Where `onnx` is importable, each output .onnx also gets its
 metadata_props and a sha256 of the model with metadata_props cleared, so that a difference can be told
@@ -47,7 +48,7 @@ SCHEMES: dict[str, list[str]] = {
     "w4a16-qdq": ["--format", "qdq"],
 }
 
-MODEL_SUFFIXES = (".onnx", ".onnx.data")
+MODEL_SUFFIXES = (".onnx", ".data")
 
 
 def sha256_file(path: Path) -> str:

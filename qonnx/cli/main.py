@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 import click
@@ -18,10 +20,20 @@ from qonnx.core import __version__
 from qonnx.core.errors import QonnxError
 from qonnx.pipeline.verification import VerificationError
 
-__all__ = ["COMMANDS", "EXIT_USAGE", "EXIT_VERIFY", "LazyGroup", "cli", "main"]
+__all__ = ["COMMANDS", "EXIT_USAGE", "EXIT_VERIFY", "LazyGroup", "Terminated", "cli", "main"]
 
 EXIT_USAGE = 2
 EXIT_VERIFY = 3
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised where the program is, so that it unwinds as on Ctrl-C (temporary files go)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
 
 #: Each command: ``module:attribute`` of its click command, and its summary in ``qonnx --help``.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -93,6 +105,19 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line on stderr and return 2."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
+    try:
+        return _run(argv)
+    except Terminated:
+        click.echo("qonnx: terminated", err=True)
+        return EXIT_TERMINATED
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="qonnx", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:  # type: ignore[attr-defined]

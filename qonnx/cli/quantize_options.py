@@ -8,6 +8,7 @@ what it receives to :class:`QuantizeOptions`, whose methods refuse options the s
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -146,7 +147,8 @@ _CHECKS = opt.together(
         type=float,
         default=None,
         metavar="DB",
-        help="Refuse to write the output (exit 3) when any output's SQNR is below DB (default: write it).",
+        help="Refuse to write the output (exit 3; nothing is written) when any output's SQNR is below DB, a finite "
+        "number; verifies whatever the model's size, and cannot go with --no-verify (default: write it).",
     ),
     click.option(
         "--input-shape",
@@ -335,13 +337,17 @@ class QuantizeOptions:
         return {f"re:{r}": None for r in self.exclude}
 
     def checks(self) -> VerifyOptions:
-        """The verification options (``--min-sqnr`` turns verification on unless ``--no-verify``)."""
+        """The verification options (``--min-sqnr`` turns verification on; with ``--no-verify`` it is refused)."""
+        if self.min_sqnr is not None and not math.isfinite(self.min_sqnr):
+            raise click.BadParameter(f"{self.min_sqnr} is not a finite number of dB", param_hint="--min-sqnr")
+        if self.min_sqnr is not None and self.verify is False:
+            raise click.UsageError("--min-sqnr needs the verification that --no-verify turns off; drop one of them")
         try:
             shapes = parse_shape_overrides(self.input_shapes)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--input-shape") from None
         return VerifyOptions(
-            enabled=True if (self.min_sqnr is not None and self.verify is None) else self.verify,
+            enabled=True if self.min_sqnr is not None else self.verify,
             min_sqnr=self.min_sqnr,
             shapes=shapes,
             dims=_parse_dims(self.dims),

@@ -2,21 +2,21 @@
 
 Loading never reads weights: external tensors are memory-mapped by onnx_ir on first access and can be
 released after use. Saving always goes through :func:`save`, which writes to temporary files beside
-the destination and renames them into place, so a reader never sees a half-written model.
+the destination, syncs them and renames them into place, so a reader never sees a half-written model
+(:mod:`qonnx.core.outputs` says how a model and its data file replace a previous pair).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
+from qonnx.core import outputs
 from qonnx.core.errors import ModelLoadError, OutputPathError
 from qonnx.core.paths import MODEL_FILENAME, resolve_model_path
 from qonnx.core.snapshot import (
@@ -184,13 +184,17 @@ def save(
 ) -> list[Path]:
     """Save ``model`` to ``path`` atomically, with versions ONNX Runtime accepts.
 
-    Files are first written to a temporary folder beside ``path`` and then renamed into place, the
-    external data file before the model file, so a reader never sees a partial model. The same model
-    and options always give the same bytes.
+    Files are first written to a temporary folder beside ``path``, synced to disk, and renamed into place,
+    the external data file before the model file, so a reader never sees a partial model, and a crash
+    between the renames leaves the previous model and its data file as they were (see
+    :mod:`qonnx.core.outputs`). No file but the previous ``path`` and its own data file is replaced or
+    removed; a failed write leaves no file and no folder behind. The same model and options always give the
+    same bytes.
 
     Args:
         model: the model; it is not changed, except its IR version (see make_runtime_compatible).
-        path: the .onnx file to write; external data goes to ``<name>.data`` beside it.
+        path: the .onnx file to write; external data goes to ``<name>.data`` beside it (``<name>.1.data``,
+            ... where that name holds other bytes that something else, or the previous output, reads).
         protect: files that must not be overwritten (the input model and its data files).
         external_data: True to always write weights to a separate file, False never, None (default)
             when the weights exceed 256 MiB (a protobuf file cannot exceed 2 GB).
@@ -208,49 +212,36 @@ def save(
     out = Path(path)
     if out.suffix != ".onnx":
         raise OutputPathError(f"{out}: output model file must end in .onnx")
-    data_name = out.name + ".data"
-    data_path = out.with_name(data_name)
-    for p in protect:
-        pp = Path(p)
-        for candidate in (out, data_path):
-            if _same_file(candidate, pp):
-                raise OutputPathError(f"{candidate}: output would overwrite the input file {pp}")
+    protected = [Path(p) for p in protect]
+    for p in protected:
+        if _same_file(out, p):
+            raise OutputPathError(f"{out}: output would overwrite the input file {p}")
     if out.is_dir():
         raise OutputPathError(f"{out}: is a folder")
     parent = out.parent if str(out.parent) else Path(".")
+    created = outputs.make_folder(parent)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputPathError(f"{parent}: cannot create output folder: {e.strerror}") from None
-    make_runtime_compatible(model)
-    if external_data is None:
-        external_data = _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    try:
-        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp-"))
-    except OSError as e:
-        raise OutputPathError(f"{parent}: cannot write there: {e.strerror}") from None
-    try:
-        tmp_model = tmp / out.name
-        if external_data:
-            # Tensors that stay inside the protobuf but still live in the input's data file must be read in,
-            # or the output would point at the input's file. Restored afterwards: the model is not changed.
-            with _inlined(model, _INLINE_BYTES):
-                ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=_INLINE_BYTES)
-        else:  # a snapshot holds no reference to the input's files
-            write_snapshot(snapshot if snapshot is not None else Snapshot.of(model), tmp_model)
-        if finalize is not None:
-            _add_metadata(tmp_model, finalize(tmp_model), written=model.metadata_props.keys())
-        written = []
-        if (tmp / data_name).exists():
-            os.replace(tmp / data_name, data_path)
-            written.append(data_path)
-        elif data_path.exists() and not any(_same_file(data_path, Path(p)) for p in protect):
-            data_path.unlink()  # a stale data file from an earlier run would confuse readers
-        os.replace(tmp_model, out)
-        written.insert(0, out)
-        return written
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        outputs.remove_stale_temps(parent)
+        make_runtime_compatible(model)
+        if external_data is None:
+            external_data = _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        data_name = out.name + ".data"
+        with outputs.staging(parent, out.name) as tmp:
+            tmp_model = tmp / out.name
+            if external_data:
+                # Tensors that stay inside the protobuf but still live in the input's data file must be read in,
+                # or the output would point at the input's file. Restored afterwards: the model is not changed.
+                with _inlined(model, _INLINE_BYTES):
+                    ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=_INLINE_BYTES)
+            else:  # a snapshot holds no reference to the input's files
+                write_snapshot(snapshot if snapshot is not None else Snapshot.of(model), tmp_model)
+            if finalize is not None:
+                _add_metadata(tmp_model, finalize(tmp_model), written=model.metadata_props.keys())
+            tmp_data = tmp / data_name
+            return outputs.commit(tmp_model, tmp_data if tmp_data.exists() else None, out, protected)
+    except BaseException:
+        outputs.remove_folders(created)
+        raise
 
 
 def _add_metadata(model_path: Path, props: dict[str, str], written: Collection[str] = ()) -> None:
@@ -301,34 +292,3 @@ def to_bytes(model: ir.Model) -> bytes:
     """The whole model, weights included, as one serialized protobuf (for models under 2 GB)."""
     with _inlined(model, None):
         return ir.serde.serialize_model(model).SerializeToString()
-
-
-def output_paths(output: str | os.PathLike, source: Path | None, source_arg: object) -> tuple[Path, Path | None]:
-    """Where a model read from ``source`` goes: (.onnx path to write, folder whose other files go beside it).
-
-    A folder input (``source_arg``) is mirrored into an output folder; an output .onnx path is taken as it is.
-
-    Raises:
-        OutputPathError: the output folder is the input folder.
-    """
-    out = Path(output)
-    if isinstance(source_arg, (str, os.PathLike)) and Path(source_arg).is_dir():
-        if out.suffix == ".onnx":
-            return out, None
-        if out.resolve() == Path(source_arg).resolve():
-            raise OutputPathError(f"{out}: output folder is the input folder")
-        return out / MODEL_FILENAME, Path(source_arg)
-    if out.is_dir() or out.suffix != ".onnx":
-        return out / (source.name if source is not None else MODEL_FILENAME), None
-    return out, None
-
-
-def mirror_folder(src: Path, dst: Path, skip: Collection[Path]) -> None:
-    """Copy the files beside a model (tokenizer, config) into the output folder; model files are not copied."""
-    for item in sorted(src.iterdir()):
-        if item.resolve() in skip or item.name.startswith(".") or item.suffix in (".onnx", ".data"):
-            continue
-        if item.is_dir():
-            shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
-        else:
-            shutil.copy2(item, dst / item.name)

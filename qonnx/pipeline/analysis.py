@@ -184,11 +184,11 @@ class Sensitivity:
 
     def plot(self, path: str | os.PathLike) -> Path:
         """A PNG, per layer in graph order, coloured by projection: perplexity change and KL (causal LMs), or SQNR."""
-        import matplotlib  # optional (the dev extra), and heavy (about 1 s): only the plot needs it
+        import matplotlib  # heavy (about 1 s): only the plot needs it
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # optional, as above
-        from matplotlib.patches import Patch  # optional, as above
+        import matplotlib.pyplot as plt  # heavy, as above
+        from matplotlib.patches import Patch  # heavy, as above
 
         by_order = sorted(self.layers, key=lambda r: r.index)
         kinds = [(r.module or r.node or r.weight).rsplit(".", 1)[-1] for r in by_order]

@@ -19,7 +19,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from qonnx.core import modelfile
+from qonnx.core import modelfile, outputs
 from qonnx.core.errors import ModelLoadError, QonnxError
 from qonnx.passes.lower import FuseForOrtPass
 from qonnx.pipeline.lowering_check import LoweringMismatchError, compare_outputs
@@ -116,7 +116,7 @@ def lower(
     source = modelfile.resolve_model_path(model)
     ir_model = modelfile.load(source)
     protect = modelfile.model_files(ir_model, source)
-    out_path, mirror = modelfile.output_paths(output, source, model)
+    out_path, mirror = outputs.output_paths(output, source, model, protect)
     size = sum(p.stat().st_size for p in protect)
     if attention is None:
         attention = True
@@ -146,9 +146,9 @@ def lower(
         record = {"target": target, "fused": fuse.fused, "notes": fuse.notes}
         return {"qonnx.lowered": json.dumps(record, sort_keys=True)}
 
-    outputs = modelfile.save(ir_model, out_path, protect=protect, external_data=external_data, finalize=finalize)
+    written = modelfile.save(ir_model, out_path, protect=protect, external_data=external_data, finalize=finalize)
     if mirror is not None:  # after the model: a failed verification leaves no half-filled folder behind
-        modelfile.mirror_folder(mirror, out_path.parent, set(protect))
+        outputs.mirror_folder(mirror, out_path.parent)
     notes = list(fuse.notes)
     if found.get("pinned"):
         notes.append(f"verified with the input's rounding: {found['pinned']} quantized activations' codes carried over")
@@ -161,7 +161,7 @@ def lower(
         notes=notes,
         nodes_before=fuse.nodes_before,
         nodes_after=fuse.nodes_after,
-        outputs=outputs,
+        outputs=written,
         seconds=time.perf_counter() - start,
         max_abs_diff=found.get("max_abs_diff"),
         top1_agreement=found.get("top1"),

@@ -17,7 +17,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from tqdm import tqdm
 
-from qonnx.core import __version__, modelfile
+from qonnx.core import __version__, modelfile, outputs
 from qonnx.core.config import W4A16, SchemeConfig, WeightOnlyConfig
 from qonnx.core.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError
 from qonnx.core.schemes import Targets
@@ -150,6 +150,8 @@ def quantize(
     """
     start = time.perf_counter()
     options = verify if isinstance(verify, VerifyOptions) else VerifyOptions(enabled=verify)
+    if options.min_sqnr is not None and options.enabled is None:  # a gate is never skipped for size
+        options = dataclasses.replace(options, enabled=True)
     config = W4A16() if config is None else config
     if not isinstance(config, SchemeConfig):
         raise ConfigError(f"config must be a scheme config such as W4A16(), not {type(config).__name__}")
@@ -174,13 +176,11 @@ def quantize(
     resolved = Targets(config, targets)
     ir_model, source = load_model(model)
     protect = modelfile.model_files(ir_model, source) if source is not None else []
-    out_path, mirror = (None, None) if output is None else modelfile.output_paths(output, source, model)
+    out_path, mirror = (None, None) if output is None else outputs.output_paths(output, source, model, protect)
     if out_path is not None:
         for p in protect:
             if out_path.exists() and os.path.samefile(out_path, p):
                 raise OutputPathError(f"{out_path}: output would overwrite the input file {p}")
-        if mirror is not None and out_path.parent.resolve() == mirror.resolve():
-            raise OutputPathError(f"{out_path.parent}: output folder is the input folder")
     bytes_before = sum(p.stat().st_size for p in protect) if protect else _weight_bytes(ir_model)
     original: Path | bytes | None = source
     wants_check = options.enabled or (options.enabled is None and bytes_before <= options.max_bytes)
@@ -192,6 +192,8 @@ def quantize(
                 f"verification skipped: ONNX Runtime cannot load the original (IR version "
                 f"{ir_model.ir_version} > {modelfile.MAX_RUNTIME_IR_VERSION}) and its weights are external"
             )
+            if options.min_sqnr is not None:
+                raise ConfigError(f"{source}: min_sqnr cannot be checked: {skip_note.split(': ', 1)[1]}")
             wants_check = False
         else:
             version = ir_model.ir_version
@@ -304,18 +306,17 @@ def quantize(
                 )
         return props
 
-    outputs: list[Path] = []
+    written: list[Path] = []
     if out_path is not None:
-        if mirror is not None:
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            modelfile.mirror_folder(mirror, out_path.parent, skip=set(protect))
         with phase("writing"):
-            outputs = modelfile.save(
+            written = modelfile.save(
                 ir_model, out_path, protect=protect, external_data=external_data, finalize=finalize, snapshot=snapshot
             )
-        bytes_after = sum(p.stat().st_size for p in outputs)
+            if mirror is not None:  # after the model: a refused or failed write leaves no half-filled folder
+                outputs.mirror_folder(mirror, out_path.parent)
+        bytes_after = sum(p.stat().st_size for p in written)
         if deploy is not None:
-            outputs.append(write_sidecar(deploy, out_path))
+            written.append(write_sidecar(deploy, out_path))
     else:
         bytes_after = _weight_bytes(ir_model)
         if wants_check:
@@ -329,7 +330,7 @@ def quantize(
         layers=qpass.records,
         bytes_before=bytes_before,
         bytes_after=bytes_after,
-        outputs=outputs,
+        outputs=written,
         seconds=time.perf_counter() - start,
         model=ir_model,
         verification=checked,

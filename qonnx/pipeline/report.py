@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qonnx.core import modelfile, packing
+from qonnx.core import modelfile, outputs, packing
 from qonnx.core.errors import QonnxError
 from qonnx.passes.weights import find_weight_candidates
 from qonnx.runtime.capture import capture
@@ -212,11 +212,21 @@ def layer_report(
     return rows
 
 
+def _plot_paths(folder: Path, stem: str) -> tuple[Path, Path]:
+    """The PNGs beside a report: layers in graph order, and the worst layers."""
+    return folder / f"{stem}_layers.png", folder / f"{stem}_worst.png"
+
+
 def _plots(rows: list[LayerReport], folder: Path, stem: str) -> list[Path]:
-    import matplotlib  # optional (the dev extra), and heavy (about 1 s): only the plots need it
+    try:
+        import matplotlib  # heavy (about 1 s): only the plots need it
+    except ImportError as e:  # a dependency of qonnx: only a broken install lacks it
+        raise QonnxError(
+            f"the report's plots need matplotlib, which is missing here ({e}); pip install matplotlib"
+        ) from None
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # optional, as above
+    import matplotlib.pyplot as plt  # heavy, as above
 
     by_order = sorted(rows, key=lambda r: r.index)
     fig, ax = plt.subplots(figsize=(10, 3.5))
@@ -231,7 +241,7 @@ def _plots(rows: list[LayerReport], folder: Path, stem: str) -> list[Path]:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    order_png = folder / f"{stem}_layers.png"
+    order_png, worst_png = _plot_paths(folder, stem)
     fig.savefig(order_png, dpi=110)
     plt.close(fig)
     worst = rows[: min(6, len(rows))]
@@ -242,18 +252,31 @@ def _plots(rows: list[LayerReport], folder: Path, stem: str) -> list[Path]:
         ax.set_title((r.module or r.weight or r.node)[-28:], fontsize=8)
         ax.set_xlabel("SQNR dB", fontsize=8)
     fig.tight_layout()
-    worst_png = folder / f"{stem}_worst.png"
     fig.savefig(worst_png, dpi=110)
     plt.close(fig)
     return [order_png, worst_png]
 
 
 def write_report(rows: list[LayerReport], path: str | os.PathLike, *, title: str) -> list[Path]:
-    """Write ``rows`` as Markdown (.md) or HTML (.html) with PNG plots beside it; returns the files."""
+    """Write ``rows`` as Markdown (.md) or HTML (.html) with PNG plots beside it; returns the files.
+
+    A report that fails leaves none of its files and none of the folders it created.
+    """
     out = Path(path)
     if out.suffix not in (".md", ".html"):
         raise QonnxError(f"{out}: the report must end in .md or .html")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = outputs.make_folder(out.parent)
+    new = [p for p in (out, *_plot_paths(out.parent, out.stem)) if not os.path.lexists(p)]
+    try:
+        return _write_report(rows, out, title)
+    except BaseException:
+        for p in new:
+            p.unlink(missing_ok=True)
+        outputs.remove_folders(created)
+        raise
+
+
+def _write_report(rows: list[LayerReport], out: Path, title: str) -> list[Path]:
     pngs = _plots(rows, out.parent, out.stem)
     header = ["rank", "layer", "op", "weight shape", "output SQNR dB", "weight SQNR dB", "bytes before", "bytes after"]
     body = [

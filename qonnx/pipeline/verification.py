@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qonnx.core import __version__
-from qonnx.core.errors import QonnxError
+from qonnx.core.errors import ConfigError, QonnxError
 from qonnx.runtime.session import InMemoryModel
 from qonnx.runtime.verify import ReferenceRun, verify_models
 
@@ -49,8 +49,10 @@ class VerifyOptions:
     """How a quantize run verifies its output.
 
     Attributes:
-        enabled: True always, False never, None (default) unless the input exceeds ``max_bytes``.
-        min_sqnr: refuse to write the output when any output's SQNR (dB) is below this.
+        enabled: True always, False never, None (default) unless the input exceeds ``max_bytes`` (and no
+            ``min_sqnr`` asks for a check).
+        min_sqnr: refuse to write the output when any output's SQNR (dB) is below this; finite, and not
+            with ``enabled=False`` (ConfigError).
         warn_sqnr: warn on stderr below this.
         feeds: input batches to use; otherwise one batch from ``data``, else made from the declared inputs.
         data: what that batch comes from: a ``.npz`` of feeds (its last batch; inputs it lacks are made up) or
@@ -72,6 +74,14 @@ class VerifyOptions:
     dims: Mapping[str, int] | None = None
     device: str = "cpu"
     max_bytes: int = DEFAULT_MAX_BYTES
+
+    def __post_init__(self) -> None:
+        if self.min_sqnr is None:
+            return
+        if not math.isfinite(self.min_sqnr):
+            raise ConfigError(f"min_sqnr must be a finite number of dB, not {self.min_sqnr}")
+        if self.enabled is False:
+            raise ConfigError("min_sqnr needs the verification that enabled=False turns off")
 
 
 @dataclasses.dataclass
