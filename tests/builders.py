@@ -182,3 +182,126 @@ def outlier_stack(tmp_path, weight=OUTLIER, scale=200.0):
         model.graph.initializer[i].CopyFrom(numpy_helper.from_array(w, t.name))
     onnx.save(model, str(path))
     return path
+
+
+# -- Graphs whose inputs have sizes to find: images, audio, recurrent state -----------------------------------
+
+
+def _graph_model(path: Path, nodes, inputs, outputs, inits, *, opset: int = 17, metadata=None) -> Path:
+    m = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outputs, inits), opset_imports=[helper.make_opsetid("", opset)]
+    )
+    m.ir_version = 8
+    for key, value in (metadata or {}).items():
+        m.metadata_props.add(key=key, value=value)
+    onnx.save(m, path)
+    return path
+
+
+def cnn_zero_at_1x1(path: Path, *, seed: int = 0, metadata=None) -> Path:
+    """An image classifier x [1, 3, height, width] -> y [1, 10] whose output is all zeros on a 1x1 image.
+
+    A strided 3x3 Conv (padding 1) whose centre taps are zero and whose bias is -1, then ReLU: on one pixel it
+    sees padding and its centre tap only, so every activation is cut to 0; then global average pooling and a
+    MatMul [64, 10] without bias. On a 64x64 image about a third of the activations are positive.
+    """
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((64, 3, 3, 3)).astype(np.float32)
+    w[:, :, 1, 1] = 0.0
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "fc"], ["y"], name="fc"),
+    ]
+    inits = [
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(np.full(64, -1.0, np.float32), "b"),
+        numpy_helper.from_array(rng.standard_normal((64, 10)).astype(np.float32), "fc"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "height", "width"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])]
+    return _graph_model(path, nodes, inputs, outputs, inits, metadata=metadata)
+
+
+def detector_with_resize(path: Path, *, seed: int = 0) -> Path:
+    """A YOLO-like neck on x [batch, 3, H, W] (no names on the dynamic dimensions) that runs on no 1x1 image.
+
+    Two stride-2 Convs (H -> ceil(H/2) -> ceil(H/4)), the second upsampled x2 by a Resize whose scales are
+    computed in the graph, concatenated with the first: the sizes agree only where H and W are multiples of 4.
+    Then global average pooling and a MatMul [32, 8] -> y.
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Mul", ["two", "factor"], ["scales"], name="scales"),
+        helper.make_node("Resize", ["r2", "", "scales"], ["up"], name="upsample", mode="nearest"),
+        helper.make_node("Concat", ["up", "r1"], ["cat"], name="concat", axis=1),
+        helper.make_node("GlobalAveragePool", ["cat"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "fc"], ["y"], name="fc"),
+    ]
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((16, 3, 3, 3)) / 5).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal((16, 16, 3, 3)) / 12).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array([1, 1, 1, 1], np.float32), "two"),
+        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "factor"),
+        numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32), "fc"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, None, None])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])]
+    return _graph_model(path, nodes, inputs, outputs, inits)
+
+
+def recurrent_with_state(path: Path, *, seed: int = 0) -> Path:
+    """A VAD-like step: audio chunk x [batch, samples], state [?, ?, ?] (128 values in truth), sr (int64 scalar).
+
+    The state is reshaped to [2, 64]: no sizes qonnx invents fit it, so the original runs on none of them.
+    y = tanh((mean(x) + state[0]) @ w) [batch, 64]; new_state = the state as it came.
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], name="mean", axes=[1], keepdims=1),
+        helper.make_node("Reshape", ["state", "shape"], ["s"], name="reshape"),
+        helper.make_node("Gather", ["s", "zero"], ["s0"], name="first", axis=0),
+        helper.make_node("Add", ["m", "s0"], ["h"], name="add"),
+        helper.make_node("Cast", ["sr"], ["srf"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Div", ["h", "srf"], ["hs"], name="div"),
+        helper.make_node("MatMul", ["hs", "w"], ["z"], name="fc"),
+        helper.make_node("Tanh", ["z"], ["y"], name="tanh"),
+        helper.make_node("Identity", ["state"], ["new_state"], name="keep"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([2, 64], np.int64), "shape"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32) * 1000, "w"),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "samples"]),
+        helper.make_tensor_value_info("state", TensorProto.FLOAT, [None, None, None]),
+        helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64]),
+        helper.make_tensor_value_info("new_state", TensorProto.FLOAT, [None, None, None]),
+    ]
+    return _graph_model(path, nodes, inputs, outputs, inits)
+
+
+def always_zero(path: Path, *, seed: int = 0) -> Path:
+    """y = relu(-|x|) @ w: all zeros on every input, however large (a model nothing can be verified on)."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Abs", ["x"], ["a"], name="abs"),
+        helper.make_node("Neg", ["a"], ["n"], name="neg"),
+        helper.make_node("Relu", ["n"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w"], ["y"], name="fc"),
+    ]
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])]
+    return _graph_model(path, nodes, inputs, outputs, inits)
