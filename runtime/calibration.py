@@ -25,7 +25,7 @@ from qonnx.core.errors import ConfigError, ModelLoadError
 from qonnx.core.modelfile import resolve_model_path
 from qonnx.passes.hessian import HessianAccumulator, torch_device
 from qonnx.runtime.capture import capture
-from qonnx.runtime.data import CALIBRATION_START, PYDOC, calibration_windows, corpus_tokens, npz_batches
+from qonnx.runtime.data import CALIBRATION_START, PYDOC, calibration_windows, corpus_tokens, npz_batch, npz_batches
 from qonnx.runtime.evaluate import check_seq_len, feed_builder, model_config
 
 __all__ = ["GraphIO", "calibration_feeds", "collect_hessians", "spill"]
@@ -40,7 +40,7 @@ HESSIAN_BUDGET_CUDA = 4 << 30
 
 def _npz_feeds(path: Path, count: int) -> list[dict[str, np.ndarray]]:
     arrays, n = npz_batches(path)
-    return [{k: a[i] for k, a in arrays.items()} for i in range(min(count, n))]
+    return [npz_batch(arrays, i) for i in range(min(count, n))]
 
 
 def calibration_feeds(

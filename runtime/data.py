@@ -34,6 +34,8 @@ __all__ = [
     "corpus_tokens",
     "evaluation_windows",
     "calibration_windows",
+    "npz_batch",
+    "npz_batches",
 ]
 
 #: The name of the standard corpus.
@@ -186,7 +188,8 @@ def calibration_windows(
 def npz_batches(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], int]:
     """The arrays of a ``.npz`` file of feeds and how many batches they hold.
 
-    The arrays are named after a model's inputs, their first axis indexing batches.
+    The arrays are named after a model's inputs, their first axis indexing batches; a 0-d array is one value
+    for every batch (a sample rate, say). Take batch i with :func:`npz_batch`.
 
     Raises:
         ConfigError: the file cannot be read, holds no arrays, or its arrays disagree on the batch count.
@@ -198,9 +201,15 @@ def npz_batches(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], int]:
         raise ConfigError(f"{path}: not a readable .npz file: {e}") from None
     if not arrays:
         raise ConfigError(f"{path}: holds no arrays")
-    lengths = {k: (a.shape[0] if a.ndim else 0) for k, a in arrays.items()}
-    if len(set(lengths.values())) != 1 or 0 in lengths.values():
+    lengths = {k: a.shape[0] for k, a in arrays.items() if a.ndim}
+    if len(set(lengths.values())) > 1 or 0 in lengths.values():
         raise ConfigError(
-            f"{path}: every array must have the same first axis (one entry per calibration batch), got {lengths}"
+            f"{path}: every array must have the same first axis (one entry per calibration batch; a 0-d array "
+            f"is one value for all), got {lengths}"
         )
-    return arrays, next(iter(lengths.values()))
+    return arrays, next(iter(lengths.values()), 1)
+
+
+def npz_batch(arrays: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+    """Batch ``index`` of :func:`npz_batches`' arrays: arrays throughout (a scalar input's value a 0-d array)."""
+    return {k: np.asarray(a[index]) if a.ndim else a for k, a in arrays.items()}

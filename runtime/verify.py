@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 
 from qonnx.core.errors import ConfigError
 from qonnx.core.paths import resolve_model_path
-from qonnx.runtime.data import PYDOC, npz_batches, read_text
+from qonnx.runtime.data import PYDOC, npz_batch, npz_batches, read_text
 from qonnx.runtime.inputs import declared_sizes, describe_shapes, make_inputs, parse_shape_overrides, size_trials
 from qonnx.runtime.session import InMemoryModel
 from qonnx.runtime.single_run import feed_weights, untranspose_weights, verification_session
@@ -289,7 +289,7 @@ class ReferenceRun:
             batch, outputs = self._search(session)
             self.batches, self._outputs = [batch], [outputs]
             return
-        self.batches = list(self._feeds)
+        self.batches = [{k: np.asarray(v) for k, v in b.items()} for b in self._feeds]  # numpy scalars too
         self.inputs = f"{len(self.batches)} given batch{'es' if len(self.batches) > 1 else ''}"
         held = 0
         for batch in self.batches:
@@ -313,7 +313,7 @@ class ReferenceRun:
             unknown = sorted(set(arrays) - declared)
             if unknown:
                 raise ConfigError(f"{data}: arrays not named after an input of the model: {', '.join(unknown)}")
-            given = {k: a[-1] for k, a in arrays.items()}
+            given = npz_batch(arrays, n - 1)
             self.inputs = f"{Path(data).name}, its last batch (of {n})"
             for inp in session.get_inputs():  # sizes of dynamic dimensions as the given arrays have them
                 if inp.name in given:
