@@ -85,11 +85,14 @@ def calibration_feeds(
             f"{path}: calibration needs data: there is no tokenizer beside the model to tokenize {str(data)!r}; "
             "pass a .npz file of input feeds (calib_data='feeds.npz', --calib-data feeds.npz)"
         )
-    check_seq_len(model_config(folder), seq_len, folder)
     try:
         feed, _ = feed_builder(GraphIO(path), path)
     except ModelLoadError as e:
-        raise ModelLoadError(f"{e}; pass a .npz file of input feeds for calibration instead") from None
+        raise ModelLoadError(
+            f"{e}: calibration on text needs one; pass a .npz file of input feeds instead "
+            "(calib_data='feeds.npz', --calib-data feeds.npz)"
+        ) from None
+    check_seq_len(model_config(folder), seq_len, folder, "--calib-seq-len (calib_seq_len)")
     start = CALIBRATION_START if str(data) == PYDOC else 0
     windows = calibration_windows(corpus_tokens(folder, data, lean=True), seq_len, samples, start=start)
     return [feed(ids) for ids in windows]

@@ -69,11 +69,14 @@ def model_config(folder: Path) -> dict[str, Any]:
         return {}
 
 
-def check_seq_len(config: dict[str, Any], seq_len: int, where: Path) -> None:
-    """Refuse ``seq_len`` beyond the positions the model's ``config`` (its config.json) supports."""
+def check_seq_len(config: dict[str, Any], seq_len: int, where: Path, option: str = "--seq-len") -> None:
+    """Refuse ``seq_len`` beyond the positions the model's ``config`` (its config.json) supports.
+
+    ``option`` names the setting in the error, as the caller's command spells it.
+    """
     limit = config.get("max_position_embeddings") or config.get("n_positions")
     if isinstance(limit, int) and seq_len > limit:
-        raise ConfigError(f"seq_len {seq_len} exceeds the {limit} positions the model in {where} supports")
+        raise ConfigError(f"{option} {seq_len} exceeds the {limit} positions the model in {where} supports")
 
 
 def feed_builder(session: Any, where: Path) -> tuple[Any, str]:
@@ -89,7 +92,7 @@ def feed_builder(session: Any, where: Path) -> tuple[Any, str]:
     names = []
     outputs = [o.name for o in session.get_outputs()]
     if "logits" not in outputs and "last_hidden_state" in outputs:
-        raise ModelLoadError(f"{where}: an encoder export (last_hidden_state, no logits); use --task similarity")
+        raise ModelLoadError(f"{where}: an encoder export (last_hidden_state, no logits), not a causal LM")
     for inp in session.get_inputs():
         names.append(inp.name)
         if inp.name.startswith("past_key_values."):
@@ -100,7 +103,7 @@ def feed_builder(session: Any, where: Path) -> tuple[Any, str]:
                 raise ModelLoadError(f"{where}: input {inp.name} has unsupported type {inp.type}")
             static[inp.name] = np.zeros((1, heads, 0, dim), dtype=_NUMPY_TYPES[inp.type])
         elif inp.name not in ("input_ids", "attention_mask", "position_ids"):
-            raise ModelLoadError(f"{where}: input {inp.name} is not one a causal LM export has; cannot evaluate")
+            raise ModelLoadError(f"{where}: input {inp.name} is not one a causal LM export has")
     if "input_ids" not in names:
         raise ModelLoadError(f"{where}: the model has no input_ids input; not a causal LM export")
     logits = "logits" if "logits" in outputs else outputs[0]
@@ -154,7 +157,11 @@ def perplexity(
     device = resolve_device(device)
     start = time.perf_counter()
     session = make_session(path, device, threads=threads)
-    feed, logits_name = feed_builder(session, path)
+    try:
+        feed, logits_name = feed_builder(session, path)
+    except ModelLoadError as e:
+        encoder = "last_hidden_state" in {o.name for o in session.get_outputs()}
+        raise ModelLoadError(f"{e}; {'use --task similarity' if encoder else 'cannot evaluate perplexity'}") from None
     total, count = 0.0, 0
     for ids in tqdm(batches, desc="perplexity", unit="window", file=sys.stderr, disable=not progress):
         logits = session.run([logits_name], feed(ids))[0]
@@ -332,7 +339,7 @@ def similarity(
     embeddings, tokens, paths = [], 0, []
     for folder in folders:
         session, tokenizer, path = _encoder_session(folder, device, threads)
-        check_seq_len(model_config(path.parent), max_length, path.parent)
+        check_seq_len(model_config(path.parent), max_length, path.parent, "--max-length")
         e, n = sentence_embeddings(session, tokenizer, chunks, max_length=max_length, progress=progress)
         embeddings.append(e)
         tokens = tokens or n
