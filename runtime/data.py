@@ -8,6 +8,9 @@ available offline on every machine, and the same text everywhere. The whole text
 * evaluation windows: the first N non-overlapping windows of L tokens, from token 0;
 * calibration windows: from token :data:`CALIBRATION_START` on, so they never overlap the evaluation
   windows of the standard protocol (24 x 512 tokens).
+
+A model whose tokenizer puts a BOS token before every text (:func:`qonnx.core.tokenizer.bos_token_id`) gets one
+before each window (:func:`with_bos`): it reads L + 1 tokens, as it reads any text.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ __all__ = [
     "corpus_tokens",
     "evaluation_windows",
     "calibration_windows",
+    "with_bos",
     "npz_batch",
     "npz_batches",
 ]
@@ -183,6 +187,13 @@ def calibration_windows(
         ConfigError: the corpus is too short for them.
     """
     return _windows(tokens, seq_len, count, start, "calibration")
+
+
+def with_bos(windows: np.ndarray, bos: int | None) -> np.ndarray:
+    """``windows`` [N, L] with the token ``bos`` before each: [N, L + 1]; as they are when ``bos`` is None."""
+    if bos is None:
+        return windows
+    return np.concatenate([np.full((len(windows), 1), bos, dtype=np.int64), windows], axis=1)
 
 
 def npz_batches(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], int]:

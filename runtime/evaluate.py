@@ -4,7 +4,10 @@ Perplexity: each of the first N non-overlapping windows of L tokens (see :mod:`q
 one sequence: ``input_ids`` [1, L], ``attention_mask`` all ones, ``position_ids`` 0..L-1, and an empty past
 ([1, kv_heads, 0, head_dim]) when the graph has past inputs. Every token but the first of a window is
 scored from the logits at the position before it; perplexity is exp(mean negative log-likelihood) over
-all scored tokens of all windows. :func:`perplexity_torch` applies the same protocol to a PyTorch model.
+all scored tokens of all windows. When the model's tokenizer puts a BOS token before a text
+(:func:`qonnx.core.tokenizer.bos_token_id`: Gemma, Llama 3), each window is read after one, as the model reads
+any text: [1, L + 1] tokens, all L of the window scored. :func:`perplexity_torch` applies the same protocol to a
+PyTorch model (given the same windows).
 
 Similarity: the first N text chunks of the data (:func:`text_chunks`) are tokenized one by one (with the
 special tokens, cut at L tokens) and run in batches of similar length, padded at the end; a chunk's
@@ -30,8 +33,8 @@ from tqdm import tqdm
 
 from qonnx.core.errors import ConfigError, ModelLoadError
 from qonnx.core.modelfile import resolve_model_path
-from qonnx.core.tokenizer import load_tokenizer
-from qonnx.runtime.data import PYDOC, corpus_tokens, evaluation_windows, read_text
+from qonnx.core.tokenizer import bos_token_id, load_tokenizer
+from qonnx.runtime.data import PYDOC, corpus_tokens, evaluation_windows, read_text, with_bos
 from qonnx.runtime.session import make_session, resolve_device
 
 __all__ = [
@@ -143,8 +146,8 @@ def perplexity(
         threads: ONNX Runtime intra-op threads (default: its own choice).
 
     Returns:
-        ``perplexity``, ``mean_nll``, ``tokens`` (scored), ``windows``, ``seq_len``, ``data``, ``model``,
-        ``device`` and ``seconds``.
+        ``perplexity``, ``mean_nll``, ``tokens`` (scored), ``windows``, ``seq_len``, ``bos`` (whether each
+        window was read after the tokenizer's BOS), ``data``, ``model``, ``device`` and ``seconds``.
 
     Raises:
         ModelLoadError: no model or tokenizer there, or inputs that are not a causal LM export's.
@@ -152,8 +155,9 @@ def perplexity(
     """
     path = resolve_model_path(model_dir)
     config = model_config(path.parent)
-    check_seq_len(config, seq_len, path.parent)
-    batches = evaluation_windows(corpus_tokens(path.parent, data), seq_len, windows)
+    bos = bos_token_id(path.parent)
+    check_seq_len(config, seq_len + (bos is not None), path.parent, "--seq-len" if bos is None else "--seq-len + BOS")
+    batches = with_bos(evaluation_windows(corpus_tokens(path.parent, data), seq_len, windows), bos)
     device = resolve_device(device)
     start = time.perf_counter()
     session = make_session(path, device, threads=threads)
@@ -176,6 +180,7 @@ def perplexity(
         "tokens": count,
         "windows": len(batches),
         "seq_len": seq_len,
+        "bos": bos is not None,
         "data": os.fspath(data),
         "model": str(path),
         "device": device,
@@ -184,7 +189,11 @@ def perplexity(
 
 
 def perplexity_torch(model: Any, windows: np.ndarray, *, progress: bool = False) -> float:
-    """The same protocol on a PyTorch causal LM, for checking an export: windows is [N, L] token ids."""
+    """The same protocol on a PyTorch causal LM, for checking an export: windows is [N, L] token ids.
+
+    Give the windows as :func:`perplexity` reads them: with the BOS before each where the tokenizer adds one
+    (:func:`qonnx.runtime.data.with_bos`).
+    """
     import torch  # heavy (about 2 s): only checking an export against PyTorch needs it
 
     total, count = 0.0, 0

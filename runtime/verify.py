@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 
 from qonnx.core.errors import ConfigError
 from qonnx.core.paths import resolve_model_path
+from qonnx.core.tokenizer import bos_token_id
 from qonnx.runtime.data import PYDOC, npz_batch, npz_batches, read_text
 from qonnx.runtime.inputs import declared_sizes, describe_shapes, make_inputs, parse_shape_overrides, size_trials
 from qonnx.runtime.session import InMemoryModel
@@ -205,17 +206,30 @@ def text_token_ids(folder: Path, length: int = VERIFY_TOKENS, data: str | os.Pat
 
     ``data``: ``"pydoc"`` (default: the end of the pydoc corpus, away from the evaluation windows and from
     calibration's start) or a ``.txt`` / ``.jsonl`` file. ``n`` is ``length``, or fewer when the text is
-    shorter (at least 8 tokens, else None). Real text gives top-1 agreement a meaning that made-up ids do not.
+    shorter (at least 8 tokens, else None), plus one for the BOS the tokenizer puts before a text where it puts
+    one (:func:`~qonnx.core.tokenizer.bos_token_id`). Real text gives top-1 agreement a meaning that made-up ids
+    do not.
     """
+    found = _text_ids(folder, length, data)
+    return None if found is None else found[0]
+
+
+def _text_ids(folder: Path, length: int, data: str | os.PathLike) -> tuple[np.ndarray, bool] | None:
+    """:func:`text_token_ids`, and whether a BOS comes first."""
     path = folder / "tokenizer.json"
     if not path.is_file():
         return None
     text = read_text(data)[-100 * length :]  # ConfigError: unreadable data is the caller's to report
     try:
-        ids = Tokenizer.from_file(str(path)).encode(text, add_special_tokens=False).ids
+        fast = Tokenizer.from_file(str(path))
+        ids = fast.encode(text, add_special_tokens=False).ids
+        bos = bos_token_id(folder, fast)
     except Exception:  # an unreadable tokenizer: fall back to made-up ids
         return None
-    return np.asarray([ids[-length:]], dtype=np.int64) if len(ids) >= 8 else None
+    if len(ids) < 8:
+        return None
+    window = ([] if bos is None else [bos]) + ids[-length:]
+    return np.asarray([window], dtype=np.int64), bos is not None
 
 
 #: Reference outputs kept in memory while quantization runs; batches past this are run at comparison time.
@@ -322,12 +336,13 @@ class ReferenceRun:
                             dims.setdefault(d, int(size))
             return given, None, dims
         text = data if data is not None else PYDOC
-        ids = None if isinstance(self.original, bytes) else text_token_ids(Path(self.original).parent, data=text)
-        if ids is not None:
-            source = "pydoc text" if str(text) == PYDOC else Path(text).name
-            self.inputs = f"{source}, its last {ids.shape[1]} tokens"
-        else:
+        found = None if isinstance(self.original, bytes) else _text_ids(Path(self.original).parent, VERIFY_TOKENS, text)
+        if found is None:
             self.inputs = "inputs made from the declared shapes"
+            return {}, None, dims
+        ids, bos = found
+        source = "pydoc text" if str(text) == PYDOC else Path(text).name
+        self.inputs = f"{source}, its last {ids.shape[1] - bos} tokens" + (" after BOS" if bos else "")
         return {}, ids, dims
 
     def _declared(self) -> dict[str, int]:

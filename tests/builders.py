@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -84,6 +85,68 @@ def tiny_tokenizer():
     texts = ["the quick brown fox jumps over the lazy dog", "import os; print(os.getcwd())", "def f(x): return x"]
     tok.train_from_iterator(texts * 10, trainers.BpeTrainer(vocab_size=100, special_tokens=["[UNK]"]))
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+#: Special tokens and BOS rules of three model families, for :func:`styled_tokenizer`.
+TOKENIZER_STYLES = {
+    # Gemma: <bos> from the post-processor and add_bos_token in tokenizer_config.json; a chat template that
+    # writes the BOS itself; a turn ends with <end_of_turn>
+    "gemma": dict(
+        specials=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+        bos="<bos>",
+        eos="<eos>",
+        add_bos=True,
+        template="{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+        "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+    ),
+    # Llama 3: <|begin_of_text|> from the post-processor alone (no add_bos_token); no chat template here
+    "llama3": dict(
+        specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        bos="<|begin_of_text|>",
+        eos="<|end_of_text|>",
+        add_bos=None,
+        template=None,
+    ),
+    # SmolLM2: names <|im_start|> its BOS and adds none
+    "smollm2": dict(
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        bos="<|im_start|>",
+        eos="<|im_end|>",
+        add_bos=False,
+        template=None,
+    ),
+}
+
+
+def styled_tokenizer(style: str):
+    """A BPE tokenizer of 100 tokens with the special tokens and BOS rules of ``style`` (TOKENIZER_STYLES)."""
+    spec = TOKENIZER_STYLES[style]
+    tok = Tokenizer(models.BPE(unk_token=spec["specials"][0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    texts = ["the quick brown fox jumps over the lazy dog", "import os; print(os.getcwd())", "def f(x): return x"]
+    tok.train_from_iterator(texts * 10, trainers.BpeTrainer(vocab_size=100, special_tokens=spec["specials"]))
+    bos = spec["specials"].index(spec["bos"])
+    if spec["add_bos"] is not False:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{spec['bos']} $A", pair=f"{spec['bos']} $A $B", special_tokens=[(spec["bos"], bos)]
+        )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=spec["bos"], eos_token=spec["eos"], unk_token=spec["specials"][0]
+    )
+    if spec["template"]:
+        fast.chat_template = spec["template"]
+    return fast
+
+
+def save_styled_tokenizer(tokenizer, folder: Path, style: str) -> Path:
+    """Write ``tokenizer`` into ``folder`` as the family's repositories have it (Gemma's add_bos_token)."""
+    tokenizer.save_pretrained(folder)
+    add_bos = TOKENIZER_STYLES[style]["add_bos"]
+    if add_bos is not None:
+        path = folder / "tokenizer_config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        path.write_text(json.dumps({**config, "add_bos_token": add_bos}, indent=2), encoding="utf-8")
+    return folder
 
 
 def export_tiny_causal_lm(tmp_path_factory, arch: str, dtype: str = "fp32", **overrides) -> Path:
