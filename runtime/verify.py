@@ -300,8 +300,8 @@ class ReferenceRun:
         session = verification_session(self.original, self.device, prepack=False, threads=threads)
         self.names = _float_outputs(session)
         if not self._feeds:
-            batch, outputs = self._search(session)
-            self.batches, self._outputs = [batch], [outputs]
+            found, outputs = self._search(session)
+            self.batches, self._outputs = [found], [outputs]
             return
         self.batches = [{k: np.asarray(v) for k, v in b.items()} for b in self._feeds]  # numpy scalars too
         self.inputs = f"{len(self.batches)} given batch{'es' if len(self.batches) > 1 else ''}"
