@@ -288,16 +288,17 @@ def cnn_zero_at_1x1(path: Path, *, seed: int = 0, metadata=None) -> Path:
     return _graph_model(path, nodes, inputs, outputs, inits, metadata=metadata)
 
 
-def detector_with_resize(path: Path, *, seed: int = 0) -> Path:
+def detector_with_resize(path: Path, *, seed: int = 0, stride: int = 2) -> Path:
     """A YOLO-like neck on x [batch, 3, H, W] (no names on the dynamic dimensions) that runs on no 1x1 image.
 
-    Two stride-2 Convs (H -> ceil(H/2) -> ceil(H/4)), the second upsampled x2 by a Resize whose scales are
-    computed in the graph, concatenated with the first: the sizes agree only where H and W are multiples of 4.
-    Then global average pooling and a MatMul [32, 8] -> y.
+    Two Convs (strides ``stride`` and 2: H -> ceil(H/stride) -> ceil(H/2/stride)), the second upsampled x2 by a
+    Resize whose scales are computed in the graph, concatenated with the first: the sizes agree only where H and
+    W are multiples of 2 * stride (stride 32: 320 and 640, not 224). Then global average pooling and a MatMul
+    [32, 8] -> y.
     """
     rng = np.random.default_rng(seed)
     nodes = [
-        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[stride, stride]),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
         helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),

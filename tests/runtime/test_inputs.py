@@ -102,6 +102,11 @@ def test_reference_run_finds_a_size_where_the_output_shows_something(tmp_path):
     assert run.sizes == {"x": [1, 3, 1, 1]} and degenerate(run.outputs(0)[0]) == "all zeros"
     run = ReferenceRun(detector_with_resize(tmp_path / "det.onnx"), dims={"batch": 2})
     run.run()
-    assert run.sizes == {"x": [2, 3, 224, 224]}
+    assert run.sizes == {"x": [2, 3, 224, 224]} and not run.tried
+    run = ReferenceRun(detector_with_resize(tmp_path / "det64.onnx", stride=32))  # needs multiples of 64
+    run.run()
+    assert run.sizes == {"x": [1, 3, 320, 320]} and degenerate(run.outputs(0)[0]) is None
+    assert run.tried == ["x 1x3x224x224: Concat node 'concat': Non concat axis dimensions must match: Axis 2 has "
+                         "mismatched dimensions of 7 and 8"]  # fmt: skip
     with pytest.raises(OriginalDidNotRun, match=r"none of the 3 sets of inputs .*Reshape node 'reshape'"):
         ReferenceRun(recurrent_with_state(tmp_path / "vad.onnx")).run()
