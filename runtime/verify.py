@@ -1,7 +1,9 @@
 """Self-verification: run the original and the quantized model on the same inputs and compare outputs.
 
 Inputs come from the caller (calibration data), from text through the model's tokenizer, or are made from the
-declared input shapes and types (:mod:`qonnx.runtime.inputs`). The original runs first (``quantize`` starts it
+declared input shapes and types (:mod:`qonnx.runtime.inputs`), at sizes tried in turn until the original runs on
+them and its outputs show something (:func:`degenerate`: not all zeros, constant or non-finite, where zero error
+on no signal would read as a perfect match). The original runs first (``quantize`` starts it
 in a background thread before quantizing) and its session is freed before the quantized model's is built; both
 sessions are made for one run (:func:`~qonnx.runtime.single_run.verification_session`). The quantized model is
 run straight from memory (:class:`~qonnx.runtime.session.InMemoryModel`), in a second background thread while
