@@ -1,13 +1,14 @@
 """Inputs for a model that comes without any: made from its declared input shapes and types.
 
 Dynamic dimensions take sizes by what they are: batch 1, sequence 16, past length 0; the height and width of an
-image input (float, rank 4, 1 to 4 channels) 224, the samples of an audio input 16,000; others 1 (unless
-overridden). Token ids are drawn below the vocabulary size read off the logits output, masks are ones, position
-ids count up, a sample-rate scalar is 16,000 and float inputs are standard normal. Where a first guess does not
-suit the model (ONNX Runtime refuses it, or the output it gives says nothing), :func:`size_trials` lists the
-sizes to try next: the sizes the model declares elsewhere (metadata, the shapes of the tensors an input flows
-into), then 224, 320 and 640 for images, and 1, 16, 64 for other dimensions. Verification, sensitivity
-measurement, the layer report and lowering's check run models on them when no data is given.
+image input (float, rank 4, 1 to 4 channels, or dimensions named so) 224 and its channels 3, the samples of an
+audio input 16,000; others 1 (unless overridden). Token ids are drawn below the vocabulary size read off the
+logits output, masks are ones, position ids count up, a sample-rate scalar is 16,000 and float inputs are
+standard normal. Where a first guess does not suit the model (ONNX Runtime refuses it, or the output it gives
+says nothing), :func:`size_trials` lists the sizes to try next: the sizes the model declares elsewhere
+(metadata, the shapes of the tensors an input flows into), then 224, 320 and 640 for images, and 1, 16, 64 for
+other dimensions. Verification, sensitivity measurement, the layer report and lowering's check run models on
+them when no data is given.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def parse_shape_overrides(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
 def _kind(inp: Any, axis: int, label: str) -> str:
     """What a dynamic dimension is, which sets its first size (:data:`_FIRST`).
 
-    "past", "batch", "image" (height or width), "audio" (samples), "sequence" or "other" (no better guess than 1).
+    "past", "batch", "image" (height or width), "channels" (of an image: 3), "audio" (samples), "sequence" or
+    "other" (no better guess than 1).
     """
     name = inp.name.lower()
     if "past" in label or ("past" in name and axis == 2):
@@ -93,6 +95,8 @@ def _kind(inp: Any, axis: int, label: str) -> str:
     if inp.type in _FLOATS:
         if any(k in label for k in ("height", "width")):
             return "image"
+        if "channel" in label and len(shape) == 4:  # Optimum's pixel_values: [batch, num_channels, height, width]
+            return "channels"
         if len(shape) == 4:
             channels = [i for i in (1, 3) if isinstance(shape[i], int) and 1 <= shape[i] <= 4]
             if (channels == [1] and axis in (2, 3)) or (channels == [3] and axis in (1, 2)):
@@ -105,7 +109,15 @@ def _kind(inp: Any, axis: int, label: str) -> str:
 
 
 #: The first size of each kind of dimension; :func:`size_trials` tries the others.
-_FIRST = {"past": 0, "batch": 1, "image": IMAGE_SIZES[0], "audio": AUDIO_SAMPLES[0], "sequence": 16, "other": 1}
+_FIRST = {
+    "past": 0,
+    "batch": 1,
+    "image": IMAGE_SIZES[0],
+    "channels": 3,
+    "audio": AUDIO_SAMPLES[0],
+    "sequence": 16,
+    "other": 1,
+}
 #: The sizes tried in turn for the kinds of dimension worth trying more than one size for.
 _SERIES = {"image": IMAGE_SIZES, "audio": AUDIO_SAMPLES, "other": OTHER_SIZES}
 

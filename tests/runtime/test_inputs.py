@@ -36,8 +36,8 @@ def test_degenerate_outputs():
 
 
 def test_image_and_audio_dimensions_get_real_sizes(tmp_path):
-    """Height and width of an image input start at 224 (never 1), audio at 16,000 samples, a sample rate at
-    16,000; a KV cache's past length stays 0 even where its head count looks like image channels."""
+    """Height and width of an image input start at 224 (never 1), its channels at 3, audio at 16,000 samples, a
+    sample rate at 16,000; a KV cache's past length stays 0 even where its head count looks like image channels."""
     feeds = make_inputs(make_session(cnn_zero_at_1x1(tmp_path / "cnn.onnx")))
     assert _shapes(feeds) == {"x": (1, 3, 224, 224)}
     feeds = make_inputs(make_session(recurrent_with_state(tmp_path / "vad.onnx")))
@@ -45,17 +45,20 @@ def test_image_and_audio_dimensions_get_real_sizes(tmp_path):
     v = helper.make_tensor_value_info
     graph = helper.make_graph(
         [helper.make_node("Identity", ["past_key_values.0.key"], ["present"]),
-         helper.make_node("Identity", ["img"], ["o"])],
+         helper.make_node("Identity", ["img"], ["o"]),
+         helper.make_node("Identity", ["pixel_values"], ["p"])],
         "g",
         [v("past_key_values.0.key", TensorProto.FLOAT, ["batch", 3, "past_sequence_length", 8]),
-         v("img", TensorProto.FLOAT, ["batch", "h", "w", 3])],
-        [v("present", TensorProto.FLOAT, None), v("o", TensorProto.FLOAT, None)],
+         v("img", TensorProto.FLOAT, ["batch", "h", "w", 3]),
+         v("pixel_values", TensorProto.FLOAT, ["batch_size", "num_channels", "height", "width"])],
+        [v("present", TensorProto.FLOAT, None), v("o", TensorProto.FLOAT, None), v("p", TensorProto.FLOAT, None)],
     )  # fmt: skip
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     onnx.save(m, tmp_path / "g.onnx")
     feeds = make_inputs(make_session(tmp_path / "g.onnx"))
     assert feeds["past_key_values.0.key"].shape == (1, 3, 0, 8) and feeds["img"].shape == (1, 224, 224, 3)
+    assert feeds["pixel_values"].shape == (1, 3, 224, 224)  # Optimum's names
 
 
 def test_size_trials_image_sizes_in_turn(tmp_path):
