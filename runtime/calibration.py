@@ -2,7 +2,8 @@
 
 Feeds come from text for an exported causal LM folder (its tokenizer, the causal-LM feeds of
 :mod:`qonnx.runtime.evaluate`, windows from :func:`qonnx.runtime.data.calibration_windows`, which never
-overlap the evaluation windows of the pydoc corpus), or from a ``.npz`` file for any other model.
+overlap the evaluation windows of the pydoc corpus, each after the tokenizer's BOS where it adds one), or from
+a ``.npz`` file for any other model.
 Activations are captured with :func:`qonnx.runtime.capture.capture` and folded into one
 :class:`qonnx.passes.gptq.HessianAccumulator` per distinct tensor as each batch arrives: no activation is
 kept. The Hessians come from the float model ("non-sequential" GPTQ).
@@ -23,9 +24,18 @@ from tqdm import tqdm
 
 from qonnx.core.errors import ConfigError, ModelLoadError
 from qonnx.core.modelfile import resolve_model_path
+from qonnx.core.tokenizer import bos_token_id
 from qonnx.passes.hessian import HessianAccumulator, torch_device
 from qonnx.runtime.capture import capture
-from qonnx.runtime.data import CALIBRATION_START, PYDOC, calibration_windows, corpus_tokens, npz_batches
+from qonnx.runtime.data import (
+    CALIBRATION_START,
+    PYDOC,
+    calibration_windows,
+    corpus_tokens,
+    npz_batch,
+    npz_batches,
+    with_bos,
+)
 from qonnx.runtime.evaluate import check_seq_len, feed_builder, model_config
 
 __all__ = ["GraphIO", "calibration_feeds", "collect_hessians", "spill"]
@@ -40,7 +50,7 @@ HESSIAN_BUDGET_CUDA = 4 << 30
 
 def _npz_feeds(path: Path, count: int) -> list[dict[str, np.ndarray]]:
     arrays, n = npz_batches(path)
-    return [{k: a[i] for k, a in arrays.items()} for i in range(min(count, n))]
+    return [npz_batch(arrays, i) for i in range(min(count, n))]
 
 
 def calibration_feeds(
@@ -85,14 +95,19 @@ def calibration_feeds(
             f"{path}: calibration needs data: there is no tokenizer beside the model to tokenize {str(data)!r}; "
             "pass a .npz file of input feeds (calib_data='feeds.npz', --calib-data feeds.npz)"
         )
-    check_seq_len(model_config(folder), seq_len, folder)
     try:
         feed, _ = feed_builder(GraphIO(path), path)
     except ModelLoadError as e:
-        raise ModelLoadError(f"{e}; pass a .npz file of input feeds for calibration instead") from None
+        raise ModelLoadError(
+            f"{e}: calibration on text needs one; pass a .npz file of input feeds instead "
+            "(calib_data='feeds.npz', --calib-data feeds.npz)"
+        ) from None
+    bos = bos_token_id(folder)
+    option = "--calib-seq-len (calib_seq_len)" + ("" if bos is None else " + BOS")
+    check_seq_len(model_config(folder), seq_len + (bos is not None), folder, option)
     start = CALIBRATION_START if str(data) == PYDOC else 0
     windows = calibration_windows(corpus_tokens(folder, data, lean=True), seq_len, samples, start=start)
-    return [feed(ids) for ids in windows]
+    return [feed(ids) for ids in with_bos(windows, bos)]
 
 
 class GraphIO:

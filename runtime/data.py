@@ -8,6 +8,9 @@ available offline on every machine, and the same text everywhere. The whole text
 * evaluation windows: the first N non-overlapping windows of L tokens, from token 0;
 * calibration windows: from token :data:`CALIBRATION_START` on, so they never overlap the evaluation
   windows of the standard protocol (24 x 512 tokens).
+
+A model whose tokenizer puts a BOS token before every text (:func:`qonnx.core.tokenizer.bos_token_id`) gets one
+before each window (:func:`with_bos`): it reads L + 1 tokens, as it reads any text.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ __all__ = [
     "corpus_tokens",
     "evaluation_windows",
     "calibration_windows",
+    "with_bos",
+    "npz_batch",
+    "npz_batches",
 ]
 
 #: The name of the standard corpus.
@@ -183,10 +189,18 @@ def calibration_windows(
     return _windows(tokens, seq_len, count, start, "calibration")
 
 
+def with_bos(windows: np.ndarray, bos: int | None) -> np.ndarray:
+    """``windows`` [N, L] with the token ``bos`` before each: [N, L + 1]; as they are when ``bos`` is None."""
+    if bos is None:
+        return windows
+    return np.concatenate([np.full((len(windows), 1), bos, dtype=np.int64), windows], axis=1)
+
+
 def npz_batches(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], int]:
     """The arrays of a ``.npz`` file of feeds and how many batches they hold.
 
-    The arrays are named after a model's inputs, their first axis indexing batches.
+    The arrays are named after a model's inputs, their first axis indexing batches; a 0-d array is one value
+    for every batch (a sample rate, say). Take batch i with :func:`npz_batch`.
 
     Raises:
         ConfigError: the file cannot be read, holds no arrays, or its arrays disagree on the batch count.
@@ -198,9 +212,15 @@ def npz_batches(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], int]:
         raise ConfigError(f"{path}: not a readable .npz file: {e}") from None
     if not arrays:
         raise ConfigError(f"{path}: holds no arrays")
-    lengths = {k: (a.shape[0] if a.ndim else 0) for k, a in arrays.items()}
-    if len(set(lengths.values())) != 1 or 0 in lengths.values():
+    lengths = {k: a.shape[0] for k, a in arrays.items() if a.ndim}
+    if len(set(lengths.values())) > 1 or 0 in lengths.values():
         raise ConfigError(
-            f"{path}: every array must have the same first axis (one entry per calibration batch), got {lengths}"
+            f"{path}: every array must have the same first axis (one entry per calibration batch; a 0-d array "
+            f"is one value for all), got {lengths}"
         )
-    return arrays, next(iter(lengths.values()))
+    return arrays, next(iter(lengths.values()), 1)
+
+
+def npz_batch(arrays: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+    """Batch ``index`` of :func:`npz_batches`' arrays: arrays throughout (a scalar input's value a 0-d array)."""
+    return {k: np.asarray(a[index]) if a.ndim else a for k, a in arrays.items()}

@@ -4,7 +4,10 @@ Perplexity: each of the first N non-overlapping windows of L tokens (see :mod:`q
 one sequence: ``input_ids`` [1, L], ``attention_mask`` all ones, ``position_ids`` 0..L-1, and an empty past
 ([1, kv_heads, 0, head_dim]) when the graph has past inputs. Every token but the first of a window is
 scored from the logits at the position before it; perplexity is exp(mean negative log-likelihood) over
-all scored tokens of all windows. :func:`perplexity_torch` applies the same protocol to a PyTorch model.
+all scored tokens of all windows. When the model's tokenizer puts a BOS token before a text
+(:func:`qonnx.core.tokenizer.bos_token_id`: Gemma, Llama 3), each window is read after one, as the model reads
+any text: [1, L + 1] tokens, all L of the window scored. :func:`perplexity_torch` applies the same protocol to a
+PyTorch model (given the same windows).
 
 Similarity: the first N text chunks of the data (:func:`text_chunks`) are tokenized one by one (with the
 special tokens, cut at L tokens) and run in batches of similar length, padded at the end; a chunk's
@@ -30,8 +33,8 @@ from tqdm import tqdm
 
 from qonnx.core.errors import ConfigError, ModelLoadError
 from qonnx.core.modelfile import resolve_model_path
-from qonnx.core.tokenizer import load_tokenizer
-from qonnx.runtime.data import PYDOC, corpus_tokens, evaluation_windows, read_text
+from qonnx.core.tokenizer import bos_token_id, load_tokenizer
+from qonnx.runtime.data import PYDOC, corpus_tokens, evaluation_windows, read_text, with_bos
 from qonnx.runtime.session import make_session, resolve_device
 
 __all__ = [
@@ -69,11 +72,14 @@ def model_config(folder: Path) -> dict[str, Any]:
         return {}
 
 
-def check_seq_len(config: dict[str, Any], seq_len: int, where: Path) -> None:
-    """Refuse ``seq_len`` beyond the positions the model's ``config`` (its config.json) supports."""
+def check_seq_len(config: dict[str, Any], seq_len: int, where: Path, option: str = "--seq-len") -> None:
+    """Refuse ``seq_len`` beyond the positions the model's ``config`` (its config.json) supports.
+
+    ``option`` names the setting in the error, as the caller's command spells it.
+    """
     limit = config.get("max_position_embeddings") or config.get("n_positions")
     if isinstance(limit, int) and seq_len > limit:
-        raise ConfigError(f"seq_len {seq_len} exceeds the {limit} positions the model in {where} supports")
+        raise ConfigError(f"{option} {seq_len} exceeds the {limit} positions the model in {where} supports")
 
 
 def feed_builder(session: Any, where: Path) -> tuple[Any, str]:
@@ -89,7 +95,7 @@ def feed_builder(session: Any, where: Path) -> tuple[Any, str]:
     names = []
     outputs = [o.name for o in session.get_outputs()]
     if "logits" not in outputs and "last_hidden_state" in outputs:
-        raise ModelLoadError(f"{where}: an encoder export (last_hidden_state, no logits); use --task similarity")
+        raise ModelLoadError(f"{where}: an encoder export (last_hidden_state, no logits), not a causal LM")
     for inp in session.get_inputs():
         names.append(inp.name)
         if inp.name.startswith("past_key_values."):
@@ -100,7 +106,7 @@ def feed_builder(session: Any, where: Path) -> tuple[Any, str]:
                 raise ModelLoadError(f"{where}: input {inp.name} has unsupported type {inp.type}")
             static[inp.name] = np.zeros((1, heads, 0, dim), dtype=_NUMPY_TYPES[inp.type])
         elif inp.name not in ("input_ids", "attention_mask", "position_ids"):
-            raise ModelLoadError(f"{where}: input {inp.name} is not one a causal LM export has; cannot evaluate")
+            raise ModelLoadError(f"{where}: input {inp.name} is not one a causal LM export has")
     if "input_ids" not in names:
         raise ModelLoadError(f"{where}: the model has no input_ids input; not a causal LM export")
     logits = "logits" if "logits" in outputs else outputs[0]
@@ -140,8 +146,8 @@ def perplexity(
         threads: ONNX Runtime intra-op threads (default: its own choice).
 
     Returns:
-        ``perplexity``, ``mean_nll``, ``tokens`` (scored), ``windows``, ``seq_len``, ``data``, ``model``,
-        ``device`` and ``seconds``.
+        ``perplexity``, ``mean_nll``, ``tokens`` (scored), ``windows``, ``seq_len``, ``bos`` (whether each
+        window was read after the tokenizer's BOS), ``data``, ``model``, ``device`` and ``seconds``.
 
     Raises:
         ModelLoadError: no model or tokenizer there, or inputs that are not a causal LM export's.
@@ -149,12 +155,17 @@ def perplexity(
     """
     path = resolve_model_path(model_dir)
     config = model_config(path.parent)
-    check_seq_len(config, seq_len, path.parent)
-    batches = evaluation_windows(corpus_tokens(path.parent, data), seq_len, windows)
+    bos = bos_token_id(path.parent)
+    check_seq_len(config, seq_len + (bos is not None), path.parent, "--seq-len" if bos is None else "--seq-len + BOS")
+    batches = with_bos(evaluation_windows(corpus_tokens(path.parent, data), seq_len, windows), bos)
     device = resolve_device(device)
     start = time.perf_counter()
     session = make_session(path, device, threads=threads)
-    feed, logits_name = feed_builder(session, path)
+    try:
+        feed, logits_name = feed_builder(session, path)
+    except ModelLoadError as e:
+        encoder = "last_hidden_state" in {o.name for o in session.get_outputs()}
+        raise ModelLoadError(f"{e}; {'use --task similarity' if encoder else 'cannot evaluate perplexity'}") from None
     total, count = 0.0, 0
     for ids in tqdm(batches, desc="perplexity", unit="window", file=sys.stderr, disable=not progress):
         logits = session.run([logits_name], feed(ids))[0]
@@ -169,6 +180,7 @@ def perplexity(
         "tokens": count,
         "windows": len(batches),
         "seq_len": seq_len,
+        "bos": bos is not None,
         "data": os.fspath(data),
         "model": str(path),
         "device": device,
@@ -177,7 +189,11 @@ def perplexity(
 
 
 def perplexity_torch(model: Any, windows: np.ndarray, *, progress: bool = False) -> float:
-    """The same protocol on a PyTorch causal LM, for checking an export: windows is [N, L] token ids."""
+    """The same protocol on a PyTorch causal LM, for checking an export: windows is [N, L] token ids.
+
+    Give the windows as :func:`perplexity` reads them: with the BOS before each where the tokenizer adds one
+    (:func:`qonnx.runtime.data.with_bos`).
+    """
     import torch  # heavy (about 2 s): only checking an export against PyTorch needs it
 
     total, count = 0.0, 0
@@ -332,7 +348,7 @@ def similarity(
     embeddings, tokens, paths = [], 0, []
     for folder in folders:
         session, tokenizer, path = _encoder_session(folder, device, threads)
-        check_seq_len(model_config(path.parent), max_length, path.parent)
+        check_seq_len(model_config(path.parent), max_length, path.parent, "--max-length")
         e, n = sentence_embeddings(session, tokenizer, chunks, max_length=max_length, progress=progress)
         embeddings.append(e)
         tokens = tokens or n

@@ -20,6 +20,7 @@ on the CPU (no graph there: it is how the tests check it).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ import onnxruntime as ort
 
 from qonnx.core.errors import ConfigError
 from qonnx.core.modelfile import resolve_model_path
-from qonnx.core.tokenizer import load_tokenizer
+from qonnx.core.tokenizer import bos_token_id, load_tokenizer, tokenizer_bos_token_id
 from qonnx.runtime.decode import FixedShapeDecoder, fixed_shape_decodable, kv_buffer_shareable, rotary_cache_positions
 from qonnx.runtime.session import make_session, resolve_device
 
@@ -42,13 +43,19 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(doubl
 
 @dataclasses.dataclass
 class GenerationResult:
-    """Generated tokens and how long each phase took."""
+    """Generated tokens and how long each phase took.
+
+    ``prompt_ids`` are the ids the model read (after the tokenizer's BOS where it adds one); ``chat_template``
+    says whether the prompt was wrapped in the model's chat template (False: used as plain text).
+    """
 
     text: str
     tokens: list[int]
     prompt_tokens: int
     prefill_seconds: float
     decode_seconds: float
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)
+    chat_template: bool = False
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -97,9 +104,14 @@ class Generator:
         self.max_positions = rotary_cache_positions(model) if self.fixed_shapes else None
         self.session = make_session(path, device, cuda_graph=self.fixed_shapes and device == "cuda")
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        given = tokenizer is not None
         if tokenizer is None:
             tokenizer = load_tokenizer(Path(path).parent)
         self.tokenizer = tokenizer
+        #: The BOS put before every prompt, as the tokenizer asks (None: none).
+        self.bos = tokenizer_bos_token_id(tokenizer) if given else bos_token_id(Path(path).parent)
+        #: Generation stops at any of these: the tokenizer's EOS and the model's generation_config.json ones.
+        self.stop_ids = _stop_ids(Path(path).parent, tokenizer)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         outputs = [o.name for o in self.session.get_outputs()]
@@ -190,17 +202,25 @@ class Generator:
         seed: int = 0,
         chat: bool = True,
     ) -> GenerationResult:
-        """Generate up to ``max_new_tokens`` after ``prompt`` (top_k=1 is greedy)."""
+        """Generate up to ``max_new_tokens`` after ``prompt`` (top_k=1 is greedy).
+
+        ``chat``: wrap the prompt in the model's chat template when it has one (without one it is used as plain
+        text, and ``chat_template`` in the result says so). The tokenizer's BOS comes first where it adds one
+        (a template that writes it already is not given a second).
+        """
         tok = self.tokenizer
-        if chat and getattr(tok, "chat_template", None):
+        templated = bool(chat and getattr(tok, "chat_template", None))
+        if templated:
             text = tok.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )
         else:
             text = prompt
-        ids = np.asarray([tok(text, add_special_tokens=False)["input_ids"]], dtype=np.int64)
+        prompt_ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        if self.bos is not None and prompt_ids[:1] != [self.bos]:
+            prompt_ids.insert(0, self.bos)
+        ids = np.asarray([prompt_ids], dtype=np.int64)
         rng = np.random.default_rng(seed)
-        eos = tok.eos_token_id
         out_tokens: list[int] = []
         t0 = time.perf_counter()
         prefill = decode = 0.0
@@ -241,9 +261,26 @@ class Generator:
                 decode += now - t0
             t0 = now
             out_tokens.append(nxt)
-            if eos is not None and nxt == eos:
+            if nxt in self.stop_ids:
                 break
             step_ids = np.array([[nxt]], dtype=np.int64)
             seq = np.concatenate([seq, step_ids], axis=1)
         text_out = tok.decode(out_tokens, skip_special_tokens=True)
-        return GenerationResult(text_out, out_tokens, int(ids.shape[1]), prefill, decode)
+        return GenerationResult(text_out, out_tokens, int(ids.shape[1]), prefill, decode, prompt_ids, templated)
+
+
+def _stop_ids(folder: Path, tokenizer: Any) -> frozenset[int]:
+    """The ids generation stops at: the tokenizer's EOS and those of the model's generation_config.json.
+
+    Its ``eos_token_id`` is an id or a list (Llama 3 ends a turn with ``<|eot_id|>``, not its EOS).
+    """
+    ids = {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set()
+    try:
+        config = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    eos = config.get("eos_token_id") if isinstance(config, dict) else None
+    for value in eos if isinstance(eos, list) else [eos]:
+        if isinstance(value, int) and not isinstance(value, bool):
+            ids.add(value)
+    return frozenset(ids)

@@ -1,7 +1,9 @@
 """Self-verification: run the original and the quantized model on the same inputs and compare outputs.
 
 Inputs come from the caller (calibration data), from text through the model's tokenizer, or are made from the
-declared input shapes and types (:mod:`qonnx.runtime.inputs`). The original runs first (``quantize`` starts it
+declared input shapes and types (:mod:`qonnx.runtime.inputs`), at sizes tried in turn until the original runs on
+them and its outputs show something (:func:`degenerate`: not all zeros, constant or non-finite, where zero error
+on no signal would read as a perfect match). The original runs first (``quantize`` starts it
 in a background thread before quantizing) and its session is freed before the quantized model's is built; both
 sessions are made for one run (:func:`~qonnx.runtime.single_run.verification_session`). The quantized model is
 run straight from memory (:class:`~qonnx.runtime.session.InMemoryModel`), in a second background thread while
@@ -20,12 +22,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from qonnx.core.errors import ConfigError
-from qonnx.runtime.data import PYDOC, npz_batches, read_text
-from qonnx.runtime.inputs import make_inputs, parse_shape_overrides
+from qonnx.core.paths import resolve_model_path
+from qonnx.core.tokenizer import bos_token_id
+from qonnx.runtime.data import PYDOC, npz_batch, npz_batches, read_text
+from qonnx.runtime.inputs import declared_sizes, describe_shapes, make_inputs, parse_shape_overrides, size_trials
 from qonnx.runtime.session import InMemoryModel
 from qonnx.runtime.single_run import feed_weights, untranspose_weights, verification_session
 
@@ -35,9 +40,11 @@ if TYPE_CHECKING:
 #: The inputs and the one-run session live in qonnx.runtime.inputs and qonnx.runtime.single_run; their public
 #: names stay importable from here, where verification's callers have always found them.
 __all__ = [
+    "OriginalDidNotRun",
     "OutputMetrics",
     "ReferenceRun",
     "compare_outputs",
+    "degenerate",
     "feed_weights",
     "make_inputs",
     "parse_shape_overrides",
@@ -56,15 +63,19 @@ class OutputMetrics:
     cosine: float
     max_abs_error: float
     top1_agreement: float | None
+    #: Why the original's output shows nothing (:func:`degenerate`): the figures then certify nothing.
+    degenerate: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (infinite SQNR as a large finite number)."""
+        """JSON-ready form (infinite SQNR as a large finite number); ``degenerate`` only when set."""
         d = dataclasses.asdict(self)
         d["sqnr_db"] = round(min(self.sqnr_db, 999.0), 3)
         d["cosine"] = round(self.cosine, 6)
         d["max_abs_error"] = float(f"{self.max_abs_error:.6g}")
         if self.top1_agreement is not None:
             d["top1_agreement"] = round(self.top1_agreement, 6)
+        if self.degenerate is None:
+            del d["degenerate"]
         return d
 
 
@@ -94,12 +105,14 @@ class OutputComparison:
         self.finite = True
         self.top1_hits = self.top1_total = 0
         self.scores: bool | None = None
+        self.reference = _Range()
 
     def add(self, ref: np.ndarray, out: np.ndarray) -> None:
         """Accumulate one batch, a slice at a time (see ``_CHUNK``)."""
         if np.shape(ref) != np.shape(out):
             raise ValueError(f"output {self.name!r} has shape {np.shape(out)}, the original's {np.shape(ref)}")
         flat_ref, flat_out = np.asarray(ref).reshape(-1), np.asarray(out).reshape(-1)
+        self.reference.add(flat_ref)
         work = np.float64 if np.float64 in (flat_ref.dtype, flat_out.dtype) else np.float32
         for start in range(0, flat_ref.size, _CHUNK):
             r = flat_ref[start : start + _CHUNK].astype(work, copy=False)
@@ -109,7 +122,8 @@ class OutputComparison:
             if not all(map(math.isfinite, sums)):  # float32 overflow or non-finite values: redo it in float64
                 r, o = r.astype(np.float64), o.astype(np.float64)
                 self.finite &= bool(np.all(np.isfinite(o)))
-                sums = _sums(r, o)
+                with np.errstate(over="ignore", invalid="ignore"):  # a non-finite original: degenerate() says so
+                    sums = _sums(r, o)
             self.signal += sums[0]
             self.noise += sums[1] if self.finite else 0.0
             self.dot += sums[2]
@@ -135,7 +149,45 @@ class OutputComparison:
         denom = math.sqrt(self.signal * self.out_energy)
         cosine = self.dot / denom if denom > 0 and self.finite else (1.0 if self.noise == 0 and self.finite else 0.0)
         top1 = self.top1_hits / self.top1_total if self.top1_total else None
-        return OutputMetrics(self.name, sqnr, cosine, self.max_err if self.finite else math.inf, top1)
+        max_err = self.max_err if self.finite else math.inf
+        return OutputMetrics(self.name, sqnr, cosine, max_err, top1, self.reference.degenerate())
+
+
+class _Range:
+    """The smallest and largest value of an original's output over batches, and whether all were finite."""
+
+    def __init__(self) -> None:
+        self.low, self.high, self.size, self.finite = math.inf, -math.inf, 0, True
+
+    def add(self, values: np.ndarray) -> None:
+        if values.size == 0:
+            return
+        self.size += values.size
+        low, high = values.min(), values.max()  # NaN wins both
+        if not (np.isfinite(low) and np.isfinite(high)):
+            self.finite = False
+            return
+        self.low, self.high = min(self.low, float(low)), max(self.high, float(high))
+
+    def degenerate(self) -> str | None:
+        if not self.finite:
+            return "not finite (NaN or infinite values)"
+        if self.size and self.low == self.high == 0:
+            return "all zeros"
+        if self.size > 1 and self.low == self.high:
+            return f"constant ({self.low:g} everywhere)"
+        return None
+
+
+def degenerate(ref: np.ndarray) -> str | None:
+    """Why an original's output ``ref`` cannot show that another is close to it, or None when it can.
+
+    All zeros (zero error on zero signal reads as infinite SQNR whatever the other model does), one value
+    everywhere, or NaN / infinite values. An empty output is not degenerate: there is nothing to differ in.
+    """
+    r = _Range()
+    r.add(np.asarray(ref).reshape(-1))
+    return r.degenerate()
 
 
 def compare_outputs(name: str, ref: np.ndarray, out: np.ndarray) -> OutputMetrics:
@@ -156,17 +208,30 @@ def text_token_ids(folder: Path, length: int = VERIFY_TOKENS, data: str | os.Pat
 
     ``data``: ``"pydoc"`` (default: the end of the pydoc corpus, away from the evaluation windows and from
     calibration's start) or a ``.txt`` / ``.jsonl`` file. ``n`` is ``length``, or fewer when the text is
-    shorter (at least 8 tokens, else None). Real text gives top-1 agreement a meaning that made-up ids do not.
+    shorter (at least 8 tokens, else None), plus one for the BOS the tokenizer puts before a text where it puts
+    one (:func:`~qonnx.core.tokenizer.bos_token_id`). Real text gives top-1 agreement a meaning that made-up ids
+    do not.
     """
+    found = _text_ids(folder, length, data)
+    return None if found is None else found[0]
+
+
+def _text_ids(folder: Path, length: int, data: str | os.PathLike) -> tuple[np.ndarray, bool] | None:
+    """:func:`text_token_ids`, and whether a BOS comes first."""
     path = folder / "tokenizer.json"
     if not path.is_file():
         return None
     text = read_text(data)[-100 * length :]  # ConfigError: unreadable data is the caller's to report
     try:
-        ids = Tokenizer.from_file(str(path)).encode(text, add_special_tokens=False).ids
+        fast = Tokenizer.from_file(str(path))
+        ids = fast.encode(text, add_special_tokens=False).ids
+        bos = bos_token_id(folder, fast)
     except Exception:  # an unreadable tokenizer: fall back to made-up ids
         return None
-    return np.asarray([ids[-length:]], dtype=np.int64) if len(ids) >= 8 else None
+    if len(ids) < 8:
+        return None
+    window = ([] if bos is None else [bos]) + ids[-length:]
+    return np.asarray([window], dtype=np.int64), bos is not None
 
 
 #: Reference outputs kept in memory while quantization runs; batches past this are run at comparison time.
@@ -202,6 +267,11 @@ class ReferenceRun:
         self._feeds, self._shapes, self._dims, self._data = feeds, shapes, dims, data
         #: What the models run on, in words (for reports): set by ``run()``.
         self.inputs = ""
+        #: The shapes of the inputs made up (none given for them), by input name, unless the model runs on text.
+        self.sizes: dict[str, list[int]] = {}
+        #: Made-up sizes passed over, and why (the original refused them, or its output showed nothing).
+        self.tried: list[str] = []
+        self._kept_why = ""
         self.names: list[str] = []
         self.batches: list[Mapping[str, np.ndarray]] = []
         self._outputs: list[list[np.ndarray]] = []
@@ -230,12 +300,13 @@ class ReferenceRun:
         """
         threads = max(1, (os.cpu_count() or 2) // 2) if self._thread is not None else 0
         session = verification_session(self.original, self.device, prepack=False, threads=threads)
-        if self._feeds:
-            self.batches = list(self._feeds)
-            self.inputs = f"{len(self.batches)} given batch{'es' if len(self.batches) > 1 else ''}"
-        else:
-            self.batches = [self._batch(session)]
         self.names = _float_outputs(session)
+        if not self._feeds:
+            found, outputs = self._search(session)
+            self.batches, self._outputs = [found], [outputs]
+            return
+        self.batches = [{k: np.asarray(v) for k, v in b.items()} for b in self._feeds]  # numpy scalars too
+        self.inputs = f"{len(self.batches)} given batch{'es' if len(self.batches) > 1 else ''}"
         held = 0
         for batch in self.batches:
             if held > self.budget:
@@ -245,37 +316,106 @@ class ReferenceRun:
             held += sum(int(o.nbytes) for o in out)
             self._outputs.append(out)
 
-    def _batch(self, session: ort.InferenceSession) -> dict[str, np.ndarray]:
-        """The one batch to run, as ``inputs`` then says.
+    def _given(self, session: ort.InferenceSession) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, int]]:
+        """What ``data`` gives: arrays by input name, token ids, and the dimension sizes those fix; sets ``inputs``.
 
-        From ``data`` (or the pydoc corpus when the model has a tokenizer); inputs it does not give are made
-        from the declared shapes.
+        From a ``.npz`` (its last batch), or text (the pydoc corpus by default) through the model's tokenizer.
         """
         data = self._data
+        dims = dict(self._dims or {})
         if data is not None and str(data).lower().endswith(".npz"):
             arrays, n = npz_batches(data)
             declared = {i.name for i in session.get_inputs()}
             unknown = sorted(set(arrays) - declared)
             if unknown:
                 raise ConfigError(f"{data}: arrays not named after an input of the model: {', '.join(unknown)}")
-            given = {k: a[-1] for k, a in arrays.items()}
+            given = npz_batch(arrays, n - 1)
             self.inputs = f"{Path(data).name}, its last batch (of {n})"
-            dims = dict(self._dims or {})
             for inp in session.get_inputs():  # sizes of dynamic dimensions as the given arrays have them
                 if inp.name in given:
                     for d, size in zip(inp.shape or [], given[inp.name].shape, strict=False):
                         if isinstance(d, str):
                             dims.setdefault(d, int(size))
-            shapes = {k: a.shape for k, a in given.items()}
-            return {**make_inputs(session, shapes=shapes, dims=dims), **given}
+            return given, None, dims
         text = data if data is not None else PYDOC
-        ids = None if isinstance(self.original, bytes) else text_token_ids(Path(self.original).parent, data=text)
-        if ids is not None:
-            source = "pydoc text" if str(text) == PYDOC else Path(text).name
-            self.inputs = f"{source}, its last {ids.shape[1]} tokens"
-        else:
+        found = None if isinstance(self.original, bytes) else _text_ids(Path(self.original).parent, VERIFY_TOKENS, text)
+        if found is None:
             self.inputs = "inputs made from the declared shapes"
-        return make_inputs(session, shapes=self._shapes, dims=self._dims, token_ids=ids)
+            return {}, None, dims
+        ids, bos = found
+        source = "pydoc text" if str(text) == PYDOC else Path(text).name
+        self.inputs = f"{source}, its last {ids.shape[1] - bos} tokens" + (" after BOS" if bos else "")
+        return {}, ids, dims
+
+    def _declared(self) -> dict[str, int]:
+        """Sizes the original states for its dynamic input dimensions (:func:`declared_sizes`); {} if unreadable."""
+        try:
+            if isinstance(self.original, bytes):
+                proto = onnx.ModelProto.FromString(self.original)
+            else:
+                proto = onnx.load(os.fspath(resolve_model_path(self.original)), load_external_data=False)
+        except Exception:  # ONNX Runtime read it: what onnx cannot read states nothing
+            return {}
+        return declared_sizes(proto)
+
+    def _search(self, session: ort.InferenceSession) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        """The batch to compare on and the original's outputs on it.
+
+        Inputs not given are made up (:func:`~qonnx.runtime.inputs.make_inputs`) at the sizes of
+        :func:`~qonnx.runtime.inputs.size_trials`, tried in turn until the original runs on them and gives
+        outputs that show something (:func:`degenerate`); the first that ran is kept when none does.
+        ``sizes`` and ``tried`` then say what was made up and what was passed over.
+
+        Raises:
+            OriginalDidNotRun: the original ran on none of the sizes tried, where some inputs were made up.
+        """
+        given, ids, dims = self._given(session)
+        shapes = dict(self._shapes or {})
+        made = [
+            i.name
+            for i in session.get_inputs()
+            if i.name not in given and i.name not in shapes and not (ids is not None and i.name == "input_ids")
+        ]
+        trials = size_trials(session, shapes=shapes, dims=dims, token_ids=ids)
+        if len(trials) > 1:  # sizes to look for: first those the model states
+            trials = size_trials(session, shapes=shapes, dims=dims, token_ids=ids, declared=self._declared())
+        kept: tuple[dict[str, np.ndarray], list[np.ndarray]] | None = None
+        passed: list[tuple[str, str]] = []  # (sizes, why) of every trial not kept
+        seen: set[str] = set()
+        for trial in trials:
+            batch = {**make_inputs(session, shapes=shapes, dims=trial, token_ids=ids), **given}
+            shown = describe_shapes({n: batch[n] for n in made})
+            if shown in seen and made:
+                continue
+            seen.add(shown)
+            try:
+                outputs = session.run(self.names, batch, _QUIET)
+            except Exception as e:
+                if not made:
+                    raise
+                passed.append((shown, _ort_message(e)))
+                continue
+            bad = [f"'{n}' {why}" for n, o in zip(self.names, outputs, strict=True) if (why := degenerate(o))]
+            if kept is not None and bad:
+                passed.append((shown, f"output {', '.join(bad)}"))
+                continue
+            if kept is not None:  # the better one replaces the first that ran
+                passed.append((describe_shapes(_named(kept[0], made)), self._kept_why))
+            kept, self._kept_why = (batch, outputs), f"output {', '.join(bad)}"
+            if ids is None:  # text: its token count says it all
+                self.sizes = {n: [int(d) for d in a.shape] for n, a in _named(batch, made).items()}
+            if not bad:
+                break
+        if kept is None:
+            ends = passed if len(passed) < 3 else [passed[0], passed[-1]]
+            tried = "; ".join(f"{shown}: {why}" for shown, why in ends)
+            count = f"none of the {len(passed)} sets of inputs" if len(passed) > 1 else "none of the inputs"
+            more = f"first and last: {tried}" if len(passed) > 2 else tried
+            raise OriginalDidNotRun(f"the original model ran on {count} qonnx made up ({more})")
+        self.tried = [f"{shown}: {why}" for shown, why in passed]
+        if made and not given and ids is None:
+            self.inputs = f"inputs made from the declared shapes: {describe_shapes(_named(kept[0], made))}"
+        return kept
 
     def wait(self) -> ReferenceRun:
         """Wait for the background run; raises what it raised."""
@@ -293,6 +433,33 @@ class ReferenceRun:
             return self._outputs[index]
         assert self._session is not None
         return self._session.run(self.names, dict(self.batches[index]))
+
+
+def _named(batch: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays of ``batch`` named in ``names``, in that order."""
+    return {n: batch[n] for n in names}
+
+
+class OriginalDidNotRun(Exception):
+    """The original model ran on none of the inputs made up for it: the inputs are at fault, not a quantization."""
+
+
+#: Runs whose failures are reported by the exception alone (ONNX Runtime logs them on stderr otherwise).
+_QUIET = ort.RunOptions()
+_QUIET.log_severity_level = 4
+
+
+def _ort_message(e: BaseException) -> str:
+    """ONNX Runtime's error in a short line: the node that failed and why, without its source location."""
+    text = (str(e).strip() or type(e).__name__).splitlines()[0]
+    m = re.search(r"running (\S+) node\. Name:'([^']*)' Status Message: (.*)", text)
+    if m:
+        why = re.sub(r"^\S+:\d+ ", "", m.group(3))  # the source file and line
+        why = re.sub(r"^[\w:~]+(\([^)]*\))? ", "", why)  # the function
+        text = f"{m.group(1)} node {m.group(2)!r}: {why}"
+    else:
+        text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    return text[:200]
 
 
 def verify_models(

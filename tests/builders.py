@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -84,6 +85,68 @@ def tiny_tokenizer():
     texts = ["the quick brown fox jumps over the lazy dog", "import os; print(os.getcwd())", "def f(x): return x"]
     tok.train_from_iterator(texts * 10, trainers.BpeTrainer(vocab_size=100, special_tokens=["[UNK]"]))
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+#: Special tokens and BOS rules of three model families, for :func:`styled_tokenizer`.
+TOKENIZER_STYLES = {
+    # Gemma: <bos> from the post-processor and add_bos_token in tokenizer_config.json; a chat template that
+    # writes the BOS itself; a turn ends with <end_of_turn>
+    "gemma": dict(
+        specials=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+        bos="<bos>",
+        eos="<eos>",
+        add_bos=True,
+        template="{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+        "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+    ),
+    # Llama 3: <|begin_of_text|> from the post-processor alone (no add_bos_token); no chat template here
+    "llama3": dict(
+        specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        bos="<|begin_of_text|>",
+        eos="<|end_of_text|>",
+        add_bos=None,
+        template=None,
+    ),
+    # SmolLM2: names <|im_start|> its BOS and adds none
+    "smollm2": dict(
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        bos="<|im_start|>",
+        eos="<|im_end|>",
+        add_bos=False,
+        template=None,
+    ),
+}
+
+
+def styled_tokenizer(style: str):
+    """A BPE tokenizer of 100 tokens with the special tokens and BOS rules of ``style`` (TOKENIZER_STYLES)."""
+    spec = TOKENIZER_STYLES[style]
+    tok = Tokenizer(models.BPE(unk_token=spec["specials"][0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    texts = ["the quick brown fox jumps over the lazy dog", "import os; print(os.getcwd())", "def f(x): return x"]
+    tok.train_from_iterator(texts * 10, trainers.BpeTrainer(vocab_size=100, special_tokens=spec["specials"]))
+    bos = spec["specials"].index(spec["bos"])
+    if spec["add_bos"] is not False:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{spec['bos']} $A", pair=f"{spec['bos']} $A $B", special_tokens=[(spec["bos"], bos)]
+        )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=spec["bos"], eos_token=spec["eos"], unk_token=spec["specials"][0]
+    )
+    if spec["template"]:
+        fast.chat_template = spec["template"]
+    return fast
+
+
+def save_styled_tokenizer(tokenizer, folder: Path, style: str) -> Path:
+    """Write ``tokenizer`` into ``folder`` as the family's repositories have it (Gemma's add_bos_token)."""
+    tokenizer.save_pretrained(folder)
+    add_bos = TOKENIZER_STYLES[style]["add_bos"]
+    if add_bos is not None:
+        path = folder / "tokenizer_config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        path.write_text(json.dumps({**config, "add_bos_token": add_bos}, indent=2), encoding="utf-8")
+    return folder
 
 
 def export_tiny_causal_lm(tmp_path_factory, arch: str, dtype: str = "fp32", **overrides) -> Path:
@@ -182,3 +245,127 @@ def outlier_stack(tmp_path, weight=OUTLIER, scale=200.0):
         model.graph.initializer[i].CopyFrom(numpy_helper.from_array(w, t.name))
     onnx.save(model, str(path))
     return path
+
+
+# -- Graphs whose inputs have sizes to find: images, audio, recurrent state -----------------------------------
+
+
+def _graph_model(path: Path, nodes, inputs, outputs, inits, *, opset: int = 17, metadata=None) -> Path:
+    m = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outputs, inits), opset_imports=[helper.make_opsetid("", opset)]
+    )
+    m.ir_version = 8
+    for key, value in (metadata or {}).items():
+        m.metadata_props.add(key=key, value=value)
+    onnx.save(m, path)
+    return path
+
+
+def cnn_zero_at_1x1(path: Path, *, seed: int = 0, metadata=None) -> Path:
+    """An image classifier x [1, 3, height, width] -> y [1, 10] whose output is all zeros on a 1x1 image.
+
+    A strided 3x3 Conv (padding 1) whose centre taps are zero and whose bias is -1, then ReLU: on one pixel it
+    sees padding and its centre tap only, so every activation is cut to 0; then global average pooling and a
+    MatMul [64, 10] without bias. On a 64x64 image about a third of the activations are positive.
+    """
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((64, 3, 3, 3)).astype(np.float32)
+    w[:, :, 1, 1] = 0.0
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "fc"], ["y"], name="fc"),
+    ]
+    inits = [
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(np.full(64, -1.0, np.float32), "b"),
+        numpy_helper.from_array(rng.standard_normal((64, 10)).astype(np.float32), "fc"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "height", "width"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])]
+    return _graph_model(path, nodes, inputs, outputs, inits, metadata=metadata)
+
+
+def detector_with_resize(path: Path, *, seed: int = 0, stride: int = 2) -> Path:
+    """A YOLO-like neck on x [batch, 3, H, W] (no names on the dynamic dimensions) that runs on no 1x1 image.
+
+    Two Convs (strides ``stride`` and 2: H -> ceil(H/stride) -> ceil(H/2/stride)), the second upsampled x2 by a
+    Resize whose scales are computed in the graph, concatenated with the first: the sizes agree only where H and
+    W are multiples of 2 * stride (stride 32: 320 and 640, not 224). Then global average pooling and a MatMul
+    [32, 8] -> y.
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[stride, stride]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Mul", ["two", "factor"], ["scales"], name="scales"),
+        helper.make_node("Resize", ["r2", "", "scales"], ["up"], name="upsample", mode="nearest"),
+        helper.make_node("Concat", ["up", "r1"], ["cat"], name="concat", axis=1),
+        helper.make_node("GlobalAveragePool", ["cat"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "fc"], ["y"], name="fc"),
+    ]
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((16, 3, 3, 3)) / 5).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal((16, 16, 3, 3)) / 12).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array([1, 1, 1, 1], np.float32), "two"),
+        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "factor"),
+        numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32), "fc"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, None, None])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])]
+    return _graph_model(path, nodes, inputs, outputs, inits)
+
+
+def recurrent_with_state(path: Path, *, seed: int = 0) -> Path:
+    """A VAD-like step: audio chunk x [batch, samples], state [?, ?, ?] (128 values in truth), sr (int64 scalar).
+
+    The state is reshaped to [2, 64]: no sizes qonnx invents fit it, so the original runs on none of them.
+    y = tanh((mean(x) + state[0]) @ w) [batch, 64]; new_state = the state as it came.
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], name="mean", axes=[1], keepdims=1),
+        helper.make_node("Reshape", ["state", "shape"], ["s"], name="reshape"),
+        helper.make_node("Gather", ["s", "zero"], ["s0"], name="first", axis=0),
+        helper.make_node("Add", ["m", "s0"], ["h"], name="add"),
+        helper.make_node("Cast", ["sr"], ["srf"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Div", ["h", "srf"], ["hs"], name="div"),
+        helper.make_node("MatMul", ["hs", "w"], ["z"], name="fc"),
+        helper.make_node("Tanh", ["z"], ["y"], name="tanh"),
+        helper.make_node("Identity", ["state"], ["new_state"], name="keep"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([2, 64], np.int64), "shape"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32) * 1000, "w"),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "samples"]),
+        helper.make_tensor_value_info("state", TensorProto.FLOAT, [None, None, None]),
+        helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64]),
+        helper.make_tensor_value_info("new_state", TensorProto.FLOAT, [None, None, None]),
+    ]
+    return _graph_model(path, nodes, inputs, outputs, inits)
+
+
+def always_zero(path: Path, *, seed: int = 0) -> Path:
+    """y = relu(-|x|) @ w: all zeros on every input, however large (a model nothing can be verified on)."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Abs", ["x"], ["a"], name="abs"),
+        helper.make_node("Neg", ["a"], ["n"], name="neg"),
+        helper.make_node("Relu", ["n"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w"], ["y"], name="fc"),
+    ]
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])]
+    return _graph_model(path, nodes, inputs, outputs, inits)

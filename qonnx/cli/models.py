@@ -91,9 +91,10 @@ def eval_command(
 
 def _perplexity_text(r: dict) -> str:
     """The perplexity result in a line."""
+    bos = " (each after BOS)" if r["bos"] else ""
     return (
         f"perplexity {r['perplexity']:.4f} (mean NLL {r['mean_nll']:.4f}) on {r['data']}: {r['windows']} windows "
-        f"of {r['seq_len']} tokens, {r['tokens']} scored, {r['device']}, {r['seconds']:.1f} s"
+        f"of {r['seq_len']} tokens{bos}, {r['tokens']} scored, {r['device']}, {r['seconds']:.1f} s"
     )
 
 
@@ -117,7 +118,11 @@ def _similarity_text(r: dict) -> str:
 
 @click.command("generate")
 @opt.model_argument
-@click.option("--prompt", required=True, help="The user message (wrapped in the chat template when there is one).")
+@click.option(
+    "--prompt",
+    required=True,
+    help="The user message: wrapped in the model's chat template, or plain text when it has none (said on stderr).",
+)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, help="Tokens to generate at most.")
 @click.option(
     "--top-k", type=click.IntRange(min=1), default=1, help="Sample among the K likeliest tokens; 1 is greedy."
@@ -147,9 +152,12 @@ def generate_command(
 
     A lowered model whose cache inputs feed GroupQueryAttention runs with one KV buffer per layer, written in place.
     """
-    result = Generator(model, device=device).generate(
+    generator = Generator(model, device=device)
+    result = generator.generate(
         prompt, max_new_tokens=max_new_tokens, top_k=top_k, temperature=temperature, seed=seed, chat=not raw
     )
+    if not raw and not result.chat_template:
+        click.echo("qonnx: note: the model has no chat template: the prompt is used as plain text", err=True)
     if as_json:
         click.echo(
             json.dumps(
@@ -157,6 +165,8 @@ def generate_command(
                     "text": result.text,
                     "tokens": result.tokens,
                     "prompt_tokens": result.prompt_tokens,
+                    "chat_template": result.chat_template,
+                    "bos": generator.bos is not None,
                     "prefill_seconds": result.prefill_seconds,
                     "decode_tokens_per_second": result.decode_tokens_per_second,
                 },

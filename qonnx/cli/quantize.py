@@ -69,10 +69,14 @@ def _echo_summary(name: str, summary: Any) -> None:
         f"({ratio:.2f}x smaller)"
     )
     check = summary.verification
-    if check.ran:
+    if check.ran and check.unverified:
+        click.echo(f"NOT VERIFIED: {check.unverified}")
+    elif check.ran:
         shown = _outputs_to_show(check.outputs)
         if check.inputs:
             click.echo(f"verified on {check.inputs}:")
+        for tried in check.tried:
+            click.echo(f"  (passed over {tried})")
         for m in shown:
             top1 = "" if m.top1_agreement is None else f", top-1 agreement {m.top1_agreement:.1%}"
             click.echo(

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+from pathlib import Path
 from typing import Any
+
+import tokenizers
 
 from qonnx.core.errors import ModelLoadError
 
-__all__ = ["HF_LOCAL", "load_tokenizer", "refuses_remote_code"]
+__all__ = ["HF_LOCAL", "bos_token_id", "load_tokenizer", "refuses_remote_code", "tokenizer_bos_token_id"]
 
 #: Keyword arguments of every transformers ``from_pretrained`` call: local files only, and never the Python files
 #: of a model folder (``auto_map`` in its config.json / tokenizer_config.json). Without ``trust_remote_code=False``
@@ -50,3 +55,94 @@ def load_tokenizer(folder: str | os.PathLike, *, gguf_file: str | None = None, r
             return None
         first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
         raise ModelLoadError(f"{folder}: no usable tokenizer files there: {first}") from None
+
+
+#: A text the tokenizer's special-token rules are read from (what it adds around it).
+_PROBE = "Hello world"
+
+
+def bos_token_id(folder: str | os.PathLike, fast: tokenizers.Tokenizer | None = None) -> int | None:
+    """The BOS token id the tokenizer in ``folder`` puts before every text; None when it puts none.
+
+    The model's own setting decides: ``add_bos_token`` in ``tokenizer_config.json`` where it is there (Gemma
+    and Llama 2 repositories say true), else what the tokenizer's post-processor puts before a text, when that
+    is its ``bos_token`` (Llama 3's ``<|begin_of_text|>``; a GGUF's ``tokenizer.ggml.add_bos_token`` is written
+    there on export). SmolLM2 names a BOS but adds none. Read from ``tokenizer.json`` with the ``tokenizers``
+    library (no transformers import; ``fast``: that file already loaded), else from the tokenizer transformers
+    loads; None without a tokenizer.
+    """
+    path = Path(folder)
+    if fast is not None:
+        return _fast_bos(fast, _config(path))
+    stamps = tuple(_stamp(path / name) for name in ("tokenizer.json", "tokenizer_config.json"))
+    return _bos_token_id(str(path.resolve()), stamps)
+
+
+def tokenizer_bos_token_id(tokenizer: Any) -> int | None:
+    """:func:`bos_token_id` of a loaded transformers tokenizer: the BOS it puts before a text, else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    with_special = tokenizer(_PROBE, add_special_tokens=True)["input_ids"]
+    plain = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    return bos if bos is not None and _prefix(with_special, plain) == [bos] else None
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (0, 0)
+    return (st.st_mtime_ns, st.st_size)
+
+
+def _prefix(with_special: list[int], plain: list[int]) -> list[int] | None:
+    """What an encoding with special tokens holds before the plain one (None when it does not hold it)."""
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return with_special[:start]
+    return None
+
+
+def _token_name(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    """tokenizer_config.json ({} when absent or unreadable)."""
+    try:
+        loaded = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _fast_bos(fast: tokenizers.Tokenizer, config: dict[str, Any]) -> int | None:
+    name = _token_name(config.get("bos_token"))
+    bos = fast.token_to_id(name) if name is not None else None
+    if bos is None:
+        return None
+    if isinstance(config.get("add_bos_token"), bool):
+        return bos if config["add_bos_token"] else None
+    plain = fast.encode(_PROBE, add_special_tokens=False).ids
+    return bos if _prefix(fast.encode(_PROBE, add_special_tokens=True).ids, plain) == [bos] else None
+
+
+@functools.lru_cache(maxsize=16)
+def _bos_token_id(folder: str, stamps: tuple) -> int | None:
+    config = _config(Path(folder))
+    path = Path(folder) / "tokenizer.json"
+    if path.is_file():
+        try:
+            fast = tokenizers.Tokenizer.from_file(str(path))
+        except Exception:  # not a tokenizers file after all: transformers says why, or copes
+            fast = None
+        if fast is not None:
+            return _fast_bos(fast, config)
+    tokenizer = load_tokenizer(folder, required=False)
+    if tokenizer is None:
+        return None
+    if isinstance(config.get("add_bos_token"), bool):
+        return tokenizer.bos_token_id if config["add_bos_token"] else None
+    return tokenizer_bos_token_id(tokenizer)

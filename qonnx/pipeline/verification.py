@@ -19,7 +19,7 @@ import numpy as np
 from qonnx.core import __version__
 from qonnx.core.errors import ConfigError, QonnxError
 from qonnx.runtime.session import InMemoryModel
-from qonnx.runtime.verify import ReferenceRun, verify_models
+from qonnx.runtime.verify import OriginalDidNotRun, ReferenceRun, verify_models
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -86,29 +86,46 @@ class VerifyOptions:
 
 @dataclasses.dataclass
 class Verification:
-    """What verification found (or why it did not run)."""
+    """What verification found (or why it did not run).
+
+    ``unverified`` holds why a run that was meant to be checked certifies nothing: the original's output
+    showed nothing on the inputs (all zeros, constant, not finite), or the original ran on none of the inputs
+    made up for it. Its figures, if any, are then no verdict: ``worst_sqnr`` is None.
+    """
 
     ran: bool
     outputs: list[Any] = dataclasses.field(default_factory=list)  # runtime.verify.OutputMetrics
     note: str = ""
     inputs: str = ""  # what both models ran on, e.g. "pydoc text, its last 128 tokens"
     seconds: float = 0.0
+    unverified: str = ""
+    sizes: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # made-up inputs' shapes, by name
+    tried: list[str] = dataclasses.field(default_factory=list)  # made-up sizes passed over, and why
+
+    @property
+    def verified(self) -> bool:
+        """Whether the figures are a verdict: both models ran and the original's outputs showed something."""
+        return self.ran and not self.unverified
 
     @property
     def worst_sqnr(self) -> float | None:
-        """The lowest SQNR over the outputs (None when nothing was compared)."""
+        """The lowest SQNR over the outputs (None when nothing was compared, or the comparison shows nothing)."""
+        if self.unverified:
+            return None
         return min((m.sqnr_db for m in self.outputs), default=None)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
+        """JSON-ready form; ``unverified``, ``sizes`` and ``tried`` only where they say something."""
         worst = self.worst_sqnr
-        return {
+        d = {
             "ran": self.ran,
             "note": self.note,
             "inputs": self.inputs,
             "worst_sqnr_db": None if worst is None else round(max(min(worst, 999.0), -999.0), 3),
             "outputs": [m.to_dict() for m in self.outputs],
         }
+        extra = {"unverified": self.unverified, "sizes": self.sizes, "tried": self.tried}
+        return {**d, **{k: v for k, v in extra.items() if v}}
 
 
 #: Runs started by :func:`start_reference_early`, each waiting for :func:`start_reference` to take it.
@@ -215,6 +232,8 @@ def verify(
     if skipped is not None:
         return skipped
     start = time.perf_counter()
+    asked = options.enabled is True or options.min_sqnr is not None
+    reference: ReferenceRun | None = None
     try:
         if isinstance(original, ReferenceRun):
             reference = original
@@ -224,6 +243,13 @@ def verify(
         metrics = verify_models(reference, quantized)
     except QonnxError:
         raise
+    except OriginalDidNotRun as e:  # the made-up inputs are at fault, not the quantization
+        hint = "give input shapes with --input-shape NAME=DxD or data with --calib-data FEEDS.npz"
+        if asked:
+            raise QonnxError(f"verification could not run the models: {e}; {hint}") from None
+        why = f"{e}; {hint}"
+        _warn_unverified(why)
+        return Verification(False, note=f"NOT VERIFIED: {why}", unverified=why, seconds=time.perf_counter() - start)
     except Exception as e:  # ORT's errors for inputs it cannot make up: say how to fix
         text = str(e).strip()
         msg = text.splitlines()[0][:300] if text else type(e).__name__
@@ -235,7 +261,28 @@ def verify(
         else:
             hint = "give input shapes with --input-shape NAME=DxD or disable it with --no-verify"
         raise QonnxError(f"verification could not run the models: {msg}; {hint}") from None
-    result = Verification(True, metrics, inputs=reference.inputs, seconds=time.perf_counter() - start)
+    result = Verification(
+        True,
+        metrics,
+        inputs=reference.inputs,
+        seconds=time.perf_counter() - start,
+        sizes=reference.sizes,
+        tried=reference.tried,
+    )
+    shows_nothing = [m for m in metrics if m.degenerate]
+    if shows_nothing or not metrics:
+        what = ", ".join(f"'{m.name}' is {m.degenerate}" for m in shows_nothing) or "no float output to compare"
+        result.unverified = (
+            f"the original's output {what} on {reference.inputs}"
+            + (f" (also tried {'; '.join(reference.tried)})" if reference.tried else "")
+            + ": no figure can tell a good quantization from a broken one; give real inputs with --calib-data "
+            "FEEDS.npz or --input-shape NAME=DxD"
+        )
+        if asked:
+            gate = f"--min-sqnr {options.min_sqnr:g}" if options.min_sqnr is not None else "--verify"
+            raise VerificationError(f"{gate}: not verified: {result.unverified}; nothing was written")
+        _warn_unverified(result.unverified)
+        return result
     worst = result.worst_sqnr
     if options.min_sqnr is not None and worst is not None and not worst >= options.min_sqnr:
         bad = min(metrics, key=lambda m: m.sqnr_db)
@@ -251,6 +298,10 @@ def verify(
             file=sys.stderr,
         )
     return result
+
+
+def _warn_unverified(why: str) -> None:
+    print(f"qonnx: WARNING: the output is NOT VERIFIED: {why}", file=sys.stderr)
 
 
 def metadata(config: dict[str, Any], verification: Verification, quantized: int, skipped: int) -> dict[str, str]:

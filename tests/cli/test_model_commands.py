@@ -11,7 +11,7 @@ import onnx_ir as ir
 import pytest
 from builders import SENTENCES, tiny_causal_lm, tiny_encoder, tiny_wordpiece
 from click.testing import CliRunner
-from helpers import onnx_io
+from helpers import assert_one_line_error, onnx_io, qonnx_cli
 
 import qonnx
 from qonnx.cli import cli, main
@@ -172,3 +172,14 @@ def test_cli_lower_refuses_a_wrong_fusion_of_a_quantized_model(
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_refusals_name_options_of_the_command_run(bert_encoders, tmp_path):
+    """An encoder without logits: `quantize --scheme w8a8` without a .npz names quantize's --calib-data (not
+    eval's --task similarity); `eval` (perplexity) names --task similarity."""
+    fp32, _, _ = bert_encoders
+    res = qonnx_cli("quantize", fp32, "-o", tmp_path / "q", "--scheme", "w8a8")
+    assert_one_line_error(res, "not a causal LM", "--calib-data")
+    assert "--task" not in res.stderr and not (tmp_path / "q").exists()
+    assert_one_line_error(qonnx_cli("eval", fp32, "--seq-len", "64", "--no-progress"), "--task similarity")
+    assert_one_line_error(qonnx_cli("eval", fp32, "--no-progress"), "--seq-len 512 exceeds")

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 
 import numpy as np
 import onnx
 import pytest
-from builders import matmul_model, tiny_causal_lm, tiny_tokenizer
-from helpers import qonnx_cli
+from builders import (
+    always_zero,
+    cnn_zero_at_1x1,
+    detector_with_resize,
+    matmul_model,
+    recurrent_with_state,
+    tiny_causal_lm,
+    tiny_tokenizer,
+)
+from helpers import assert_one_line_error, qonnx_cli
+from onnx import helper, numpy_helper
 
 import qonnx
 from qonnx.core import modelfile
@@ -202,3 +212,101 @@ def test_default_verification_of_a_bert_quantization(bert_encoders, tmp_path):
     fp32, _, _ = bert_encoders
     summary = qonnx.quantize(fp32, qonnx.W8A16(block_size=16), output=tmp_path / "w8")
     assert summary.verification.ran
+
+
+def _props(path):
+    return {p.key: p.value for p in onnx.load(path).metadata_props}
+
+
+def test_image_model_is_verified_at_a_real_size_not_1x1(tmp_path):
+    """A CNN whose output is all zeros on a 1x1 image was certified "SQNR inf, cosine 1.0" there: it is
+    verified on a 224x224 image instead, with the figures of a direct comparison on that image, and the run
+    says which sizes it used (summary, metadata)."""
+    src = cnn_zero_at_1x1(tmp_path / "cnn.onnx")
+    s = qonnx.quantize(src, qonnx.W4A16(block_size=16), output=tmp_path / "q.onnx")
+    assert 5 < s.verification.worst_sqnr < 60  # at 1x1: inf
+    assert s.verification.verified and s.verification.sizes == {"x": [1, 3, 224, 224]}
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    direct = verify_models(src, tmp_path / "q.onnx", feeds=[{"x": x}])
+    assert [m.to_dict() for m in s.verification.outputs] == [m.to_dict() for m in direct]
+    meta = json.loads(_props(tmp_path / "q.onnx")["qonnx.verification"])
+    assert meta["sizes"] == {"x": [1, 3, 224, 224]} and meta["inputs"].endswith("x 1x3x224x224")
+    assert "unverified" not in meta and float(_props(tmp_path / "q.onnx")["qonnx.worst_sqnr_db"]) < 60
+    # the size its metadata states comes first
+    src = cnn_zero_at_1x1(tmp_path / "cnn64.onnx", metadata={"imgsz": "[64, 96]"})
+    s = qonnx.quantize(src, qonnx.W4A16(block_size=16), output=tmp_path / "q64.onnx")
+    assert s.verification.verified and s.verification.sizes == {"x": [1, 3, 64, 96]}
+
+
+def test_detector_whose_neck_runs_on_no_1x1_image_is_verified(tmp_path):
+    """Resize with computed scales and a Concat: the original runs on no 1x1 image (the run stopped there with
+    "verification could not run the models"); it runs at 224x224 and is verified there."""
+    s = qonnx.quantize(
+        detector_with_resize(tmp_path / "det.onnx"), qonnx.W4A16(block_size=16), output=tmp_path / "q.onnx"
+    )
+    assert s.verification.verified and s.verification.sizes == {"x": [1, 3, 224, 224]}
+    assert s.verification.worst_sqnr is not None and math.isfinite(s.verification.worst_sqnr)
+
+
+def test_degenerate_reference_is_never_a_pass(tmp_path, capsys):
+    """An original whose output is all zeros on every input certifies nothing: the verdict is "not verified"
+    with the reason, said loudly, in the metadata with no SQNR to gate on; --min-sqnr and --verify refuse."""
+    src = always_zero(tmp_path / "zero.onnx")
+    s = qonnx.quantize(src, qonnx.W4A16(block_size=16), output=tmp_path / "q.onnx")
+    check = s.verification
+    assert check.worst_sqnr is None  # it was inf
+    assert check.ran and not check.verified
+    assert "'y' is all zeros" in check.unverified and check.outputs[0].degenerate == "all zeros"
+    assert "WARNING: the output is NOT VERIFIED" in capsys.readouterr().err
+    props = _props(tmp_path / "q.onnx")
+    meta = json.loads(props["qonnx.verification"])
+    assert "all zeros" in meta["unverified"] and meta["worst_sqnr_db"] is None and props["qonnx.worst_sqnr_db"] == ""
+    for options in (VerifyOptions(min_sqnr=20), VerifyOptions(enabled=True)):
+        with pytest.raises(VerificationError, match=r"not verified: the original's output 'y' is all zeros"):
+            qonnx.quantize(src, qonnx.W4A16(block_size=16), output=tmp_path / "r.onnx", verify=options)
+        assert not (tmp_path / "r.onnx").exists()
+    res = qonnx_cli("quantize", src, "-o", tmp_path / "c.onnx", "--block-size", "16")
+    assert res.returncode == 0 and "NOT VERIFIED: the original's output 'y' is all zeros" in res.stdout
+    assert "WARNING" in res.stderr and "SQNR inf" not in res.stdout
+    for flag in (["--min-sqnr", "20"], ["--verify"]):
+        res = qonnx_cli("quantize", src, "-o", tmp_path / "d.onnx", *flag)
+        assert res.returncode == 3 and "not verified" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "d.onnx").exists()
+
+
+def test_non_finite_reference_is_not_a_pass(tmp_path):
+    """NaN in the original's output on every input: not verified either (SQNR would be NaN or -inf)."""
+    w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+        helper.make_node("Div", ["h", "zero"], ["y"], name="div"),
+    ]
+    zero = numpy_helper.from_array(np.zeros(32, np.float32), "zero")
+    src = matmul_model(tmp_path / "nan.onnx", w, nodes=nodes, initializers=[numpy_helper.from_array(w, "w"), zero])
+    s = qonnx.quantize(src, qonnx.W4A16(block_size=16), output=tmp_path / "q.onnx")
+    assert not s.verification.verified and "not finite" in s.verification.unverified
+
+
+def test_original_that_runs_on_no_made_up_inputs_is_written_unverified(tmp_path, capsys):
+    """A recurrent model whose state fits none of the sizes qonnx makes up: the inputs are at fault, not the
+    quantization. The model is written, marked unverified (warning, metadata, --json), unless --verify or
+    --min-sqnr asked for a check: then exit 2 and nothing written, as before."""
+    src = recurrent_with_state(tmp_path / "vad.onnx")
+    s = qonnx.quantize(src, qonnx.W4A16(block_size=16), output=tmp_path / "q.onnx")
+    assert not s.verification.ran and not s.verification.verified and s.verification.worst_sqnr is None
+    assert "ran on none of the 3 sets of inputs qonnx made up" in s.verification.unverified
+    assert "WARNING: the output is NOT VERIFIED" in capsys.readouterr().err
+    meta = json.loads(_props(tmp_path / "q.onnx")["qonnx.verification"])
+    assert "Reshape node 'reshape'" in meta["unverified"] and "--input-shape" in meta["unverified"]
+    res = qonnx_cli("quantize", src, "-o", tmp_path / "c.onnx", "--block-size", "16", "--json")
+    assert res.returncode == 0, res.stderr
+    assert "ran on none" in json.loads(res.stdout)["verification"]["unverified"] and (tmp_path / "c.onnx").exists()
+    for flag in (["--verify"], ["--min-sqnr", "10"]):
+        assert_one_line_error(
+            qonnx_cli("quantize", src, "-o", tmp_path / "d.onnx", *flag), "verification could not run the models"
+        )
+        assert not (tmp_path / "d.onnx").exists()
+    # the sizes it needs, given: verified
+    shapes = VerifyOptions(shapes={"state": (2, 1, 64)})
+    s = qonnx.quantize(src, qonnx.W4A16(block_size=16), output=tmp_path / "e.onnx", verify=shapes)
+    assert s.verification.verified and s.verification.sizes == {"x": [1, 16000], "sr": []}
