@@ -2,20 +2,26 @@
 
 Each command lives in its own module, imported only when the command runs (click's "lazily loading
 subcommands" pattern), so that ``qonnx --help`` and ``qonnx quantize`` load nothing they do not use.
-Every problem with the user's input prints one line on stderr and exits with code 2; no traceback.
+Every problem with the user's input prints one line on stderr and exits with code 2; no traceback, and no
+line before it: what libraries warn or log meanwhile is held back, and printed (one line each) only when
+the command succeeds. Text from a model is escaped (:func:`qonnx.core.errors.escape_text`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import click
 
 from qonnx.core import __version__
-from qonnx.core.errors import QonnxError
+from qonnx.core.errors import QonnxError, escape_text
 from qonnx.pipeline.verification import VerificationError
 
 __all__ = ["COMMANDS", "EXIT_USAGE", "EXIT_VERIFY", "LazyGroup", "cli", "main"]
@@ -91,21 +97,39 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; user errors print one line on stderr and return 2."""
+    """Run the CLI; user errors print one line on stderr and return 2.
+
+    Python warnings and log records of the libraries (onnx_ir, numpy, ...) are held back while the command
+    runs: after an error they are dropped (the error line says what is wrong), after success each distinct
+    one is printed as a line. transformers logs errors only.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+    with _held_back() as notes:
+        code = _run(argv)
+    if code == 0:
+        for note in dict.fromkeys(notes):
+            click.echo(f"qonnx: note: {escape_text(note)}", err=True)
+    return code
+
+
+def _error(message: str) -> None:
+    click.echo(f"qonnx: error: {escape_text(message)}", err=True)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="qonnx", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:  # type: ignore[attr-defined]
         click.echo(e.ctx.get_help() if e.ctx else str(e), err=True)
         return EXIT_USAGE
     except VerificationError as e:
-        click.echo(f"qonnx: error: {e}", err=True)
+        _error(str(e))
         return EXIT_VERIFY
     except click.UsageError as e:
-        click.echo(f"qonnx: error: {e.format_message()}", err=True)
+        _error(e.format_message())
         return EXIT_USAGE
     except (QonnxError, click.ClickException) as e:
-        msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
-        click.echo(f"qonnx: error: {msg}", err=True)
+        _error(e.format_message() if isinstance(e, click.ClickException) else str(e))
         return EXIT_USAGE
     except click.Abort:
         click.echo("qonnx: aborted", err=True)
@@ -116,13 +140,49 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug in qonnx: still one line, the traceback on request
         if os.environ.get("QONNX_DEBUG"):
             raise
+        first = str(e).splitlines()[0] if str(e) else ""
         click.echo(
-            f"qonnx: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            f"qonnx: internal error: {type(e).__name__}: {escape_text(first)} "
             "(set QONNX_DEBUG=1 for the traceback and please report it)",
             err=True,
         )
         return 1
     return 0
+
+
+class _Notes(logging.Handler):
+    """Collects the first line of each log record it is handed (root logger, warnings and above)."""
+
+    def __init__(self, notes: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.notes = notes
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.notes.append(f"{record.name}: {(record.getMessage().strip() or '').splitlines()[0][:300]}")
+
+
+@contextlib.contextmanager
+def _held_back() -> Iterator[list[str]]:
+    """Within the block, Python warnings and root-logger records are collected, not printed (QONNX_DEBUG: printed)."""
+    notes: list[str] = []
+    if os.environ.get("QONNX_DEBUG"):
+        yield notes
+        return
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        text = str(message).strip().splitlines()
+        notes.append(f"{category.__name__}: {text[0][:300] if text else ''}")
+
+    root = logging.getLogger()
+    handler = _Notes(notes)
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        root.addHandler(handler)
+        try:
+            yield notes
+        finally:
+            root.removeHandler(handler)
 
 
 if __name__ == "__main__":

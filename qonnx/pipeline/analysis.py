@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from qonnx.core.config import SchemeConfig
-from qonnx.core.errors import ConfigError
+from qonnx.core.errors import ConfigError, escape_name
 from qonnx.pipeline.fake_quant import FakeQuantModel
 from qonnx.runtime.data import PYDOC
 from qonnx.runtime.sensitivity import Measurement
@@ -77,8 +77,8 @@ class LayerSensitivity:
 
     @property
     def label(self) -> str:
-        """The most readable name: module path, else node, else weight."""
-        return self.module or self.node or self.weight
+        """The most readable name: module path, else node, else weight (escaped: it is printed)."""
+        return escape_name(self.module or self.node or self.weight)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 from qonnx.core import __version__, modelfile
 from qonnx.core.config import W4A16, SchemeConfig
-from qonnx.core.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError
+from qonnx.core.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError, warn
 from qonnx.core.schemes import Targets
 from qonnx.core.targets import warn_if_slow
 from qonnx.passes.cleanup import RemoveUnusedInitializersPass
@@ -270,7 +269,7 @@ def quantize(
     skipped = len(qpass.records) - quantized
     checked = Verification(False, note=skip_note or "verification disabled")
     if skip_note:
-        print(f"qonnx: WARNING: {skip_note}", file=sys.stderr)
+        warn(skip_note)
 
     # The quantized model runs from memory, in a background thread while the output is written; a model
     # written as one file is written from the same snapshot (taken here, on this thread).

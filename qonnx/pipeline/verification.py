@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qonnx.core import __version__
-from qonnx.core.errors import QonnxError
+from qonnx.core.errors import QonnxError, escape_name, warn
 from qonnx.runtime.session import InMemoryModel
 from qonnx.runtime.verify import ReferenceRun, verify_models
 
@@ -230,15 +229,14 @@ def verify(
     if options.min_sqnr is not None and worst is not None and not worst >= options.min_sqnr:
         bad = min(metrics, key=lambda m: m.sqnr_db)
         raise VerificationError(
-            f"output '{bad.name}' has SQNR {bad.sqnr_db:.1f} dB, below --min-sqnr "
+            f"output '{escape_name(bad.name)}' has SQNR {bad.sqnr_db:.1f} dB, below --min-sqnr "
             f"{options.min_sqnr:g}; nothing was written"
         )
     if worst is not None and not worst >= options.warn_sqnr:
         bad = min(metrics, key=lambda m: m.sqnr_db)
-        print(
-            f"qonnx: WARNING: output '{bad.name}' has SQNR {bad.sqnr_db:.1f} dB (cosine {bad.cosine:.3f}): "
-            "the quantized model has lost much of its signal; keep sensitive layers in higher precision",
-            file=sys.stderr,
+        warn(
+            f"output '{escape_name(bad.name)}' has SQNR {bad.sqnr_db:.1f} dB (cosine {bad.cosine:.3f}): "
+            "the quantized model has lost much of its signal; keep sensitive layers in higher precision"
         )
     return result
 
