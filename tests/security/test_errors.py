@@ -1,0 +1,102 @@
+"""Hostile or broken inputs end in one line on stderr and exit code 2: never "internal error" (exit 1).
+
+The CLI runs in-process here (``capfd`` sees what ONNX Runtime writes to the file descriptors too).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from qonnx.cli.main import main
+
+
+def run_cli(capfd, *args):
+    """``qonnx ARGS`` in this process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def assert_one_line(result, *fragments, code=2):
+    """Exit ``code``, exactly one line on stderr, holding each fragment."""
+    got, _, err = result
+    lines = err.strip().splitlines()
+    assert got == code and len(lines) == 1 and lines[0].startswith("qonnx: error: "), (got, err)
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def external_model(folder: Path, location: str, dims=(64, 32), length: int | None = None, data_bytes=None) -> Path:
+    """x [batch, K] @ w -> y, w stored outside the .onnx file at ``location``; ``w.bin`` beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=list(dims), data_location=TensorProto.EXTERNAL)
+    entries = [("location", location), ("offset", "0")] + ([("length", str(length))] if length is not None else [])
+    for key, value in entries:
+        w.external_data.add(key=key, value=value)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", dims[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", dims[1]])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    size = data_bytes if data_bytes is not None else 4 * dims[0] * dims[1]
+    (folder / "w.bin").write_bytes(np.ones(size // 4, np.float32).tobytes())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("location", "fragments"),
+    [
+        ("w.bin\x00evil", [r"'w.bin\x00evil'", "NUL byte"]),
+        ("a" * 5000, ["(5000 characters)", "file name too long"]),
+        ("nosuch/../w.bin", ["'nosuch/../w.bin'", "missing"]),
+        ("nosuch/dir/w.bin", ["missing"]),
+    ],
+    ids=["nul", "long", "through-missing-folder", "missing-folder"],
+)
+@pytest.mark.parametrize("command", ["inspect", "quantize"])
+def test_bad_external_data_location(tmp_path, capfd, location, fragments, command):
+    path = external_model(tmp_path / "m", location)
+    extra = ["-o", tmp_path / "out"] if command == "quantize" else []
+    assert_one_line(run_cli(capfd, command, path, *extra), *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("length", [512 << 10, None], ids=["length-given", "no-length"])
+@pytest.mark.parametrize("command", ["inspect", "quantize"])
+def test_declared_size_checked_against_the_file(tmp_path, capfd, length, command):
+    """10^12 elements over a 512 KiB file: refused before anything reads it or allocates it (no ORT log line)."""
+    path = external_model(tmp_path / "m", "w.bin", dims=(1_000_000, 1_000_000), length=length, data_bytes=512 << 10)
+    extra = ["-o", tmp_path / "out"] if command == "quantize" else []
+    fragment = "take 4000000000000 bytes" if length else "needs bytes up to 4000000000000"
+    assert_one_line(run_cli(capfd, command, path, *extra), "tensor 'w'", fragment)
+
+
+def test_sessions_check_external_data_first(tmp_path):
+    """A session is never built over a tensor its file cannot hold (ONNX Runtime would try to allocate it)."""
+    from qonnx.core.errors import ModelLoadError
+    from qonnx.runtime.session import make_session
+    from qonnx.runtime.single_run import verification_session
+
+    path = external_model(tmp_path / "m", "w.bin", dims=(1_000_000, 1_000_000), length=512 << 10, data_bytes=512 << 10)
+    for build in (lambda: make_session(path), lambda: verification_session(path, "cpu", prepack=False)):
+        with pytest.raises(ModelLoadError, match="take 4000000000000 bytes"):
+            build()
+
+
+def test_good_external_data_still_loads(tmp_path, capfd):
+    path = external_model(tmp_path / "m", "w.bin")
+    code, out, err = run_cli(capfd, "inspect", path)
+    assert code == 0 and "quantizable layers: 1 of 1" in out, err
+    assert os.path.getsize(path.with_name("w.bin")) == 64 * 32 * 4
