@@ -5,6 +5,7 @@ The CLI runs in-process here (``capfd`` sees what ONNX Runtime writes to the fil
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -100,3 +101,44 @@ def test_good_external_data_still_loads(tmp_path, capfd):
     code, out, err = run_cli(capfd, "inspect", path)
     assert code == 0 and "quantizable layers: 1 of 1" in out, err
     assert os.path.getsize(path.with_name("w.bin")) == 64 * 32 * 4
+
+
+def scoped_model(path: Path, scopes: list[str]) -> Path:
+    """x @ w_i -> ... one MatMul per ``scopes`` entry, each carrying it as ``pkg.torch.onnx.name_scopes``."""
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i, scope in enumerate(scopes):
+        node = helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"], name=f"mm{i}")
+        node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=scope)
+        nodes.append(node)
+        inits.append(onnx.numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), f"w{i}"))
+        prev = f"h{i}"
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["batch", 64])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_name_scopes_metadata_is_never_evaluated(tmp_path, capfd):
+    """Metadata that made ``ast.literal_eval`` raise RecursionError / MemoryError is ignored; good scopes still read."""
+    path = scoped_model(
+        tmp_path / "m.onnx",
+        [
+            "['']" + "+[1]" * 100_000,  # RecursionError in ast
+            "[" + "-" * 100_000 + "1]",  # MemoryError in ast
+            "['', 'model', 'model.model.layers.0.mlp.up_proj', 'linear']",
+        ],
+    )
+    args = ["-o", tmp_path / "q.onnx", "--block-size", "32", "--exclude", "mlp", "--json"]
+    code, out, err = run_cli(capfd, "quantize", path, *args)  # --exclude matches module paths
+    assert code == 0, err
+    layers = {r["node"]: r for r in json.loads(out)["layers"]}
+    assert layers["mm0"]["quantized"] and layers["mm1"]["quantized"]
+    assert layers["mm2"]["reason"] == "excluded by pattern 're:mlp'"

@@ -74,7 +74,8 @@ def test_inspect_escapes_names(tmp_path):
 @pytest.mark.parametrize("extra", [[], ["--exclude", "mm2"]])
 def test_quantize_summary_escapes_names(tmp_path, extra):
     """The summary to a pipe: verified outputs and skipped layers, escaped."""
-    res = qonnx_cli("quantize", evil_model(tmp_path / "evil.onnx"), "-o", tmp_path / "q.onnx", "--block-size", "16", *extra)
+    path = evil_model(tmp_path / "evil.onnx")
+    res = qonnx_cli("quantize", path, "-o", tmp_path / "q.onnx", "--block-size", "16", *extra)
     assert res.returncode == 0, res.stderr
     assert_clean(res.stdout + res.stderr)
     assert r"verified y\nqonnx: error: forged" in res.stdout
