@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from qonnx.cli.main import main
+from qonnx.models import build_decoder_stack
 
 
 def run_cli(capfd, *args):
@@ -142,3 +144,42 @@ def test_name_scopes_metadata_is_never_evaluated(tmp_path, capfd):
     layers = {r["node"]: r for r in json.loads(out)["layers"]}
     assert layers["mm0"]["quantized"] and layers["mm1"]["quantized"]
     assert layers["mm2"]["reason"] == "excluded by pattern 're:mlp'"
+
+
+def _write_npz_case(path: Path, case: str, x: np.ndarray) -> None:
+    if case == "float64":
+        np.savez(path, x=x.astype(np.float64))
+    elif case == "int64":
+        np.savez(path, x=x.astype(np.int64))
+    elif case == "width":
+        np.savez(path, x=x[..., :10])
+    elif case == "text":
+        path.write_text("not a zip")
+    elif case == "member":  # a zip whose member is not a .npy array
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("x.npy", b"garbage")
+    elif case == "truncated":
+        np.savez(path, x=x)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    ("case", "fragment"),
+    [
+        ("float64", "holds double, the model's input takes float"),
+        ("int64", "holds int64"),
+        ("width", "has batches of shape [1, 16, 10]"),
+        ("text", "not a .npz file"),
+        ("member", "not .npy arrays"),
+        ("truncated", "not a readable .npz file"),
+    ],
+)
+@pytest.mark.parametrize("scheme", [["--algo", "gptq"], ["--scheme", "w8a8"]], ids=["gptq", "w8a8"])
+def test_bad_calibration_npz(tmp_path, capfd, case, fragment, scheme):
+    path = build_decoder_stack(tmp_path / "m" / "model.onnx", hidden=32, intermediate=64, layers=1, vocab=50)
+    feeds = tmp_path / "feeds.npz"
+    _write_npz_case(feeds, case, np.random.default_rng(0).standard_normal((2, 1, 16, 32)).astype(np.float32))
+    args = ["quantize", path, "-o", tmp_path / "out", "--calib-data", feeds, *scheme]
+    assert_one_line(run_cli(capfd, *args), "feeds.npz", fragment)
+    assert not (tmp_path / "out" / "model.onnx").exists()
