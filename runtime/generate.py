@@ -31,6 +31,7 @@ import onnxruntime as ort
 
 from qonnx.core.errors import ConfigError
 from qonnx.core.modelfile import resolve_model_path
+from qonnx.core.tokenizer import load_tokenizer
 from qonnx.runtime.decode import FixedShapeDecoder, fixed_shape_decodable, kv_buffer_shareable, rotary_cache_positions
 from qonnx.runtime.session import make_session, resolve_device
 
@@ -97,9 +98,7 @@ class Generator:
         self.session = make_session(path, device, cuda_graph=self.fixed_shapes and device == "cuda")
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         if tokenizer is None:
-            from transformers import AutoTokenizer  # heavy (about 2 s): only when no tokenizer is given
-
-            tokenizer = AutoTokenizer.from_pretrained(Path(path).parent)
+            tokenizer = load_tokenizer(Path(path).parent)  # ModelLoadError: no usable tokenizer, bad config.json
         self.tokenizer = tokenizer
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]

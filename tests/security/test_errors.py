@@ -183,3 +183,15 @@ def test_bad_calibration_npz(tmp_path, capfd, case, fragment, scheme):
     args = ["quantize", path, "-o", tmp_path / "out", "--calib-data", feeds, *scheme]
     assert_one_line(run_cli(capfd, *args), "feeds.npz", fragment)
     assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [("{bad json", "not a readable JSON file"), ("[1, 2]", "must hold a JSON object, not list"), ('"x"', "not str")],
+    ids=["malformed", "list", "string"],
+)
+@pytest.mark.parametrize("command", [["eval", "--windows", "1", "--seq-len", "8"], ["generate", "--prompt", "hi"]])
+def test_bad_config_json(tmp_path, capfd, config, fragment, command):
+    path = build_decoder_stack(tmp_path / "m" / "model.onnx", hidden=32, intermediate=64, layers=1, vocab=50)
+    (path.parent / "config.json").write_text(config)
+    assert_one_line(run_cli(capfd, command[0], path.parent, *command[1:]), "config.json", fragment)
