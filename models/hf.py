@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,27 @@ def _resolve_source(source: str | os.PathLike) -> tuple[Path, str | None]:
     raise ModelLoadError(f"{path}: holds neither config.json (a Hugging Face model) nor a .gguf file")
 
 
+#: A GGUF file's header: the magic, a version, the tensor and metadata counts (GGUF v2 and v3).
+_GGUF_HEADER = struct.Struct("<4sIQQ")
+
+
+def _check_gguf(path: Path) -> None:
+    """Refuse a file that is not GGUF, or too short to hold the header it starts (what transformers reads first).
+
+    A file cut anywhere is refused by transformers' reader on the way; this says so before torch loads.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_GGUF_HEADER.size)
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read it: {e.strerror}") from None
+    if len(head) < _GGUF_HEADER.size or not head.startswith(b"GGUF"):
+        raise ModelLoadError(f"{path}: not a GGUF file (truncated, or another format)")
+    _, version, tensors, fields = _GGUF_HEADER.unpack(head)
+    if version not in (2, 3) or tensors > 1 << 24 or fields > 1 << 24:
+        raise ModelLoadError(f"{path}: not a GGUF file qonnx reads (version {version}, {tensors} tensors, damaged?)")
+
+
 def load_causal_lm(source: str | os.PathLike) -> tuple[Any, Any | None]:
     """Load a causal LM in float32 and its tokenizer (None when the folder holds no tokenizer).
 
@@ -134,11 +156,14 @@ def load_causal_lm(source: str | os.PathLike) -> tuple[Any, Any | None]:
     if gguf:
         kwargs["gguf_file"] = gguf
     where = folder / gguf if gguf else folder
+    if gguf:
+        _check_gguf(where)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
+    except Exception as e:  # the files are input: a truncated GGUF fails in struct.unpack, a reshape, ...
         first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
-        raise ModelLoadError(f"{where}: transformers cannot load it as a causal LM: {first}") from None
+        damaged = " (truncated or damaged)" if gguf else ""
+        raise ModelLoadError(f"{where}: transformers cannot load it as a causal LM{damaged}: {first}") from None
     return model.eval(), load_tokenizer(folder, gguf_file=gguf, required=False)
 
 
@@ -197,7 +222,7 @@ def load_encoder(source: str | os.PathLike) -> tuple[Any, Any | None]:
         model, info = AutoModel.from_pretrained(
             folder, dtype=torch.float32, local_files_only=True, output_loading_info=True
         )
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
+    except Exception as e:  # the files are input: whatever transformers makes of them, the model is unusable
         first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
         raise ModelLoadError(f"{folder}: transformers cannot load it as an encoder: {first}") from None
     if getattr(model, "pooler", None) is not None and any("pooler" in k for k in info.get("missing_keys", [])):

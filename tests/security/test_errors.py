@@ -17,6 +17,7 @@ from onnx import TensorProto, helper
 
 from qonnx.cli.main import main
 from qonnx.models import build_decoder_stack
+from qonnx.models.hf import reference_model_path
 
 
 def run_cli(capfd, *args):
@@ -195,3 +196,16 @@ def test_bad_config_json(tmp_path, capfd, config, fragment, command):
     path = build_decoder_stack(tmp_path / "m" / "model.onnx", hidden=32, intermediate=64, layers=1, vocab=50)
     (path.parent / "config.json").write_text(config)
     assert_one_line(run_cli(capfd, command[0], path.parent, *command[1:]), "config.json", fragment)
+
+
+@pytest.mark.parametrize(
+    "size",
+    [4, 100, pytest.param(1_000_000, marks=pytest.mark.slow), pytest.param(40_000_000, marks=pytest.mark.slow)],
+)
+def test_truncated_gguf(tmp_path, capfd, size):
+    """The reference GGUF cut short anywhere (the header, the metadata, the tensor data) is one line."""
+    cut = tmp_path / "cut.gguf"
+    with open(reference_model_path(), "rb") as f:
+        cut.write_bytes(f.read(size))
+    assert_one_line(run_cli(capfd, "export", cut, "-o", tmp_path / "out"), "cut.gguf")
+    assert not (tmp_path / "out" / "model.onnx").exists()
