@@ -10,6 +10,7 @@ the command succeeds. Text from a model is escaped (:func:`qonnx.core.errors.esc
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import logging
 import os
@@ -28,6 +29,8 @@ __all__ = ["COMMANDS", "EXIT_USAGE", "EXIT_VERIFY", "LazyGroup", "cli", "main"]
 
 EXIT_USAGE = 2
 EXIT_VERIFY = 3
+#: What the machine refuses, not a bug: a full disk or quota, a read-only file system, permissions, I/O errors.
+_ENVIRONMENT_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
 
 #: Each command: ``module:attribute`` of its click command, and its summary in ``qonnx --help``.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -131,23 +134,33 @@ def _run(argv: list[str] | None) -> int:
     except (QonnxError, click.ClickException) as e:
         _error(e.format_message() if isinstance(e, click.ClickException) else str(e))
         return EXIT_USAGE
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRORS or os.environ.get("QONNX_DEBUG"):
+            return _internal_error(e)
+        _error(f"{e.filename}: {e.strerror}" if e.filename else (e.strerror or str(e)))
+        return EXIT_USAGE
     except click.Abort:
         click.echo("qonnx: aborted", err=True)
         return 130
     except KeyboardInterrupt:
         click.echo("qonnx: interrupted", err=True)
         return 130
-    except Exception as e:  # a bug in qonnx: still one line, the traceback on request
-        if os.environ.get("QONNX_DEBUG"):
-            raise
-        first = str(e).splitlines()[0] if str(e) else ""
-        click.echo(
-            f"qonnx: internal error: {type(e).__name__}: {escape_text(first)} "
-            "(set QONNX_DEBUG=1 for the traceback and please report it)",
-            err=True,
-        )
-        return 1
+    except Exception as e:
+        return _internal_error(e)
     return 0
+
+
+def _internal_error(e: Exception) -> int:
+    """A bug in qonnx: still one line, the traceback on request."""
+    if os.environ.get("QONNX_DEBUG"):
+        raise e
+    first = str(e).splitlines()[0] if str(e) else ""
+    click.echo(
+        f"qonnx: internal error: {type(e).__name__}: {escape_text(first)} "
+        "(set QONNX_DEBUG=1 for the traceback and please report it)",
+        err=True,
+    )
+    return 1
 
 
 class _Notes(logging.Handler):

@@ -62,7 +62,7 @@ def check_external_tensor(
         ModelLoadError: NUL byte, absolute or escaping path, name too long, missing file or folder, a
             declared length that disagrees with the shape, or a file shorter than the tensor's end.
     """
-    where = f"{model_path}: external data '{escape_name(location)}' of tensor '{escape_name(name)}'"
+    where = f"{model_path}: external data file '{escape_name(location)}' of tensor '{escape_name(name)}'"
     if "\0" in location:
         raise ModelLoadError(f"{where}: the location holds a NUL byte; refusing it")
     base = model_path.parent.resolve()

@@ -191,7 +191,8 @@ def save(
         The files written.
 
     Raises:
-        OutputPathError: the output would overwrite a protected file, or cannot be written.
+        OutputPathError: the output would overwrite a protected file, or cannot be written (a full disk
+            included: nothing is left behind).
     """
     out = Path(path)
     if out.suffix != ".onnx":
@@ -237,6 +238,8 @@ def save(
         os.replace(tmp_model, out)
         written.insert(0, out)
         return written
+    except OSError as e:  # disk full, quota, permissions: the temporary files go, the old output stays
+        raise OutputPathError(f"{out}: cannot write it: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -5,6 +5,7 @@ The CLI runs in-process here (``capfd`` sees what ONNX Runtime writes to the fil
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import zipfile
@@ -209,3 +210,36 @@ def test_truncated_gguf(tmp_path, capfd, size):
         cut.write_bytes(f.read(size))
     assert_one_line(run_cli(capfd, "export", cut, "-o", tmp_path / "out"), "cut.gguf")
     assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["one-file", "external-data"])
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capfd, monkeypatch, external):
+    """ENOSPC while the output is written: one line naming the output, no partial or temporary file left."""
+    import onnx_ir as ir
+
+    from qonnx.core import modelfile
+
+    def full(*args, **kwargs):
+        target = Path(args[1])
+        target.write_bytes(b"partial")  # what a full disk leaves: part of a file
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    monkeypatch.setattr(modelfile, "write_snapshot", full)
+    monkeypatch.setattr(ir, "save", full)
+    path = build_decoder_stack(tmp_path / "m" / "model.onnx", hidden=32, intermediate=64, layers=1, vocab=50)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["quantize", path, "-o", out / "q.onnx", "--no-verify"] + (["--external-data"] if external else [])
+    assert_one_line(run_cli(capfd, *args), str(out / "q.onnx"), "No space left on device")
+    assert list(out.iterdir()) == []
+
+
+def test_environment_errors_anywhere_are_one_line(tmp_path, capfd, monkeypatch):
+    """A full disk met outside the output's write (a temporary file, a cache) is one line too, naming the file."""
+    import qonnx.cli.inspection as command
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/qonnx-hessians-x/h0.npy")
+
+    monkeypatch.setattr(command, "inspect_model", full)
+    assert_one_line(run_cli(capfd, "inspect", tmp_path / "m.onnx"), "/tmp/qonnx-hessians-x/h0.npy: No space left")
