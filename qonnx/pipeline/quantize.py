@@ -18,7 +18,14 @@ from tqdm import tqdm
 
 from qonnx.core import __version__, modelfile
 from qonnx.core.config import W4A16, SchemeConfig
-from qonnx.core.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError, warn
+from qonnx.core.errors import (
+    ConfigError,
+    ModelLoadError,
+    NothingToQuantizeError,
+    OutputPathError,
+    escape_name,
+    warn,
+)
 from qonnx.core.schemes import Targets
 from qonnx.core.targets import warn_if_slow
 from qonnx.passes.cleanup import RemoveUnusedInitializersPass
@@ -257,6 +264,13 @@ def quantize(
         if bar is not None:
             bar.close()
 
+    if qpass.nonfinite:
+        total, first = sum(qpass.nonfinite.values()), next(iter(qpass.nonfinite))
+        layers = len(qpass.nonfinite)
+        warn(
+            f"{total} weights are not finite (NaN or infinite) in {layers} layer{'s' if layers > 1 else ''} "
+            f"(e.g. '{escape_name(first)}'): the blocks that hold them quantize to NaN; check the original model"
+        )
     if activations is not None:
         _note_activations(qpass.records, activations, act_info or {})
     notes = awq.notes if awq is not None else {}

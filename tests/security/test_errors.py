@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from builders import external_model, tiny_tokenizer
 from onnx import TensorProto, helper
 
 from qonnx.cli.main import main
@@ -35,29 +36,6 @@ def assert_one_line(result, *fragments, code=2):
     assert got == code and len(lines) == 1 and lines[0].startswith("qonnx: error: "), (got, err)
     for f in fragments:
         assert f in lines[0], lines[0]
-
-
-def external_model(folder: Path, location: str, dims=(64, 32), length: int | None = None, data_bytes=None) -> Path:
-    """x [batch, K] @ w -> y, w stored outside the .onnx file at ``location``; ``w.bin`` beside it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=list(dims), data_location=TensorProto.EXTERNAL)
-    entries = [("location", location), ("offset", "0")] + ([("length", str(length))] if length is not None else [])
-    for key, value in entries:
-        w.external_data.add(key=key, value=value)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", dims[0]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", dims[1]])],
-        [w],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = folder / "model.onnx"
-    path.write_bytes(model.SerializeToString())
-    size = data_bytes if data_bytes is not None else 4 * dims[0] * dims[1]
-    (folder / "w.bin").write_bytes(np.ones(size // 4, np.float32).tobytes())
-    return path
 
 
 @pytest.mark.parametrize(
@@ -243,3 +221,9 @@ def test_environment_errors_anywhere_are_one_line(tmp_path, capfd, monkeypatch):
 
     monkeypatch.setattr(command, "inspect_model", full)
     assert_one_line(run_cli(capfd, "inspect", tmp_path / "m.onnx"), "/tmp/qonnx-hessians-x/h0.npy: No space left")
+
+
+def test_generate_refuses_a_model_that_is_not_a_causal_lm(tmp_path, capfd):
+    path = build_decoder_stack(tmp_path / "m" / "model.onnx", hidden=32, intermediate=64, layers=1, vocab=50)
+    tiny_tokenizer().save_pretrained(path.parent)
+    assert_one_line(run_cli(capfd, "generate", path.parent, "--prompt", "hi"), "not those of a causal LM export")
