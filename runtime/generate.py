@@ -29,13 +29,16 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qonnx.core.errors import ConfigError
+from qonnx.core.errors import ConfigError, ModelLoadError, escape_name
 from qonnx.core.modelfile import resolve_model_path
 from qonnx.core.tokenizer import load_tokenizer
 from qonnx.runtime.decode import FixedShapeDecoder, fixed_shape_decodable, kv_buffer_shareable, rotary_cache_positions
 from qonnx.runtime.session import make_session, resolve_device
 
 __all__ = ["Generator", "GenerationResult", "kv_buffer_shareable"]
+
+#: The inputs of a causal LM export that generate() feeds, besides the KV cache (past_key_values.*).
+_FED = ("input_ids", "attention_mask", "position_ids")
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -101,6 +104,10 @@ class Generator:
             tokenizer = load_tokenizer(Path(path).parent)  # ModelLoadError: no usable tokenizer, bad config.json
         self.tokenizer = tokenizer
         self.inputs = {i.name: i for i in self.session.get_inputs()}
+        others = [n for n in self.inputs if n not in _FED and not n.startswith("past_key_values.")]
+        if "input_ids" not in self.inputs or others:
+            what = f"inputs {', '.join(escape_name(n) for n in others)} are" if others else "input_ids is"
+            raise ModelLoadError(f"{path}: {what} not those of a causal LM export; cannot generate with it")
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         outputs = [o.name for o in self.session.get_outputs()]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]

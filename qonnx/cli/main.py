@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     one is printed as a line. transformers logs errors only.
     """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+    if "transformers" in sys.modules:  # imported already (main() called from Python)
+        sys.modules["transformers"].logging.set_verbosity_error()
     with _held_back() as notes:
         code = _run(argv)
     if code == 0:
