@@ -43,7 +43,7 @@ from qonnx.pipeline.calibrate import (
 )
 from qonnx.pipeline.gptq_sequential import solve_sequential
 from qonnx.pipeline.mixed_precision import Budget, MixedPrecision, mixed_precision
-from qonnx.pipeline.verification import Verification, VerifyOptions, start_reference, start_verify
+from qonnx.pipeline.verification import Verification, VerifyOptions, check_shapes, start_reference, start_verify
 from qonnx.pipeline.verification import metadata as verification_metadata
 from qonnx.pipeline.verification import verify as run_verify
 from qonnx.runtime.session import InMemoryModel
@@ -178,6 +178,7 @@ def quantize(
         targets = {**(targets or {}), **mixed.targets}
     resolved = Targets(config, targets)
     ir_model, source = load_model(model)
+    check_shapes(options, ir_model)
     protect = modelfile.model_files(ir_model, source) if source is not None else []
     out_path, mirror = (None, None) if output is None else modelfile.output_paths(output, source, model)
     if out_path is not None:

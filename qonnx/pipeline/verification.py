@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qonnx.core import __version__
-from qonnx.core.errors import QonnxError, escape_name, warn
+from qonnx.core.errors import ConfigError, QonnxError, escape_name, warn
 from qonnx.runtime.session import InMemoryModel
 from qonnx.runtime.verify import ReferenceRun, verify_models
 
@@ -27,6 +27,7 @@ __all__ = [
     "VerifyOptions",
     "Verification",
     "VerificationError",
+    "check_shapes",
     "start_reference",
     "start_reference_early",
     "start_verify",
@@ -102,6 +103,22 @@ class Verification:
 
 #: Runs started by :func:`start_reference_early`, each waiting for :func:`start_reference` to take it.
 _EARLY: list[tuple[str, VerifyOptions, ReferenceRun]] = []
+
+
+def check_shapes(options: VerifyOptions, model: ir.Model) -> None:
+    """Refuse ``options.shapes`` (``--input-shape``) for names that are not inputs of ``model``.
+
+    Raises:
+        ConfigError: naming the unknown inputs and listing the model's.
+    """
+    if not options.shapes:
+        return
+    inputs = [v.name for v in model.graph.inputs if v.name and v.name not in model.graph.initializers]
+    unknown = [name for name in options.shapes if name not in inputs]
+    if unknown:
+        missing = ", ".join(f"'{escape_name(n)}'" for n in unknown)
+        listed = ", ".join(escape_name(n) for n in inputs) or "none"
+        raise ConfigError(f"--input-shape: the model has no input {missing}; its inputs: {listed}")
 
 
 def start_reference_early(model: str | os.PathLike, options: VerifyOptions) -> None:

@@ -227,3 +227,11 @@ def test_generate_refuses_a_model_that_is_not_a_causal_lm(tmp_path, capfd):
     path = build_decoder_stack(tmp_path / "m" / "model.onnx", hidden=32, intermediate=64, layers=1, vocab=50)
     tiny_tokenizer().save_pretrained(path.parent)
     assert_one_line(run_cli(capfd, "generate", path.parent, "--prompt", "hi"), "not those of a causal LM export")
+
+
+def test_input_shape_for_an_unknown_input(tmp_path, capfd):
+    """--input-shape naming no input is refused, naming it and listing the model's inputs (it was ignored)."""
+    path = build_decoder_stack(tmp_path / "m" / "model.onnx", hidden=32, intermediate=64, layers=1, vocab=50)
+    args = ["quantize", path, "-o", tmp_path / "out", "--input-shape", "x=1x4x32", "--input-shape", "nosuch=1x256"]
+    assert_one_line(run_cli(capfd, *args), "--input-shape", "no input 'nosuch'", "its inputs: x")
+    assert not (tmp_path / "out").exists()
