@@ -10,7 +10,6 @@ the command succeeds. Text from a model is escaped (:func:`qonnx.core.errors.esc
 from __future__ import annotations
 
 import contextlib
-import errno
 import importlib
 import logging
 import os
@@ -22,15 +21,13 @@ from typing import Any
 import click
 
 from qonnx.core import __version__
-from qonnx.core.errors import QonnxError, escape_text
+from qonnx.core.errors import QonnxError, escape_name, escape_text
 from qonnx.pipeline.verification import VerificationError
 
 __all__ = ["COMMANDS", "EXIT_USAGE", "EXIT_VERIFY", "LazyGroup", "cli", "main"]
 
 EXIT_USAGE = 2
 EXIT_VERIFY = 3
-#: What the machine refuses, not a bug: a full disk or quota, a read-only file system, permissions, I/O errors.
-_ENVIRONMENT_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
 
 #: Each command: ``module:attribute`` of its click command, and its summary in ``qonnx --help``.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -136,10 +133,10 @@ def _run(argv: list[str] | None) -> int:
     except (QonnxError, click.ClickException) as e:
         _error(e.format_message() if isinstance(e, click.ClickException) else str(e))
         return EXIT_USAGE
-    except OSError as e:
-        if e.errno not in _ENVIRONMENT_ERRORS or os.environ.get("QONNX_DEBUG"):
-            return _internal_error(e)
-        _error(f"{e.filename}: {e.strerror}" if e.filename else (e.strerror or str(e)))
+    except OSError as e:  # the system refused a file: a full disk, a name too long, permissions, a missing folder
+        if os.environ.get("QONNX_DEBUG"):
+            raise
+        _error(f"{escape_name(e.filename)}: {e.strerror or e}" if e.filename else (e.strerror or str(e)))
         return EXIT_USAGE
     except click.Abort:
         click.echo("qonnx: aborted", err=True)
@@ -156,7 +153,7 @@ def _internal_error(e: Exception) -> int:
     """A bug in qonnx: still one line, the traceback on request."""
     if os.environ.get("QONNX_DEBUG"):
         raise e
-    first = str(e).splitlines()[0] if str(e) else ""
+    first = str(e).splitlines()[0][:300] if str(e) else ""
     click.echo(
         f"qonnx: internal error: {type(e).__name__}: {escape_text(first)} "
         "(set QONNX_DEBUG=1 for the traceback and please report it)",

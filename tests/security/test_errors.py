@@ -235,3 +235,20 @@ def test_input_shape_for_an_unknown_input(tmp_path, capfd):
     args = ["quantize", path, "-o", tmp_path / "out", "--input-shape", "x=1x4x32", "--input-shape", "nosuch=1x256"]
     assert_one_line(run_cli(capfd, *args), "--input-shape", "no input 'nosuch'", "its inputs: x")
     assert not (tmp_path / "out").exists()
+
+
+def test_over_long_paths(tmp_path, capfd):
+    """5,000-character input and output paths: one line with the name cut short, for every command taking one."""
+    path = build_decoder_stack(tmp_path / "m" / "model.onnx", hidden=32, intermediate=64, layers=1, vocab=50)
+    long = tmp_path / ("a" * 5000)
+    for args in (
+        ["quantize", path, "-o", f"{long}.onnx"],
+        ["quantize", path, "-o", long],
+        ["quantize", f"{long}.onnx", "-o", tmp_path / "q.onnx"],
+        ["inspect", long],
+        ["eval", long],
+        ["export", long, "-o", tmp_path / "e"],
+    ):
+        code, out, err = run_cli(capfd, *args)
+        assert_one_line((code, out, err), "characters)")
+        assert len(err) < 500, err
