@@ -170,8 +170,9 @@ class _Notes(logging.Handler):
         self.notes = notes
 
     def emit(self, record: logging.LogRecord) -> None:
-        with contextlib.suppress(Exception):
-            self.notes.append(f"{record.name}: {(record.getMessage().strip() or '').splitlines()[0][:300]}")
+        with contextlib.suppress(Exception):  # a record whose arguments do not format is dropped
+            lines = record.getMessage().strip().splitlines()
+            self.notes.append(f"{record.name}: {lines[0][:300] if lines else ''}")
 
 
 @contextlib.contextmanager
