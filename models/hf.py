@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,27 @@ def _resolve_source(source: str | os.PathLike) -> tuple[Path, str | None]:
     raise ModelLoadError(f"{path}: holds neither config.json (a Hugging Face model) nor a .gguf file")
 
 
+#: A GGUF file's header: the magic, a version, the tensor and metadata counts (GGUF v2 and v3).
+_GGUF_HEADER = struct.Struct("<4sIQQ")
+
+
+def _check_gguf(path: Path) -> None:
+    """Refuse a file that is not GGUF, or too short to hold the header it starts (what transformers reads first).
+
+    A file cut anywhere is refused by transformers' reader on the way; this says so before torch loads.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_GGUF_HEADER.size)
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read it: {e.strerror}") from None
+    if len(head) < _GGUF_HEADER.size or not head.startswith(b"GGUF"):
+        raise ModelLoadError(f"{path}: not a GGUF file (truncated, or another format)")
+    _, version, tensors, fields = _GGUF_HEADER.unpack(head)
+    if version not in (2, 3) or tensors > 1 << 24 or fields > 1 << 24:
+        raise ModelLoadError(f"{path}: not a GGUF file qonnx reads (version {version}, {tensors} tensors, damaged?)")
+
+
 def load_causal_lm(source: str | os.PathLike) -> tuple[Any, Any | None]:
     """Load a causal LM in float32 and its tokenizer (None when the folder holds no tokenizer).
 
@@ -135,13 +157,16 @@ def load_causal_lm(source: str | os.PathLike) -> tuple[Any, Any | None]:
     if gguf:
         kwargs["gguf_file"] = gguf
     where = folder / gguf if gguf else folder
+    if gguf:
+        _check_gguf(where)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
+    except Exception as e:  # the files are input: a truncated GGUF fails in struct.unpack, a reshape, ...
         if (refused := refuses_remote_code(where, e)) is not None:
             raise refused from None
         first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
-        raise ModelLoadError(f"{where}: transformers cannot load it as a causal LM: {first}") from None
+        damaged = " (truncated or damaged)" if gguf else ""
+        raise ModelLoadError(f"{where}: transformers cannot load it as a causal LM{damaged}: {first}") from None
     return model.eval(), load_tokenizer(folder, gguf_file=gguf, required=False)
 
 
@@ -200,7 +225,7 @@ def load_encoder(source: str | os.PathLike) -> tuple[Any, Any | None]:
         raise ModelLoadError(f"{folder / gguf}: a GGUF file is loaded as a causal LM, not as an encoder")
     try:
         model, info = AutoModel.from_pretrained(folder, dtype=torch.float32, output_loading_info=True, **HF_LOCAL)
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
+    except Exception as e:  # the files are input: whatever transformers makes of them, the model is unusable
         if (refused := refuses_remote_code(folder, e)) is not None:
             raise refused from None
         first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]

@@ -58,8 +58,20 @@ def quantize_weight(
 
     ``hessian`` ([K, K], see :mod:`qonnx.passes.gptq`) is required when ``cfg.algo`` is GPTQ. ``shrink``
     ([nblocks, N], AWQ's clip search) shrinks each block's range before it is rounded to nearest (GPTQ
-    chooses its own ranges).
+    chooses its own ranges). NaN and infinite weights make their blocks' scales NaN, without numpy's
+    warnings (the pass counts them: :attr:`QuantizeWeightsPass.nonfinite`).
     """
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        return _quantize_weight(cand, cfg, dtype, hessian, shrink)
+
+
+def _quantize_weight(
+    cand: WeightCandidate,
+    cfg: WeightOnlyConfig,
+    dtype: ir.DataType,
+    hessian: np.ndarray | None,
+    shrink: np.ndarray | None,
+) -> formats.QuantizedWeight:
     if cand.axis is not None:  # a convolution: one scale per output channel
         rows = cand.channel_rows()
         if cfg.hqq is not None:
@@ -120,6 +132,17 @@ def _hqq(w: np.ndarray, cfg: WeightOnlyConfig, dtype: ir.DataType) -> quant.Quan
     )
 
 
+def _all_finite(qw: formats.QuantizedWeight) -> bool:
+    """Whether the floating-point arrays of a quantized weight (its scales, float zero points) are all finite."""
+    return all(bool(np.isfinite(a).all()) for a in qw.arrays.values() if a is not None and a.dtype.kind == "f")
+
+
+def _count_nonfinite(cand: WeightCandidate) -> int:
+    """How many values of a candidate's float weight are NaN or infinite (read again: rare)."""
+    w = cand.matrix() if cand.axis is None else cand.channel_rows()
+    return int(np.count_nonzero(~np.isfinite(w)))
+
+
 class QuantizeWeightsPass(ir.passes.InPlacePass):
     """Quantize the constant weights of MatMul, Gemm, Conv and ConvTranspose nodes as ``targets`` says.
 
@@ -154,6 +177,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self.presolved = presolved if presolved is not None else {}  # arrays solved beforehand (sequential GPTQ)
         self.records: list[LayerRecord] = []
         self.planned: int = 0
+        #: Weight name -> how many of its values are NaN or infinite, for the quantized weights that have any.
+        self.nonfinite: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return (
@@ -192,6 +217,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Quantize every planned weight; record skipped ones; remove the float weights replaced."""
         self.records = []
+        self.nonfinite = {}
         plan = self.plan(model)
         todo = [(c, cfg) for c, cfg, _ in plan if cfg is not None]
         self.planned = len(todo)
@@ -216,6 +242,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 reasons[id(cand.node)],
             )
             replaced.extend(cand.node.inputs[1:])
+            if qw is not None and not _all_finite(qw):  # its scales: small, and NaN where a block holds NaN or inf
+                self.nonfinite[cand.weight_name] = _count_nonfinite(cand)
             self._rewrite(cand, cfg, qw, emitted, names, record)
             self.records.append(record)
             count += 1
@@ -289,7 +317,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 raise ValueError(f"{cand.node.op_type} '{cand.node.name}': GPTQ needs the Hessian of its input")
             found.append(h)
         cfg, dtype = batch[0][1], act_dtype(batch[0][0])
-        results = gptq_quantize_many([c.matrix() for c, _ in batch], found, **_gptq_options(cfg, dtype))
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # NaN weights: counted by call()
+            results = gptq_quantize_many([c.matrix() for c, _ in batch], found, **_gptq_options(cfg, dtype))
         return {
             share_key(c, cf): formats.emit(r, cf.format, dtype.numpy())
             for (c, cf), r in zip(batch, results, strict=True)

@@ -10,9 +10,9 @@ already quantized ops) are reported too, with the reason, so that a refusal can 
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import math
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -257,21 +257,28 @@ def _other_weight_node(node: ir.Node) -> WeightCandidate | None:
     return None
 
 
+#: ``pkg.torch.onnx.name_scopes`` as torch.onnx writes it: the repr of a flat list of strings.
+_SCOPES = re.compile(r"\[\s*(?:(?:'[^'\\]*'|\"[^\"\\]*\")\s*(?:,\s*|(?=\])))*\]")
+_SCOPE = re.compile(r"'([^'\\]*)'|\"([^\"\\]*)\"")
+#: Longer metadata is not a name scope list an exporter wrote (SmolLM2's longest is under 300 characters).
+_MAX_SCOPES = 1 << 16
+
+
 def module_path(node: ir.Node) -> str:
     """The PyTorch module path torch.onnx recorded for ``node`` (``pkg.torch.onnx.name_scopes``), or ''.
 
-    The export wrapper's leading ``model.`` scopes are dropped: ``model.layers.3.mlp.down_proj``.
+    The export wrapper's leading ``model.`` scopes are dropped: ``model.layers.3.mlp.down_proj``. Metadata
+    is data from the file: it is matched as a flat list of quoted strings, never evaluated; anything else
+    (nested lists that would make a parser recurse, megabytes of text) is not a name scope list and gives ''
+    (the layer is then named by its node and weight, as for models from other exporters).
     """
     scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
-    if not scopes.startswith("["):
+    if len(scopes) > _MAX_SCOPES or not _SCOPES.fullmatch(scopes):
         return ""
-    try:
-        names = ast.literal_eval(scopes)
-    except (ValueError, SyntaxError):
-        return ""
+    names = [a or b for a, b in _SCOPE.findall(scopes)]
     if len(names) < 2:
         return ""
-    path = str(names[-2])  # the last scope is the op itself (linear_143)
+    path = names[-2]  # the last scope is the op itself (linear_143)
     while path.startswith("model.model."):
         path = path[len("model.") :]
     return path

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from qonnx.core.errors import ConfigError, ModelLoadError
+from qonnx.core.errors import ConfigError, ModelLoadError, escape_name
 from qonnx.core.modelfile import resolve_model_path
 from qonnx.core.tokenizer import bos_token_id
 from qonnx.passes.hessian import HessianAccumulator, torch_device
@@ -88,6 +88,7 @@ def calibration_feeds(
                 f"{data}: its arrays must be named after the model's inputs: "
                 + "; ".join(f"{what} {', '.join(v)}" for what, v in (("missing", missing), ("unknown", unknown)) if v)
             )
+        _check_feeds(data, feeds[0], io.get_inputs())
         return feeds
     folder = Path(tokenizer_dir) if tokenizer_dir is not None else path.parent
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
@@ -108,6 +109,29 @@ def calibration_feeds(
     start = CALIBRATION_START if str(data) == PYDOC else 0
     windows = calibration_windows(corpus_tokens(folder, data, lean=True), seq_len, samples, start=start)
     return [feed(ids) for ids in with_bos(windows, bos)]
+
+
+def _check_feeds(data: str | os.PathLike, feed: Mapping[str, np.ndarray], inputs: list[SimpleNamespace]) -> None:
+    """Refuse a batch whose arrays have another type, rank or fixed size than the model's inputs declare."""
+    for inp in inputs:
+        a = feed.get(inp.name)
+        if a is None:
+            continue
+        try:
+            given = f"tensor({onnx.TensorProto.DataType.Name(onnx.helper.np_dtype_to_tensor_dtype(a.dtype)).lower()})"
+        except (KeyError, ValueError, TypeError):
+            given = f"numpy {a.dtype}"
+        what = f"{data}: array '{escape_name(inp.name)}'"
+        if given != inp.type:
+            raise ConfigError(f"{what} holds {given[7:-1]}, the model's input takes {inp.type[7:-1]}; convert it")
+        if len(a.shape) != len(inp.shape) or any(
+            isinstance(d, int) and d > 0 and d != n for d, n in zip(inp.shape, a.shape, strict=True)
+        ):
+            shape = ["?" if not isinstance(d, int) or d <= 0 else d for d in inp.shape]
+            raise ConfigError(
+                f"{what} has batches of shape {list(a.shape)}, the model's input takes {shape} (first axis of the "
+                "array: the batch index)"
+            )
 
 
 class GraphIO:

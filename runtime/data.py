@@ -18,6 +18,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from pydoc_data.topics import topics
 from typing import Any
@@ -203,15 +205,25 @@ def npz_batches(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], int]:
     for every batch (a sample rate, say). Take batch i with :func:`npz_batch`.
 
     Raises:
-        ConfigError: the file cannot be read, holds no arrays, or its arrays disagree on the batch count.
+        ConfigError: the file cannot be read (not a zip, truncated, a member that is not an array), holds no
+            arrays, or its arrays disagree on the batch count.
     """
     try:
+        with open(path, "rb") as f:
+            if f.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip archive's first bytes (an empty one's)
+                raise ConfigError(f"{path}: not a .npz file (a zip archive of named arrays, as numpy.savez writes)")
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not a readable .npz file: {e}") from None
+    except ConfigError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        first = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+        raise ConfigError(f"{path}: not a readable .npz file (numpy.savez): {first}") from None
     if not arrays:
         raise ConfigError(f"{path}: holds no arrays")
+    odd = sorted(k for k, a in arrays.items() if not isinstance(a, np.ndarray))
+    if odd:
+        raise ConfigError(f"{path}: members {', '.join(odd)} are not .npy arrays; write the file with numpy.savez")
     lengths = {k: a.shape[0] for k, a in arrays.items() if a.ndim}
     if len(set(lengths.values())) > 1 or 0 in lengths.values():
         raise ConfigError(

@@ -19,7 +19,6 @@ model's mean pairwise cosine and embedding norms are reported as a sanity figure
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 from qonnx.core.errors import ConfigError, ModelLoadError
 from qonnx.core.modelfile import resolve_model_path
-from qonnx.core.tokenizer import bos_token_id, load_tokenizer
+from qonnx.core.tokenizer import bos_token_id, load_tokenizer, read_config
 from qonnx.runtime.data import PYDOC, corpus_tokens, evaluation_windows, read_text, with_bos
 from qonnx.runtime.session import make_session, resolve_device
 
@@ -62,14 +61,12 @@ def token_nlls(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def model_config(folder: Path) -> dict[str, Any]:
-    """The Hugging Face config.json in ``folder`` ({} when absent or unreadable)."""
-    path = folder / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    """The Hugging Face config.json in ``folder`` ({} when absent).
+
+    Raises:
+        ModelLoadError: it is not JSON, or not a JSON object.
+    """
+    return read_config(folder)
 
 
 def check_seq_len(config: dict[str, Any], seq_len: int, where: Path, option: str = "--seq-len") -> None:

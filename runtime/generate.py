@@ -30,13 +30,16 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qonnx.core.errors import ConfigError
+from qonnx.core.errors import ConfigError, ModelLoadError, escape_name
 from qonnx.core.modelfile import resolve_model_path
 from qonnx.core.tokenizer import bos_token_id, load_tokenizer, tokenizer_bos_token_id
 from qonnx.runtime.decode import FixedShapeDecoder, fixed_shape_decodable, kv_buffer_shareable, rotary_cache_positions
 from qonnx.runtime.session import make_session, resolve_device
 
 __all__ = ["Generator", "GenerationResult", "kv_buffer_shareable"]
+
+#: The inputs of a causal LM export that generate() feeds, besides the KV cache (past_key_values.*).
+_FED = ("input_ids", "attention_mask", "position_ids")
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -106,13 +109,17 @@ class Generator:
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         given = tokenizer is not None
         if tokenizer is None:
-            tokenizer = load_tokenizer(Path(path).parent)
+            tokenizer = load_tokenizer(Path(path).parent)  # ModelLoadError: no usable tokenizer, bad config.json
         self.tokenizer = tokenizer
         #: The BOS put before every prompt, as the tokenizer asks (None: none).
         self.bos = tokenizer_bos_token_id(tokenizer) if given else bos_token_id(Path(path).parent)
         #: Generation stops at any of these: the tokenizer's EOS and the model's generation_config.json ones.
         self.stop_ids = _stop_ids(Path(path).parent, tokenizer)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
+        others = [n for n in self.inputs if n not in _FED and not n.startswith("past_key_values.")]
+        if "input_ids" not in self.inputs or others:
+            what = f"inputs {', '.join(escape_name(n) for n in others)} are" if others else "input_ids is"
+            raise ModelLoadError(f"{path}: {what} not those of a causal LM export; cannot generate with it")
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         outputs = [o.name for o in self.session.get_outputs()]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]

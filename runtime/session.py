@@ -15,10 +15,15 @@ from collections.abc import Collection, Mapping
 import onnx
 import onnxruntime as ort
 
+from qonnx.core.external_data import check_external_data
 from qonnx.core.paths import resolve_model_path
 from qonnx.core.snapshot import Snapshot
 
-__all__ = ["cuda_usable", "resolve_device", "make_session", "InMemoryModel", "PRECISE_QDQ"]
+__all__ = ["cuda_usable", "resolve_device", "make_session", "InMemoryModel", "PRECISE_QDQ", "QUIET_LOG_SEVERITY"]
+
+#: ONNX Runtime's log level for qonnx's sessions: fatal only. Its errors (a failed allocation, a bad model) come
+#: back as the exception that qonnx reports in one line; logged too, they would print coloured lines before it.
+QUIET_LOG_SEVERITY = 4
 
 #: ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits and, by default, computes it with
 #: activations quantized to int8 (accuracy level 4). That changes the numbers a QDQ model stands for;
@@ -86,7 +91,7 @@ def make_session(
     device = resolve_device(device)
     so = ort.SessionOptions()
     so.graph_optimization_level = optimization
-    so.log_severity_level = 3
+    so.log_severity_level = QUIET_LOG_SEVERITY
     if threads:
         so.intra_op_num_threads = threads
     if external_data_dir is not None:
@@ -106,9 +111,13 @@ def make_session(
         providers.insert(0, cuda)
     if isinstance(model_path, bytes):
         model: str | bytes = model_path
+        header: str | bytes | onnx.ModelProto = model
     else:
         model = os.fspath(resolve_model_path(model_path))  # a folder means its model.onnx
-    if has_float8_qdq(model):
+        header = _header(model) or model
+        if isinstance(header, onnx.ModelProto):  # where it says its weights lie, before ONNX Runtime reads them
+            check_external_data(header, model)
+    if has_float8_qdq(header):
         so.add_session_config_entry(*FLOAT8_SESSION_CONFIG)
     return ort.InferenceSession(model, so, providers=providers)
 
@@ -120,9 +129,21 @@ def make_session(
 FLOAT8_SESSION_CONFIG = ("session.disable_quant_qdq", "1")
 
 
-def has_float8_qdq(model: str | bytes) -> bool:
-    """Whether a model (file path or bytes) holds float8 QuantizeLinear/DequantizeLinear nodes."""
-    if isinstance(model, bytes):
+def _header(path: str) -> onnx.ModelProto | None:
+    """The protobuf of a model file below 256 MiB, without its external data (None: larger, or unreadable)."""
+    try:
+        if os.path.getsize(path) >= (256 << 20):  # a big single-file model is not parsed twice
+            return None
+        return onnx.load(path, load_external_data=False)
+    except Exception:  # ONNX Runtime says what is wrong with the file
+        return None
+
+
+def has_float8_qdq(model: str | bytes | onnx.ModelProto) -> bool:
+    """Whether a model (file path, bytes or protobuf) holds float8 QuantizeLinear/DequantizeLinear nodes."""
+    if isinstance(model, onnx.ModelProto):
+        proto: onnx.ModelProto | None = model
+    elif isinstance(model, bytes):
         if b"QuantizeLinear" not in model:
             return False
         proto = onnx.load_from_string(model) if len(model) < (256 << 20) else None

@@ -17,8 +17,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from qonnx.core.external_data import check_external_data
 from qonnx.core.paths import resolve_model_path  # not qonnx.core.modelfile: the IR's import would delay the build
-from qonnx.runtime.session import PRECISE_QDQ, InMemoryModel, resolve_device
+from qonnx.runtime.session import PRECISE_QDQ, QUIET_LOG_SEVERITY, InMemoryModel, resolve_device
 
 __all__ = ["FEED_MIN_BYTES", "feed_weights", "untranspose_weights", "verification_session"]
 
@@ -42,7 +43,7 @@ def verification_session(
     device = resolve_device(device)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = QUIET_LOG_SEVERITY
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", PRECISE_QDQ)
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads yield the cores
     so.enable_cpu_mem_arena = False  # no arena: its memory is returned as soon as a run's tensors go
@@ -64,6 +65,8 @@ def verification_session(
             proto = onnx.load(model, load_external_data=False)
         except Exception:  # ONNX Runtime says what is wrong with the file
             proto = None
+        if proto is not None:  # where it says its weights lie, before ONNX Runtime allocates them
+            check_external_data(proto, path)
         untransposed = proto is not None and _for_one_run(proto)[0]
         if untransposed or (proto is not None and path.stat().st_size <= _REWRITE_MAX_BYTES):
             model = proto.SerializeToString()  # external data paths are relative to the model's folder:

@@ -369,3 +369,32 @@ def always_zero(path: Path, *, seed: int = 0) -> Path:
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])]
     return _graph_model(path, nodes, inputs, outputs, inits)
+
+
+# -- hostile inputs -------------------------------------------------------------------------------------------
+
+
+def external_model(folder: Path, location: str, dims=(64, 32), length: int | None = None, data_bytes=None) -> Path:
+    """``folder/model.onnx``: x [batch, K] @ w -> y, w stored outside at ``location``; ``w.bin`` (ones) beside it.
+
+    ``location``, ``dims`` and ``length`` are written as given, hostile or not (a NUL byte, 10^12 elements).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=list(dims), data_location=TensorProto.EXTERNAL)
+    entries = [("location", location), ("offset", "0")] + ([("length", str(length))] if length is not None else [])
+    for key, value in entries:
+        w.external_data.add(key=key, value=value)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", dims[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", dims[1]])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    size = data_bytes if data_bytes is not None else 4 * dims[0] * dims[1]
+    (folder / "w.bin").write_bytes(np.ones(size // 4, np.float32).tobytes())
+    return path

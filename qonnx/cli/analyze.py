@@ -75,7 +75,7 @@ def analyze_command(
         progress=progress,
     )
     if output:
-        click.echo(f"wrote {result.plot(output)}", err=as_json)
+        opt.echo(f"wrote {result.plot(output)}", err=as_json)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -90,6 +90,6 @@ def analyze_command(
     line = f"all {len(result.layers)} quantized: SQNR {everything.sqnr_db:.2f} dB"
     if result.float_nll is not None and everything.nll is not None:
         line += f", ppl {math.exp(result.float_nll):.3f} -> {math.exp(everything.nll):.3f}"
-    click.echo(line)
+    opt.echo(line)
     for name, why in result.skipped:
-        click.echo(f"  not analysed {name}: {why}")
+        opt.echo(f"  not analysed {opt.escape_name(name)}: {why}")

@@ -69,7 +69,8 @@ def bench_command(
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
-        click.echo(f"{report.device}, prompt {prompt_len} tokens, {new_tokens} decode steps (median step)")
-        click.echo(report.table())
+        opt.echo(f"{report.device}, prompt {prompt_len} tokens, {new_tokens} decode steps (median step)")
+        for line in report.table().splitlines():
+            opt.echo(line)
         if plot:
-            click.echo(f"wrote {plot}")
+            opt.echo(f"wrote {plot}")

@@ -21,18 +21,18 @@ def inspect_command(model: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(
+    opt.echo(
         f"{info['path']}: IR {info['ir_version']}, opsets {info['opsets']}, {info['nodes']} nodes, "
         f"{opt.human_bytes(info['file_bytes'])} on disk"
     )
     for kind in ("inputs", "outputs"):
         for v in info[kind]:
-            click.echo(f"  {kind[:-1]} {v['name']}: {v['dtype']} {v['shape']}")
-    click.echo("ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
+            opt.echo(f"  {kind[:-1]} {opt.escape_name(v['name'])}: {v['dtype']} {v['shape']}")
+    opt.echo("ops: " + ", ".join(f"{opt.escape_name(k)} {v}" for k, v in info["ops"].items()))
     sizes = ", ".join(f"{k} {opt.human_bytes(v)}" for k, v in info["weight_bytes_by_type"].items())
-    click.echo(f"weights: {sizes}")
+    opt.echo(f"weights: {sizes}")
     layers = info["layers"]
-    click.echo(f"quantizable layers: {info['quantizable_layers']} of {len(layers)} weight-holding nodes")
+    opt.echo(f"quantizable layers: {info['quantizable_layers']} of {len(layers)} weight-holding nodes")
     for layer in layers:
         if not layer["quantizable"]:
-            click.echo(f"  not quantizable {layer['node'] or layer['weight']}: {layer['reason']}")
+            opt.echo(f"  not quantizable {opt.escape_name(layer['node'] or layer['weight'])}: {layer['reason']}")

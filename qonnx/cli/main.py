@@ -2,22 +2,28 @@
 
 Each command lives in its own module, imported only when the command runs (click's "lazily loading
 subcommands" pattern), so that ``qonnx --help`` and ``qonnx quantize`` load nothing they do not use.
-Every problem with the user's input prints one line on stderr and exits with code 2; no traceback.
+Every problem with the user's input prints one line on stderr and exits with code 2; no traceback, and no
+line before it: what libraries warn or log meanwhile is held back, and printed (one line each) only when
+the command succeeds. Text from a model is escaped (:func:`qonnx.core.errors.escape_text`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import os
 import signal
 import sys
 import threading
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import click
 
 from qonnx.core import __version__
-from qonnx.core.errors import QonnxError
+from qonnx.core.errors import QonnxError, escape_name, escape_text
 from qonnx.pipeline.verification import VerificationError
 
 __all__ = ["COMMANDS", "EXIT_USAGE", "EXIT_VERIFY", "LazyGroup", "Terminated", "cli", "main"]
@@ -104,17 +110,34 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; user errors print one line on stderr and return 2."""
+    """Run the CLI; user errors print one line on stderr and return 2.
+
+    Python warnings and log records of the libraries (onnx_ir, numpy, ...) are held back while the command
+    runs: after an error they are dropped (the error line says what is wrong), after success each distinct
+    one is printed as a line. transformers logs errors only. SIGTERM unwinds (temporary files are removed).
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+    if "transformers" in sys.modules:  # imported already (main() called from Python)
+        sys.modules["transformers"].logging.set_verbosity_error()
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
     try:
-        return _run(argv)
+        with _held_back() as notes:
+            code = _run(argv)
     except Terminated:
         click.echo("qonnx: terminated", err=True)
         return EXIT_TERMINATED
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    if code == 0:
+        for note in dict.fromkeys(notes):
+            click.echo(f"qonnx: note: {escape_text(note)}", err=True)
+    return code
+
+
+def _error(message: str) -> None:
+    click.echo(f"qonnx: error: {escape_text(message)}", err=True)
 
 
 def _run(argv: list[str] | None) -> int:
@@ -124,14 +147,18 @@ def _run(argv: list[str] | None) -> int:
         click.echo(e.ctx.get_help() if e.ctx else str(e), err=True)
         return EXIT_USAGE
     except VerificationError as e:
-        click.echo(f"qonnx: error: {e}", err=True)
+        _error(str(e))
         return EXIT_VERIFY
     except click.UsageError as e:
-        click.echo(f"qonnx: error: {e.format_message()}", err=True)
+        _error(e.format_message())
         return EXIT_USAGE
     except (QonnxError, click.ClickException) as e:
-        msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
-        click.echo(f"qonnx: error: {msg}", err=True)
+        _error(e.format_message() if isinstance(e, click.ClickException) else str(e))
+        return EXIT_USAGE
+    except OSError as e:  # the system refused a file: a full disk, a name too long, permissions, a missing folder
+        if os.environ.get("QONNX_DEBUG"):
+            raise
+        _error(f"{escape_name(e.filename)}: {e.strerror or e}" if e.filename else (e.strerror or str(e)))
         return EXIT_USAGE
     except click.Abort:
         click.echo("qonnx: aborted", err=True)
@@ -139,16 +166,58 @@ def _run(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         click.echo("qonnx: interrupted", err=True)
         return 130
-    except Exception as e:  # a bug in qonnx: still one line, the traceback on request
-        if os.environ.get("QONNX_DEBUG"):
-            raise
-        click.echo(
-            f"qonnx: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-            "(set QONNX_DEBUG=1 for the traceback and please report it)",
-            err=True,
-        )
-        return 1
+    except Exception as e:
+        return _internal_error(e)
     return 0
+
+
+def _internal_error(e: Exception) -> int:
+    """A bug in qonnx: still one line, the traceback on request."""
+    if os.environ.get("QONNX_DEBUG"):
+        raise e
+    first = str(e).splitlines()[0][:300] if str(e) else ""
+    click.echo(
+        f"qonnx: internal error: {type(e).__name__}: {escape_text(first)} "
+        "(set QONNX_DEBUG=1 for the traceback and please report it)",
+        err=True,
+    )
+    return 1
+
+
+class _Notes(logging.Handler):
+    """Collects the first line of each log record it is handed (root logger, warnings and above)."""
+
+    def __init__(self, notes: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.notes = notes
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):  # a record whose arguments do not format is dropped
+            lines = record.getMessage().strip().splitlines()
+            self.notes.append(f"{record.name}: {lines[0][:300] if lines else ''}")
+
+
+@contextlib.contextmanager
+def _held_back() -> Iterator[list[str]]:
+    """Within the block, Python warnings and root-logger records are collected, not printed (QONNX_DEBUG: printed)."""
+    notes: list[str] = []
+    if os.environ.get("QONNX_DEBUG"):
+        yield notes
+        return
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        text = str(message).strip().splitlines()
+        notes.append(f"{category.__name__}: {text[0][:300] if text else ''}")
+
+    root = logging.getLogger()
+    handler = _Notes(notes)
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        root.addHandler(handler)
+        try:
+            yield notes
+        finally:
+            root.removeHandler(handler)
 
 
 if __name__ == "__main__":

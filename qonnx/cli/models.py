@@ -199,14 +199,14 @@ def report_command(original: str, quantized: str, output: str | None, device: st
     rows = layer_report(original, quantized, device=device)
     if output:
         files = write_report(rows, output, title=f"qonnx report: {quantized} against {original}")
-        click.echo(f"wrote {', '.join(str(p) for p in files)}", err=as_json)
+        opt.echo(f"wrote {', '.join(str(p) for p in files)}", err=as_json)
     if as_json:
         click.echo(report_json(rows))
         return
     for i, r in enumerate(rows[:10]):
         out = "n/a" if r.output_sqnr_db is None else f"{r.output_sqnr_db:6.1f}"
-        name = (r.module or r.weight or r.node)[-48:]
-        click.echo(f"{i + 1:>3}. {name:<48} output SQNR {out} dB, weight {r.weight_sqnr_db:5.1f} dB")
+        name = opt.escape_name(r.module or r.weight or r.node)[-48:]
+        opt.echo(f"{i + 1:>3}. {name:<48} output SQNR {out} dB, weight {r.weight_sqnr_db:5.1f} dB")
     if len(rows) > 10:
         click.echo(f"     ({len(rows) - 10} more layers; -o report.md for all, with plots)")
 
@@ -269,13 +269,13 @@ def lower_command(
         f"in {summary.seconds:.1f} s; {ops}"
     )
     for note in summary.notes:
-        click.echo(f"  {note}")
+        opt.echo(f"  {note}")
     if summary.max_abs_diff is not None:
         worst = max(summary.max_abs_diff.items(), key=lambda kv: kv[1])
         top1 = "" if summary.top1_agreement is None else f", top-1 agreement {summary.top1_agreement:.1%}"
         logits = summary.max_abs_diff.get("logits")
         shown = f"logits max |difference| {logits:.3g}, " if logits is not None else ""
-        click.echo(f"verified: {shown}largest over all outputs {worst[1]:.3g} ({worst[0]}){top1}")
+        opt.echo(f"verified: {shown}largest over all outputs {worst[1]:.3g} ({opt.escape_name(worst[0])}){top1}")
     else:
         click.echo("verification skipped (model over 2 GiB; --verify forces it)")
-    click.echo(f"wrote {', '.join(str(p) for p in summary.outputs)}")
+    opt.echo(f"wrote {', '.join(str(p) for p in summary.outputs)}")

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
+from qonnx.core.errors import escape_name, escape_text
 from qonnx.core.formats import FORMATS
 from qonnx.core.schemes import SCHEMES
 
@@ -24,6 +25,8 @@ __all__ = [
     "block_size",
     "calibration",
     "device",
+    "echo",
+    "escape_name",
     "exclude",
     "external_data",
     "human_bytes",
@@ -208,6 +211,11 @@ class SchemeCommand(click.Command):
         with formatter.section("Schemes"):
             formatter.write_dl([(n, (SCHEMES[n].__doc__ or "").split("\n")[0]) for n in names])
         super().format_epilog(ctx, formatter)
+
+
+def echo(line: str, err: bool = False) -> None:
+    """Print one line of a command's text output, control characters escaped (it may quote model names)."""
+    click.echo(escape_text(line), err=err)
 
 
 def human_bytes(n: int) -> str:

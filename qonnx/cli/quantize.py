@@ -55,39 +55,40 @@ def quantize_command(model: str, output: str, as_json: bool, progress: bool, **g
 
 def _echo_summary(name: str, summary: Any) -> None:
     ratio = summary.bytes_before / summary.bytes_after if summary.bytes_after else float("nan")
-    click.echo(
+    opt.echo(
         f"{name}: quantized {len(summary.quantized)} layers, skipped {len(summary.skipped)} "
         f"in {summary.seconds:.1f} s{_phases(summary.phases)}"
     )
     for reason, names in _group_reasons(summary.skipped):
-        who = names[0] if len(names) == 1 else f"{len(names)} layers (e.g. {names[0]})"
-        click.echo(f"  skipped {who}: {reason}")
+        first = opt.escape_name(names[0])
+        who = first if len(names) == 1 else f"{len(names)} layers (e.g. {first})"
+        opt.echo(f"  skipped {who}: {reason}")
     if summary.mixed_precision is not None:
         _echo_mixed_precision(summary.mixed_precision)
-    click.echo(
+    opt.echo(
         f"size: {opt.human_bytes(summary.bytes_before)} -> {opt.human_bytes(summary.bytes_after)} "
         f"({ratio:.2f}x smaller)"
     )
     check = summary.verification
     if check.ran and check.unverified:
-        click.echo(f"NOT VERIFIED: {check.unverified}")
+        opt.echo(f"NOT VERIFIED: {check.unverified}")
     elif check.ran:
         shown = _outputs_to_show(check.outputs)
         if check.inputs:
-            click.echo(f"verified on {check.inputs}:")
+            opt.echo(f"verified on {check.inputs}:")
         for tried in check.tried:
-            click.echo(f"  (passed over {tried})")
+            opt.echo(f"  (passed over {tried})")
         for m in shown:
             top1 = "" if m.top1_agreement is None else f", top-1 agreement {m.top1_agreement:.1%}"
-            click.echo(
-                f"verified {m.name}: SQNR {m.sqnr_db:.1f} dB, cosine {m.cosine:.4f}, "
+            opt.echo(
+                f"verified {opt.escape_name(m.name)}: SQNR {m.sqnr_db:.1f} dB, cosine {m.cosine:.4f}, "
                 f"max abs error {m.max_abs_error:.3g}{top1}"
             )
         if len(shown) < len(check.outputs):
-            click.echo(f"  ({len(check.outputs) - len(shown)} more outputs, such as the KV cache, in --json)")
+            opt.echo(f"  ({len(check.outputs) - len(shown)} more outputs, such as the KV cache, in --json)")
     else:
-        click.echo(check.note)
-    click.echo(f"wrote {', '.join(str(p) for p in summary.outputs)}")
+        opt.echo(check.note)
+    opt.echo(f"wrote {', '.join(str(p) for p in summary.outputs)}")
 
 
 def _echo_mixed_precision(info: dict[str, Any]) -> None:
@@ -99,7 +100,7 @@ def _echo_mixed_precision(info: dict[str, Any]) -> None:
         kinds[p["to"]] = kinds.get(p["to"], 0) + 1
     what = ", ".join(f"{n} to {k}" for k, n in kinds.items()) or "none"
     after = bits["output"] or bits["mixed"]
-    click.echo(
+    opt.echo(
         f"mixed precision: promoted {what}; bits per weight {bits['scheme']:.3f} -> {after:.3f}"
         + (
             f"; calibration ppl float {ppl['float']:.3f}, scheme {ppl['scheme']:.3f}, mixed {ppl['mixed']:.3f}"
@@ -108,9 +109,9 @@ def _echo_mixed_precision(info: dict[str, Any]) -> None:
         )
     )
     for p in promoted[:8]:
-        click.echo(f"  {p['to']}: {p['module'] or p['node'] or p['weight']} (rank {p['rank']})")
+        opt.echo(f"  {p['to']}: {opt.escape_name(p['module'] or p['node'] or p['weight'])} (rank {p['rank']})")
     if len(promoted) > 8:
-        click.echo(f"  ({len(promoted) - 8} more in --json)")
+        opt.echo(f"  ({len(promoted) - 8} more in --json)")
 
 
 def _outputs_to_show(outputs: list[Any]) -> list[Any]:

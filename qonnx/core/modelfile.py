@@ -9,6 +9,7 @@ the destination, syncs them and renames them into place, so a reader never sees 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import onnx_ir as ir
 
 from qonnx.core import outputs
 from qonnx.core.errors import ModelLoadError, OutputPathError
+from qonnx.core.external_data import check_external_data
 from qonnx.core.paths import MODEL_FILENAME, resolve_model_path
 from qonnx.core.snapshot import (
     MAX_RUNTIME_IR_VERSION,
@@ -52,32 +54,6 @@ _INLINE_BYTES = 1024
 _ORT_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
 
 
-def _check_external_data(model: ir.Model, model_path: Path) -> None:
-    base = model_path.parent.resolve()
-    for value, tensor in iter_tensors(model):
-        if not isinstance(tensor, ir.ExternalTensor):
-            continue
-        location = tensor.location
-        target = (base / location).resolve()
-        if os.path.isabs(location) or not target.is_relative_to(base):
-            raise ModelLoadError(
-                f"{model_path}: external data path '{location}' of tensor '{value.name}' points outside "
-                "the model's folder; refusing to read it"
-            )
-        if not target.is_file():
-            raise ModelLoadError(
-                f"{model_path}: external data file '{location}' of tensor '{value.name}' is missing "
-                f"(expected at {target})"
-            )
-        end = (tensor.offset or 0) + (tensor.length or tensor.nbytes)
-        size = target.stat().st_size
-        if size < end:
-            raise ModelLoadError(
-                f"{model_path}: external data file '{location}' is truncated: tensor '{value.name}' "
-                f"needs bytes up to {end}, the file has {size}"
-            )
-
-
 def load(path: str | os.PathLike) -> ir.Model:
     """Load a model lazily: structure now, weights on first access (memory-mapped).
 
@@ -96,12 +72,13 @@ def load(path: str | os.PathLike) -> ir.Model:
         ) from None
     if not proto.HasField("graph") or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
         raise ModelLoadError(f"{model_path}: not a readable ONNX model (no graph; truncated or not ONNX)")
+    check_external_data(proto, model_path)
     try:
-        model = ir.serde.deserialize_model(proto)
+        with _quiet(logging.getLogger("onnx_ir")):  # its warnings on an invalid graph: the checker says it in a line
+            model = ir.serde.deserialize_model(proto)
     except Exception as e:
         raise ModelLoadError(f"{model_path}: invalid ONNX model: {_first_line(e)}") from None
     ir.external_data.set_base_dir(model.graph, os.fspath(model_path.parent))
-    _check_external_data(model, model_path)
     # From the path, so that external data resolves beside it; a model lowered for ONNX Runtime is checked
     # from its protobuf with the contrib ops that ORT keeps in the default domain moved out of it.
     target: str | onnx.ModelProto = _without_ort_default_domain_ops(proto) or os.fspath(model_path)
@@ -120,7 +97,7 @@ def _without_ort_default_domain_ops(proto: onnx.ModelProto) -> onnx.ModelProto |
     checker does not know it; it leaves ops of other domains alone, so the copy has them in com.microsoft.
     Checked from a protobuf, external data would be looked for beside the working directory: the copy
     declares external initializers as graph inputs instead (their files were checked by
-    ``_check_external_data``).
+    :func:`~qonnx.core.external_data.check_external_data`).
     """
     if not any(n.op_type in _ORT_DEFAULT_DOMAIN_OPS and n.domain in ("", "ai.onnx") for n in proto.graph.node):
         return None
@@ -140,6 +117,17 @@ def _without_ort_default_domain_ops(proto: onnx.ModelProto) -> onnx.ModelProto |
     del graph.initializer[:]
     graph.initializer.extend(inline)
     return copy
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """Within the block, ``logger`` logs errors only."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _first_line(e: BaseException) -> str:
@@ -207,7 +195,8 @@ def save(
         The files written.
 
     Raises:
-        OutputPathError: the output would overwrite a protected file, or cannot be written.
+        OutputPathError: the output would overwrite a protected file, or cannot be written (a full disk
+            included: nothing is left behind).
     """
     out = Path(path)
     if out.suffix != ".onnx":
@@ -239,6 +228,9 @@ def save(
                 _add_metadata(tmp_model, finalize(tmp_model), written=model.metadata_props.keys())
             tmp_data = tmp / data_name
             return outputs.commit(tmp_model, tmp_data if tmp_data.exists() else None, out, protected)
+    except OSError as e:  # disk full, quota, permissions: the temporary files go, the old output stays
+        outputs.remove_folders(created)
+        raise OutputPathError(f"{out}: cannot write it: {e.strerror or e}") from None
     except BaseException:
         outputs.remove_folders(created)
         raise

@@ -146,10 +146,13 @@ class Float8Grid:
     symmetric: ClassVar[bool] = True
 
     def qparams(self, mn: np.ndarray, mx: np.ndarray, scale_dtype: np.dtype | type = np.float32) -> np.ndarray:
-        """Scale per block: its largest magnitude maps to 448 (1 for an all-zero block), in ``scale_dtype``."""
+        """Scale per block: its largest magnitude maps to 448 (1 for an all-zero block), in ``scale_dtype``.
+
+        A block holding NaN gets a NaN scale (as integer grids give it), so that it shows.
+        """
         amax = np.maximum(np.abs(mn), np.abs(mx)).astype(np.float32)
         scale = (amax / np.float32(FP8_MAX)).astype(scale_dtype).astype(np.float32)
-        return np.where(scale > 0, scale, np.float32(1.0)).astype(scale_dtype)
+        return np.where(scale == 0, np.float32(1.0), scale).astype(scale_dtype)
 
     def round(self, v: Any) -> Any:
         """The E4M3 value nearest ``v = x / scale`` (clipped to +-448), as float32."""
@@ -179,9 +182,12 @@ class LookupGrid:
     symmetric: ClassVar[bool] = True
 
     def qparams(self, mn: np.ndarray, mx: np.ndarray, scale_dtype: np.dtype | type = np.float32) -> np.ndarray:
-        """Scale per block: its largest magnitude (so that values land in [-1, 1]), 1 for an all-zero block."""
+        """Scale per block: its largest magnitude (so that values land in [-1, 1]), 1 for an all-zero block.
+
+        A block holding NaN gets a NaN scale (as integer grids give it), so that it shows.
+        """
         amax = np.maximum(np.abs(mn), np.abs(mx)).astype(np.float32).astype(scale_dtype).astype(np.float32)
-        return np.where(amax > 0, amax, np.float32(1.0)).astype(scale_dtype)
+        return np.where(amax == 0, np.float32(1.0), amax).astype(scale_dtype)
 
     def index(self, v: Any) -> Any:
         """Codes (int) of the table values nearest ``v = x / scale``."""

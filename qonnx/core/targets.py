@@ -9,10 +9,9 @@ consults them. Adding a target is one :class:`Target` row here (and its measurem
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Any
 
-from qonnx.core.errors import ConfigError
+from qonnx.core.errors import ConfigError, warn
 from qonnx.core.formats import FORMATS
 
 __all__ = [
@@ -187,4 +186,4 @@ def warn_if_slow(config: Any) -> None:
     )
     if getattr(config, "strict", False):
         raise ConfigError(f"{message}; refusing (strict)")
-    print(f"qonnx: WARNING: {message}", file=sys.stderr)
+    warn(message)

@@ -12,7 +12,7 @@ import tokenizers
 
 from qonnx.core.errors import ModelLoadError
 
-__all__ = ["HF_LOCAL", "bos_token_id", "load_tokenizer", "refuses_remote_code", "tokenizer_bos_token_id"]
+__all__ = ["HF_LOCAL", "bos_token_id", "load_tokenizer", "read_config", "refuses_remote_code", "tokenizer_bos_token_id"]
 
 #: Keyword arguments of every transformers ``from_pretrained`` call: local files only, and never the Python files
 #: of a model folder (``auto_map`` in its config.json / tokenizer_config.json). Without ``trust_remote_code=False``
@@ -30,6 +30,25 @@ def refuses_remote_code(where: str | os.PathLike, e: BaseException) -> ModelLoad
     )
 
 
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` in ``folder`` as a dict ({} when there is none).
+
+    Raises:
+        ModelLoadError: the file is not UTF-8 JSON, or not a JSON object.
+    """
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        first = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+        raise ModelLoadError(f"{path}: not a readable JSON file: {first}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path}: must hold a JSON object, not {type(config).__name__}")
+    return config
+
+
 def load_tokenizer(folder: str | os.PathLike, *, gguf_file: str | None = None, required: bool = True) -> Any:
     """Load the tokenizer stored in ``folder`` (or in its GGUF file), never running code from the folder.
 
@@ -42,12 +61,13 @@ def load_tokenizer(folder: str | os.PathLike, *, gguf_file: str | None = None, r
     """
     from transformers import AutoTokenizer  # heavy (about 1 s): only when a tokenizer is needed
 
+    read_config(folder)  # transformers reads it too, and fails on a bad one in ways of its own
     kwargs: dict[str, Any] = dict(HF_LOCAL)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:
         return AutoTokenizer.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except Exception as e:  # the folder's files are input: whatever transformers makes of them, the model is unusable
         refused = refuses_remote_code(folder, e)
         if refused is not None:
             raise refused from None

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from qonnx.core.config import SchemeConfig
-from qonnx.core.errors import ConfigError
+from qonnx.core.errors import ConfigError, escape_name
 from qonnx.pipeline.fake_quant import FakeQuantModel
 from qonnx.runtime.data import PYDOC
 from qonnx.runtime.sensitivity import Measurement
@@ -77,8 +77,8 @@ class LayerSensitivity:
 
     @property
     def label(self) -> str:
-        """The most readable name: module path, else node, else weight."""
-        return self.module or self.node or self.weight
+        """The most readable name: module path, else node, else weight (escaped: it is printed)."""
+        return escape_name(self.module or self.node or self.weight)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -191,7 +191,7 @@ class Sensitivity:
         from matplotlib.patches import Patch  # heavy, as above
 
         by_order = sorted(self.layers, key=lambda r: r.index)
-        kinds = [(r.module or r.node or r.weight).rsplit(".", 1)[-1] for r in by_order]
+        kinds = [r.label.rsplit(".", 1)[-1].replace("$", r"\$") for r in by_order]  # "$": matplotlib's math
         palette = plt.get_cmap("tab10")
         colors = {k: palette(i % 10) for i, k in enumerate(dict.fromkeys(kinds))}
         if self.causal_lm:
@@ -215,7 +215,8 @@ class Sensitivity:
         for r in self.layers[:3]:
             value = (r.kl or 0.0) if self.causal_lm else r.sqnr_db
             if math.isfinite(value):
-                worst.annotate(r.label, (by_order.index(r), value), fontsize=6, rotation=0, ha="center", va="bottom")
+                label = r.label.replace("$", r"\$")  # a "$" would start matplotlib's math mode
+                worst.annotate(label, (by_order.index(r), value), fontsize=6, rotation=0, ha="center", va="bottom")
         axes[-1, 0].set_xlabel("quantized layer, in graph order")
         algo = self.config.get("algo", "rtn")
         algo = algo.get("name", "") if isinstance(algo, dict) else str(algo)

@@ -73,7 +73,10 @@ def _mismatches(found: dict[str, Any]) -> list[str]:
 
 def _config_max_positions(folder: Path) -> int | None:
     """``max_position_embeddings`` from the Hugging Face config.json in ``folder`` (None: absent or unreadable)."""
-    value = model_config(folder).get("max_position_embeddings")
+    try:
+        value = model_config(folder).get("max_position_embeddings")
+    except ModelLoadError:  # computed at run time instead
+        return None
     return value if isinstance(value, int) and value > 0 else None
 
 

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -19,7 +18,14 @@ from tqdm import tqdm
 
 from qonnx.core import __version__, modelfile, outputs
 from qonnx.core.config import W4A16, SchemeConfig, WeightOnlyConfig
-from qonnx.core.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError
+from qonnx.core.errors import (
+    ConfigError,
+    ModelLoadError,
+    NothingToQuantizeError,
+    OutputPathError,
+    escape_name,
+    warn,
+)
 from qonnx.core.schemes import Targets
 from qonnx.core.targets import warn_if_slow
 from qonnx.passes.cleanup import RemoveUnusedInitializersPass
@@ -38,7 +44,7 @@ from qonnx.pipeline.calibrate import (
 from qonnx.pipeline.deploy import METADATA_KEY, session_options, write_sidecar
 from qonnx.pipeline.gptq_sequential import solve_sequential
 from qonnx.pipeline.mixed_precision import Budget, MixedPrecision, mixed_precision
-from qonnx.pipeline.verification import Verification, VerifyOptions, start_reference, start_verify
+from qonnx.pipeline.verification import Verification, VerifyOptions, check_shapes, start_reference, start_verify
 from qonnx.pipeline.verification import metadata as verification_metadata
 from qonnx.pipeline.verification import verify as run_verify
 from qonnx.runtime.session import InMemoryModel
@@ -175,6 +181,7 @@ def quantize(
         targets = {**(targets or {}), **mixed.targets}
     resolved = Targets(config, targets)
     ir_model, source = load_model(model)
+    check_shapes(options, ir_model)
     protect = modelfile.model_files(ir_model, source) if source is not None else []
     out_path, mirror = (None, None) if output is None else outputs.output_paths(output, source, model, protect)
     if out_path is not None:
@@ -263,6 +270,13 @@ def quantize(
         if bar is not None:
             bar.close()
 
+    if qpass.nonfinite:
+        total, first = sum(qpass.nonfinite.values()), next(iter(qpass.nonfinite))
+        layers = len(qpass.nonfinite)
+        warn(
+            f"{total} weights are not finite (NaN or infinite) in {layers} layer{'s' if layers > 1 else ''} "
+            f"(e.g. '{escape_name(first)}'): the blocks that hold them quantize to NaN; check the original model"
+        )
     if activations is not None:
         _note_activations(qpass.records, activations, act_info or {})
     notes = awq.notes if awq is not None else {}
@@ -278,7 +292,7 @@ def quantize(
     skipped = len(qpass.records) - quantized
     checked = Verification(False, note=skip_note or "verification disabled")
     if skip_note:
-        print(f"qonnx: WARNING: {skip_note}", file=sys.stderr)
+        warn(skip_note)
 
     # The quantized model runs from memory, in a background thread while the output is written; a model
     # written as one file is written from the same snapshot (taken here, on this thread).

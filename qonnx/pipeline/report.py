@@ -14,6 +14,7 @@ import html
 import json
 import math
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qonnx.core import modelfile, outputs, packing
-from qonnx.core.errors import QonnxError
+from qonnx.core.errors import QonnxError, escape_name
 from qonnx.passes.weights import find_weight_candidates
 from qonnx.runtime.capture import capture
 from qonnx.runtime.inputs import make_inputs
@@ -249,7 +250,8 @@ def _plots(rows: list[LayerReport], folder: Path, stem: str) -> list[Path]:
     for ax, r in zip(axes[0], worst, strict=False):
         ax.barh([0, 1], [r.weight_sqnr_db, r.output_sqnr_db or 0], color=["#888", "#c33"])
         ax.set_yticks([0, 1], ["weight", "output"])
-        ax.set_title((r.module or r.weight or r.node)[-28:], fontsize=8)
+        name = escape_name(r.module or r.weight or r.node)[-28:]
+        ax.set_title(name.replace("$", r"\$"), fontsize=8)  # a "$" would start matplotlib's math mode
         ax.set_xlabel("SQNR dB", fontsize=8)
     fig.tight_layout()
     fig.savefig(worst_png, dpi=110)
@@ -282,8 +284,8 @@ def _write_report(rows: list[LayerReport], out: Path, title: str) -> list[Path]:
     body = [
         [
             str(i + 1),
-            r.module or r.weight or r.node,
-            r.op_type,
+            escape_name(r.module or r.weight or r.node),
+            escape_name(r.op_type),
             "x".join(map(str, r.shape)),
             "n/a" if r.output_sqnr_db is None else f"{r.output_sqnr_db:.1f}",
             f"{r.weight_sqnr_db:.1f}",
@@ -299,29 +301,47 @@ def _write_report(rows: list[LayerReport], out: Path, title: str) -> list[Path]:
         "same inputs (errors of earlier layers included). The worst layers are the ones to keep in "
         "higher precision (targets={'NAME': None} or a W8A16 config)."
     )
+    title = escape_name(title)
     if out.suffix == ".md":
         lines = [
-            f"# {title}",
+            f"# {_markdown(title)}",
             "",
             summary,
             "",
-            *[f"![{p.stem}]({p.name})" for p in pngs],
+            *[f"![{_markdown(p.stem)}]({urllib.parse.quote(p.name)})" for p in pngs],
             "",
             "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header),
         ]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        out.write_text("\n".join(lines) + "\n")
+        lines += ["| " + " | ".join(map(_markdown, row)) + " |" for row in body]
+        out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     else:
         cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
         trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
-        imgs = "".join(f'<img src="{p.name}" alt="{p.stem}">' for p in pngs)
+        imgs = "".join(
+            f'<img src="{html.escape(urllib.parse.quote(p.name))}" alt="{html.escape(p.stem)}">' for p in pngs
+        )
         out.write_text(
             f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>{imgs}"
-            f"<table border=1 cellspacing=0 cellpadding=3><tr>{cells}</tr>{trs}</table>\n"
+            f"<table border=1 cellspacing=0 cellpadding=3><tr>{cells}</tr>{trs}</table>\n",
+            encoding="utf-8",
         )
     return [out, *pngs]
+
+
+#: Characters that Markdown (GitHub's included) would read as markup in a table cell or a heading.
+_MARKDOWN = str.maketrans(
+    {"&": "&amp;", "<": "&lt;", ">": "&gt;", **{c: "\\" + c for c in "\\`*_[]()!|~#$"}}
+)
+
+
+def _markdown(text: str) -> str:
+    """``text`` (a name from the model, already one printable line) as literal Markdown text.
+
+    No raw HTML (``<script>``, ``<img onerror>``), no link or image, no ``|`` that would end a table cell.
+    """
+    return text.translate(_MARKDOWN)
 
 
 def report_json(rows: list[LayerReport]) -> str:

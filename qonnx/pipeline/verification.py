@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qonnx.core import __version__
-from qonnx.core.errors import ConfigError, QonnxError
+from qonnx.core.errors import ConfigError, QonnxError, escape_name, warn
 from qonnx.runtime.session import InMemoryModel
 from qonnx.runtime.verify import OriginalDidNotRun, ReferenceRun, verify_models
 
@@ -28,6 +27,7 @@ __all__ = [
     "VerifyOptions",
     "Verification",
     "VerificationError",
+    "check_shapes",
     "start_reference",
     "start_reference_early",
     "start_verify",
@@ -130,6 +130,22 @@ class Verification:
 
 #: Runs started by :func:`start_reference_early`, each waiting for :func:`start_reference` to take it.
 _EARLY: list[tuple[str, VerifyOptions, ReferenceRun]] = []
+
+
+def check_shapes(options: VerifyOptions, model: ir.Model) -> None:
+    """Refuse ``options.shapes`` (``--input-shape``) for names that are not inputs of ``model``.
+
+    Raises:
+        ConfigError: naming the unknown inputs and listing the model's.
+    """
+    if not options.shapes:
+        return
+    inputs = [v.name for v in model.graph.inputs if v.name and v.name not in model.graph.initializers]
+    unknown = [name for name in options.shapes if name not in inputs]
+    if unknown:
+        missing = ", ".join(f"'{escape_name(n)}'" for n in unknown)
+        listed = ", ".join(escape_name(n) for n in inputs) or "none"
+        raise ConfigError(f"--input-shape: the model has no input {missing}; its inputs: {listed}")
 
 
 def start_reference_early(model: str | os.PathLike, options: VerifyOptions) -> None:
@@ -287,21 +303,20 @@ def verify(
     if options.min_sqnr is not None and worst is not None and not worst >= options.min_sqnr:
         bad = min(metrics, key=lambda m: m.sqnr_db)
         raise VerificationError(
-            f"output '{bad.name}' has SQNR {bad.sqnr_db:.1f} dB, below --min-sqnr "
+            f"output '{escape_name(bad.name)}' has SQNR {bad.sqnr_db:.1f} dB, below --min-sqnr "
             f"{options.min_sqnr:g}; nothing was written"
         )
     if worst is not None and not worst >= options.warn_sqnr:
         bad = min(metrics, key=lambda m: m.sqnr_db)
-        print(
-            f"qonnx: WARNING: output '{bad.name}' has SQNR {bad.sqnr_db:.1f} dB (cosine {bad.cosine:.3f}): "
-            "the quantized model has lost much of its signal; keep sensitive layers in higher precision",
-            file=sys.stderr,
+        warn(
+            f"output '{escape_name(bad.name)}' has SQNR {bad.sqnr_db:.1f} dB (cosine {bad.cosine:.3f}): "
+            "the quantized model has lost much of its signal; keep sensitive layers in higher precision"
         )
     return result
 
 
 def _warn_unverified(why: str) -> None:
-    print(f"qonnx: WARNING: the output is NOT VERIFIED: {why}", file=sys.stderr)
+    warn(f"the output is NOT VERIFIED: {why}")
 
 
 def metadata(config: dict[str, Any], verification: Verification, quantized: int, skipped: int) -> dict[str, str]:

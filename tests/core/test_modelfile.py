@@ -91,7 +91,7 @@ def test_failed_write_leaves_existing_output(tmp_path, tiny_model, monkeypatch):
 
     monkeypatch.setattr(ir, "save", boom)  # models written with external data
     monkeypatch.setattr(modelfile, "write_snapshot", boom)  # models written as one file
-    with pytest.raises(OSError):
+    with pytest.raises(qonnx.OutputPathError, match=r"q\.onnx: cannot write it: disk full"):
         qonnx.quantize(tiny_model, output=out)
     assert out.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -127,3 +127,26 @@ def test_sequential_layer_reading_a_graph_input(rng, tmp_path):
         assert summary.verification.ran and len(summary.quantized) == 1
         outs.append({t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer})
     assert outs[0].keys() == outs[1].keys() and all(np.array_equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_same_bytes_on_one_and_two_threads(tmp_path):
+    """The whole GPTQ run (ONNX Runtime calibration, Hessians, solve, save) writes the same file on 1 and 2 threads."""
+    import torch
+
+    from qonnx.models import build_decoder_stack
+
+    path = build_decoder_stack(tmp_path / "m" / "model.onnx", hidden=256, intermediate=512, layers=2, vocab=100)
+    x = correlated(np.random.default_rng(3), 8 * 128, 256, rank=16).reshape(8, 1, 128, 256)
+    np.savez(tmp_path / "feeds.npz", x=x)
+    config = qonnx.W4A16(algo=qonnx.GPTQ(calib_data=str(tmp_path / "feeds.npz"), calib_samples=8))
+    before = torch.get_num_threads()
+    written = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = tmp_path / f"q{threads}.onnx"
+            qonnx.quantize(path, config, output=out, verify=False)
+            written[threads] = out.read_bytes()
+    finally:
+        torch.set_num_threads(before)
+    assert written[1] == written[2]
