@@ -188,7 +188,7 @@ def _check_sizes(planned: Plan) -> Plan:
             # and error (SmolLM2-135M: perplexity 20.1 -> 23.5), for decode speed. Only when asked by name.
             reason = (
                 f"the float weight '{first.weight_name}' stays (also read by {reader}): quantizing it would add "
-                f"~{cost} bytes and error; name it in targets to quantize it anyway"
+                f"~{cost} bytes and error"
             )
             for i in rows:
                 planned[i] = (planned[i][0], None, reason)

@@ -77,6 +77,10 @@ def _echo_summary(name: str, summary: Any) -> None:
             click.echo(f"verified on {check.inputs}:")
         for tried in check.tried:
             click.echo(f"  (passed over {tried})")
+        head = check.logits
+        if head is not None:
+            top1 = "" if head.top1_agreement is None else f", top-1 agreement {head.top1_agreement:.1%}"
+            click.echo(f"next-token distribution ({head.name}): KL divergence {head.kl_divergence:.4f} nats/token{top1}")
         for m in shown:
             top1 = "" if m.top1_agreement is None else f", top-1 agreement {m.top1_agreement:.1%}"
             click.echo(
@@ -114,10 +118,13 @@ def _echo_mixed_precision(info: dict[str, Any]) -> None:
 
 
 def _outputs_to_show(outputs: list[Any]) -> list[Any]:
-    """All outputs of a small model; else those not named like a KV cache, plus the worst one."""
+    """All outputs of a small model; else those not named like a KV cache, plus the worst one unless the
+    logits are among them (a language model: its next-token distribution is the verdict)."""
     if len(outputs) <= 4:
         return outputs
     main = [m for m in outputs if not m.name.startswith(("present", "past"))]
+    if any(m.kl_divergence is not None for m in main):
+        return main
     worst = min(outputs, key=lambda m: m.sqnr_db)
     return main + ([worst] if worst not in main else [])
 

@@ -288,7 +288,7 @@ def quantize(
         snapshot = InMemoryModel.of(ir_model)
     pending = None
     if not skip_note and out_path is not None:
-        pending = start_verify(use, snapshot or ir_model, options, bytes_before)
+        pending = start_verify(use, snapshot or ir_model, options, bytes_before, config.to_dict())
 
     def finalize(tmp_model: Path) -> dict[str, str]:
         nonlocal checked
@@ -321,7 +321,7 @@ def quantize(
         bytes_after = _weight_bytes(ir_model)
         if wants_check:
             modelfile.make_runtime_compatible(ir_model)
-            checked = run_verify(use, ir_model, options, bytes_before)
+            checked = run_verify(use, ir_model, options, bytes_before, config.to_dict())
         props = {**verification_metadata(config.to_dict(), checked, quantized, skipped), **extra_props}
         for key, value in props.items():
             ir_model.metadata_props[key] = value

@@ -297,7 +297,7 @@ def _write_report(rows: list[LayerReport], out: Path, title: str) -> list[Path]:
         f"{len(rows)} quantized layers, worst output first; weights {before:,} -> {after:,} bytes. "
         "Output SQNR: the layer's output activation in the quantized model against the original, on the "
         "same inputs (errors of earlier layers included). The worst layers are the ones to keep in "
-        "higher precision (targets={'NAME': None} or a W8A16 config)."
+        "higher precision (`qonnx quantize --exclude REGEX`, or `--target-bits` for 8 bits where it matters most)."
     )
     if out.suffix == ".md":
         lines = [
