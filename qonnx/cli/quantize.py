@@ -80,7 +80,9 @@ def _echo_summary(name: str, summary: Any) -> None:
         head = check.logits
         if head is not None:
             top1 = "" if head.top1_agreement is None else f", top-1 agreement {head.top1_agreement:.1%}"
-            click.echo(f"next-token distribution ({head.name}): KL divergence {head.kl_divergence:.4f} nats/token{top1}")
+            click.echo(
+                f"next-token distribution ({head.name}): KL divergence {head.kl_divergence:.4f} nats/token{top1}"
+            )
         for m in shown:
             top1 = "" if m.top1_agreement is None else f", top-1 agreement {m.top1_agreement:.1%}"
             click.echo(
@@ -118,8 +120,10 @@ def _echo_mixed_precision(info: dict[str, Any]) -> None:
 
 
 def _outputs_to_show(outputs: list[Any]) -> list[Any]:
-    """All outputs of a small model; else those not named like a KV cache, plus the worst one unless the
-    logits are among them (a language model: its next-token distribution is the verdict)."""
+    """All outputs of a small model; else those not named like a KV cache, plus the worst one.
+
+    Not the worst one where the logits are among them: a language model's next-token distribution is the verdict.
+    """
     if len(outputs) <= 4:
         return outputs
     main = [m for m in outputs if not m.name.startswith(("present", "past"))]
