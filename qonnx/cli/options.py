@@ -16,6 +16,7 @@ import click
 
 from qonnx.core.formats import FORMATS
 from qonnx.core.schemes import SCHEMES
+from qonnx.core.sizes import human_bytes  # kept importable from here: inspection.py uses opt.human_bytes
 
 __all__ = [
     "ALGOS",
@@ -208,13 +209,3 @@ class SchemeCommand(click.Command):
         with formatter.section("Schemes"):
             formatter.write_dl([(n, (SCHEMES[n].__doc__ or "").split("\n")[0]) for n in names])
         super().format_epilog(ctx, formatter)
-
-
-def human_bytes(n: int) -> str:
-    """A size for people: ``16.1 MiB``."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{n} B"

@@ -14,6 +14,7 @@ import click
 
 from qonnx.cli import options as opt
 from qonnx.cli.quantize_options import QuantizeOptions, options
+from qonnx.core.sizes import human_bytes
 from qonnx.pipeline.verification import start_reference_early
 
 __all__ = ["quantize_command"]
@@ -65,8 +66,7 @@ def _echo_summary(name: str, summary: Any) -> None:
     if summary.mixed_precision is not None:
         _echo_mixed_precision(summary.mixed_precision)
     click.echo(
-        f"size: {opt.human_bytes(summary.bytes_before)} -> {opt.human_bytes(summary.bytes_after)} "
-        f"({ratio:.2f}x smaller)"
+        f"size: {human_bytes(summary.bytes_before)} -> {human_bytes(summary.bytes_after)} ({ratio:.2f}x smaller)"
     )
     check = summary.verification
     if check.ran and check.unverified:

@@ -21,6 +21,7 @@ from qonnx.core import __version__, modelfile, outputs
 from qonnx.core.config import W4A16, SchemeConfig, WeightOnlyConfig
 from qonnx.core.errors import ConfigError, ModelLoadError, NothingToQuantizeError, OutputPathError
 from qonnx.core.schemes import Targets
+from qonnx.core.sizes import human_bytes
 from qonnx.core.targets import warn_if_slow
 from qonnx.passes.cleanup import RemoveUnusedInitializersPass
 from qonnx.passes.opset import OpsetConversionError, UpgradeOpsetPass
@@ -301,8 +302,9 @@ def quantize(
             size += sum(len(k) + len(v) + 8 for k, v in props.items())
             if size >= bytes_before:
                 raise NothingToQuantizeError(
-                    f"quantizing would not make the model smaller ({bytes_before} -> ~{size} bytes: what the "
-                    "quantizable layers save is less than their scales, nodes and metadata cost); nothing was written"
+                    f"quantizing would not make the model smaller ({human_bytes(bytes_before)} -> "
+                    f"~{human_bytes(size)}: what the quantizable layers save is less than their scales, nodes and "
+                    "metadata cost); nothing was written"
                 )
         return props
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from qonnx.core import __version__
 from qonnx.core.errors import ConfigError, QonnxError
+from qonnx.core.sizes import human_bytes
 from qonnx.runtime.session import InMemoryModel
 from qonnx.runtime.verify import OriginalDidNotRun, ReferenceRun, verify_models
 
@@ -272,7 +273,7 @@ def _skipped(options: VerifyOptions, size: int) -> Verification | None:
     if options.enabled is None and size > options.max_bytes:
         return Verification(
             False,
-            note=f"verification skipped: model over {options.max_bytes >> 20} MiB "
+            note=f"verification skipped: model over {human_bytes(options.max_bytes)} "
             "(both models would be loaded; ask for it explicitly)",
         )
     return None
