@@ -232,7 +232,8 @@ def advice(config: Mapping[str, Any] | None) -> str:
         tries = ["awq+gptq", "gptq", "bits5"]
     said = ", ".join(f"`{_MEASURED[k][0]}` {_MEASURED[k][1]}" for k in tries)
     return (
-        f"try {' or '.join(f'`{_MEASURED[k][0]}`' for k in tries)} (SmolLM2-135M W4A16 perplexity from "
+        f"try `qonnx quantize` with {' or '.join(f'`{_MEASURED[k][0]}`' for k in tries)} (SmolLM2-135M W4A16 "
+        "perplexity from "
         f"benchmarks/RESULTS.md: default 19.12, {said}; fp32 14.20)"
     )
 
