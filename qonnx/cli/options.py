@@ -17,6 +17,7 @@ import click
 from qonnx.core.errors import escape_name, escape_text
 from qonnx.core.formats import FORMATS
 from qonnx.core.schemes import SCHEMES
+from qonnx.core.sizes import human_bytes  # kept importable from here: inspection.py uses opt.human_bytes
 
 __all__ = [
     "ALGOS",
@@ -216,13 +217,3 @@ class SchemeCommand(click.Command):
 def echo(line: str, err: bool = False) -> None:
     """Print one line of a command's text output, control characters escaped (it may quote model names)."""
     click.echo(escape_text(line), err=err)
-
-
-def human_bytes(n: int) -> str:
-    """A size for people: ``16.1 MiB``."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{n} B"

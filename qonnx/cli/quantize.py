@@ -14,6 +14,7 @@ import click
 
 from qonnx.cli import options as opt
 from qonnx.cli.quantize_options import QuantizeOptions, options
+from qonnx.core.sizes import human_bytes
 from qonnx.pipeline.verification import start_reference_early
 
 __all__ = ["quantize_command"]
@@ -66,8 +67,7 @@ def _echo_summary(name: str, summary: Any) -> None:
     if summary.mixed_precision is not None:
         _echo_mixed_precision(summary.mixed_precision)
     opt.echo(
-        f"size: {opt.human_bytes(summary.bytes_before)} -> {opt.human_bytes(summary.bytes_after)} "
-        f"({ratio:.2f}x smaller)"
+        f"size: {human_bytes(summary.bytes_before)} -> {human_bytes(summary.bytes_after)} ({ratio:.2f}x smaller)"
     )
     check = summary.verification
     if check.ran and check.unverified:
@@ -78,6 +78,13 @@ def _echo_summary(name: str, summary: Any) -> None:
             opt.echo(f"verified on {check.inputs}:")
         for tried in check.tried:
             opt.echo(f"  (passed over {tried})")
+        head = check.logits
+        if head is not None:
+            top1 = "" if head.top1_agreement is None else f", top-1 agreement {head.top1_agreement:.1%}"
+            opt.echo(
+                f"next-token distribution ({opt.escape_name(head.name)}): KL divergence "
+                f"{head.kl_divergence:.4f} nats/token{top1}"
+            )
         for m in shown:
             top1 = "" if m.top1_agreement is None else f", top-1 agreement {m.top1_agreement:.1%}"
             opt.echo(
@@ -115,10 +122,15 @@ def _echo_mixed_precision(info: dict[str, Any]) -> None:
 
 
 def _outputs_to_show(outputs: list[Any]) -> list[Any]:
-    """All outputs of a small model; else those not named like a KV cache, plus the worst one."""
+    """All outputs of a small model; else those not named like a KV cache, plus the worst one.
+
+    Not the worst one where the logits are among them: a language model's next-token distribution is the verdict.
+    """
     if len(outputs) <= 4:
         return outputs
     main = [m for m in outputs if not m.name.startswith(("present", "past"))]
+    if any(m.kl_divergence is not None for m in main):
+        return main
     worst = min(outputs, key=lambda m: m.sqnr_db)
     return main + ([worst] if worst not in main else [])
 

@@ -27,6 +27,7 @@ from qonnx.core.errors import (
     warn,
 )
 from qonnx.core.schemes import Targets
+from qonnx.core.sizes import human_bytes
 from qonnx.core.targets import warn_if_slow
 from qonnx.passes.cleanup import RemoveUnusedInitializersPass
 from qonnx.passes.opset import OpsetConversionError, UpgradeOpsetPass
@@ -302,7 +303,7 @@ def quantize(
         snapshot = InMemoryModel.of(ir_model)
     pending = None
     if not skip_note and out_path is not None:
-        pending = start_verify(use, snapshot or ir_model, options, bytes_before)
+        pending = start_verify(use, snapshot or ir_model, options, bytes_before, config.to_dict())
 
     def finalize(tmp_model: Path) -> dict[str, str]:
         nonlocal checked
@@ -315,8 +316,9 @@ def quantize(
             size += sum(len(k) + len(v) + 8 for k, v in props.items())
             if size >= bytes_before:
                 raise NothingToQuantizeError(
-                    f"quantizing would not make the model smaller ({bytes_before} -> ~{size} bytes: what the "
-                    "quantizable layers save is less than their scales, nodes and metadata cost); nothing was written"
+                    f"quantizing would not make the model smaller ({human_bytes(bytes_before)} -> "
+                    f"~{human_bytes(size)}: what the quantizable layers save is less than their scales, nodes and "
+                    "metadata cost); nothing was written"
                 )
         return props
 
@@ -335,7 +337,7 @@ def quantize(
         bytes_after = _weight_bytes(ir_model)
         if wants_check:
             modelfile.make_runtime_compatible(ir_model)
-            checked = run_verify(use, ir_model, options, bytes_before)
+            checked = run_verify(use, ir_model, options, bytes_before, config.to_dict())
         props = {**verification_metadata(config.to_dict(), checked, quantized, skipped), **extra_props}
         for key, value in props.items():
             ir_model.metadata_props[key] = value

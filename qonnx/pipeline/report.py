@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from qonnx.core import modelfile, outputs, packing
 from qonnx.core.errors import QonnxError, escape_name
+from qonnx.core.sizes import human_bytes
 from qonnx.passes.weights import find_weight_candidates
 from qonnx.runtime.capture import capture
 from qonnx.runtime.inputs import make_inputs
@@ -280,7 +281,7 @@ def write_report(rows: list[LayerReport], path: str | os.PathLike, *, title: str
 
 def _write_report(rows: list[LayerReport], out: Path, title: str) -> list[Path]:
     pngs = _plots(rows, out.parent, out.stem)
-    header = ["rank", "layer", "op", "weight shape", "output SQNR dB", "weight SQNR dB", "bytes before", "bytes after"]
+    header = ["rank", "layer", "op", "weight shape", "output SQNR dB", "weight SQNR dB", "size before", "size after"]
     body = [
         [
             str(i + 1),
@@ -289,17 +290,17 @@ def _write_report(rows: list[LayerReport], out: Path, title: str) -> list[Path]:
             "x".join(map(str, r.shape)),
             "n/a" if r.output_sqnr_db is None else f"{r.output_sqnr_db:.1f}",
             f"{r.weight_sqnr_db:.1f}",
-            f"{r.bytes_before:,}",
-            f"{r.bytes_after:,}",
+            human_bytes(r.bytes_before),
+            human_bytes(r.bytes_after),
         ]
         for i, r in enumerate(rows)
     ]
     before, after = sum(r.bytes_before for r in rows), sum(r.bytes_after for r in rows)
     summary = (
-        f"{len(rows)} quantized layers, worst output first; weights {before:,} -> {after:,} bytes. "
+        f"{len(rows)} quantized layers, worst output first; weights {human_bytes(before)} -> {human_bytes(after)}. "
         "Output SQNR: the layer's output activation in the quantized model against the original, on the "
         "same inputs (errors of earlier layers included). The worst layers are the ones to keep in "
-        "higher precision (targets={'NAME': None} or a W8A16 config)."
+        "higher precision (`qonnx quantize --exclude REGEX`, or `--target-bits` for 8 bits where it matters most)."
     )
     title = escape_name(title)
     if out.suffix == ".md":

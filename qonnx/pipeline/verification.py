@@ -17,6 +17,7 @@ import numpy as np
 
 from qonnx.core import __version__
 from qonnx.core.errors import ConfigError, QonnxError, escape_name, warn
+from qonnx.core.sizes import human_bytes
 from qonnx.runtime.session import InMemoryModel
 from qonnx.runtime.verify import OriginalDidNotRun, ReferenceRun, verify_models
 
@@ -34,8 +35,13 @@ __all__ = [
     "verify",
 ]
 
-#: Below this SQNR (dB) on any output, the run warns loudly: the model has lost most of its signal.
+#: Below this SQNR (dB) on any output, the run warns loudly: the model has lost most of its signal. Not for a
+#: language model (an output named ``logits``): there its next-token distribution decides (below).
 DEFAULT_WARN_SQNR = 10.0
+#: A language model's run warns above this mean KL divergence (nats per token) of the next-token distribution ...
+DEFAULT_WARN_KL = 0.1
+#: ... or below this top-1 agreement of its logits with the original's.
+DEFAULT_WARN_TOP1 = 0.8
 #: Models whose files exceed this are not verified unless asked: both would be loaded in ONNX Runtime.
 DEFAULT_MAX_BYTES = 2 << 30
 
@@ -53,7 +59,10 @@ class VerifyOptions:
             ``min_sqnr`` asks for a check).
         min_sqnr: refuse to write the output when any output's SQNR (dB) is below this; finite, and not
             with ``enabled=False`` (ConfigError).
-        warn_sqnr: warn on stderr below this.
+        warn_sqnr: warn on stderr below this (models without ``logits``).
+        warn_kl, warn_top1: a language model (an output named ``logits``) warns on stderr when the KL
+            divergence of its next-token distribution is above ``warn_kl`` (nats per token) or the top-1
+            agreement of its logits below ``warn_top1``; its KV cache and other outputs do not decide.
         feeds: input batches to use; otherwise one batch from ``data``, else made from the declared inputs.
         data: what that batch comes from: a ``.npz`` of feeds (its last batch; inputs it lacks are made up) or
             text (``"pydoc"``, a ``.txt`` or ``.jsonl`` file: its last 128 tokens, through the tokenizer beside
@@ -68,6 +77,8 @@ class VerifyOptions:
     enabled: bool | None = None
     min_sqnr: float | None = None
     warn_sqnr: float = DEFAULT_WARN_SQNR
+    warn_kl: float = DEFAULT_WARN_KL
+    warn_top1: float = DEFAULT_WARN_TOP1
     feeds: Sequence[Mapping[str, np.ndarray]] | None = None
     data: str | os.PathLike | None = None
     shapes: Mapping[str, tuple[int, ...]] | None = None
@@ -114,8 +125,15 @@ class Verification:
             return None
         return min((m.sqnr_db for m in self.outputs), default=None)
 
+    @property
+    def logits(self) -> Any | None:
+        """A language model's logits (the output whose next-token distribution decides), else None."""
+        if self.unverified:
+            return None
+        return next((m for m in self.outputs if m.kl_divergence is not None), None)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form; ``unverified``, ``sizes`` and ``tried`` only where they say something."""
+        """JSON-ready form; ``unverified``, ``sizes``, ``tried`` and ``logits`` only where they say something."""
         worst = self.worst_sqnr
         d = {
             "ran": self.ran,
@@ -124,7 +142,9 @@ class Verification:
             "worst_sqnr_db": None if worst is None else round(max(min(worst, 999.0), -999.0), 3),
             "outputs": [m.to_dict() for m in self.outputs],
         }
-        extra = {"unverified": self.unverified, "sizes": self.sizes, "tried": self.tried}
+        head = self.logits
+        logits = None if head is None else {"output": head.name, **_figures(head)}
+        extra = {"unverified": self.unverified, "sizes": self.sizes, "tried": self.tried, "logits": logits}
         return {**d, **{k: v for k, v in extra.items() if v}}
 
 
@@ -192,11 +212,54 @@ def _reference(original: str | os.PathLike | bytes, options: VerifyOptions) -> R
     )
 
 
+def _figures(m: Any) -> dict[str, float | None]:
+    top1 = None if m.top1_agreement is None else round(m.top1_agreement, 6)
+    return {"kl_divergence": float(f"{m.kl_divergence:.6g}"), "top1_agreement": top1}
+
+
+#: What the usual remedies bought on the reference model (SmolLM2-135M W4A16, perplexity on 24 x 512 tokens),
+#: as measured in benchmarks/RESULTS.md: fp32 14.20, the default (RTN, asymmetric, block 128) 19.12.
+_MEASURED = {
+    "awq+gptq": ("--algo awq+gptq", "15.30"),
+    "gptq": ("--algo gptq", "15.72"),
+    "block32": ("--block-size 32 --symmetric --algo gptq", "15.21"),
+    "bits5": ("--target-bits 5", "17.05"),
+}
+
+
+def advice(config: Mapping[str, Any] | None) -> str:
+    """The quantize options that would bring a language model closer to its original, with their measured gain.
+
+    For a weight-only scheme: a better algorithm, then smaller blocks, then more bits for the sensitive
+    layers, each with the perplexity it gave SmolLM2-135M (benchmarks/RESULTS.md); else the layers to keep
+    in floating point.
+    """
+    config = config or {}
+    scheme, algo = str(config.get("scheme", "")), config.get("algo", "rtn")
+    if isinstance(algo, Mapping):  # e.g. {"name": "gptq", ...}; AWQ with a "gptq" entry is awq+gptq
+        algo = "awq+gptq" if algo.get("name") == "awq" and algo.get("gptq") else str(algo.get("name"))
+    if scheme not in ("w4a16", "w3a16", "w2a16"):
+        return "find the layers that lose most with `qonnx analyze MODEL`, then keep them in float with --exclude REGEX"
+    if algo in ("awq+gptq", "gptq") and config.get("block_size") in (32, None):
+        tries = ["bits5"]
+    elif algo in ("awq+gptq", "gptq"):
+        tries = ["block32", "bits5"]
+    else:
+        tries = ["awq+gptq", "gptq", "bits5"]
+    said = ", ".join(f"`{_MEASURED[k][0]}` {_MEASURED[k][1]}" for k in tries)
+    return (
+        f"try `qonnx quantize` with {' or '.join(f'`{_MEASURED[k][0]}`' for k in tries)} (SmolLM2-135M W4A16 "
+        "perplexity from "
+        f"benchmarks/RESULTS.md: default 19.12, {said}; fp32 14.20)"
+    )
+
+
 def start_verify(
     original: str | os.PathLike | bytes | ReferenceRun,
     quantized: ir.Model | InMemoryModel,
     options: VerifyOptions,
     size: int,
+    config: Mapping[str, Any] | None = None,
 ) -> Future[Verification]:
     """:func:`verify` the quantized model as it is now, in a background thread (e.g. while it is written).
 
@@ -213,7 +276,7 @@ def start_verify(
 
     def work() -> None:
         try:
-            future.set_result(verify(original, snapshot, options, size))
+            future.set_result(verify(original, snapshot, options, size, config))
         except BaseException as e:  # handed to the caller by result()
             future.set_exception(e)
 
@@ -227,7 +290,7 @@ def _skipped(options: VerifyOptions, size: int) -> Verification | None:
     if options.enabled is None and size > options.max_bytes:
         return Verification(
             False,
-            note=f"verification skipped: model over {options.max_bytes >> 20} MiB "
+            note=f"verification skipped: model over {human_bytes(options.max_bytes)} "
             "(both models would be loaded; ask for it explicitly)",
         )
     return None
@@ -238,11 +301,12 @@ def verify(
     quantized: str | os.PathLike | bytes | ir.Model | InMemoryModel,
     options: VerifyOptions,
     size: int,
+    config: Mapping[str, Any] | None = None,
 ) -> Verification:
     """Compare the models as ``options`` say; raises VerificationError below ``min_sqnr``.
 
     ``original`` is the model itself or its run started by :func:`start_reference`; ``quantized`` a file,
-    bytes, or a model in memory.
+    bytes, or a model in memory. ``config`` (the scheme's ``to_dict()``) chooses the advice a warning gives.
     """
     skipped = _skipped(options, size)
     if skipped is not None:
@@ -306,11 +370,20 @@ def verify(
             f"output '{escape_name(bad.name)}' has SQNR {bad.sqnr_db:.1f} dB, below --min-sqnr "
             f"{options.min_sqnr:g}; nothing was written"
         )
-    if worst is not None and not worst >= options.warn_sqnr:
+    head = result.logits
+    if head is not None:
+        top1 = head.top1_agreement
+        if not head.kl_divergence <= options.warn_kl or (top1 is not None and not top1 >= options.warn_top1):
+            agree = "" if top1 is None else f", top-1 agreement {top1:.1%}"
+            warn(
+                f"the quantized model's next-token predictions moved on {reference.inputs}: "
+                f"'{escape_name(head.name)}' KL divergence {head.kl_divergence:.3f} nats/token{agree}; {advice(config)}"
+            )
+    elif worst is not None and not worst >= options.warn_sqnr:
         bad = min(metrics, key=lambda m: m.sqnr_db)
         warn(
             f"output '{escape_name(bad.name)}' has SQNR {bad.sqnr_db:.1f} dB (cosine {bad.cosine:.3f}): "
-            "the quantized model has lost much of its signal; keep sensitive layers in higher precision"
+            "the quantized model has lost much of its signal; " + advice(config)
         )
     return result
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -53,6 +54,10 @@ def test_report_files_and_cli(pair):
     assert len(data) == 11 and data[0]["output_sqnr_db"] <= data[-1]["output_sqnr_db"]
     res = CliRunner().invoke(cli, ["report", str(src), str(tmp / "q.onnx"), "-o", str(tmp / "r.md")])
     assert res.exit_code == 0 and (tmp / "r.md").read_text().startswith("# ")
+    text = (tmp / "r.md").read_text()
+    assert (
+        re.search(r"weights \d+\.\d (KiB|MiB) -> \d+\.\d (KiB|MiB)\.", text) and " bytes" not in text
+    )  # sizes for people
 
 
 def test_report_reads_float_zero_points(pair):

@@ -310,3 +310,49 @@ def test_original_that_runs_on_no_made_up_inputs_is_written_unverified(tmp_path,
     shapes = VerifyOptions(shapes={"state": (2, 1, 64)})
     s = qonnx.quantize(src, qonnx.W4A16(block_size=16), output=tmp_path / "e.onnx", verify=shapes)
     assert s.verification.verified and s.verification.sizes == {"x": [1, 16000], "sr": []}
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    """A tiny Llama exported with its tokenizer (logits and a KV cache as outputs)."""
+    from qonnx.models.export import export_causal_lm
+
+    folder = tmp_path_factory.mktemp("llm") / "src"
+    return export_causal_lm(tiny_causal_lm("llama"), folder, tokenizer=tiny_tokenizer(), quiet=True, verify=False)
+
+
+def test_llm_verdict_is_the_next_token_distribution_not_the_kv_cache(tmp_path, tiny_llm, capsys):
+    """A KV-cache output far off (SQNR ~3 dB) while the logits are untouched: no headline warning; the
+    figures are still all in --json, and the logits' KL and top-1 lead them."""
+    model = onnx.load(tiny_llm)
+    name = next(o.name for o in model.graph.output if o.name.startswith("present"))
+    for node in model.graph.node:
+        node.output[:] = [f"{name}_raw" if o == name else o for o in node.output]
+    model.graph.node.append(helper.make_node("Mul", [f"{name}_raw", "scale_0_3"], [name]))
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(0.3, np.float32), "scale_0_3"))
+    damaged = model.SerializeToString()
+    found = verification_module.verify(str(tiny_llm), damaged, VerifyOptions(), size=0)
+    assert found.worst_sqnr is not None and found.worst_sqnr < verification_module.DEFAULT_WARN_SQNR
+    assert "WARNING" not in capsys.readouterr().err
+    assert found.logits is not None and found.logits.kl_divergence < 1e-4
+    head = found.to_dict()["logits"]
+    assert head["output"] == "logits" and head["kl_divergence"] < 1e-4 and head["top1_agreement"] > 0.95
+    assert any(m["name"] == name and m["sqnr_db"] < 5 for m in found.to_dict()["outputs"])
+
+
+def test_badly_quantized_llm_warning_names_a_command(tmp_path, tiny_llm):
+    res = qonnx_cli("quantize", tiny_llm.parent, "-o", tmp_path / "q", "--scheme", "w2a16", "--block-size", "32")
+    assert res.returncode == 0, res.stderr
+    warning = [line for line in res.stderr.splitlines() if "WARNING" in line]
+    assert len(warning) == 1 and "top-1 agreement" in warning[0] and "KL divergence" in warning[0]
+    assert "`--algo awq+gptq`" in warning[0] and "benchmarks/RESULTS.md" in warning[0], warning
+    assert "present" not in warning[0] and "targets" not in warning[0]
+    assert "next-token distribution (logits): KL divergence" in res.stdout
+    assert "verified present" not in res.stdout  # the KV cache stays in --json
+
+
+def test_advice_follows_the_config():
+    assert "`--algo awq+gptq`" in verification_module.advice(qonnx.W4A16().to_dict())
+    gptq = verification_module.advice(qonnx.W4A16(algo=qonnx.GPTQ()).to_dict())
+    assert "--block-size 32" in gptq and "`--algo awq+gptq`" not in gptq
+    assert "--exclude" in verification_module.advice({"scheme": "w8a8"})
