@@ -53,7 +53,7 @@ def test_compare_outputs_in_slices(rng, monkeypatch):
     assert m.cosine == pytest.approx(np.dot(r64, o64) / np.sqrt(np.dot(r64, r64) * np.dot(o64, o64)), abs=1e-7)
     assert m.max_abs_error == float(np.abs(r64 - o64).max())
     assert m.top1_agreement == float(np.mean(ref.argmax(-1) == out.argmax(-1)))
-    monkeypatch.setattr("qonnx.runtime.verify._CHUNK", 7)
+    monkeypatch.setattr("qonnx.runtime.compare._CHUNK", 7)
     small_ref, small_out = ref[:1, :3, :11], out[:1, :3, :11]
     assert compare_outputs("y", small_ref, small_out).sqnr_db == pytest.approx(sqnr_db(small_ref, small_out), abs=1e-5)
     huge = 1e20 * small_ref  # squares overflow float32
