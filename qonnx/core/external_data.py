@@ -21,7 +21,7 @@ import onnx
 
 from qonnx.core.errors import ModelLoadError, escape_name
 
-__all__ = ["check_external_data", "check_external_tensor", "tensor_nbytes"]
+__all__ = ["check_external_data", "check_external_tensor", "graph_tensors", "tensor_nbytes"]
 
 #: Bits per element of the types numpy has no exact size for (packed two or four to a byte).
 _PACKED_BITS = {
@@ -103,18 +103,24 @@ def _reason(e: BaseException) -> str:
     return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
-def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor of ``graph`` and its subgraphs: initializers and tensor attributes (Constant's value)."""
+def graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of ``graph`` and its subgraphs, each of which can keep its bytes in an external file.
+
+    Initializers (sparse ones' values and indices too) and tensor attributes (Constant's value).
+    """
     yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
     for node in graph.node:
         for attr in node.attribute:
             if attr.HasField("t"):
                 yield attr.t
             yield from attr.tensors
             if attr.HasField("g"):
-                yield from _tensors(attr.g)
+                yield from graph_tensors(attr.g)
             for g in attr.graphs:
-                yield from _tensors(g)
+                yield from graph_tensors(g)
 
 
 def check_external_data(proto: onnx.ModelProto, model_path: str | os.PathLike) -> None:
@@ -124,7 +130,7 @@ def check_external_data(proto: onnx.ModelProto, model_path: str | os.PathLike) -
         ModelLoadError: see :func:`check_external_tensor`; also an offset or length that is not a number.
     """
     path = Path(model_path)
-    for tensor in _tensors(proto.graph):
+    for tensor in graph_tensors(proto.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         entries = {e.key: e.value for e in tensor.external_data}

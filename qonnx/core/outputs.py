@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 import onnx
 
 from qonnx.core.errors import ModelLoadError, OutputPathError
+from qonnx.core.external_data import graph_tensors
 from qonnx.core.paths import MODEL_FILENAME
 
 __all__ = [
@@ -163,25 +164,8 @@ def _same_file(a: Path, b: Path) -> bool:
     return False
 
 
-def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto of ``graph`` and its subgraphs: initializers and attribute values."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _tensors(attr.g)
-            for g in attr.graphs:
-                yield from _tensors(g)
-
-
 def _locations(proto: onnx.ModelProto) -> Iterator[onnx.StringStringEntryProto]:
-    for tensor in _tensors(proto.graph):
+    for tensor in graph_tensors(proto.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             yield from (e for e in tensor.external_data if e.key == "location")
 

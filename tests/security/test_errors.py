@@ -252,3 +252,20 @@ def test_over_long_paths(tmp_path, capfd):
         code, out, err = run_cli(capfd, *args)
         assert_one_line((code, out, err), "characters)")
         assert len(err) < 500, err
+
+
+def test_sparse_initializer_external_data_is_checked(tmp_path):
+    """A sparse initializer's values can live in an external file too: its location is checked like any other."""
+    from qonnx.core.errors import ModelLoadError
+    from qonnx.core.external_data import check_external_data, graph_tensors
+
+    values = TensorProto(name="sv", data_type=TensorProto.FLOAT, dims=[2], data_location=TensorProto.EXTERNAL)
+    values.external_data.add(key="location", value="../../etc/passwd")
+    indices = helper.make_tensor("si", TensorProto.INT64, [2], [0, 3])
+    sparse = helper.make_sparse_tensor(values, indices, [4])
+    graph = helper.make_graph([], "g", [], [helper.make_tensor_value_info("sv", TensorProto.FLOAT, [4])])
+    graph.sparse_initializer.append(sparse)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert values.name in {t.name for t in graph_tensors(model.graph)}
+    with pytest.raises(ModelLoadError, match="sv"):
+        check_external_data(model, tmp_path / "m.onnx")
