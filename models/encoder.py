@@ -25,9 +25,9 @@ from typing import Any
 import onnxscript.optimizer
 import torch
 
-from qonnx.core.errors import ConfigError, OutputPathError
+from qonnx.core.errors import ConfigError, OutputPathError, quiet_logger
 from qonnx.core.modelfile import MODEL_FILENAME, save
-from qonnx.models.export_common import DTYPES, cpu_session, max_diff, quiet_logger, report_export, save_hf_files
+from qonnx.models.export_common import DTYPES, cpu_session, max_diff, report_export, save_hf_files
 from qonnx.models.hf import load_encoder
 
 __all__ = ["export_encoder", "verify_encoder_export", "encoder_io"]

@@ -30,10 +30,10 @@ import onnxscript.optimizer
 import torch
 from transformers import DynamicCache
 
-from qonnx.core.errors import ConfigError, OutputPathError
+from qonnx.core.errors import ConfigError, OutputPathError, quiet_logger
 from qonnx.core.modelfile import MODEL_FILENAME, save
 from qonnx.models.encoder import export_encoder
-from qonnx.models.export_common import DTYPES, cpu_session, max_diff, quiet_logger, report_export, save_hf_files
+from qonnx.models.export_common import DTYPES, cpu_session, max_diff, report_export, save_hf_files
 from qonnx.models.hf import load_causal_lm, reference_model_path, source_is_encoder
 
 __all__ = ["DTYPES", "export_model", "export_causal_lm", "verify_export", "reference_model_path"]

@@ -6,9 +6,7 @@ check after the export: a plain ONNX Runtime CPU session, the largest difference
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
 import os
 import sys
 from pathlib import Path
@@ -17,22 +15,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["DTYPES", "cpu_session", "max_diff", "quiet_logger", "report_export", "save_hf_files"]
+__all__ = ["DTYPES", "cpu_session", "max_diff", "report_export", "save_hf_files"]
 
 #: Export precisions: the name on the command line and the torch dtype name.
 DTYPES = {"fp32": "float32", "fp16": "float16"}
-
-
-@contextlib.contextmanager
-def quiet_logger(name: str) -> Any:
-    """Silence a logger's warnings (the exporter lists every torchvision op it skips)."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def save_hf_files(out_dir: Path, model: Any, tokenizer: Any | None, dtype: str, kv_cache: bool | None) -> None:

@@ -8,7 +8,10 @@ prints passes :func:`escape_text`, so a model can neither forge output lines nor
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
+from collections.abc import Iterator
 
 __all__ = [
     "QonnxError",
@@ -18,6 +21,7 @@ __all__ = [
     "OutputPathError",
     "escape_name",
     "escape_text",
+    "quiet_logger",
     "warn",
 ]
 
@@ -74,3 +78,15 @@ def escape_text(text: str) -> str:
 def warn(message: str) -> None:
     """Print ``qonnx: WARNING: message`` on stderr, as one line (see :func:`escape_text`)."""
     print(f"qonnx: WARNING: {escape_text(message)}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str) -> Iterator[None]:
+    """Within the block, the logger ``name`` logs errors only (a library's warnings that say nothing to act on)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

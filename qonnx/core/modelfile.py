@@ -9,7 +9,6 @@ the destination, syncs them and renames them into place, so a reader never sees 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from qonnx.core import outputs
-from qonnx.core.errors import ModelLoadError, OutputPathError
+from qonnx.core.errors import ModelLoadError, OutputPathError, quiet_logger
 from qonnx.core.external_data import check_external_data
 from qonnx.core.paths import MODEL_FILENAME, resolve_model_path
 from qonnx.core.snapshot import (
@@ -74,7 +73,7 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise ModelLoadError(f"{model_path}: not a readable ONNX model (no graph; truncated or not ONNX)")
     check_external_data(proto, model_path)
     try:
-        with _quiet(logging.getLogger("onnx_ir")):  # its warnings on an invalid graph: the checker says it in a line
+        with quiet_logger("onnx_ir"):  # its warnings on an invalid graph: the checker says it in a line
             model = ir.serde.deserialize_model(proto)
     except Exception as e:
         raise ModelLoadError(f"{model_path}: invalid ONNX model: {_first_line(e)}") from None
@@ -117,17 +116,6 @@ def _without_ort_default_domain_ops(proto: onnx.ModelProto) -> onnx.ModelProto |
     del graph.initializer[:]
     graph.initializer.extend(inline)
     return copy
-
-
-@contextlib.contextmanager
-def _quiet(logger: logging.Logger) -> Iterator[None]:
-    """Within the block, ``logger`` logs errors only."""
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _first_line(e: BaseException) -> str:
