@@ -29,11 +29,12 @@ import onnxruntime as ort
 
 from qonnx.core.errors import ConfigError
 from qonnx.core.modelfile import resolve_model_path
+from qonnx.runtime.evaluate import check_seq_len, model_config
 from qonnx.runtime.session import make_session
 
 __all__ = ["BenchRow", "bench_model", "session_config_of"]
 
-_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 @dataclasses.dataclass
@@ -84,6 +85,9 @@ class _Decoder:
         if not self.past:
             raise ConfigError(f"{path}: bench measures decoding with a KV cache; this model has no past_key_values")
         self.present = [n.replace("past_key_values.", "present.") for n in self.past]
+        odd = sorted({self.inputs[n].type for n in self.past} - set(_NP))
+        if odd:
+            raise ConfigError(f"{path}: bench feeds float32/float16 KV caches; this model's are {', '.join(odd)}")
         outputs = {o.name for o in session.get_outputs()}
         if "logits" not in outputs or any(p not in outputs for p in self.present):
             raise ConfigError(f"{path}: the model's outputs are not logits and present.* for its past inputs")
@@ -97,7 +101,7 @@ class _Decoder:
             info = self.inputs[name]
             dims = [d if isinstance(d, int) else 0 for d in info.shape]
             dims[0], dims[2] = batch, 0
-            out[name] = self._value(np.zeros(dims, _NP.get(info.type, np.float32)))
+            out[name] = self._value(np.zeros(dims, _NP[info.type]))
         return out
 
     def step(self, ids: np.ndarray, past: dict[str, ort.OrtValue], length: int) -> tuple[float, dict]:
@@ -142,6 +146,7 @@ def bench_model(
 ) -> list[BenchRow]:
     """Prefill and decode speed of one causal-LM model at each batch size (see the module docstring)."""
     path = resolve_model_path(model)
+    check_seq_len(model_config(path.parent), prompt_len + new_tokens, path.parent, "--prompt-len + --new-tokens")
     session = make_session(path, device, threads=threads, config_entries=session_config)
     decoder = _Decoder(session, path)
     vocab = _vocab(session)
@@ -150,12 +155,16 @@ def bench_model(
     options = ", ".join(f"{k}={v}" for k, v in (session_config or {}).items())
     for batch in batches:
         ids = rng.integers(0, vocab, size=(batch, prompt_len))
-        prefill = [decoder.step(ids, decoder.empty(batch), 0)[0] for _ in range(max(1, repeats))]
-        _, past = decoder.step(ids, decoder.empty(batch), 0)
-        steps = []
-        for i in range(new_tokens):
-            seconds, past = decoder.step(rng.integers(0, vocab, size=(batch, 1)), past, prompt_len + i)
-            steps.append(seconds)
+        try:
+            prefill = [decoder.step(ids, decoder.empty(batch), 0)[0] for _ in range(max(1, repeats))]
+            _, past = decoder.step(ids, decoder.empty(batch), 0)
+            steps = []
+            for i in range(new_tokens):
+                seconds, past = decoder.step(rng.integers(0, vocab, size=(batch, 1)), past, prompt_len + i)
+                steps.append(seconds)
+        except Exception as e:  # ONNX Runtime's failures (out of memory at a large batch, a shape it refuses)
+            first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
+            raise ConfigError(f"{path}: ONNX Runtime failed at batch {batch}: {first}") from None
         kept = steps[2:] if len(steps) > 4 else steps
         rows.append(
             BenchRow(

@@ -44,3 +44,5 @@ def test_cli(llama, tmp_path):
     rng = np.random.default_rng(0)
     layer = matmul_model(tmp_path / "m.onnx", rng.standard_normal((8, 4)).astype(np.float32))
     assert_one_line_error(qonnx_cli("bench", layer, "--device", "cpu"), "bench measures causal LMs")
+    res = qonnx_cli("bench", llama, "--device", "cpu", "--prompt-len", "200")  # the tiny Llama has 128 positions
+    assert_one_line_error(res, "--prompt-len + --new-tokens 216 exceeds the 128 positions")
