@@ -17,8 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from qonnx.core import __version__
+from qonnx.core import __version__, outputs
 from qonnx.core.config import SchemeConfig, WeightOnlyConfig
+from qonnx.core.errors import OutputPathError
 from qonnx.core.targets import TARGETS, weight_only_form
 
 __all__ = ["METADATA_KEY", "session_options", "sidecar_path", "write_sidecar"]
@@ -56,15 +57,18 @@ def sidecar_path(model_path: Path) -> Path:
 def write_sidecar(options: dict[str, Any], model_path: Path) -> Path:
     """Write ``options`` beside ``model_path`` atomically (a temporary file renamed over it); its path."""
     path = sidecar_path(model_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
+    tmp = None
+    try:  # named as qonnx's other temporary files, so that a next run cleans one a killed run left
+        fd, tmp = tempfile.mkstemp(prefix=outputs.temp_prefix(path.name), dir=path.parent)
         with os.fdopen(fd, "w") as f:
             json.dump(options, f, indent=1, sort_keys=True)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        raise OutputPathError(f"{path}: cannot write it: {e.strerror or e}") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return path

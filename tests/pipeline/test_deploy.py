@@ -44,6 +44,7 @@ def test_cuda_form_and_session_options(layer, tmp_path):
     assert side["session_config_entries"] == wanted and side["provider"] == "CUDAExecutionProvider"
     assert side["environment"] == {"ORT_FPA_INTB_GEMM": "1"} and "batch" in side["use_when"]
     assert sidecar_path(out) in summary.outputs
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
     assert json.loads(meta["qonnx.config"])["target"] == "cuda"
     x = np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)
     assert sqnr_db(x @ w, run(out, {"x": x})[0]) > 20  # the model runs and is right on the CPU provider
