@@ -8,6 +8,11 @@ not depend on them), one session per model, IOBinding with the KV cache kept on 
 - decode: ``new_tokens`` steps of one token per row after that prompt, each step's present bound as the next
   step's past; tokens/s = batch / median step time (the first two steps left out: they allocate).
 
+A lowered model whose attention can share one KV buffer (:func:`qonnx.runtime.decode.fixed_shape_decodable`:
+``qonnx lower``'s GroupQueryAttention) is measured the way it is deployed: past and present bound to one buffer per
+layer, and on CUDA each decode step replayed as a CUDA graph (:class:`qonnx.runtime.decode.FixedShapeDecoder`);
+with a growing cache it would be several times slower on CUDA. Each row names the loop it used.
+
 A model that carries session options for its target's fast kernel (``qonnx.session_config`` metadata, see
 :mod:`qonnx.pipeline.deploy`) is measured with them off and on when that provider runs it, and each row says
 which was faster.
@@ -25,16 +30,23 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
 from qonnx.core.errors import ConfigError
 from qonnx.core.modelfile import resolve_model_path
+from qonnx.runtime.decode import FixedShapeDecoder, fixed_shape_decodable
 from qonnx.runtime.evaluate import check_seq_len, model_config
-from qonnx.runtime.session import make_session
+from qonnx.runtime.session import make_session, resolve_device
 
-__all__ = ["BenchRow", "bench_model", "session_config_of"]
+__all__ = ["GRAPH", "GROWING", "SHARED", "BenchRow", "bench_model", "session_config_of"]
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+#: The decode loops a row can name.
+GROWING = "growing KV"  # past in, present out: a new cache every step
+SHARED = "shared KV"  # one buffer per layer, written in place (GroupQueryAttention)
+GRAPH = "shared KV + CUDA graph"  # the same, each step replayed as a CUDA graph
 
 
 @dataclasses.dataclass
@@ -47,6 +59,7 @@ class BenchRow:
     prefill_ms: float
     step_ms: float
     options: str = ""  # the session options used, when the model carries some
+    loop: str = GROWING  # how the KV cache was fed: GROWING, SHARED or GRAPH
 
     @property
     def tokens_per_s(self) -> float:
@@ -126,6 +139,27 @@ class _Decoder:
         return seconds, dict(zip(self.past, outs[1:], strict=True))
 
 
+def _fixed_shape(
+    session: ort.InferenceSession, ids: np.ndarray, new_tokens: int, repeats: int, vocab: int, graph: bool
+) -> tuple[list[float], list[float]]:
+    """Prefill and step seconds of one batch with :class:`FixedShapeDecoder` (shared buffers, CUDA graph)."""
+    batch, prompt_len = ids.shape
+    decoder = FixedShapeDecoder(session, batch, prompt_len + new_tokens, cuda_graph=graph)
+    rng = np.random.default_rng(1)
+    prefill = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        decoder.prefill(ids)  # synchronizes its outputs
+        prefill.append(time.perf_counter() - start)
+    steps = []
+    for _ in range(new_tokens):
+        step_ids = rng.integers(0, vocab, size=(batch, 1))
+        start = time.perf_counter()
+        decoder.step(step_ids)  # synchronizes its outputs
+        steps.append(time.perf_counter() - start)
+    return prefill, steps
+
+
 def _vocab(session: ort.InferenceSession) -> int:
     logits = next(o for o in session.get_outputs() if o.name == "logits")
     vocab = logits.shape[-1]
@@ -147,8 +181,12 @@ def bench_model(
     """Prefill and decode speed of one causal-LM model at each batch size (see the module docstring)."""
     path = resolve_model_path(model)
     check_seq_len(model_config(path.parent), prompt_len + new_tokens, path.parent, "--prompt-len + --new-tokens")
-    session = make_session(path, device, threads=threads, config_entries=session_config)
+    fixed = fixed_shape_decodable(ir.load(path))  # external data stays on disk
+    graph = fixed and resolve_device(device) == "cuda"
+    session = make_session(path, device, threads=threads, config_entries=session_config, cuda_graph=graph)
     decoder = _Decoder(session, path)
+    graph = graph and decoder.device == "cuda"
+    loop = GRAPH if graph else SHARED if fixed else GROWING
     vocab = _vocab(session)
     rng = np.random.default_rng(0)
     rows = []
@@ -156,12 +194,15 @@ def bench_model(
     for batch in batches:
         ids = rng.integers(0, vocab, size=(batch, prompt_len))
         try:
-            prefill = [decoder.step(ids, decoder.empty(batch), 0)[0] for _ in range(max(1, repeats))]
-            _, past = decoder.step(ids, decoder.empty(batch), 0)
-            steps = []
-            for i in range(new_tokens):
-                seconds, past = decoder.step(rng.integers(0, vocab, size=(batch, 1)), past, prompt_len + i)
-                steps.append(seconds)
+            if fixed:
+                prefill, steps = _fixed_shape(session, ids, new_tokens, repeats, vocab, graph)
+            else:
+                prefill = [decoder.step(ids, decoder.empty(batch), 0)[0] for _ in range(max(1, repeats))]
+                _, past = decoder.step(ids, decoder.empty(batch), 0)
+                steps = []
+                for i in range(new_tokens):
+                    seconds, past = decoder.step(rng.integers(0, vocab, size=(batch, 1)), past, prompt_len + i)
+                    steps.append(seconds)
         except Exception as e:  # ONNX Runtime's failures (out of memory at a large batch, a shape it refuses)
             first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
             raise ConfigError(f"{path}: ONNX Runtime failed at batch {batch}: {first}") from None
@@ -174,6 +215,7 @@ def bench_model(
                 1e3 * statistics.median(prefill),
                 1e3 * statistics.median(kept),
                 options,
+                loop,
             )
         )
     return rows

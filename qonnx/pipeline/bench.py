@@ -37,7 +37,7 @@ class BenchReport:
     def table(self) -> str:
         """One line per model and batch; speed-ups against the baseline's best at the same batch."""
         base = self.best(self.baseline) if self.baseline else {}
-        head = f"{'model':<28} {'batch':>5} {'prefill ms':>11} {'decode tok/s':>13} {'vs base':>8}  options"
+        head = f"{'model':<28} {'batch':>5} {'prefill ms':>11} {'decode tok/s':>13} {'vs base':>8}  loop; options"
         lines = [head]
         for r in self.rows:
             b = base.get(r.batch)
@@ -45,7 +45,14 @@ class BenchReport:
             pre = f"{b.prefill_ms / r.prefill_ms:.2f}x" if b is not None and r.model != self.baseline else ""
             lines.append(
                 f"{r.model[:28]:<28} {r.batch:>5} {r.prefill_ms:>11.1f} {r.tokens_per_s:>13.1f} {ratio:>8}  "
-                f"{r.options or '-'}{f'  (prefill {pre})' if pre else ''}"
+                f"{r.loop}; {r.options or '-'}{f'  (prefill {pre})' if pre else ''}"
+            )
+        loops = {r.model: r.loop for r in self.rows}
+        if self.baseline and len(set(loops.values())) > 1:
+            lines.append(
+                "note: the models decode with different loops ("
+                + ", ".join(f"{m}: {loop}" for m, loop in loops.items())
+                + "); lower both the same way (qonnx lower) to compare kernels alone"
             )
         return "\n".join(lines)
 

@@ -10,7 +10,7 @@ from helpers import assert_one_line_error, qonnx_cli
 
 import qonnx
 from qonnx.pipeline.bench import bench
-from qonnx.runtime.bench import bench_model, session_config_of
+from qonnx.runtime.bench import GROWING, SHARED, bench_model, session_config_of
 
 
 def test_bench_against_the_original(llama, tmp_path):
@@ -46,3 +46,19 @@ def test_cli(llama, tmp_path):
     assert_one_line_error(qonnx_cli("bench", layer, "--device", "cpu"), "bench measures causal LMs")
     res = qonnx_cli("bench", llama, "--device", "cpu", "--prompt-len", "200")  # the tiny Llama has 128 positions
     assert_one_line_error(res, "--prompt-len + --new-tokens 216 exceeds the 128 positions")
+
+
+def test_lowered_model_decodes_in_one_shared_buffer(generation_llama, generation_llama_gqa):
+    """A lowered model is measured as deployed (shared KV buffer), and the table says when loops differ."""
+    _, root = generation_llama
+    report = bench(generation_llama_gqa, baseline=root / "kv", device="cpu", batches=(1, 2), prompt_len=5, new_tokens=6)
+    loops = {r.model: r.loop for r in report.rows}
+    assert loops == {"kv": GROWING, "gqa": SHARED}
+    for r in report.rows:
+        assert r.prefill_ms > 0 and r.step_ms > 0
+    table = report.table()
+    assert "shared KV" in table and "different loops" in table
+    same = bench(
+        generation_llama_gqa, baseline=generation_llama_gqa, device="cpu", batches=(1,), prompt_len=4, new_tokens=3
+    )
+    assert "different loops" not in same.table()
