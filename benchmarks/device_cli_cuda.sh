@@ -8,6 +8,8 @@
 #   bash benchmarks/device_cli_cuda.sh export    # ~250 s: /tmp/w/7b-fp16
 #   bash benchmarks/device_cli_cuda.sh quantize  # quantize --target cuda, lower both
 #   bash benchmarks/device_cli_cuda.sh bench     # qonnx bench, table + JSON + PNG into $OUT
+#   bash benchmarks/device_cli_cuda.sh cpu       # the machine's CPU: SmolLM2 W8A8 (--target cpu) vs fp32, both
+#                                                # lowered, qonnx bench --device cpu at batch 1 and 16
 set -euo pipefail
 export PYTHONPATH=/tmp/site
 W=/tmp/w
@@ -45,4 +47,14 @@ import json; from qonnx.pipeline.bench import BenchReport; from qonnx.runtime.be
 d = json.load(open('$OUT/bench_7b_cuda.json'))
 rows = [BenchRow(**{k: v for k, v in r.items() if k != 'tokens_per_s'}) for r in d['rows']]
 print(BenchReport(d['device'], d['prompt_len'], d['new_tokens'], rows, d['baseline']).table())" | tee "$OUT/bench_7b_cuda.txt" ;;
+  cpu)
+    nproc | tee -a "$OUT/times.txt"
+    timed cpu-export qonnx export smollm2 -o $W/smol-fp32 2>&1 | tail -n 2
+    timed cpu-w8a8 qonnx quantize $W/smol-fp32 -o $W/smol-w8a8 --scheme w8a8 --target cpu --device cpu 2>&1 | tail -n 4
+    timed cpu-lower-fp32 qonnx lower $W/smol-fp32 -o $W/smol-fp32-l --target cpu 2>&1 | tail -n 2
+    timed cpu-lower-w8a8 qonnx lower $W/smol-w8a8 -o $W/smol-w8a8-l --target cpu 2>&1 | tail -n 2
+    for len in 512 128; do
+      timed cpu-bench-$len qonnx bench $W/smol-w8a8-l --baseline $W/smol-fp32-l --batches 1,16 --prompt-len $len \
+        --new-tokens 16 --device cpu 2>&1 | tee "$OUT/bench_smol_cpu_$len.txt"
+    done ;;
 esac
