@@ -55,8 +55,10 @@ class WeightOnlyConfig(SchemeConfig):
     """Weight-only quantization: weights stored in ``bits`` bits, activations stay floating point.
 
     Attributes:
-        bits: code width: 2, 3, 4 or 8. 3-bit codes are stored in 4-bit containers (no ONNX Runtime kernel
-            reads 3-bit codes); 2-bit codes in MatMulNBits bits=2, and in 4-bit containers for DequantizeLinear.
+        bits: code width: 2, 3, 4 or 8 (7, in int8 containers with format ``"qdq"``: the int8 weights of
+            activation schemes for CPUs without VNNI, see ``ActivationConfig.weight_range``). 3-bit codes are
+            stored in 4-bit containers (no ONNX Runtime kernel reads 3-bit codes); 2-bit codes in MatMulNBits
+            bits=2, and in 4-bit containers for DequantizeLinear.
         block_size: weights per scale along the reduction axis K; ``None`` means one scale per output
             channel (only with ``format="qdq"``; MatMulNBits needs blocks of 16..256).
         symmetric: signed codes and no zero point; otherwise unsigned codes with a zero point per block.
@@ -94,7 +96,7 @@ class WeightOnlyConfig(SchemeConfig):
             raise ConfigError(
                 f"{self.name}: algo must be one of {', '.join(ALGOS)} or a GPTQ/AWQ/HQQ(...) config, got {self.algo!r}"
             )
-        if self.bits not in (2, 3, 4, 8):
+        if self.bits not in (2, 3, 4, 7, 8) or (self.bits == 7 and self.format != "qdq"):
             raise ConfigError(f"{self.name}: bits must be 2, 3, 4 or 8, got {self.bits}")
         if isinstance(self.algo, HQQ) and self.grid != "int":
             raise ConfigError(f"{self.name}: hqq optimises integer zero points; {self.grid} has none (use rtn or gptq)")

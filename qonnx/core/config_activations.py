@@ -102,6 +102,10 @@ class ActivationConfig(SchemeConfig):
         target: the runtime to lower for (``"cpu"``, ``"cuda"``, ``"tensorrt"`` or ``"generic"`` QDQ);
             a scheme that measured slower than floating point there gets a warning (``strict``: an error).
         strict: refuse a scheme that is slower than floating point on the target.
+        weight_range: int8 weights in ``"full"`` [-127, 127] or ``"7bit"`` [-64, 63]; ``"auto"`` (default): 7 bits
+            where the target may be an x86 CPU without VNNI (``cpu``, ``generic``), whose ONNX Runtime kernels
+            saturate on full-range weights (see :class:`qonnx.core.targets.Target`); full on ``cuda`` and
+            ``tensorrt``. Use ``"full"`` for CPUs with VNNI (AVX512-VNNI, AVX-VNNI, AMX) or ARM.
     """
 
     name: ClassVar[str] = "activations"
@@ -117,8 +121,11 @@ class ActivationConfig(SchemeConfig):
     algo: Literal["rtn", "gptq"] | GPTQ = "rtn"
     target: str = "generic"  # a key of qonnx.core.targets.TARGETS
     strict: bool = False
+    weight_range: Literal["auto", "full", "7bit"] = "auto"
 
     def __post_init__(self) -> None:
+        if self.weight_range not in ("auto", "full", "7bit"):
+            raise ConfigError(f"{self.name}: weight_range must be 'auto', 'full' or '7bit', got {self.weight_range!r}")
         if self.weight_bits not in (4, 8):
             raise ConfigError(f"{self.name}: weight_bits must be 4 or 8, got {self.weight_bits!r}")
         if self.act_type not in ("int8", "fp8"):
@@ -155,6 +162,13 @@ class ActivationConfig(SchemeConfig):
         return weight_form(self.target, self.act_type, self.weight_bits, self.block_size)
 
     @property
+    def weight_code_bits(self) -> int:
+        """Bits of the weight codes: 7 (held in int8) where ``weight_range`` keeps int8 weights to [-64, 63]."""
+        int8 = self.weight_bits == 8 and self.act_type == "int8" and self.weight_symmetric
+        auto = self.weight_range == "auto" and TARGETS[self.target].int8_weights_7bit
+        return 7 if int8 and (self.weight_range == "7bit" or auto) else self.weight_bits
+
+    @property
     def weight_algo(self) -> Literal["rtn"] | GPTQ:
         """How the weights are rounded; ``"gptq"`` is GPTQ on this config's calibration data.
 
@@ -179,7 +193,7 @@ class ActivationConfig(SchemeConfig):
                 algo=algo,
             )
         return WeightOnlyConfig(
-            bits=self.weight_bits,
+            bits=self.weight_code_bits,
             block_size=self.block_size,
             symmetric=self.weight_symmetric,
             format="qdq",

@@ -84,9 +84,7 @@ def check_external_tensor(
     if offset < 0 or (length is not None and length < 0):
         raise ModelLoadError(f"{where}: negative offset or length ({offset}, {length})")
     if nbytes is not None and length is not None and length != nbytes:
-        raise ModelLoadError(
-            f"{where}: its shape and type take {nbytes} bytes, its external data entry says {length}"
-        )
+        raise ModelLoadError(f"{where}: its shape and type take {nbytes} bytes, its external data entry says {length}")
     size = nbytes if nbytes is not None else length
     end = offset + (size or 0)
     if st.st_size < end:

@@ -179,6 +179,8 @@ def storage_bits(bits: int, fmt: str) -> int:
     """
     if bits == 3 or (bits == 2 and fmt != "matmulnbits"):
         return 4
+    if bits == 7:  # int8 weights kept to [-64, 63] (ActivationConfig.weight_range)
+        return 8
     return bits
 
 

@@ -62,8 +62,8 @@ def round_half_up(v: Any) -> Any:
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     """Return the integer range (qmin, qmax): signed when symmetric, unsigned otherwise."""
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
+    if bits not in (2, 3, 4, 7, 8):
+        raise ValueError(f"bits must be 2, 3, 4, 7 or 8, got {bits}")
     if symmetric:
         return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     return 0, (1 << bits) - 1

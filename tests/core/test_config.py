@@ -15,7 +15,8 @@ from qonnx.core.schemes import SCHEMES
 
 
 def test_activation_configs():
-    assert W8A8().weight_config().bits == 8 and W8A8().weight_config().block_size is None
+    assert W8A8().weight_config().bits == 7 and W8A8().weight_config().block_size is None  # int8 kept to 7 bits
+    assert W8A8(target="cuda").weight_config().bits == 8 and W8A8(weight_range="full").weight_config().bits == 8
     assert W4A8().weight_config().block_size == 128 and W4A8().weight_config().format == "qdq"
     assert FP8().weight_config().grid == "fp8" and FP8().calibration.method == "minmax"
     gptq = FP8(calibration=Calibration(data="x.npz", samples=3, method="minmax")).weight_config().gptq
