@@ -7,12 +7,13 @@ quantized model; ``lower``: fuse into ONNX Runtime contrib ops. (``export`` is i
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
 from qonnx.cli import options as opt
 from qonnx.pipeline.lowering import lower
-from qonnx.pipeline.report import layer_report, report_json, write_report
+from qonnx.pipeline.report import REPORT_SUFFIXES, layer_report, report_json, write_report
 from qonnx.runtime.evaluate import perplexity, similarity
 from qonnx.runtime.generate import Generator
 
@@ -182,6 +183,13 @@ def generate_command(
     )
 
 
+def _report_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Refuse a report name the writer would refuse, while the options are read: before any model is run."""
+    if value is not None and Path(value).suffix not in REPORT_SUFFIXES:
+        raise click.BadParameter(f"{value!r}: the report must end in {' or '.join(REPORT_SUFFIXES)}")
+    return value
+
+
 @click.command("report")
 @click.argument("original", type=click.Path(path_type=str))
 @click.argument("quantized", type=click.Path(path_type=str))
@@ -191,6 +199,7 @@ def generate_command(
     type=click.Path(path_type=str),
     default=None,
     help="report.md or report.html, PNG plots beside it (default: the top ten on stdout).",
+    callback=_report_path,
 )
 @opt.device()
 @opt.json_flag("the per-layer figures")

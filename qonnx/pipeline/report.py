@@ -30,7 +30,10 @@ from qonnx.runtime.inputs import make_inputs
 from qonnx.runtime.session import make_session
 from qonnx.runtime.verify import text_token_ids
 
-__all__ = ["LayerReport", "layer_report", "write_report"]
+__all__ = ["REPORT_SUFFIXES", "LayerReport", "layer_report", "write_report"]
+
+#: What a report file may be: Markdown or HTML (the plots are PNGs beside it).
+REPORT_SUFFIXES = (".md", ".html")
 
 
 @dataclasses.dataclass
@@ -266,8 +269,8 @@ def write_report(rows: list[LayerReport], path: str | os.PathLike, *, title: str
     A report that fails leaves none of its files and none of the folders it created.
     """
     out = Path(path)
-    if out.suffix not in (".md", ".html"):
-        raise QonnxError(f"{out}: the report must end in .md or .html")
+    if out.suffix not in REPORT_SUFFIXES:
+        raise QonnxError(f"{out}: the report must end in {' or '.join(REPORT_SUFFIXES)}")
     created = outputs.make_folder(out.parent)
     new = [p for p in (out, *_plot_paths(out.parent, out.stem)) if not os.path.lexists(p)]
     try:
