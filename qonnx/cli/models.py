@@ -185,8 +185,18 @@ def generate_command(
 
 def _report_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Refuse a report name the writer would refuse, while the options are read: before any model is run."""
-    if value is not None and Path(value).suffix not in REPORT_SUFFIXES:
+    if value is None:
+        return None
+    path = Path(value)
+    if path.suffix not in REPORT_SUFFIXES:
         raise click.BadParameter(f"{value!r}: the report must end in {' or '.join(REPORT_SUFFIXES)}")
+    if path.is_dir():
+        raise click.BadParameter(f"{value!r} is a folder; name the report file in it, e.g. {value}/report.md")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # the folder it would be written into, or create
+        parent = parent.parent
+    if not parent.is_dir():
+        raise click.BadParameter(f"{value!r}: {str(parent)!r} is not a folder")
     return value
 
 

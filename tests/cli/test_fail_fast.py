@@ -55,3 +55,13 @@ def test_max_ppl_increase_names_the_option(capfd, no_work):
     line = refused(capfd, "quantize", "m.onnx", "-o", "out", "--max-ppl-increase", "abc")
     assert "--max-ppl-increase" in line and "'abc'" in line
     assert no_work == []
+
+
+def test_report_output_that_cannot_be_a_file_is_refused_first(tmp_path, capfd, no_work):
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "dir.md").mkdir()
+    line = refused(capfd, "report", "a", "b", "-o", tmp_path / "file.txt" / "sub" / "r.md")
+    assert "'-o' / '--output'" in line and "file.txt' is not a folder" in line
+    line = refused(capfd, "report", "a", "b", "-o", tmp_path / "dir.md")
+    assert "'-o' / '--output'" in line and "is a folder" in line
+    assert no_work == []
