@@ -128,6 +128,7 @@ def _plot_layers(plt: Any, rows: list[LayerReport], path: Path, title: str) -> N
     ax.grid(axis="x", visible=False)
     ax.set_xlim(-0.7, n - 0.3)
     ax.set_ylabel("output SQNR (dB), lower = more error")
+    ax.tick_params(axis="y", right=True, labelright=True)  # a wide plot: the scale on both sides
     ax.set_title(f"{_text(title)}: the error of each quantized layer, in graph order", loc="left")
     handles = _kind_handles(Patch, rows)
     handles.append(Line2D([], [], linestyle="none", marker="o", markersize=3, color="black", label=_ACCUMULATED))
