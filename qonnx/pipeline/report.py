@@ -10,7 +10,7 @@ weight against the original), two errors of the layer's output activation, and b
   included, so it grows with depth).
 
 Activations are captured through ONNX Runtime on the verification inputs, in bounded memory. Rows are ranked
-worst own error first (the layers to keep in higher precision), with plots (:mod:`qonnx.pipeline.report_plots`).
+worst own error first (the layers to keep in higher precision), with plots (:mod:`qonnx.pipeline.report_files`).
 """
 
 from __future__ import annotations
@@ -191,11 +191,18 @@ def _quantized_node(producers: dict[str, ir.Node], output: str) -> ir.Node | Non
     if producer is None:
         return None
     if producer.op_type == "MatMulNBits":
-        return producer
+        attrs = all(producer.attributes.get_int(a) is not None for a in ("K", "N", "block_size"))
+        return producer if attrs and _constants(producer, 1, 2) else None
     if producer.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose") and len(producer.inputs) > 1:
         dq = producer.inputs[1].producer() if producer.inputs[1] is not None else None
-        return producer if dq is not None and dq.op_type == "DequantizeLinear" else None
+        return producer if dq is not None and dq.op_type == "DequantizeLinear" and _constants(dq, 0, 1) else None
     return None
+
+
+def _constants(node: ir.Node, *slots: int) -> bool:
+    """Whether the node's inputs in ``slots`` are constants (their values are not read here)."""
+    values = [node.inputs[i] if i < len(node.inputs) else None for i in slots]
+    return all(v is not None and ir.convenience.get_const_tensor(v) is not None for v in values)
 
 
 def _quantized_weight(node: ir.Node) -> tuple[np.ndarray, int] | None:
