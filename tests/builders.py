@@ -398,3 +398,74 @@ def external_model(folder: Path, location: str, dims=(64, 32), length: int | Non
     size = data_bytes if data_bytes is not None else 4 * dims[0] * dims[1]
     (folder / "w.bin").write_bytes(np.ones(size // 4, np.float32).tobytes())
     return path
+
+
+# -- A language model as an exporter writes one: a KV cache, a tied head -------------------------------------
+
+
+def tiny_llm_graph(path: Path, *, layers: int = 4, hidden: int = 64, intermediate: int = 128, vocab: int = 96) -> Path:
+    """A causal LM graph built with onnx.helper (no torch): ``input_ids``, ``past_key_values.{i}.key/value`` in,
+    ``logits`` and ``present.{i}.key/value`` out; per layer q/k/v/o and gate/up/down projections named as
+    Hugging Face names them, two attention MatMuls of run-time tensors, and an lm_head tied to the embedding
+    (a Transpose of the table the Gather reads). Runs in ONNX Runtime.
+    """
+    rng = np.random.default_rng(0)
+    f32 = TensorProto.FLOAT
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype(np.float32), "model.embed_tokens.weight")
+    ]
+    inits += [numpy_helper.from_array(np.array([1], np.int64), "one")]
+    inits += [numpy_helper.from_array(np.ones(hidden, np.float32), "norm.weight")]
+    nodes = [helper.make_node("Gather", ["model.embed_tokens.weight", "input_ids"], ["h0"], name="embed")]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "seq", vocab])]
+    h = "h0"
+    projections = {"q": (hidden, hidden), "k": (hidden, hidden), "v": (hidden, hidden), "o": (hidden, hidden)}
+    projections |= {"gate": (hidden, intermediate), "up": (hidden, intermediate), "down": (intermediate, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        for name, shape in projections.items():
+            where = "mlp" if name in ("gate", "up", "down") else "self_attn"
+            w = (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+            inits.append(numpy_helper.from_array(w, f"{p}.{where}.{name}_proj.weight"))
+
+        def linear(x, name, out, p=p):
+            where = "mlp" if name in ("gate", "up", "down") else "self_attn"
+            return helper.make_node(
+                "MatMul", [x, f"{p}.{where}.{name}_proj.weight"], [out], name=f"{p}.{where}.{name}_proj"
+            )
+
+        for kv in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32, ["batch", 1, "past", hidden]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", f32, ["batch", 1, "past + seq", hidden]))
+        nodes += [
+            helper.make_node("LayerNormalization", [h, "norm.weight"], [f"{p}.n1"], axis=-1),
+            linear(f"{p}.n1", "q", f"{p}.q"),
+            linear(f"{p}.n1", "k", f"{p}.k"),
+            linear(f"{p}.n1", "v", f"{p}.v"),
+            helper.make_node("Unsqueeze", [f"{p}.k", "one"], [f"{p}.k1"]),
+            helper.make_node("Unsqueeze", [f"{p}.v", "one"], [f"{p}.v1"]),
+            helper.make_node("Concat", [f"past_key_values.{i}.key", f"{p}.k1"], [f"present.{i}.key"], axis=2),
+            helper.make_node("Concat", [f"past_key_values.{i}.value", f"{p}.v1"], [f"present.{i}.value"], axis=2),
+            helper.make_node("Transpose", [f"{p}.k"], [f"{p}.kt"], perm=[0, 2, 1]),
+            helper.make_node("MatMul", [f"{p}.q", f"{p}.kt"], [f"{p}.scores"], name=f"{p}.self_attn.scores"),
+            helper.make_node("Softmax", [f"{p}.scores"], [f"{p}.probs"], axis=-1),
+            helper.make_node("MatMul", [f"{p}.probs", f"{p}.v"], [f"{p}.attn"], name=f"{p}.self_attn.mix"),
+            linear(f"{p}.attn", "o", f"{p}.o"),
+            helper.make_node("Add", [h, f"{p}.o"], [f"{p}.h1"]),
+            helper.make_node("LayerNormalization", [f"{p}.h1", "norm.weight"], [f"{p}.n2"], axis=-1),
+            linear(f"{p}.n2", "gate", f"{p}.gate"),
+            linear(f"{p}.n2", "up", f"{p}.up"),
+            helper.make_node("Sigmoid", [f"{p}.gate"], [f"{p}.sig"]),
+            helper.make_node("Mul", [f"{p}.gate", f"{p}.sig"], [f"{p}.silu"]),
+            helper.make_node("Mul", [f"{p}.silu", f"{p}.up"], [f"{p}.act"]),
+            linear(f"{p}.act", "down", f"{p}.down"),
+            helper.make_node("Add", [f"{p}.h1", f"{p}.down"], [f"{p}.h2"]),
+        ]
+        h = f"{p}.h2"
+    nodes += [
+        helper.make_node("Transpose", ["model.embed_tokens.weight"], ["lm_head.weight_t"], perm=[1, 0], name="tie"),
+        helper.make_node("LayerNormalization", [h, "norm.weight"], ["final"], axis=-1),
+        helper.make_node("MatMul", ["final", "lm_head.weight_t"], ["logits"], name="lm_head"),
+    ]
+    return _graph_model(path, nodes, inputs, outputs, inits)

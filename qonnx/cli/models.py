@@ -7,12 +7,13 @@ quantized model; ``lower``: fuse into ONNX Runtime contrib ops. (``export`` is i
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
 from qonnx.cli import options as opt
 from qonnx.pipeline.lowering import lower
-from qonnx.pipeline.report import layer_report, report_json, write_report
+from qonnx.pipeline.report import REPORT_SUFFIXES, layer_report, report_json, write_report
 from qonnx.runtime.evaluate import perplexity, similarity
 from qonnx.runtime.generate import Generator
 
@@ -182,6 +183,29 @@ def generate_command(
     )
 
 
+def _report_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Refuse a report name the writer would refuse, while the options are read: before any model is run."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.suffix not in REPORT_SUFFIXES:
+        raise click.BadParameter(f"{value!r}: the report must end in {' or '.join(REPORT_SUFFIXES)}")
+    if path.is_dir():
+        raise click.BadParameter(f"{value!r} is a folder; name the report file in it, e.g. {value}/report.md")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # the folder it would be written into, or create
+        parent = parent.parent
+    if not parent.is_dir():
+        raise click.BadParameter(f"{value!r}: {str(parent)!r} is not a folder")
+    return value
+
+
+def _model_name(path: str) -> str:
+    """A model's name for a title: its folder's name for ``DIR`` or ``DIR/model.onnx``, else its file's."""
+    p = Path(path)
+    return (p.parent.name if p.name == "model.onnx" else p.name) or str(p)
+
+
 @click.command("report")
 @click.argument("original", type=click.Path(path_type=str))
 @click.argument("quantized", type=click.Path(path_type=str))
@@ -191,6 +215,7 @@ def generate_command(
     type=click.Path(path_type=str),
     default=None,
     help="report.md or report.html, PNG plots beside it (default: the top ten on stdout).",
+    callback=_report_path,
 )
 @opt.device()
 @opt.json_flag("the per-layer figures")
@@ -198,15 +223,16 @@ def report_command(original: str, quantized: str, output: str | None, device: st
     """Per-layer error of QUANTIZED against ORIGINAL, worst first: which layers to keep in higher precision."""
     rows = layer_report(original, quantized, device=device)
     if output:
-        files = write_report(rows, output, title=f"qonnx report: {quantized} against {original}")
+        files = write_report(rows, output, title=f"{_model_name(quantized)} against {_model_name(original)}")
         opt.echo(f"wrote {', '.join(str(p) for p in files)}", err=as_json)
     if as_json:
         click.echo(report_json(rows))
         return
+    opt.echo("output SQNR in dB, worst own error first (own: input from ORIGINAL; accumulated: from QUANTIZED)")
     for i, r in enumerate(rows[:10]):
-        out = "n/a" if r.output_sqnr_db is None else f"{r.output_sqnr_db:6.1f}"
-        name = opt.escape_name(r.module or r.weight or r.node)[-48:]
-        opt.echo(f"{i + 1:>3}. {name:<48} output SQNR {out} dB, weight {r.weight_sqnr_db:5.1f} dB")
+        own, out = (("n/a" if v is None else f"{v:5.1f}") for v in (r.own_sqnr_db, r.output_sqnr_db))
+        name = opt.escape_name(r.name)[-48:]
+        opt.echo(f"{i + 1:>3}. {name:<48} own {own}, accumulated {out}, weight {r.weight_sqnr_db:5.1f}")
     if len(rows) > 10:
         click.echo(f"     ({len(rows) - 10} more layers; -o report.md for all, with plots)")
 

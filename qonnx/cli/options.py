@@ -8,6 +8,7 @@ option's default is None and its help says what it is.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -185,7 +186,18 @@ def exclude(what: str) -> Callable[[F], F]:
         metavar="REGEX",
         help="Layers whose node name, weight name or module path (model.layers.3.mlp.down_proj) matches REGEX are "
         f"{what} (repeatable; default: none).",
+        callback=_check_regexes,
     )
+
+
+def _check_regexes(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """Refuse a pattern that is not a regular expression while the options are read, as the user typed it."""
+    for value in values:
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise click.BadParameter(f"{value!r} is not a regular expression ({e})") from None
+    return values
 
 
 def windows(default: int) -> Callable[[F], F]:

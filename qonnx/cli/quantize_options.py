@@ -19,6 +19,7 @@ from qonnx.cli import options as opt
 from qonnx.core.algos import AWQ, GPTQ, algo_from_name
 from qonnx.core.config import SchemeConfig, WeightOnlyConfig
 from qonnx.core.config_activations import CALIBRATION_METHODS, ActivationConfig, Calibration
+from qonnx.core.errors import ConfigError
 from qonnx.core.schemes import SCHEMES, scheme_from_name
 from qonnx.core.targets import TARGETS
 from qonnx.pipeline.verification import VerifyOptions
@@ -342,7 +343,11 @@ class QuantizeOptions:
         import qonnx.pipeline.mixed_precision as mp  # deferred: onnx_ir/onnxscript load ~1 s; only a budget needs them
 
         if self.max_ppl_increase is not None:
-            return mp.Budget(max_ppl_increase=mp.parse_percent(self.max_ppl_increase), sensitivity=self.sensitivity)
+            try:
+                increase = mp.parse_percent(self.max_ppl_increase)
+            except ConfigError as e:
+                raise click.BadParameter(str(e), param_hint="--max-ppl-increase") from None
+            return mp.Budget(max_ppl_increase=increase, sensitivity=self.sensitivity)
         return mp.Budget(target_bits=self.target_bits, sensitivity=self.sensitivity)
 
     def targets(self) -> dict[str, None]:

@@ -9,13 +9,23 @@ from typing import Any
 import onnx_ir as ir
 
 from qonnx.core import modelfile
-from qonnx.passes.weights import find_weight_candidates
+from qonnx.core.config import W4A16
+from qonnx.core.schemes import Targets
+from qonnx.passes.weight_plan import plan_weights
 
-__all__ = ["inspect_model"]
+__all__ = ["DEFAULT_SCHEME", "inspect_model"]
+
+#: The scheme the quantizable layers are counted for: ``qonnx quantize``'s default, so that the count is
+#: what quantize quantizes (tied heads, layers too small to gain and K the blocks do not fit are left out).
+DEFAULT_SCHEME = W4A16()
 
 
 def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
-    """Describe the model at ``path`` (a .onnx file or a folder holding model.onnx) without reading weights."""
+    """Describe the model at ``path`` (a .onnx file or a folder holding model.onnx) without reading weights.
+
+    A layer is quantizable when ``qonnx quantize`` with its default scheme (:data:`DEFAULT_SCHEME`) would
+    quantize it; ``reason`` says why another is not, ``plan`` what quantize would do.
+    """
     model_path = modelfile.resolve_model_path(path)
     model = modelfile.load(model_path)
     ops: collections.Counter[str] = collections.Counter()
@@ -27,15 +37,17 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
         weights[str(t.dtype.name).lower()] += int(t.nbytes)
         count += 1
     layers = []
-    for cand in find_weight_candidates(model):
+    for cand, cfg, why in plan_weights(model, Targets(DEFAULT_SCHEME, None)):  # as `qonnx quantize` plans them
         layers.append(
             {
                 "node": cand.node.name or "",
                 "op_type": cand.node.op_type,
                 "weight": cand.weight_name,
+                "module": cand.module,
                 "shape": [cand.k, cand.n] if cand.k else None,
-                "quantizable": cand.reason is None,
-                "reason": cand.reason,
+                "quantizable": cfg is not None,
+                "reason": None if cfg is not None else why,
+                "plan": why,
             }
         )
     files = modelfile.model_files(model, model_path)
@@ -53,6 +65,7 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
         "file_bytes": sum(p.stat().st_size for p in files),
         "files": [str(p) for p in files],
         "quantizable_layers": sum(1 for layer in layers if layer["quantizable"]),
+        "quantizable_by": DEFAULT_SCHEME.name,
         "layers": layers,
     }
 

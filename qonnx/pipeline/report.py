@@ -2,35 +2,48 @@
 
 For each layer of the original model that the quantized model holds in quantized form (MatMulNBits, or a
 DequantizeLinear feeding MatMul/Gemm/Conv), the report gives the weight's error (SQNR of the dequantized
-weight against the original), the SQNR of the layer's output activation (the same tensor name in both models,
-captured through ONNX Runtime on the verification inputs, in bounded memory), and bytes before and after;
-ranked worst first, with plots. The ranking answers which layers to keep in higher precision.
+weight against the original), two errors of the layer's output activation, and bytes before and after:
+
+- own: the error the layer adds on its own, its input taken from the original model (the original output
+  against ``x @ W_quantized`` for the same ``x``; MatMul and Gemm);
+- accumulated: the same tensor name in both models, each run on the same inputs (errors of earlier layers
+  included, so it grows with depth).
+
+Activations are captured through ONNX Runtime on the verification inputs, in bounded memory. Rows are ranked
+worst own error first (the layers to keep in higher precision), with plots (:mod:`qonnx.pipeline.report_files`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import html
-import json
 import math
 import os
-import urllib.parse
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from qonnx.core import modelfile, outputs, packing
+from qonnx.core import modelfile, packing
 from qonnx.core.errors import QonnxError, escape_name
-from qonnx.core.sizes import human_bytes
-from qonnx.passes.weights import find_weight_candidates
+from qonnx.passes.weights import WeightCandidate, find_weight_candidates
+from qonnx.pipeline.report_files import KINDS, REPORT_SUFFIXES, report_json, write_report
 from qonnx.runtime.capture import capture
 from qonnx.runtime.inputs import make_inputs
 from qonnx.runtime.session import make_session
 from qonnx.runtime.verify import text_token_ids
 
-__all__ = ["LayerReport", "layer_report", "write_report"]
+__all__ = [
+    "KINDS",
+    "REPORT_SUFFIXES",
+    "LayerReport",
+    "layer_report",
+    "projection_kind",
+    "report_json",
+    "short_label",
+    "write_report",
+]
 
 
 @dataclasses.dataclass
@@ -48,14 +61,61 @@ class LayerReport:
     bytes_before: int
     bytes_after: int
     index: int  # position in graph order
+    own_sqnr_db: float | None = None  # the output's SQNR with the input from the original model
+
+    @property
+    def name(self) -> str:
+        """The layer's full name: its module path, else its weight's or node's name."""
+        return self.module or self.weight or self.node
+
+    @property
+    def label(self) -> str:
+        """A short name for plots and tables: ``L3.q_proj`` for ``model.layers.3.self_attn.q_proj``."""
+        return short_label(self.name)
+
+    @property
+    def kind(self) -> str:
+        """The projection type (q, k, v, o, gate, up, down), else "other"."""
+        return projection_kind(self.name)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         d = dataclasses.asdict(self)
-        for k in ("weight_sqnr_db", "output_sqnr_db"):
+        for k in ("weight_sqnr_db", "output_sqnr_db", "own_sqnr_db"):
             if d[k] is not None:
                 d[k] = round(min(d[k], 999.0), 3)
         return d
+
+
+_KIND_OF = {
+    **dict.fromkeys(("q_proj", "q", "query", "wq", "q_lin"), "q"),
+    **dict.fromkeys(("k_proj", "k", "key", "wk", "k_lin"), "k"),
+    **dict.fromkeys(("v_proj", "v", "value", "wv", "v_lin"), "v"),
+    **dict.fromkeys(("o_proj", "out_proj", "wo", "out_lin"), "o"),
+    **dict.fromkeys(("gate_proj", "w1", "gate"), "gate"),
+    **dict.fromkeys(("up_proj", "w3", "up", "fc1", "c_fc", "lin1"), "up"),
+    **dict.fromkeys(("down_proj", "w2", "down", "fc2", "lin2"), "down"),
+}
+#: Trailing parts of a name that say nothing about the layer (an op type, the tensor's role).
+_TRAILING = re.compile(r"[./](weight|bias|kernel|MatMul\w*|Gemm\w*|Conv\w*)$")
+_BLOCK = re.compile(r"(?:^|[./])(?:layers|layer|h|blocks|block)[./](\d+)(?:[./].*)?[./]([^./]+)$")
+
+
+def short_label(name: str, limit: int = 28) -> str:
+    """``model.layers.3.self_attn.q_proj`` as ``L3.q_proj``; other names by their last part (``lm_head``)."""
+    while (m := _TRAILING.search(name)) is not None:
+        name = name[: m.start()]
+    block = _BLOCK.search(name)
+    label = f"L{block.group(1)}.{block.group(2)}" if block else re.split(r"[./]", name.strip("./"))[-1] or name
+    return label if len(label) <= limit else "…" + label[-(limit - 1) :]
+
+
+def projection_kind(name: str) -> str:
+    """The projection type of a layer name: one of :data:`KINDS`."""
+    last = short_label(name, limit=1 << 16).rsplit(".", 1)[-1].lower()
+    if last in ("dense", "c_proj"):  # the attention's output, or the MLP's down projection
+        return "o" if re.search(r"attn|attention", name) else "down"
+    return _KIND_OF.get(last, "other")
 
 
 def _sqnr(ref: np.ndarray, x: np.ndarray) -> float:
@@ -122,26 +182,50 @@ def _matmulnbits_weight(node: ir.Node) -> tuple[np.ndarray, int] | None:
     return w.T, nbytes
 
 
-def _quantized_weight(model: ir.Model, output: str) -> tuple[ir.Node, np.ndarray, int] | None:
-    """The node producing ``output`` in the quantized model and its dequantized weight, if quantized."""
-    producer = None
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if any(o.name == output for o in node.outputs):
-            producer = node
-            break
-    if producer is None:
-        return None
-    if producer.op_type == "Add":  # a bias added after MatMulNBits
+def _quantized_node(producers: dict[str, ir.Node], output: str) -> ir.Node | None:
+    """The node of the quantized model that computes ``output`` from a quantized weight, if any."""
+    producer = producers.get(output)
+    if producer is not None and producer.op_type == "Add":  # a bias added after MatMulNBits
         inner = producer.inputs[0].producer() if producer.inputs[0] is not None else None
         producer = inner if inner is not None else producer
+    if producer is None:
+        return None
     if producer.op_type == "MatMulNBits":
-        found = _matmulnbits_weight(producer)
-    elif producer.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose") and len(producer.inputs) > 1:
+        attrs = all(producer.attributes.get_int(a) is not None for a in ("K", "N", "block_size"))
+        return producer if attrs and _constants(producer, 1, 2) else None
+    if producer.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose") and len(producer.inputs) > 1:
         dq = producer.inputs[1].producer() if producer.inputs[1] is not None else None
-        found = _dequantize_linear(dq) if dq is not None and dq.op_type == "DequantizeLinear" else None
-    else:
-        found = None
-    return None if found is None else (producer, found[0], found[1])
+        return producer if dq is not None and dq.op_type == "DequantizeLinear" and _constants(dq, 0, 1) else None
+    return None
+
+
+def _constants(node: ir.Node, *slots: int) -> bool:
+    """Whether the node's inputs in ``slots`` are constants (their values are not read here)."""
+    values = [node.inputs[i] if i < len(node.inputs) else None for i in slots]
+    return all(v is not None and ir.convenience.get_const_tensor(v) is not None for v in values)
+
+
+def _quantized_weight(node: ir.Node) -> tuple[np.ndarray, int] | None:
+    """The dequantized weight of a node :func:`_quantized_node` found, as a MatMul/Gemm reads it, and its bytes."""
+    if node.op_type == "MatMulNBits":
+        return _matmulnbits_weight(node)
+    dq = node.inputs[1].producer() if node.inputs[1] is not None else None
+    found = _dequantize_linear(dq) if dq is not None else None
+    if found is None or node.op_type != "Gemm":
+        return found
+    w = found[0].T if node.attributes.get_int("transB", 0) else found[0]
+    return w * np.float32(node.attributes.get_float("alpha", 1.0)), found[1]
+
+
+def _own_noise(x: np.ndarray, w: np.ndarray, w_q: np.ndarray) -> float:
+    """Squared error of ``x @ w_q`` against ``x @ w``: the error the layer adds to an exact input."""
+    rows = x.reshape(-1, w.shape[0]).astype(np.float64)
+    e = rows @ (w.astype(np.float64) - w_q.astype(np.float64))
+    return float(np.sum(e * e))
+
+
+def _db(signal: float, noise: float) -> float:
+    return math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
 
 
 def layer_report(
@@ -151,200 +235,105 @@ def layer_report(
     device: str = "cpu",
     max_outputs: int = 32,
 ) -> list[LayerReport]:
-    """Per-layer figures, worst output SQNR first (layers whose output could not be captured last)."""
+    """Per-layer figures, worst own output SQNR first (then accumulated; layers without either last)."""
     orig_path, q_path = modelfile.resolve_model_path(original), modelfile.resolve_model_path(quantized)
     orig, qmodel = modelfile.load(orig_path), modelfile.load(q_path)
-    rows: list[LayerReport] = []
+    producers = {o.name: n for n in ir.traversal.RecursiveGraphIterator(qmodel.graph) for o in n.outputs if o.name}
+    found: list[tuple[int, WeightCandidate, ir.Node]] = []
     for index, cand in enumerate(find_weight_candidates(orig)):
         if cand.reason is not None or not cand.node.outputs:
             continue
-        out = cand.node.outputs[0].name or ""
-        found = _quantized_weight(qmodel, out)
-        if found is None:
-            continue
-        _node, w_q, nbytes = found
-        w = cand.channel_rows() if cand.axis is not None else cand.matrix()
-        w_q = np.moveaxis(w_q, cand.axis, 0).reshape(w.shape) if cand.axis is not None else w_q
-        rows.append(
-            LayerReport(
-                cand.node.name or "",
-                cand.module,
-                cand.node.op_type,
-                out,
-                cand.weight_name,
-                tuple(int(d) for d in cand.tensor().shape),
-                _sqnr(w, w_q),
-                None,
-                int(cand.tensor().nbytes),
-                nbytes,
-                index,
-            )
-        )
-        del w, w_q  # views of the memory-mapped file must go before it is unmapped
-        cand.release()
-    if not rows:
+        qnode = _quantized_node(producers, cand.node.outputs[0].name or "")
+        if qnode is not None:
+            found.append((index, cand, qnode))
+    if not found:
         raise QonnxError(f"{q_path}: holds no quantized layer that matches a layer of {orig_path}")
     ids = text_token_ids(orig_path.parent)
     feeds = [make_inputs(make_session(orig_path, device), token_ids=ids)]
-    names = [r.output for r in rows]
-    stats: dict[str, dict[str, float]] = {n: {"signal": 0.0, "noise": 0.0} for n in names}
-    refs: dict[str, np.ndarray] = {}
-
-    def keep_ref(values: dict[str, np.ndarray]) -> None:
-        refs.update(values)  # one batch: the reference values of this group, compared below
-
-    # Capture group by group in both models so that at most one group's tensors are held at once.
-    for start in range(0, len(names), max_outputs):
-        group = names[start : start + max_outputs]
-        refs.clear()
-        capture(orig_path, group, feeds, keep_ref, device=device)
-
-        def compare(values: dict[str, np.ndarray]) -> None:
-            for n, v in values.items():
-                r = refs[n].astype(np.float64).ravel()
-                e = r - v.astype(np.float64).ravel()
-                stats[n]["signal"] += float(np.dot(r, r))
-                stats[n]["noise"] += float(np.dot(e, e))
-
-        capture(q_path, group, feeds, compare, device=device)
-    for r in rows:
-        s = stats[r.output]
-        r.output_sqnr_db = math.inf if s["noise"] == 0 else 10 * math.log10(s["signal"] / s["noise"])
-    rows.sort(key=lambda r: (r.output_sqnr_db is None, r.output_sqnr_db if r.output_sqnr_db is not None else 0))
+    rows: list[LayerReport] = []
+    # Layer by layer in groups: at most one group's tensors (and one layer's weights) are held at once.
+    for start in range(0, len(found), max_outputs):
+        rows += _measure(orig_path, q_path, found[start : start + max_outputs], feeds, device)
+    rows.sort(key=_rank)
     return rows
 
 
-def _plot_paths(folder: Path, stem: str) -> tuple[Path, Path]:
-    """The PNGs beside a report: layers in graph order, and the worst layers."""
-    return folder / f"{stem}_layers.png", folder / f"{stem}_worst.png"
+def _measure(
+    orig_path: Path,
+    q_path: Path,
+    group: list[tuple[int, WeightCandidate, ir.Node]],
+    feeds: list[dict[str, np.ndarray]],
+    device: str,
+) -> list[LayerReport]:
+    """The rows of ``group``: the original's outputs and inputs captured, then the quantized model's outputs."""
+    refs: dict[str, list[np.ndarray]] = {}  # per name, one array per feed
+
+    def keep(values: dict[str, np.ndarray]) -> None:
+        for n, v in values.items():
+            refs.setdefault(n, []).append(v)
+
+    outs = [cand.node.outputs[0].name or "" for _, cand, _ in group]
+    ins = [_input_name(cand) for _, cand, _ in group]
+    capture(orig_path, [*outs, *(n for n in ins if n)], feeds, keep, device=device)
+    stats = {n: [0.0, 0.0] for n in outs}  # accumulated: signal, noise
+    batch = [0]  # which feed the quantized model's values come from
+
+    def compare(values: dict[str, np.ndarray]) -> None:
+        for n, v in values.items():
+            r = refs[n][batch[0]].astype(np.float64).ravel()
+            e = r - v.astype(np.float64).ravel()
+            stats[n][0] += float(np.dot(r, r))
+            stats[n][1] += float(np.dot(e, e))
+        batch[0] += 1
+
+    capture(q_path, outs, feeds, compare, device=device)
+    rows = []
+    for (index, cand, qnode), out, x_name in zip(group, outs, ins, strict=True):
+        rows.append(_row(index, cand, qnode, out, refs.get(out, []), refs.get(x_name, []) if x_name else []))
+        rows[-1].output_sqnr_db = _db(*stats[out])
+    return rows
 
 
-def _plots(rows: list[LayerReport], folder: Path, stem: str) -> list[Path]:
-    try:
-        import matplotlib  # heavy (about 1 s): only the plots need it
-    except ImportError as e:  # a dependency of qonnx: only a broken install lacks it
-        raise QonnxError(
-            f"the report's plots need matplotlib, which is missing here ({e}); pip install matplotlib"
-        ) from None
+def _input_name(cand: WeightCandidate) -> str | None:
+    """The activation a MatMul/Gemm multiplies by its weight (the own error is measured there); None for others."""
+    x = cand.node.inputs[0]
+    return (x.name or None) if cand.axis is None and x is not None else None
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # heavy, as above
 
-    by_order = sorted(rows, key=lambda r: r.index)
-    fig, ax = plt.subplots(figsize=(10, 3.5))
-    ax.plot(
-        [np.nan if r.output_sqnr_db is None else r.output_sqnr_db for r in by_order],
-        marker=".",
-        label="output SQNR (dB)",
+def _row(
+    index: int, cand: WeightCandidate, qnode: ir.Node, out: str, y: list[np.ndarray], x: list[np.ndarray]
+) -> LayerReport:
+    """One layer's figures from its weights and its captured input and output in the original model."""
+    weight = _quantized_weight(qnode)
+    if weight is None:
+        raise QonnxError(f"{escape_name(qnode.name)}: its quantized weight could not be read")
+    w_q, nbytes = weight
+    w = cand.channel_rows() if cand.axis is not None else cand.matrix()
+    w_q = np.moveaxis(w_q, cand.axis, 0).reshape(w.shape) if cand.axis is not None else w_q
+    own = None
+    if x and y and w.shape == w_q.shape:
+        signal = sum(float(np.sum(v.astype(np.float64) ** 2)) for v in y)
+        own = _db(signal, sum(_own_noise(v, w, w_q) for v in x))
+    row = LayerReport(
+        cand.node.name or "",
+        cand.module,
+        cand.node.op_type,
+        out,
+        cand.weight_name,
+        tuple(int(d) for d in cand.tensor().shape),
+        _sqnr(w, w_q),
+        None,
+        int(cand.tensor().nbytes),
+        nbytes,
+        index,
+        own,
     )
-    ax.plot([r.weight_sqnr_db for r in by_order], marker=".", alpha=0.6, label="weight SQNR (dB)")
-    ax.set_xlabel("quantized layer, in graph order")
-    ax.set_ylabel("dB")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    order_png, worst_png = _plot_paths(folder, stem)
-    fig.savefig(order_png, dpi=110)
-    plt.close(fig)
-    worst = rows[: min(6, len(rows))]
-    fig, axes = plt.subplots(1, len(worst), figsize=(3 * len(worst), 2.6), squeeze=False)
-    for ax, r in zip(axes[0], worst, strict=False):
-        ax.barh([0, 1], [r.weight_sqnr_db, r.output_sqnr_db or 0], color=["#888", "#c33"])
-        ax.set_yticks([0, 1], ["weight", "output"])
-        name = escape_name(r.module or r.weight or r.node)[-28:]
-        ax.set_title(name.replace("$", r"\$"), fontsize=8)  # a "$" would start matplotlib's math mode
-        ax.set_xlabel("SQNR dB", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(worst_png, dpi=110)
-    plt.close(fig)
-    return [order_png, worst_png]
+    del w, w_q  # views of the memory-mapped file must go before it is unmapped
+    cand.release()
+    return row
 
 
-def write_report(rows: list[LayerReport], path: str | os.PathLike, *, title: str) -> list[Path]:
-    """Write ``rows`` as Markdown (.md) or HTML (.html) with PNG plots beside it; returns the files.
-
-    A report that fails leaves none of its files and none of the folders it created.
-    """
-    out = Path(path)
-    if out.suffix not in (".md", ".html"):
-        raise QonnxError(f"{out}: the report must end in .md or .html")
-    created = outputs.make_folder(out.parent)
-    new = [p for p in (out, *_plot_paths(out.parent, out.stem)) if not os.path.lexists(p)]
-    try:
-        return _write_report(rows, out, title)
-    except BaseException:
-        for p in new:
-            p.unlink(missing_ok=True)
-        outputs.remove_folders(created)
-        raise
-
-
-def _write_report(rows: list[LayerReport], out: Path, title: str) -> list[Path]:
-    pngs = _plots(rows, out.parent, out.stem)
-    header = ["rank", "layer", "op", "weight shape", "output SQNR dB", "weight SQNR dB", "size before", "size after"]
-    body = [
-        [
-            str(i + 1),
-            escape_name(r.module or r.weight or r.node),
-            escape_name(r.op_type),
-            "x".join(map(str, r.shape)),
-            "n/a" if r.output_sqnr_db is None else f"{r.output_sqnr_db:.1f}",
-            f"{r.weight_sqnr_db:.1f}",
-            human_bytes(r.bytes_before),
-            human_bytes(r.bytes_after),
-        ]
-        for i, r in enumerate(rows)
-    ]
-    before, after = sum(r.bytes_before for r in rows), sum(r.bytes_after for r in rows)
-    summary = (
-        f"{len(rows)} quantized layers, worst output first; weights {human_bytes(before)} -> {human_bytes(after)}. "
-        "Output SQNR: the layer's output activation in the quantized model against the original, on the "
-        "same inputs (errors of earlier layers included). The worst layers are the ones to keep in "
-        "higher precision (`qonnx quantize --exclude REGEX`, or `--target-bits` for 8 bits where it matters most)."
-    )
-    title = escape_name(title)
-    if out.suffix == ".md":
-        lines = [
-            f"# {_markdown(title)}",
-            "",
-            summary,
-            "",
-            *[f"![{_markdown(p.stem)}]({urllib.parse.quote(p.name)})" for p in pngs],
-            "",
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
-        ]
-        lines += ["| " + " | ".join(map(_markdown, row)) + " |" for row in body]
-        out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    else:
-        cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
-        imgs = "".join(
-            f'<img src="{html.escape(urllib.parse.quote(p.name))}" alt="{html.escape(p.stem)}">' for p in pngs
-        )
-        out.write_text(
-            f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
-            f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>{imgs}"
-            f"<table border=1 cellspacing=0 cellpadding=3><tr>{cells}</tr>{trs}</table>\n",
-            encoding="utf-8",
-        )
-    return [out, *pngs]
-
-
-#: Characters that Markdown (GitHub's included) would read as markup in a table cell or a heading.
-_MARKDOWN = str.maketrans(
-    {"&": "&amp;", "<": "&lt;", ">": "&gt;", **{c: "\\" + c for c in "\\`*_[]()!|~#$"}}
-)
-
-
-def _markdown(text: str) -> str:
-    """``text`` (a name from the model, already one printable line) as literal Markdown text.
-
-    No raw HTML (``<script>``, ``<img onerror>``), no link or image, no ``|`` that would end a table cell.
-    """
-    return text.translate(_MARKDOWN)
-
-
-def report_json(rows: list[LayerReport]) -> str:
-    """The rows as JSON."""
-    return json.dumps([r.to_dict() for r in rows], indent=2)
+def _rank(r: LayerReport) -> tuple[bool, float]:
+    """Worst own error first; a layer without one (a convolution) by its accumulated error."""
+    value = r.own_sqnr_db if r.own_sqnr_db is not None else r.output_sqnr_db
+    return (value is None, value if value is not None else 0.0)

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 import qonnx
 from qonnx.cli import cli
 from qonnx.models import build_decoder_stack
-from qonnx.pipeline.report import layer_report, write_report
+from qonnx.pipeline.report import layer_report, projection_kind, short_label, write_report
 
 
 @pytest.fixture
@@ -51,13 +51,17 @@ def test_report_files_and_cli(pair):
     res = CliRunner().invoke(cli, ["report", str(src), str(tmp / "q.onnx"), "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
-    assert len(data) == 11 and data[0]["output_sqnr_db"] <= data[-1]["output_sqnr_db"]
+    own = [d["own_sqnr_db"] for d in data]
+    assert len(data) == 11 and own == sorted(own)  # worst own error first
     res = CliRunner().invoke(cli, ["report", str(src), str(tmp / "q.onnx"), "-o", str(tmp / "r.md")])
     assert res.exit_code == 0 and (tmp / "r.md").read_text().startswith("# ")
     text = (tmp / "r.md").read_text()
     assert (
         re.search(r"weights \d+\.\d (KiB|MiB) -> \d+\.\d (KiB|MiB)\.", text) and " bytes" not in text
     )  # sizes for people
+    assert "| own SQNR dB | accumulated SQNR dB |" in text and "| 1 | layers." in text
+    page = (tmp / "r" / "report.html").read_text()
+    assert "<style>" in page and "<th>own SQNR dB</th>" in page and " bytes" not in page
 
 
 def test_report_reads_float_zero_points(pair):
@@ -77,3 +81,45 @@ def test_report_on_unrelated_models_is_a_clear_error(pair):
     src, _ = pair
     with pytest.raises(QonnxError, match="no quantized layer"):
         layer_report(src, src)
+
+
+def test_own_error_is_the_layers_alone(pair):
+    """Own: the input from the original model. Damage the first layers' MLP: the accumulated error of every layer
+    after it collapses, the own error of each of those stays what it was; the damaged layer ranks first."""
+    src, tmp = pair
+    qonnx.quantize(src, qonnx.W4A16(block_size=32), output=tmp / "q.onnx", verify=False)
+    good = {r.weight: r for r in layer_report(src, tmp / "q.onnx")}
+    first = min(good.values(), key=lambda r: r.index)  # its input is the same in both models: own = accumulated
+    assert first.own_sqnr_db == pytest.approx(first.output_sqnr_db, abs=0.2)
+    later = [r for r in good.values() if "layers.1." in r.weight]
+    assert all(r.own_sqnr_db > r.output_sqnr_db + 1 for r in later)  # errors carried from layer 0
+    m = onnx.load(tmp / "q.onnx")
+    target = next(i for i in m.graph.initializer if "layers.0.mlp.down_proj" in i.name and i.data_type == 2)
+    arr = numpy_helper.to_array(target)
+    target.CopyFrom(
+        numpy_helper.from_array(np.random.default_rng(0).permutation(arr.ravel()).reshape(arr.shape), target.name)
+    )
+    onnx.save(m, tmp / "bad.onnx")
+    bad = layer_report(src, tmp / "bad.onnx")
+    assert "layers.0.mlp.down_proj" in bad[0].weight
+    for r in bad:
+        if "layers.1." in r.weight:
+            assert r.own_sqnr_db == pytest.approx(good[r.weight].own_sqnr_db, abs=1e-6)
+            assert r.output_sqnr_db < good[r.weight].output_sqnr_db - 3
+
+
+@pytest.mark.parametrize(
+    ("name", "label", "kind"),
+    [
+        ("model.layers.3.self_attn.q_proj", "L3.q_proj", "q"),
+        ("model.layers.12.mlp.down_proj", "L12.down_proj", "down"),
+        ("/model/layers.0/self_attn/o_proj/MatMul", "L0.o_proj", "o"),
+        ("layers.1.mlp.gate_proj.weight", "L1.gate_proj", "gate"),
+        ("transformer.h.11.attn.c_proj", "L11.c_proj", "o"),
+        ("transformer.h.11.mlp.c_proj", "L11.c_proj", "down"),
+        ("model.lm_head", "lm_head", "other"),
+        ("node_linear_5", "node_linear_5", "other"),
+    ],
+)
+def test_short_labels_and_projection_types(name, label, kind):
+    assert (short_label(name), projection_kind(name)) == (label, kind)

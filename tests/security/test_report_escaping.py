@@ -63,7 +63,7 @@ def test_markdown_report_is_text(tmp_path, models, capfd):
         assert raw not in text, text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(rows) == 3  # header and two layers
-    assert all(len(re.findall(r"(?<!\\)\|", row)) == 9 for row in rows), rows  # 8 columns: no cell split
+    assert all(len(re.findall(r"(?<!\\)\|", row)) == 11 for row in rows), rows  # 10 columns: no cell split
     assert "&lt;script&gt;alert\\(1\\)&lt;/script&gt;\\|x" in text
     images = re.findall(r"!\[[^\n]*?\]\(([^)\s]+)\)", text)
     assert len(images) == 2 and all("%3C" in src and "%20" in src for src in images), images
@@ -75,7 +75,7 @@ def test_html_report_is_text(tmp_path, models, capfd):
     parser = _Tags()
     parser.feed(out.read_text(encoding="utf-8"))
     tags = {tag for tag, _ in parser.tags}
-    assert tags <= {"meta", "title", "h1", "p", "img", "table", "tr", "th", "td"}, tags
+    assert tags <= {"meta", "title", "style", "h1", "p", "img", "table", "thead", "tbody", "tr", "th", "td"}, tags
     images = [attrs for tag, attrs in parser.tags if tag == "img"]
     assert len(images) == 2 and all(set(a) == {"src", "alt"} for a in images), images
     assert all((tmp_path / a["alt"]).with_suffix(".png").is_file() for a in images)
