@@ -63,7 +63,9 @@ def read_kept_weights(path: str | os.PathLike) -> GGUFWeights:
         type_name = t.tensor_type.name
         types[t.name] = type_name
         if type_name not in KEPT_TYPES:
-            other[t.name] = type_name if type_name in ("F32", "F16", "BF16") else f"{type_name} (no exact MatMulNBits form)"
+            other[t.name] = (
+                type_name if type_name in ("F32", "F16", "BF16") else f"{type_name} (no exact MatMulNBits form)"
+            )
             continue
         if len(t.shape) != 2:
             other[t.name] = f"{type_name} with {len(t.shape)} dimensions"

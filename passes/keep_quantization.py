@@ -48,6 +48,7 @@ class KeptLayer:
     k: int
     n: int
     node: str = ""  # the MatMulNBits node, once emitted
+    nbytes: int = 0  # bytes of its codes, float16 scales and minimums in the model
 
 
 def _fingerprint(k: int, n: int, first: np.ndarray) -> tuple:
@@ -69,6 +70,7 @@ class KeepQuantizationPass(ir.passes.InPlacePass):
         self.layers: list[KeptLayer] = []
         self.records: list[LayerRecord] = []
         self.unmatched: list[str] = []
+        self.matched: dict[str, str] = {}  # weight name in the export -> GGUF tensor name
 
     def _match(self, model: ir.Model) -> list[tuple[WeightCandidate, KeptMatrix, KeptLayer]]:
         index: dict[tuple, list[str]] = {}
@@ -93,12 +95,15 @@ class KeepQuantizationPass(ir.passes.InPlacePass):
             del w
             cand.release()
         self.unmatched = [name for name in self.kept if name not in used]
+        self.matched = {layer.weight: layer.tensor for _, _, layer in found}
         return found
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Match, emit the codes through the weight-only pass, then add Q4_1's offsets and the float16 storage."""
         found = self._match(model)
-        configs = {layer.weight: WeightOnlyConfig(bits=km.bits, block_size=BLOCK, symmetric=True) for _, km, layer in found}
+        configs = {
+            layer.weight: WeightOnlyConfig(bits=km.bits, block_size=BLOCK, symmetric=True) for _, km, layer in found
+        }
         weights = QuantizeWeightsPass(Targets(None, configs))
         by_weight = {layer.weight: (km, layer) for _, km, layer in found}
         outputs: dict[str, tuple[KeptMatrix, KeptLayer]] = {}
@@ -119,14 +124,22 @@ class KeepQuantizationPass(ir.passes.InPlacePass):
             layer.node = node.name or ""
             self.layers.append(layer)
             scales = _float16_storage(model.graph, node, names)
+            layer.nbytes = _nbytes(node.inputs[1]) + _nbytes(scales.producer().inputs[0])  # type: ignore[union-attr]
             if km.minimum is not None:
-                _add_offset(model.graph, node, km, scales, names, shared)
+                layer.nbytes += _add_offset(model.graph, node, km, scales, names, shared)
         if self.layers:
             ir.passes.common.TopologicalSortPass()(model)
         return ir.passes.PassResult(model, modified=result.modified)
 
 
-def _constant(graph: ir.Graph, name: str, array: np.ndarray, names: set[str], shared: dict[tuple, ir.Value]) -> ir.Value:
+def _nbytes(value: ir.Value | None) -> int:
+    """Bytes of an initializer's data."""
+    return int(value.const_value.nbytes) if value is not None and value.const_value is not None else 0
+
+
+def _constant(
+    graph: ir.Graph, name: str, array: np.ndarray, names: set[str], shared: dict[tuple, ir.Value]
+) -> ir.Value:
     """A small initializer shared by every node that needs the same values."""
     key = ("const", array.dtype.str, array.shape, array.tobytes())
     if key not in shared:
@@ -154,8 +167,8 @@ def _add_offset(
     scales: ir.Value,
     names: set[str],
     shared: dict[tuple, ir.Value],
-) -> None:
-    """Add Q4_1's ``ReduceSum(x over blocks) @ (m + 8 d)`` to the MatMulNBits output (``m`` stored float16)."""
+) -> int:
+    """Add Q4_1's ``ReduceSum(x over blocks) @ (m + 8 d)`` to the MatMulNBits output (``m`` stored float16); its bytes."""
     x, y0 = node.inputs[0], node.outputs[0]
     assert x is not None and km.minimum is not None
     nb = km.shape[1] // BLOCK
@@ -201,3 +214,4 @@ def _add_offset(
     y.name, y0.name = y0.name, unique_name(f"{y0.name}_codes", names)
     y.shape, y.type = y0.shape, y0.type
     graph.insert_after(node, new)
+    return _nbytes(m16)

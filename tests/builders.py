@@ -406,7 +406,9 @@ def _gguf_permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tiny_llama_gguf(path: Path, linear: str = "Q4_0", embedding: str = "Q8_0", *, seed: int = 0, tied: bool = True) -> Path:
+def tiny_llama_gguf(
+    path: Path, linear: str = "Q4_0", embedding: str = "Q8_0", *, seed: int = 0, tied: bool = True
+) -> Path:
     """A random tiny Llama (2 layers, hidden 64, MLP 128, 4 query / 2 KV heads, vocab 128) written as GGUF.
 
     Linear weights are quantized to ``linear``, the embedding (and the lm_head when untied) to ``embedding``
