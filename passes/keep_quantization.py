@@ -168,7 +168,7 @@ def _add_offset(
     names: set[str],
     shared: dict[tuple, ir.Value],
 ) -> int:
-    """Add Q4_1's ``ReduceSum(x over blocks) @ (m + 8 d)`` to the MatMulNBits output (``m`` stored float16); its bytes."""
+    """Add Q4_1's ``ReduceSum(x over blocks) @ (m + 8 d)`` to the MatMulNBits output; the bytes of ``m`` (float16)."""
     x, y0 = node.inputs[0], node.outputs[0]
     assert x is not None and km.minimum is not None
     nb = km.shape[1] // BLOCK

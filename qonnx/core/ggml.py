@@ -95,7 +95,7 @@ def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Ke
     if type_name not in KEPT_TYPES:
         raise ValueError(f"GGML type {type_name} is not kept (kept: {', '.join(KEPT_TYPES)})")
     n, k = shape
-    size, bits = KEPT_TYPES[type_name]
+    size = KEPT_TYPES[type_name][0]
     if k % BLOCK:
         raise ValueError(f"{type_name} rows of {k} weights are not whole blocks of {BLOCK}")
     if raw.size != n * (k // BLOCK) * size:
