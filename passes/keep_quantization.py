@@ -29,10 +29,11 @@ from qonnx.core import formats
 from qonnx.core.config import WeightOnlyConfig
 from qonnx.core.ggml import BLOCK, KeptMatrix
 from qonnx.core.schemes import Targets
+from qonnx.core.sizes import human_bytes
 from qonnx.passes import nodes
 from qonnx.passes.activations import unique_name
 from qonnx.passes.weight_only import QuantizeWeightsPass, all_value_names
-from qonnx.passes.weight_plan import LayerRecord, act_dtype, share_key
+from qonnx.passes.weight_plan import LayerRecord, act_dtype, float_reader, share_key
 from qonnx.passes.weights import WeightCandidate, find_weight_candidates
 
 __all__ = ["KeepQuantizationPass", "KeptLayer"]
@@ -59,14 +60,18 @@ def _fingerprint(k: int, n: int, first: np.ndarray) -> tuple:
 class KeepQuantizationPass(ir.passes.InPlacePass):
     """Replace every float weight that a kept GGUF tensor dequantizes to, bit for bit, by that tensor's codes.
 
-    After the pass :attr:`layers` lists the kept weights, :attr:`records` the weight-only pass's records
-    (a matched weight it left float says why, e.g. a tied embedding's table that a Gather also reads) and
+    After the pass :attr:`layers` lists the kept weights, :attr:`records` the weight-only pass's records,
+    :attr:`tied` the matched tensors left float because another node reads the same table in float (a tied
+    embedding's Gather: a kept copy would add bytes; ``keep_tied=True`` keeps it, for a faster lm_head) and
     :attr:`unmatched` the kept tensors no weight of the graph equals.
     """
 
-    def __init__(self, kept: Mapping[str, KeptMatrix]) -> None:
+    def __init__(self, kept: Mapping[str, KeptMatrix], *, keep_tied: bool = False) -> None:
         super().__init__()
         self.kept = kept
+        self.keep_tied = keep_tied
+        #: GGUF tensor -> why its match stays float: a tied table that another node reads in float anyway.
+        self.tied: dict[str, str] = {}
         self.layers: list[KeptLayer] = []
         self.records: list[LayerRecord] = []
         self.unmatched: list[str] = []
@@ -96,7 +101,22 @@ class KeepQuantizationPass(ir.passes.InPlacePass):
             cand.release()
         self.unmatched = [name for name in self.kept if name not in used]
         self.matched = {layer.weight: layer.tensor for _, _, layer in found}
-        return found
+        if self.keep_tied:
+            return found
+        chosen = {id(cand.node) for cand, _, _ in found}
+        untied = []
+        for cand, km, layer in found:
+            assert cand.source is not None
+            reader = float_reader(cand.source, chosen)
+            if reader is None:
+                untied.append((cand, km, layer))
+                continue
+            added = km.codes.size * km.bits // 8 + 2 * km.scale.size * (1 if km.minimum is None else 2)
+            self.tied[layer.tensor] = (
+                f"tied: the float table stays for {reader}, so keeping the copy the MatMul reads would add "
+                f"{human_bytes(added)} (keep_tied=True keeps it)"
+            )
+        return untied
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Match, emit the codes through the weight-only pass, then add Q4_1's offsets and the float16 storage."""

@@ -144,7 +144,7 @@ def export_kept(
         if name in kept_names:
             continue
         readers = [w for w, t in keep.matched.items() if t == name]
-        why = "; ".join(left.get(w, "left float") for w in readers)
+        why = keep.tied.get(name) or "; ".join(left.get(w, "left float") for w in readers)
         float_tensors[name] = f"{weights.types[name]}, " + (
             why or "no MatMul/Gemm weight of the export equals it (an embedding table, or moved by the loader)"
         )
