@@ -20,6 +20,7 @@ those of the GGUF type: Q4_0 4.5, Q4_1 5.0, Q8_0 8.5.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -49,7 +50,7 @@ class KeptLayer:
     k: int
     n: int
     node: str = ""  # the MatMulNBits node, once emitted
-    nbytes: int = 0  # bytes of its codes, float16 scales and minimums in the model
+    nbytes: int = 0  # bytes of its codes, float16 scales and minimums in the model (as in the GGUF)
 
 
 def _fingerprint(k: int, n: int, first: np.ndarray) -> tuple:
@@ -111,10 +112,9 @@ class KeepQuantizationPass(ir.passes.InPlacePass):
             if reader is None:
                 untied.append((cand, km, layer))
                 continue
-            added = km.codes.size * km.bits // 8 + 2 * km.scale.size * (1 if km.minimum is None else 2)
             self.tied[layer.tensor] = (
                 f"tied: the float table stays for {reader}, so keeping the copy the MatMul reads would add "
-                f"{human_bytes(added)} (keep_tied=True keeps it)"
+                f"{human_bytes(km.nbytes)} (keep_tied=True keeps it)"
             )
         return untied
 
@@ -126,35 +126,45 @@ class KeepQuantizationPass(ir.passes.InPlacePass):
         }
         weights = QuantizeWeightsPass(Targets(None, configs))
         by_weight = {layer.weight: (km, layer) for _, km, layer in found}
-        outputs: dict[str, tuple[KeptMatrix, KeptLayer]] = {}
+        # The emitted nodes are found again by their codes (a Gemm's run-time C renames the output, subgraphs...).
+        by_codes: dict[bytes, KeptMatrix] = {}
         for cand, cfg, _ in weights.plan(model):
             if cfg is None or cand.weight_name not in by_weight:
                 continue
-            km, layer = by_weight[cand.weight_name]
-            weights.presolved[share_key(cand, cfg)] = formats.emit(km.symmetric(), "matmulnbits", np.dtype(np.float32))
-            outputs[cand.node.outputs[0].name or ""] = (km, layer)
+            km, _ = by_weight[cand.weight_name]
+            qw = formats.emit(km.symmetric(), "matmulnbits", np.dtype(np.float32))
+            weights.presolved[share_key(cand, cfg)] = qw
+            by_codes[_digest(qw.arrays["B"])] = km
         result = weights(model)
         self.records = weights.records
+        for record in self.records:
+            if record.quantized and record.weight in by_weight and record.shared_with is None:
+                km, layer = by_weight[record.weight]
+                layer.node, layer.nbytes = record.node, km.nbytes
+                self.layers.append(layer)
         names = all_value_names(model)
         shared: dict[tuple, ir.Value] = {}
-        for node in list(model.graph):
-            if node.op_type != "MatMulNBits" or node.outputs[0].name not in outputs:
-                continue
-            km, layer = outputs[node.outputs[0].name]
-            layer.node = node.name or ""
-            self.layers.append(layer)
-            scales = _float16_storage(model.graph, node, names)
-            layer.nbytes = _nbytes(node.inputs[1]) + _nbytes(scales.producer().inputs[0])  # type: ignore[union-attr]
-            if km.minimum is not None:
-                layer.nbytes += _add_offset(model.graph, node, km, scales, names, shared)
+        for graph in model.graphs():
+            for node in list(graph):
+                b = node.inputs[1] if node.op_type == "MatMulNBits" and len(node.inputs) > 2 else None
+                km = (
+                    by_codes.get(_digest(b.const_value.numpy()))
+                    if b is not None and b.const_value is not None
+                    else None
+                )
+                if km is None:
+                    continue
+                scales = _float16_storage(graph, node, names, shared)
+                if km.minimum is not None:
+                    _add_offset(graph, node, km, scales, names, shared)
         if self.layers:
             ir.passes.common.TopologicalSortPass()(model)
         return ir.passes.PassResult(model, modified=result.modified)
 
 
-def _nbytes(value: ir.Value | None) -> int:
-    """Bytes of an initializer's data."""
-    return int(value.const_value.nbytes) if value is not None and value.const_value is not None else 0
+def _digest(codes: np.ndarray) -> bytes:
+    """What tells one layer's packed codes from another's."""
+    return hashlib.sha256(np.ascontiguousarray(codes).tobytes()).digest() + repr(codes.shape).encode()
 
 
 def _constant(
@@ -167,17 +177,21 @@ def _constant(
     return shared[key]
 
 
-def _float16_storage(graph: ir.Graph, node: ir.Node, names: set[str]) -> ir.Value:
+def _float16_storage(graph: ir.Graph, node: ir.Node, names: set[str], shared: dict[tuple, ir.Value]) -> ir.Value:
     """Store the node's float32 scales (exactly float16, GGUF's ``d``) as float16, widened by a Cast; its output."""
     old = node.inputs[2]
     assert old is not None and old.const_value is not None
-    d16 = nodes.initializer(graph, f"{old.name}_f16", old.const_value.numpy().astype(np.float16), names)
-    cast = ir.node("Cast", [d16], {"to": ir.DataType.FLOAT}, name=unique_name(f"{old.name}_Cast", names))
-    cast.outputs[0].name = unique_name(f"{old.name}_f32", names)
-    graph.insert_before(node, cast)
-    node.replace_input_with(2, cast.outputs[0])
-    graph.initializers.pop(old.name or "")
-    return cast.outputs[0]
+    key = ("scales", id(old))
+    if key not in shared:  # one weight read by several nodes: one float16 copy
+        d16 = nodes.initializer(graph, f"{old.name}_f16", old.const_value.numpy().astype(np.float16), names)
+        cast = ir.node("Cast", [d16], {"to": ir.DataType.FLOAT}, name=unique_name(f"{old.name}_Cast", names))
+        cast.outputs[0].name = unique_name(f"{old.name}_f32", names)
+        graph.insert_before(node, cast)
+        shared[key] = cast.outputs[0]
+    node.replace_input_with(2, shared[key])
+    if not old.uses() and old.graph is not None and old.name in old.graph.initializers:
+        old.graph.initializers.pop(old.name)
+    return shared[key]
 
 
 def _add_offset(
@@ -187,8 +201,8 @@ def _add_offset(
     scales: ir.Value,
     names: set[str],
     shared: dict[tuple, ir.Value],
-) -> int:
-    """Add Q4_1's ``ReduceSum(x over blocks) @ (m + 8 d)`` to the MatMulNBits output; the bytes of ``m`` (float16)."""
+) -> None:
+    """Add Q4_1's ``ReduceSum(x over blocks) @ (m + 8 d)`` to the MatMulNBits output (``m`` stored float16)."""
     x, y0 = node.inputs[0], node.outputs[0]
     assert x is not None and km.minimum is not None
     nb = km.shape[1] // BLOCK
@@ -210,15 +224,18 @@ def _add_offset(
         total = ir.node("ReduceSum", [blocks.outputs[0], axes], {"keepdims": 0})
         new += [blocks, total]
         shared[key] = total.outputs[0]
-    m16 = nodes.initializer(graph, f"{base}_block_min_f16", np.ascontiguousarray(km.minimum.T), names)
-    eight = _constant(graph, "kept_eight", np.array(8.0, np.float32), names, shared)
-    m32 = ir.node("Cast", [m16], {"to": ir.DataType.FLOAT})
-    d_t = ir.node("Transpose", [scales], {"perm": [1, 0]})
-    d8 = ir.node("Mul", [d_t.outputs[0], eight])
-    offset = ir.node("Add", [m32.outputs[0], d8.outputs[0]])
-    correction = ir.node("MatMul", [shared[key], offset.outputs[0]])
+    if ("offset", id(km)) not in shared:  # one weight read by several nodes: one offset
+        m16 = nodes.initializer(graph, f"{base}_block_min_f16", np.ascontiguousarray(km.minimum.T), names)
+        eight = _constant(graph, "kept_eight", np.array(8.0, np.float32), names, shared)
+        m32 = ir.node("Cast", [m16], {"to": ir.DataType.FLOAT})
+        d_t = ir.node("Transpose", [scales], {"perm": [1, 0]})
+        d8 = ir.node("Mul", [d_t.outputs[0], eight])
+        offset = ir.node("Add", [m32.outputs[0], d8.outputs[0]])
+        new += [m32, d_t, d8, offset]
+        shared[("offset", id(km))] = offset.outputs[0]
+    correction = ir.node("MatMul", [shared[key], shared[("offset", id(km))]])
     total_out = ir.node("Add", [y0, correction.outputs[0]], name=unique_name(f"{base}_block_min", names))
-    new += [m32, d_t, d8, offset, correction, total_out]
+    new += [correction, total_out]
     for i, n in enumerate(new):
         if not n.name:
             n.name = unique_name(f"{base}_block_min_{n.op_type}_{i}", names)
@@ -234,4 +251,3 @@ def _add_offset(
     y.name, y0.name = y0.name, unique_name(f"{y0.name}_codes", names)
     y.shape, y.type = y0.shape, y0.type
     graph.insert_after(node, new)
-    return _nbytes(m16)

@@ -55,6 +55,12 @@ class KeptMatrix:
         """(N, K) as GGUF stores the weight."""
         return (int(self.codes.shape[0]), int(self.codes.shape[1]))
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the codes, float16 scales and minimums: the GGUF tensor's own size."""
+        extra = 0 if self.minimum is None else self.minimum.nbytes
+        return self.codes.size * self.bits // 8 + self.scale.nbytes + extra
+
     def rows(self, order: np.ndarray) -> KeptMatrix:
         """The same weight with its rows (output features) in ``order``: whole blocks move, nothing is rounded."""
         m = None if self.minimum is None else self.minimum[order]

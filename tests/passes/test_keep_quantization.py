@@ -110,3 +110,36 @@ def test_a_tied_table_stays_float_unless_asked(keep_tied):
     else:
         assert "MatMulNBits" not in ops and [layer.tensor for layer in keep.layers] == []
         assert "tied: the float table stays for Gather 'embed'" in keep.tied["token_embd.weight"]
+
+
+def test_gemm_with_bias_and_a_shared_weight():
+    """Gemm (transB, constant bias) and two MatMuls reading one Q4_1 weight: each output gets its offset."""
+    q41, w41 = _kept("Q4_1", 7)
+    bias = np.random.default_rng(8).standard_normal(N).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(w41, "w_nk"),
+        numpy_helper.from_array(np.ascontiguousarray(w41.T), "w_kn"),
+        numpy_helper.from_array(bias, "bias"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w_nk", "bias"], ["y0"], transB=1, name="gemm"),
+        helper.make_node("MatMul", ["x", "w_kn"], ["y1"], name="mm_a"),
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w_kn"], ["y2"], name="mm_b"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", K])
+    outs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["m", N]) for i in range(3)]
+    proto = helper.make_model(
+        helper.make_graph(nodes, "g", [x], outs, inits), opset_imports=[helper.make_opsetid("", 21)], ir_version=10
+    )
+    model = ir.serde.deserialize_model(proto)
+    keep = KeepQuantizationPass({"c": q41})
+    keep(model)
+    assert [n.op_type for n in model.graph].count("MatMulNBits") == 3
+    assert {layer.weight for layer in keep.layers} == {"w_nk", "w_kn"}
+    xv = np.random.default_rng(9).standard_normal((3, K)).astype(np.float32)
+    session = ort.InferenceSession(to_bytes(model), providers=["CPUExecutionProvider"])
+    y0, y1, y2 = session.run(None, {"x": xv})
+    np.testing.assert_allclose(y0, xv @ w41.T + bias, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y1, xv @ w41.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y2, np.maximum(xv, 0) @ w41.T, rtol=1e-5, atol=1e-5)
