@@ -147,13 +147,14 @@ class KeepQuantizationPass(ir.passes.InPlacePass):
         for graph in model.graphs():
             for node in list(graph):
                 b = node.inputs[1] if node.op_type == "MatMulNBits" and len(node.inputs) > 2 else None
-                km = (
+                found_km = (
                     by_codes.get(_digest(b.const_value.numpy()))
                     if b is not None and b.const_value is not None
                     else None
                 )
-                if km is None:
+                if found_km is None:
                     continue
+                km = found_km
                 scales = _float16_storage(graph, node, names, shared)
                 if km.minimum is not None:
                     _add_offset(graph, node, km, scales, names, shared)
@@ -189,7 +190,7 @@ def _float16_storage(graph: ir.Graph, node: ir.Node, names: set[str], shared: di
         graph.insert_before(node, cast)
         shared[key] = cast.outputs[0]
     node.replace_input_with(2, shared[key])
-    if not old.uses() and old.graph is not None and old.name in old.graph.initializers:
+    if not old.uses() and old.graph is not None and old.name and old.name in old.graph.initializers:
         old.graph.initializers.pop(old.name)
     return shared[key]
 
