@@ -27,6 +27,7 @@ __all__ = [
     "ENCODER_NAME",
     "ENCODER_TYPES",
     "reference_model_path",
+    "gguf_source",
     "reference_encoder_path",
     "is_encoder_config",
     "source_is_encoder",
@@ -116,6 +117,16 @@ def _resolve_source(source: str | os.PathLike) -> tuple[Path, str | None]:
         names = ", ".join(p.name for p in ggufs)
         raise ModelLoadError(f"{path}: holds several .gguf files ({names}); name the one to use")
     raise ModelLoadError(f"{path}: holds neither config.json (a Hugging Face model) nor a .gguf file")
+
+
+def gguf_source(source: str | os.PathLike) -> Path | None:
+    """The GGUF file a source names (a .gguf file, a folder holding one, "smollm2"), or None for a folder.
+
+    Raises:
+        ModelLoadError: the source does not exist, or a folder holds several .gguf files.
+    """
+    folder, gguf = _resolve_source(source)
+    return folder / gguf if gguf else None
 
 
 #: A GGUF file's header: the magic, a version, the tensor and metadata counts (GGUF v2 and v3).

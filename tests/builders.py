@@ -6,6 +6,7 @@ import json
 import string
 from pathlib import Path
 
+import gguf
 import numpy as np
 import onnx
 import torch
@@ -469,3 +470,59 @@ def tiny_llm_graph(path: Path, *, layers: int = 4, hidden: int = 64, intermediat
         helper.make_node("MatMul", ["final", "lm_head.weight_t"], ["logits"], name="lm_head"),
     ]
     return _graph_model(path, nodes, inputs, outputs, inits)
+
+
+def _gguf_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's rotary permutation of q/k rows (transformers' GGUF loader undoes it)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def tiny_llama_gguf(
+    path: Path, linear: str = "Q4_0", embedding: str = "Q8_0", *, seed: int = 0, tied: bool = True
+) -> Path:
+    """A random tiny Llama (2 layers, hidden 64, MLP 128, 4 query / 2 KV heads, vocab 128) written as GGUF.
+
+    Linear weights are quantized to ``linear``, the embedding (and the lm_head when untied) to ``embedding``
+    with gguf-py's own quantizer; norms stay F32. transformers loads it as a LlamaForCausalLM.
+    """
+    rng = np.random.default_rng(seed)
+    hidden, inter, heads, kv, vocab, layers = 64, 128, 4, 2, 128, 2
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(inter)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+    writer.add_rope_dimension_count(hidden // heads)
+
+    def add(name: str, w: np.ndarray, qtype: str) -> None:
+        t = gguf.GGMLQuantizationType[qtype]
+        data = w.astype(np.float32) if qtype == "F32" else gguf.quants.quantize(w.astype(np.float32), t)
+        writer.add_tensor(name, data, raw_dtype=None if qtype == "F32" else t)
+
+    def rand(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.08).astype(np.float32)
+
+    add("token_embd.weight", rand(vocab, hidden), embedding)
+    if not tied:
+        add("output.weight", rand(vocab, hidden), embedding)
+    add("output_norm.weight", 1 + rand(hidden), "F32")
+    for i in range(layers):
+        add(f"blk.{i}.attn_norm.weight", 1 + rand(hidden), "F32")
+        add(f"blk.{i}.ffn_norm.weight", 1 + rand(hidden), "F32")
+        add(f"blk.{i}.attn_q.weight", _gguf_permute(rand(hidden, hidden), heads), linear)
+        add(f"blk.{i}.attn_k.weight", _gguf_permute(rand(kv * hidden // heads, hidden), kv), linear)
+        add(f"blk.{i}.attn_v.weight", rand(kv * hidden // heads, hidden), linear)
+        add(f"blk.{i}.attn_output.weight", rand(hidden, hidden), linear)
+        add(f"blk.{i}.ffn_gate.weight", rand(inter, hidden), linear)
+        add(f"blk.{i}.ffn_up.weight", rand(inter, hidden), linear)
+        add(f"blk.{i}.ffn_down.weight", rand(hidden, inter), linear)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
+from qonnx.core.errors import ConfigError
 from qonnx.models.export import export_model
+from qonnx.pipeline.keep_gguf import export_kept
 
 __all__ = ["export_command"]
 
@@ -31,7 +33,15 @@ __all__ = ["export_command"]
 )
 @click.option("--opset", type=click.IntRange(min=18), default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--verify/--no-verify", default=True, help="Compare ONNX Runtime's outputs with PyTorch's after export.")
-def export_command(source: str, output: str, dtype: str, kv_cache: bool, opset: int | None, verify: bool) -> None:
+@click.option(
+    "--keep-quantization",
+    is_flag=True,
+    help="GGUF sources: keep Q8_0 / Q4_0 / Q4_1 weights as they are (MatMulNBits, the file's own codes and "
+    "float16 scales) instead of float; other tensors are exported as float and listed.",
+)
+def export_command(
+    source: str, output: str, dtype: str, kv_cache: bool, opset: int | None, verify: bool, keep_quantization: bool
+) -> None:
     """Export SOURCE, a causal LM or an encoder, to an ONNX folder.
 
     SOURCE is a Hugging Face model folder, a .gguf file, a folder holding one .gguf file, "smollm2" for
@@ -40,5 +50,11 @@ def export_command(source: str, output: str, dtype: str, kv_cache: bool, opset: 
     configs (bert, roberta, distilbert, xlm-roberta, mpnet, ...) give input_ids, attention_mask
     [, token_type_ids] -> last_hidden_state [, pooler_output]; everything else is exported as a causal LM.
     """
+    if keep_quantization:
+        if dtype != "fp32":
+            raise ConfigError("--keep-quantization exports float32 activations (the kept scales are widened to them)")
+        kept = export_kept(source, output, kv_cache=kv_cache, opset=opset, verify=verify)
+        click.echo(f"wrote {kept.path.parent}")
+        return
     path = export_model(source, output, dtype=dtype, kv_cache=kv_cache, opset=opset, verify=verify)
     click.echo(f"wrote {path.parent}")
