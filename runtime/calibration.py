@@ -38,7 +38,7 @@ from qonnx.runtime.data import (
 )
 from qonnx.runtime.evaluate import check_seq_len, feed_builder, model_config
 
-__all__ = ["GraphIO", "calibration_feeds", "collect_hessians", "spill"]
+__all__ = ["GraphIO", "calibration_feeds", "collect_hessians", "kv_cache_ranges", "spill"]
 
 #: Bytes of captured activations one ONNX Runtime run may hand over at once (estimated from the feeds).
 ACTIVATION_BUDGET = 256 << 20
@@ -243,3 +243,38 @@ def collect_hessians(
     finally:
         bar.close()
     return hessians
+
+
+def kv_cache_ranges(
+    model: str | os.PathLike,
+    caches: Mapping[str, str],
+    feeds: list[dict[str, np.ndarray]],
+    *,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """The largest |x| per KV head and channel [kv_heads, head_size] (float32) of each KV cache, over ``feeds``.
+
+    ``caches`` maps each past input (``past_key_values.{i}.key|value``) to the output that holds its new
+    contents (``present.{i}.key|value``, [batch, kv_heads, positions, head_size]): the keys after the rotary
+    embedding, as the cache stores them. The feeds start from an empty past, so every position is seen once.
+    """
+    if not feeds:
+        raise ConfigError("calibration needs at least one batch of feeds")
+    outputs = {present: past for past, present in caches.items()}
+    ranges: dict[str, np.ndarray] = {}
+
+    def on_batch(values: dict[str, np.ndarray]) -> None:
+        for present, x in values.items():
+            if x.ndim != 4:
+                raise ModelLoadError(f"output '{escape_name(present)}' has shape {x.shape}; expected 4 axes")
+            amax = np.abs(np.asarray(x, dtype=np.float32)).max(axis=(0, 2))
+            past = outputs[present]
+            ranges[past] = amax if past not in ranges else np.maximum(ranges[past], amax)
+
+    bar = tqdm(total=len(feeds), desc="KV cache ranges", unit="batch", file=sys.stderr, disable=not progress)
+    try:
+        capture(model, list(outputs), feeds, on_batch, device=device, progress=bar.update)
+    finally:
+        bar.close()
+    return ranges
