@@ -20,7 +20,7 @@ import onnx_ir as ir
 from qonnx.core import modelfile
 from qonnx.core.config import SchemeConfig, WeightOnlyConfig
 from qonnx.core.errors import ConfigError
-from qonnx.passes.kv_cache import kv_cache_layers
+from qonnx.passes.kv_cache import KV_CACHE_FORMATS, kv_cache_layers
 from qonnx.passes.weight_plan import Plan, hessian_key
 from qonnx.runtime.calibration import calibration_feeds, collect_hessians, kv_cache_ranges
 from qonnx.runtime.data import PYDOC
@@ -140,4 +140,5 @@ def kv_ranges(model: ir.Model, source: Path | None, config: WeightOnlyConfig, pr
         path = runtime_file(model, source, tmp)
         folder = source.parent if source is not None else None
         feeds = calibration_feeds(path, data, samples=samples, seq_len=seq_len, tokenizer_dir=folder)
-        return kv_cache_ranges(path, caches, feeds, device="auto", progress=progress)
+        qmax = KV_CACHE_FORMATS[config.kv_cache or "int8"].qmax
+        return kv_cache_ranges(path, caches, feeds, qmax=qmax, device="auto", progress=progress)
