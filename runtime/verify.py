@@ -365,7 +365,9 @@ def _retyped_empty(batch: Mapping[str, np.ndarray], declared: Mapping[str, Any])
     out = dict(batch)
     for name, array in batch.items():
         info = declared.get(name)
-        dtype = ORT_TO_NUMPY.get(info.type) if info is not None else None
+        if info is None:
+            continue
+        dtype = ORT_TO_NUMPY.get(info.type)
         if dtype is None or array.size or array.dtype == dtype:
             continue
         shape = [d if isinstance(d, int) and d > 0 else n for d, n in zip(info.shape, array.shape, strict=False)]

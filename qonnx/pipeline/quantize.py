@@ -236,7 +236,7 @@ def quantize(
                 presolved = solve_sequential(ir_model, source, plan, planner, progress)
     kv_format = config.kv_cache if isinstance(config, WeightOnlyConfig) else None
     cache_ranges: dict[str, np.ndarray] = {}
-    if kv_format is not None:  # on the float model, as the Hessians: the cache holds what it computes
+    if kv_format is not None and isinstance(config, WeightOnlyConfig):  # on the float model, as the Hessians
         with phase("kv cache"):
             cache_ranges = kv_ranges(ir_model, source, config, progress)  # ConfigError: not lowered
     if any(c.format == "qdq" for c in todo) and ir_model.opset_imports.get("", 1) < QDQ_OPSET:
