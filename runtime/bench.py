@@ -41,7 +41,8 @@ from qonnx.runtime.session import make_session, resolve_device
 
 __all__ = ["GRAPH", "GROWING", "SHARED", "BenchRow", "bench_model", "session_config_of"]
 
-_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+#: KV cache types; int8 and uint8 (int4 codes, two a byte): a quantized cache (qonnx.passes.kv_cache).
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
 
 #: The decode loops a row can name.
 GROWING = "growing KV"  # past in, present out: a new cache every step

@@ -38,7 +38,7 @@ from qonnx.runtime.data import (
 )
 from qonnx.runtime.evaluate import check_seq_len, feed_builder, model_config
 
-__all__ = ["GraphIO", "calibration_feeds", "collect_hessians", "spill"]
+__all__ = ["GraphIO", "calibration_feeds", "collect_hessians", "kv_cache_ranges", "spill"]
 
 #: Bytes of captured activations one ONNX Runtime run may hand over at once (estimated from the feeds).
 ACTIVATION_BUDGET = 256 << 20
@@ -243,3 +243,76 @@ def collect_hessians(
     finally:
         bar.close()
     return hessians
+
+
+#: Bytes of key/value samples kept (float32, over all caches) to choose the clipping ranges of a low-bit cache.
+KV_SAMPLE_BUDGET = 512 << 20
+#: The clipping ranges tried, as fractions of a channel's largest |x|.
+KV_CLIP_FRACTIONS = np.linspace(0.2, 1.0, 33)
+
+
+def kv_cache_ranges(
+    model: str | os.PathLike,
+    caches: Mapping[str, str],
+    feeds: list[dict[str, np.ndarray]],
+    *,
+    qmax: int | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """The range to quantize per KV head and channel [kv_heads, head_size] (float32) of each KV cache.
+
+    ``caches`` maps each past input (``past_key_values.{i}.key|value``) to the output that holds its new
+    contents (``present.{i}.key|value``, [batch, kv_heads, positions, head_size]): the keys after the rotary
+    embedding, as the cache stores them. The feeds start from an empty past, so every position is seen once.
+
+    ``qmax`` None: the largest |x| seen. Otherwise the clipping range, among :data:`KV_CLIP_FRACTIONS` of the
+    largest |x|, whose symmetric codes in [-qmax - 1, qmax] have the least squared error over the positions
+    kept (the first ones, up to :data:`KV_SAMPLE_BUDGET` bytes for all caches): int4's 15 levels spent on one
+    outlier leave the rest of a channel a few codes.
+    """
+    if not feeds:
+        raise ConfigError("calibration needs at least one batch of feeds")
+    outputs = {present: past for past, present in caches.items()}
+    ranges: dict[str, np.ndarray] = {}
+    samples: dict[str, list[np.ndarray]] = {}
+    kept: dict[str, int] = {}
+
+    def on_batch(values: dict[str, np.ndarray]) -> None:
+        for present, x in values.items():
+            if x.ndim != 4:
+                raise ModelLoadError(f"output '{escape_name(present)}' has shape {x.shape}; expected 4 axes")
+            x = np.asarray(x, dtype=np.float32)
+            amax = np.abs(x).max(axis=(0, 2))
+            past = outputs[present]
+            ranges[past] = amax if past not in ranges else np.maximum(ranges[past], amax)
+            if qmax is None:
+                continue
+            room = KV_SAMPLE_BUDGET // (4 * len(outputs) * x.shape[1] * x.shape[3]) - kept.get(past, 0)
+            rows = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1, x.shape[3])[:, : max(room, 0)]
+            if rows.shape[1]:
+                samples.setdefault(past, []).append(rows)
+                kept[past] = kept.get(past, 0) + rows.shape[1]
+
+    bar = tqdm(total=len(feeds), desc="KV cache ranges", unit="batch", file=sys.stderr, disable=not progress)
+    try:
+        capture(model, list(outputs), feeds, on_batch, device=device, progress=bar.update)
+    finally:
+        bar.close()
+    if qmax is None:
+        return ranges
+    return {past: _least_error_clip(np.concatenate(samples[past], axis=1), amax, qmax) for past, amax in ranges.items()}
+
+
+def _least_error_clip(x: np.ndarray, amax: np.ndarray, qmax: int) -> np.ndarray:
+    """Per channel of ``x`` [kv_heads, positions, head_size], the clip range of least squared code error."""
+    best = np.full(amax.shape, np.inf)
+    chosen = amax.copy()
+    for fraction in KV_CLIP_FRACTIONS:
+        clip = amax * fraction
+        scale = np.maximum(clip / qmax, np.finfo(np.float32).tiny)[:, None, :]
+        error = ((np.clip(np.rint(x / scale), -qmax - 1, qmax) * scale - x) ** 2).sum(axis=1)
+        better = error < best
+        best = np.where(better, error, best)
+        chosen = np.where(better, clip, chosen)
+    return chosen.astype(np.float32)

@@ -34,7 +34,14 @@ import onnxruntime as ort
 
 __all__ = ["FixedShapeDecoder", "fixed_shape_decodable", "kv_buffer_shareable", "rotary_cache_positions"]
 
-_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+#: KV cache types; int8 and uint8 (int4 codes, two a byte): a quantized cache (qonnx.passes.kv_cache).
+_NP = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+}
 _graph_ids = itertools.count(1)  # one CUDA graph per decoder; ids are per session but unique anywhere is simpler
 
 

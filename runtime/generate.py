@@ -41,7 +41,14 @@ __all__ = ["Generator", "GenerationResult", "kv_buffer_shareable"]
 #: The inputs of a causal LM export that generate() feeds, besides the KV cache (past_key_values.*).
 _FED = ("input_ids", "attention_mask", "position_ids")
 
-_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+#: KV cache types; int8 and uint8 (int4 codes, two a byte): a quantized cache (qonnx.passes.kv_cache).
+_NP = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+}
 
 
 @dataclasses.dataclass

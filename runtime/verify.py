@@ -17,7 +17,7 @@ import re
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -29,6 +29,7 @@ from qonnx.core.paths import resolve_model_path
 from qonnx.core.tokenizer import bos_token_id
 from qonnx.runtime.compare import OutputComparison, OutputMetrics, compare_outputs, degenerate, is_logits, kl_rows
 from qonnx.runtime.data import PYDOC, npz_batch, npz_batches, read_text
+from qonnx.runtime.inputs import _ORT_TO_NUMPY as ORT_TO_NUMPY
 from qonnx.runtime.inputs import declared_sizes, describe_shapes, make_inputs, parse_shape_overrides, size_trials
 from qonnx.runtime.session import InMemoryModel
 from qonnx.runtime.single_run import feed_weights, untranspose_weights, verification_session
@@ -53,7 +54,6 @@ __all__ = [
     "verification_session",
     "verify_models",
 ]
-
 
 
 #: Tokens of real text the models are compared on when there is no calibration data. Fewer would cost less
@@ -346,9 +346,30 @@ def verify_models(
         reference.run()
     q_sess = verification_session(quantized, reference.device, prepack=True)  # while the reference finishes
     reference.wait()
-    accs = {n: OutputComparison(n) for n in reference.names}
+    # A quantized KV cache (qonnx.passes.kv_cache) keeps past and present in int8/uint8: its present outputs are
+    # not compared, and the empty past the reference ran with is given in the quantized model's type.
+    floats = set(_float_outputs(q_sess))
+    names = [n for n in reference.names if n in floats]
+    accs = {n: OutputComparison(n) for n in names}
+    declared = {i.name: i for i in q_sess.get_inputs()}
     for i, batch in enumerate(reference.batches):
-        out = q_sess.run(reference.names, dict(batch))
-        for n, r, o in zip(reference.names, reference.outputs(i), out, strict=True):
-            accs[n].add(r, o)
+        out = q_sess.run(names, _retyped_empty(batch, declared))
+        reference_out = dict(zip(reference.names, reference.outputs(i), strict=True))
+        for n, o in zip(names, out, strict=True):
+            accs[n].add(reference_out[n], o)
     return [a.finalize() for a in accs.values()]
+
+
+def _retyped_empty(batch: Mapping[str, np.ndarray], declared: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``batch`` with each empty array whose type the model declares otherwise made anew in that type."""
+    out = dict(batch)
+    for name, array in batch.items():
+        info = declared.get(name)
+        if info is None:
+            continue
+        dtype = ORT_TO_NUMPY.get(info.type)
+        if dtype is None or array.size or array.dtype == dtype:
+            continue
+        shape = [d if isinstance(d, int) and d > 0 else n for d, n in zip(info.shape, array.shape, strict=False)]
+        out[name] = np.zeros(shape if len(shape) == array.ndim else array.shape, dtype=dtype)
+    return out

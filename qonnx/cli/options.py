@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
+from qonnx.core.config import KV_CACHES
 from qonnx.core.errors import escape_name, escape_text
 from qonnx.core.formats import FORMATS
 from qonnx.core.schemes import SCHEMES
@@ -33,6 +34,7 @@ __all__ = [
     "external_data",
     "human_bytes",
     "json_flag",
+    "kv_cache",
     "model_argument",
     "output_model",
     "progress",
@@ -96,6 +98,13 @@ external_data = click.option(
     "--external-data/--no-external-data",
     default=None,
     help="Force weights into a separate .data file, or into the .onnx file (default: above 256 MiB).",
+)
+kv_cache = click.option(
+    "--kv-cache",
+    type=click.Choice(KV_CACHES),
+    default=None,
+    help="Keep the KV cache of a model lowered with GroupQueryAttention (qonnx lower) in int8 or int4, with "
+    "per-channel scales from calibration windows of the float model (weight-only schemes; default: floating point).",
 )
 block_size = click.option(
     "--block-size",

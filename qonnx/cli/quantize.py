@@ -66,9 +66,13 @@ def _echo_summary(name: str, summary: Any) -> None:
         opt.echo(f"  skipped {who}: {reason}")
     if summary.mixed_precision is not None:
         _echo_mixed_precision(summary.mixed_precision)
-    opt.echo(
-        f"size: {human_bytes(summary.bytes_before)} -> {human_bytes(summary.bytes_after)} ({ratio:.2f}x smaller)"
-    )
+    if summary.kv_cache is not None:
+        kv = summary.kv_cache
+        opt.echo(
+            f"KV cache: {kv['format']} in {kv['layers']} attentions, per-channel scales; "
+            f"{kv['bytes_per_token']} bytes per position"
+        )
+    opt.echo(f"size: {human_bytes(summary.bytes_before)} -> {human_bytes(summary.bytes_after)} ({ratio:.2f}x smaller)")
     check = summary.verification
     if check.ran and check.unverified:
         opt.echo(f"NOT VERIFIED: {check.unverified}")

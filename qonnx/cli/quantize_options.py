@@ -60,6 +60,7 @@ def options(f: F) -> F:
         opt.calibration(),
         _ACTIVATIONS,
         opt.exclude("kept in floating point"),
+        opt.kv_cache,
         _BUDGET,
         opt.external_data,
         opt.verify,
@@ -203,6 +204,7 @@ class QuantizeOptions:
     keep_float: int | None
     attention: bool
     exclude: tuple[str, ...]
+    kv_cache: str | None
     target_bits: float | None
     max_ppl_increase: str | None
     sensitivity: str | None
@@ -251,6 +253,8 @@ class QuantizeOptions:
         if self.activations:
             if self.sequential:
                 raise click.UsageError("--sequential applies to weight-only schemes with --algo gptq")
+            if self.kv_cache is not None:
+                raise click.UsageError("--kv-cache applies to weight-only schemes (w4a16, w8a16, ...)")
             return self._activation_config()
         for name, value in self._act().items():
             if value is not None and name not in ("target", "strict"):
@@ -260,6 +264,8 @@ class QuantizeOptions:
         if self.block_size is not None:
             options["block_size"] = None if self.block_size == 0 else self.block_size
         options["algo"] = algo_from_name(self.algo or "rtn")
+        if self.kv_cache is not None:
+            options["kv_cache"] = self.kv_cache
         if self.sequential and not isinstance(options["algo"], GPTQ):
             raise click.UsageError("--sequential applies to --algo gptq only")
         calib = self._calib()

@@ -17,6 +17,7 @@ from qonnx.core.formats import FORMATS
 from qonnx.core.targets import TARGETS, weight_only_form
 
 __all__ = [
+    "KV_CACHES",
     "SchemeConfig",
     "WeightOnlyConfig",
     "W2A16",
@@ -34,6 +35,9 @@ GRIDS: dict[str, numerics.Float8Grid | numerics.LookupGrid | None] = {
     "nf4": numerics.NF4,
     "fp4": numerics.FP4,
 }
+
+#: KV cache formats a lowered model's GroupQueryAttention can keep (:mod:`qonnx.passes.kv_cache`).
+KV_CACHES = ("int8", "int4")
 
 
 class SchemeConfig:
@@ -74,6 +78,9 @@ class WeightOnlyConfig(SchemeConfig):
             storage that target's fast kernel needs. The session options that kernel wants are written with
             the model.
         strict: refuse (instead of a warning) a scheme measured slower than floating point on ``target``.
+        kv_cache: ``"int8"`` or ``"int4"``: also keep the KV cache quantized (:data:`KV_CACHES`; a model lowered
+            with GroupQueryAttention only), with per-channel scales from a calibration pass of the float model
+            (:mod:`qonnx.passes.kv_cache`); ``None`` (default): the cache stays floating point.
     """
 
     name: ClassVar[str] = "weight-only"
@@ -86,8 +93,13 @@ class WeightOnlyConfig(SchemeConfig):
     grid: str = "int"
     target: str = "generic"
     strict: bool = False
+    kv_cache: str | None = None
 
     def __post_init__(self) -> None:
+        if self.kv_cache is not None and self.kv_cache not in KV_CACHES:
+            raise ConfigError(
+                f"{self.name}: kv_cache must be one of {', '.join(KV_CACHES)} or None, got {self.kv_cache!r}"
+            )
         if self.target not in TARGETS:
             raise ConfigError(f"{self.name}: target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if isinstance(self.algo, str):
@@ -133,7 +145,7 @@ class WeightOnlyConfig(SchemeConfig):
         out["float8"] = grid == "fp8"  # the key qonnx 0.1's metadata has for the two grids it knew
         if grid not in ("int", "fp8"):
             out["grid"] = grid
-        for key, default in (("target", "generic"), ("strict", False)):  # metadata as before for the defaults
+        for key, default in (("target", "generic"), ("strict", False), ("kv_cache", None)):  # as before for defaults
             if out[key] == default:
                 del out[key]
         return out

@@ -20,21 +20,26 @@ import onnx_ir as ir
 from qonnx.core import modelfile
 from qonnx.core.config import SchemeConfig, WeightOnlyConfig
 from qonnx.core.errors import ConfigError
+from qonnx.passes.kv_cache import KV_CACHE_FORMATS, kv_cache_layers
 from qonnx.passes.weight_plan import Plan, hessian_key
-from qonnx.runtime.calibration import calibration_feeds, collect_hessians
+from qonnx.runtime.calibration import calibration_feeds, collect_hessians, kv_cache_ranges
 from qonnx.runtime.data import PYDOC
+from qonnx.runtime.evaluate import model_config
 
 __all__ = [
     "ModelLike",
     "calibration_data",
     "calibration_run",
     "is_sequential",
+    "kv_ranges",
     "layer_hessians",
     "load_model",
     "runtime_file",
 ]
 
 ModelLike = str | os.PathLike | ir.Model | onnx.ModelProto
+#: Calibration windows (of 512 tokens) for the KV cache ranges of a scheme that calibrates nothing else.
+KV_CACHE_SAMPLES = 8
 
 
 def load_model(model: ModelLike) -> tuple[ir.Model, Path | None]:
@@ -106,3 +111,34 @@ def calibration_data(config: SchemeConfig) -> str | None:
         if data is not None and str(data) != PYDOC:
             return str(data)
     return None
+
+
+def kv_ranges(model: ir.Model, source: Path | None, config: WeightOnlyConfig, progress: bool) -> dict[str, np.ndarray]:
+    """The largest |key| and |value| per KV head and channel of each cache input, from the float ``model``.
+
+    The windows are those GPTQ/AWQ calibrate on when ``config`` uses them (its ``calib_*`` settings), else
+    :data:`KV_CACHE_SAMPLES` windows of 512 tokens of the pydoc corpus (disjoint from evaluation; shorter for a
+    model of fewer positions).
+
+    Raises:
+        ConfigError: the model is not lowered with GroupQueryAttention (:func:`qonnx.passes.kv_cache.kv_cache_layers`).
+    """
+    layers = kv_cache_layers(model)
+    algo = config.calibrated
+    if algo is not None:
+        data, samples, seq_len = algo.calib_data, algo.calib_samples, algo.calib_seq_len
+    else:  # windows of 512 tokens, or of the model's positions (its BOS included) when it has fewer
+        data, samples, seq_len = PYDOC, KV_CACHE_SAMPLES, 512
+        positions = model_config(source.parent).get("max_position_embeddings") if source is not None else None
+        if isinstance(positions, int) and 2 < positions <= seq_len:
+            seq_len = positions - 1
+    caches = {}
+    for layer in layers:
+        caches[layer.past_key.name or ""] = layer.present_key.name or ""
+        caches[layer.past_value.name or ""] = layer.present_value.name or ""
+    with tempfile.TemporaryDirectory(prefix="qonnx-calibration-") as tmp:
+        path = runtime_file(model, source, tmp)
+        folder = source.parent if source is not None else None
+        feeds = calibration_feeds(path, data, samples=samples, seq_len=seq_len, tokenizer_dir=folder)
+        qmax = KV_CACHE_FORMATS[config.kv_cache or "int8"].qmax
+        return kv_cache_ranges(path, caches, feeds, qmax=qmax, device="auto", progress=progress)

@@ -30,6 +30,7 @@ from qonnx.core.schemes import Targets
 from qonnx.core.sizes import human_bytes
 from qonnx.core.targets import warn_if_slow
 from qonnx.passes.cleanup import RemoveUnusedInitializersPass
+from qonnx.passes.kv_cache import QuantizeKVCachePass
 from qonnx.passes.opset import OpsetConversionError, UpgradeOpsetPass
 from qonnx.passes.weight_only import QuantizeWeightsPass
 from qonnx.passes.weight_plan import QDQ_OPSET, LayerRecord
@@ -39,6 +40,7 @@ from qonnx.pipeline.calibrate import (
     ModelLike,
     calibration_data,
     is_sequential,
+    kv_ranges,
     layer_hessians,
     load_model,
 )
@@ -65,7 +67,7 @@ class QuantizeSummary:
         outputs: files written (empty when no output path was given).
         seconds: wall time.
         phases: wall seconds of the longer steps that ran ("budget", "calibration", "awq", "activations",
-            "quantization", "writing").
+            "quantization", "kv cache", "writing").
         model: the quantized model (onnx_ir).
         verification: the comparison of the output with the original (see :class:`VerifyOptions`).
     """
@@ -80,6 +82,8 @@ class QuantizeSummary:
     verification: Verification = dataclasses.field(default_factory=lambda: Verification(False))
     activations: dict[str, Any] | None = None
     mixed_precision: dict[str, Any] | None = None
+    #: With a quantized KV cache: its format, the attentions changed and the cache bytes per position (batch 1).
+    kv_cache: dict[str, Any] | None = None
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
     passes: list[str] = dataclasses.field(default_factory=list)
 
@@ -110,6 +114,7 @@ class QuantizeSummary:
             "verification": self.verification.to_dict(),
             "activations": self.activations,
             "mixed_precision": self.mixed_precision,
+            **({"kv_cache": self.kv_cache} if self.kv_cache is not None else {}),
             "layers": [r.to_dict() for r in self.layers],
         }
 
@@ -229,6 +234,11 @@ def quantize(
         if any(is_sequential(cfg) for cfg in todo):  # calibrated and solved stage by stage
             with phase("sequential gptq"):
                 presolved = solve_sequential(ir_model, source, plan, planner, progress)
+    kv_format = config.kv_cache if isinstance(config, WeightOnlyConfig) else None
+    cache_ranges: dict[str, np.ndarray] = {}
+    if kv_format is not None and isinstance(config, WeightOnlyConfig):  # on the float model, as the Hessians
+        with phase("kv cache"):
+            cache_ranges = kv_ranges(ir_model, source, config, progress)  # ConfigError: not lowered
     if any(c.format == "qdq" for c in todo) and ir_model.opset_imports.get("", 1) < QDQ_OPSET:
         try:
             UpgradeOpsetPass(QDQ_OPSET)(ir_model)
@@ -271,6 +281,11 @@ def quantize(
         if bar is not None:
             bar.close()
 
+    kv_info = None
+    if kv_format is not None:
+        kv_pass = QuantizeKVCachePass(kv_format, cache_ranges)
+        kv_pass(ir_model)
+        kv_info = {"format": kv_format, "layers": kv_pass.layers, "bytes_per_token": kv_pass.cache_bytes_per_token}
     if qpass.nonfinite:
         total, first = sum(qpass.nonfinite.values()), next(iter(qpass.nonfinite))
         layers = len(qpass.nonfinite)
@@ -352,6 +367,7 @@ def quantize(
         verification=checked,
         activations=act_info,
         mixed_precision=mixed_info,
+        kv_cache=kv_info,
         phases=phases,
         passes=[repr(p) for p in steps.passes],
     )
