@@ -13,6 +13,7 @@
 set -euo pipefail
 export PYTHONPATH=/tmp/site
 W=/tmp/w
+S=${SIZE:-7b}  # a size of bench_gpu.py's SIZES
 OUT=${OUT:-/tmp/out}
 mkdir -p "$W" "$OUT"
 timed() {  # timed LABEL CMD...: run, append "LABEL seconds rc" to times.txt
@@ -33,20 +34,20 @@ case "$1" in
 import sys; sys.path.insert(0, 'benchmarks')
 from pathlib import Path
 from bench_gpu import build_and_export
-print(build_and_export('7b', Path('$W'), 'cuda'))" ;;
+print(build_and_export('$S', Path('$W'), 'cuda'))" ;;
   quantize)
-    timed quantize qonnx quantize $W/7b-fp16 -o $W/7b-w4cuda --target cuda 2>&1 | tail -n 20
-    timed lower-w4 qonnx lower $W/7b-w4cuda -o $W/7b-w4cuda-l --target cuda 2>&1 | tail -n 5
-    timed lower-fp16 qonnx lower $W/7b-fp16 -o $W/7b-fp16-l --target cuda 2>&1 | tail -n 5
-    cp $W/7b-w4cuda/model.session_options.json "$OUT/" || true ;;
+    timed quantize qonnx quantize $W/$S-fp16 -o $W/$S-w4cuda --target cuda 2>&1 | tail -n 20
+    timed lower-w4 qonnx lower $W/$S-w4cuda -o $W/$S-w4cuda-l --target cuda 2>&1 | tail -n 5
+    timed lower-fp16 qonnx lower $W/$S-fp16 -o $W/$S-fp16-l --target cuda 2>&1 | tail -n 5
+    cp $W/$S-w4cuda/model.session_options.json "$OUT/" || true ;;
   bench)
-    timed bench qonnx bench $W/7b-w4cuda-l --baseline $W/7b-fp16-l --batches ${BATCHES:-1,4,16,64} --prompt-len 128 \
-      --new-tokens 32 --device cuda --plot "$OUT/bench_7b_cuda.png" --json > "$OUT/bench_7b_cuda.json"
+    timed bench qonnx bench $W/$S-w4cuda-l --baseline $W/$S-fp16-l --batches ${BATCHES:-1,4,16,64} --prompt-len 128 \
+      --new-tokens 32 --device cuda --plot "$OUT/bench_${S}_cuda.png" --json > "$OUT/bench_${S}_cuda.json"
     python3 -c "
 import json; from qonnx.pipeline.bench import BenchReport; from qonnx.runtime.bench import BenchRow
-d = json.load(open('$OUT/bench_7b_cuda.json'))
+d = json.load(open('$OUT/bench_${S}_cuda.json'))
 rows = [BenchRow(**{k: v for k, v in r.items() if k != 'tokens_per_s'}) for r in d['rows']]
-print(BenchReport(d['device'], d['prompt_len'], d['new_tokens'], rows, d['baseline']).table())" | tee "$OUT/bench_7b_cuda.txt" ;;
+print(BenchReport(d['device'], d['prompt_len'], d['new_tokens'], rows, d['baseline']).table())" | tee "$OUT/bench_${S}_cuda.txt" ;;
   cpu)
     nproc | tee -a "$OUT/times.txt"
     timed cpu-export qonnx export smollm2 -o $W/smol-fp32 2>&1 | tail -n 2
