@@ -398,3 +398,31 @@ def external_model(folder: Path, location: str, dims=(64, 32), length: int | Non
     size = data_bytes if data_bytes is not None else 4 * dims[0] * dims[1]
     (folder / "w.bin").write_bytes(np.ones(size // 4, np.float32).tobytes())
     return path
+
+
+def tie_lm_head(path: Path) -> Path:
+    """Tie an exported LM's head to its embedding table in place, as SmolLM2's export is tied.
+
+    torch.onnx writes a tiny tied model's head as a transposed copy of the table; here the head's MatMul reads
+    the Gather's table through a Transpose node instead, and the copy is dropped (one stored table).
+    """
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    table = next(n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits)
+    rows = numpy_helper.to_array(inits[table])
+    heads = [
+        n
+        for n in graph.node
+        if n.op_type == "MatMul"
+        and n.input[1] in inits
+        and np.array_equal(numpy_helper.to_array(inits[n.input[1]]), rows.T)
+    ]
+    if len(heads) != 1:
+        raise ValueError(f"{len(heads)} MatMuls read the transposed table")
+    head = heads[0]
+    graph.initializer.remove(inits[head.input[1]])
+    head.input[1] = f"{table}_T"
+    graph.node.insert(list(graph.node).index(head), helper.make_node("Transpose", [table], [f"{table}_T"], perm=[1, 0]))
+    onnx.save(model, str(path))
+    return path

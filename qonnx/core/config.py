@@ -72,6 +72,10 @@ class WeightOnlyConfig(SchemeConfig):
             storage that target's fast kernel needs. The session options that kernel wants are written with
             the model.
         strict: refuse (instead of a warning) a scheme measured slower than floating point on ``target``.
+        embeddings: bits (4 or 8) of the embedding tables that Gather nodes read, stored for ONNX Runtime's
+            GatherBlockQuantized in MatMulNBits' layout, so that a tied lm_head's MatMulNBits reads the same
+            codes and scales (one copy of the table); rounded to nearest, blocks of ``block_size`` along the
+            hidden axis. None keeps the tables (and a tied lm_head) in floating point.
     """
 
     name: ClassVar[str] = "weight-only"
@@ -84,6 +88,7 @@ class WeightOnlyConfig(SchemeConfig):
     grid: str = "int"
     target: str = "generic"
     strict: bool = False
+    embeddings: int | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -121,6 +126,18 @@ class WeightOnlyConfig(SchemeConfig):
                 raise ConfigError(f"{self.name}: accuracy_level applies to format='matmulnbits' only")
             if self.accuracy_level not in (0, 1, 2, 3, 4):
                 raise ConfigError(f"{self.name}: accuracy_level must be 0..4, got {self.accuracy_level}")
+        self._check_embeddings()
+
+    def _check_embeddings(self) -> None:
+        if self.embeddings is None:
+            return
+        if self.embeddings not in (4, 8) or isinstance(self.embeddings, bool):
+            raise ConfigError(f"{self.name}: embeddings must be 4, 8 or None (floating point), got {self.embeddings!r}")
+        if self.format != "matmulnbits" or self.grid != "int":
+            raise ConfigError(
+                f"{self.name}: embeddings are stored for GatherBlockQuantized in MatMulNBits' layout: they need "
+                f"format='matmulnbits' and integer codes, not format={self.format!r}, grid={self.grid!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, with the scheme name."""
@@ -131,7 +148,7 @@ class WeightOnlyConfig(SchemeConfig):
         out["float8"] = grid == "fp8"  # the key qonnx 0.1's metadata has for the two grids it knew
         if grid not in ("int", "fp8"):
             out["grid"] = grid
-        for key, default in (("target", "generic"), ("strict", False)):  # metadata as before for the defaults
+        for key, default in (("target", "generic"), ("strict", False), ("embeddings", None)):  # metadata as before for the defaults
             if out[key] == default:
                 del out[key]
         return out
