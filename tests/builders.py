@@ -426,3 +426,38 @@ def tie_lm_head(path: Path) -> Path:
     graph.node.insert(list(graph.node).index(head), helper.make_node("Transpose", [table], [f"{table}_T"], perm=[1, 0]))
     onnx.save(model, str(path))
     return path
+
+
+#: Rows of the tables of :func:`lookup_model`.
+EMBEDDING_ROWS = V = 256
+
+
+def lookup_model(path, h, *, tied, extra_reader=False, seed=0):
+    """ids -> Gather(table [V, h]) -> MatMul(w [h, h]) -> (tied: MatMul(table.T); untied: MatMul(head)) -> logits."""
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal((V, h)).astype(np.float32)
+    w = rng.standard_normal((h, h)).astype(np.float32) / 8
+    inits = [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")]
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed", axis=0),
+        helper.make_node("MatMul", ["emb", "w"], ["hid"], name="mlp"),
+    ]
+    if tied:
+        nodes += [
+            helper.make_node("Transpose", ["table"], ["table_t"], name="t", perm=[1, 0]),
+            helper.make_node("MatMul", ["hid", "table_t"], ["logits"], name="lm_head"),
+        ]
+    else:
+        inits.append(numpy_helper.from_array(rng.standard_normal((h, V)).astype(np.float32), "head"))
+        nodes.append(helper.make_node("MatMul", ["hid", "head"], ["logits"], name="lm_head"))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", V])]
+    if extra_reader:  # the float table also leaves the graph: it must stay
+        nodes.append(helper.make_node("Identity", ["table"], ["table_out"], name="keep"))
+        outputs.append(helper.make_tensor_value_info("table_out", TensorProto.FLOAT, [V, h]))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])], outputs, inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path, table

@@ -148,7 +148,8 @@ class WeightOnlyConfig(SchemeConfig):
         out["float8"] = grid == "fp8"  # the key qonnx 0.1's metadata has for the two grids it knew
         if grid not in ("int", "fp8"):
             out["grid"] = grid
-        for key, default in (("target", "generic"), ("strict", False), ("embeddings", None)):  # metadata as before for the defaults
+        defaults = (("target", "generic"), ("strict", False), ("embeddings", None))
+        for key, default in defaults:  # metadata as before for the defaults
             if out[key] == default:
                 del out[key]
         return out

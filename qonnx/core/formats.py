@@ -267,8 +267,8 @@ class GatherLayout:
 
 
 def gather_block_quantized(qw: QuantizedWeight) -> GatherLayout:
-    """The GatherBlockQuantized view of a MatMulNBits weight [K, N] whose table is [N, K] (see :class:`GatherLayout`)."""
-    if qw.format != "matmulnbits" or "zero_points" in qw.arrays and qw.arrays["zero_points"].dtype != np.uint8:
+    """The GatherBlockQuantized view of a MatMulNBits weight [K, N] of a table [N, K] (:class:`GatherLayout`)."""
+    if qw.format != "matmulnbits" or ("zero_points" in qw.arrays and qw.arrays["zero_points"].dtype != np.uint8):
         raise ValueError("GatherBlockQuantized reads MatMulNBits arrays with integer (packed) zero points only")
     bits, bs = qw.attrs["bits"], qw.attrs["block_size"]
     n, nb, blob = qw.arrays["B"].shape
