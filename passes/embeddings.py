@@ -29,7 +29,7 @@ from qonnx.passes.weight_only import QuantizeWeightsPass, all_value_names
 from qonnx.passes.weight_plan import LayerRecord
 from qonnx.passes.weights import CHAIN_OPS, FLOAT_TYPES, WeightCandidate, find_weight_candidates
 
-__all__ = ["EmbeddingTable", "QuantizeEmbeddingsPass", "plan_embeddings"]
+__all__ = ["EmbeddingTable", "QuantizeEmbeddingsPass", "gather_table", "plan_embeddings"]
 
 #: GatherBlockQuantized's and MatMulNBits' smallest block.
 MIN_BLOCK = 16
@@ -59,7 +59,7 @@ class EmbeddingTable:
         return v, h
 
 
-def _table_of(node: ir.Node) -> ir.Value | None:
+def gather_table(node: ir.Node) -> ir.Value | None:
     """The constant float 2-D initializer a Gather (axis 0) looks rows up in, or None."""
     if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
         return None
@@ -108,7 +108,7 @@ def plan_embeddings(model: ir.Model, targets: Targets) -> list[EmbeddingTable]:
     """
     tables: dict[int, EmbeddingTable] = {}
     for node in model.graph:
-        value = _table_of(node)
+        value = gather_table(node)
         if value is not None:
             tables.setdefault(id(value), EmbeddingTable(value, [], [])).gathers.append(node)
     if not tables:

@@ -24,6 +24,7 @@ import onnx_ir as ir
 from qonnx.core import modelfile, outputs, packing
 from qonnx.core.errors import QonnxError, escape_name
 from qonnx.core.sizes import human_bytes
+from qonnx.passes.embeddings import gather_table
 from qonnx.passes.weights import find_weight_candidates
 from qonnx.runtime.capture import capture
 from qonnx.runtime.inputs import make_inputs
@@ -122,6 +123,25 @@ def _matmulnbits_weight(node: ir.Node) -> tuple[np.ndarray, int] | None:
     return w.T, nbytes
 
 
+def _gathered_table(node: ir.Node) -> tuple[np.ndarray, int] | None:
+    """The dequantized [V, W] table of a GatherBlockQuantized with packed uint8 data (MatMulNBits' layout)."""
+    data = node.inputs[0]
+    reshape = data.producer() if data is not None else None
+    source = reshape.inputs[0] if reshape is not None and reshape.op_type == "Reshape" else data
+    b, scales = _const(source), _const(node.inputs[2])
+    zp = _const(node.inputs[3]) if len(node.inputs) > 3 else None
+    attrs = node.attributes
+    bits, bs = attrs.get_int("bits", 4), attrs.get_int("block_size", 128)
+    if b is None or scales is None or b.dtype != np.uint8 or scales.ndim != 2 or attrs.get_int("quantize_axis", 1) != 1:
+        return None
+    v, nb = scales.shape
+    codes, zps = packing.unpack_matmulnbits(b.reshape(v, nb, -1), zp, k=nb * bs, n=v, bits=bits, block_size=bs)
+    rows = np.arange(nb * bs) // bs
+    table = (codes.astype(np.float32) - zps[:, rows]) * scales.astype(np.float32)[:, rows]
+    nbytes = sum(_nbytes(x) for x in (source, node.inputs[2], node.inputs[3] if len(node.inputs) > 3 else None) if x)
+    return table, nbytes
+
+
 def _quantized_weight(model: ir.Model, output: str) -> tuple[ir.Node, np.ndarray, int] | None:
     """The node producing ``output`` in the quantized model and its dequantized weight, if quantized."""
     producer = None
@@ -134,8 +154,13 @@ def _quantized_weight(model: ir.Model, output: str) -> tuple[ir.Node, np.ndarray
     if producer.op_type == "Add":  # a bias added after MatMulNBits
         inner = producer.inputs[0].producer() if producer.inputs[0] is not None else None
         producer = inner if inner is not None else producer
+    if producer.op_type == "Slice":  # the rows of a table with a ragged last block, cut to the hidden size
+        inner = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+        producer = inner if inner is not None and inner.op_type == "GatherBlockQuantized" else producer
     if producer.op_type == "MatMulNBits":
         found = _matmulnbits_weight(producer)
+    elif producer.op_type == "GatherBlockQuantized":
+        found = _gathered_table(producer)
     elif producer.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose") and len(producer.inputs) > 1:
         dq = producer.inputs[1].producer() if producer.inputs[1] is not None else None
         found = _dequantize_linear(dq) if dq is not None and dq.op_type == "DequantizeLinear" else None
@@ -182,6 +207,29 @@ def layer_report(
         )
         del w, w_q  # views of the memory-mapped file must go before it is unmapped
         cand.release()
+    count = sum(1 for _ in orig.graph)
+    for index, node in enumerate(orig.graph):  # embedding tables (GatherBlockQuantized), placed before the layers
+        table_value = gather_table(node)
+        found = _quantized_weight(qmodel, node.outputs[0].name or "") if table_value is not None else None
+        if table_value is None or found is None or table_value.const_value is None:
+            continue
+        table = table_value.const_value.numpy().astype(np.float32)
+        rows.append(
+            LayerReport(
+                node.name or "",
+                "",
+                "Gather",
+                node.outputs[0].name or "",
+                table_value.name or "",
+                table.shape,
+                _sqnr(table, found[1][:, : table.shape[1]]),
+                None,
+                int(table_value.const_value.nbytes),
+                found[2],
+                index - count,
+            )
+        )
+        del table
     if not rows:
         raise QonnxError(f"{q_path}: holds no quantized layer that matches a layer of {orig_path}")
     ids = text_token_ids(orig_path.parent)

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import onnx
 import pytest
+from builders import lookup_model
 from click.testing import CliRunner
 from onnx import numpy_helper
 
@@ -77,3 +78,14 @@ def test_report_on_unrelated_models_is_a_clear_error(pair):
     src, _ = pair
     with pytest.raises(QonnxError, match="no quantized layer"):
         layer_report(src, src)
+
+
+def test_report_ranks_a_quantized_embedding_table(tmp_path):
+    src, table = lookup_model(tmp_path / "m.onnx", 64, tied=True)
+    out = tmp_path / "q" / "model.onnx"
+    qonnx.quantize(src, qonnx.W4A16(block_size=32, embeddings=4), output=out, verify=False)
+    rows = {r.op_type: r for r in layer_report(src, out)}
+    gather = rows["Gather"]
+    assert gather.weight == "table" and gather.shape == table.shape
+    assert 15 < gather.weight_sqnr_db < 30 and gather.output_sqnr_db is not None
+    assert gather.bytes_before == table.nbytes and gather.bytes_after < table.nbytes / 6
