@@ -432,11 +432,11 @@ def tie_lm_head(path: Path) -> Path:
 EMBEDDING_ROWS = V = 256
 
 
-def lookup_model(path, h, *, tied, extra_reader=False, seed=0):
+def lookup_model(path, h, *, tied, extra_reader=False, seed=0, dtype=np.float32):
     """ids -> Gather(table [V, h]) -> MatMul(w [h, h]) -> (tied: MatMul(table.T); untied: MatMul(head)) -> logits."""
     rng = np.random.default_rng(seed)
-    table = rng.standard_normal((V, h)).astype(np.float32)
-    w = rng.standard_normal((h, h)).astype(np.float32) / 8
+    table = rng.standard_normal((V, h)).astype(dtype)
+    w = (rng.standard_normal((h, h)) / 8).astype(dtype)
     inits = [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")]
     nodes = [
         helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed", axis=0),
@@ -448,12 +448,13 @@ def lookup_model(path, h, *, tied, extra_reader=False, seed=0):
             helper.make_node("MatMul", ["hid", "table_t"], ["logits"], name="lm_head"),
         ]
     else:
-        inits.append(numpy_helper.from_array(rng.standard_normal((h, V)).astype(np.float32), "head"))
+        inits.append(numpy_helper.from_array(rng.standard_normal((h, V)).astype(dtype), "head"))
         nodes.append(helper.make_node("MatMul", ["hid", "head"], ["logits"], name="lm_head"))
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", V])]
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    outputs = [helper.make_tensor_value_info("logits", elem, ["b", "s", V])]
     if extra_reader:  # the float table also leaves the graph: it must stay
         nodes.append(helper.make_node("Identity", ["table"], ["table_out"], name="keep"))
-        outputs.append(helper.make_tensor_value_info("table_out", TensorProto.FLOAT, [V, h]))
+        outputs.append(helper.make_tensor_value_info("table_out", elem, [V, h]))
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])], outputs, inits
     )

@@ -29,13 +29,16 @@ def dequantized_rows(model: onnx.ModelProto, h: int) -> np.ndarray:
     bits, block = attrs["bits"], attrs["block_size"]
     codes, zps = packing.unpack_matmulnbits(b, zp, k=h, n=b.shape[0], bits=bits, block_size=block)
     rows = np.arange(h) // block
-    return (codes.astype(np.float32) - zps[:, rows]) * scales.astype(np.float32)[:, rows]
+    return ((codes.astype(np.float32) - zps[:, rows]) * scales.astype(np.float32)[:, rows]).astype(scales.dtype)
 
 
 @pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize(("bits", "h", "block"), [(4, 64, 32), (8, 64, 16), (4, 96, 64)])  # 96: a ragged last block
-def test_gathered_rows_equal_the_dequantized_table(tmp_path, tied, bits, h, block):
-    src, table = lookup_model(tmp_path / "m.onnx", h, tied=tied)
+@pytest.mark.parametrize(
+    ("bits", "h", "block", "dtype"),
+    [(4, 64, 32, np.float32), (8, 64, 16, np.float32), (4, 96, 64, np.float32), (4, 64, 32, np.float16)],
+)  # 96: a ragged last block
+def test_gathered_rows_equal_the_dequantized_table(tmp_path, tied, bits, h, block, dtype):
+    src, table = lookup_model(tmp_path / "m.onnx", h, tied=tied, dtype=dtype)
     out = tmp_path / "q" / "model.onnx"
     summary = qonnx.quantize(src, qonnx.W4A16(block_size=block, embeddings=bits), output=out, verify=False)
     q = onnx.load(out)
@@ -47,7 +50,8 @@ def test_gathered_rows_equal_the_dequantized_table(tmp_path, tied, bits, h, bloc
     assert expect.shape == table.shape
     probe = onnx.load(out)
     gather_out = next(n for n in probe.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("mlp")).input[0]
-    probe.graph.output.append(helper.make_tensor_value_info(gather_out, TensorProto.FLOAT, None))
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    probe.graph.output.append(helper.make_tensor_value_info(gather_out, elem, None))
     onnx.save(probe, tmp_path / "probe.onnx")
     ids = np.arange(V, dtype=np.int64).reshape(1, V)
     rows = run(tmp_path / "probe.onnx", {"ids": ids})[-1][0]
