@@ -255,7 +255,7 @@ class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
     def _replace_gather(
         graph: ir.Graph,
         gather: ir.Node,
-        inputs: list[ir.Value],
+        inputs: list[ir.Value | None],
         layout: formats.GatherLayout,
         h: int,
         names: set[str],
