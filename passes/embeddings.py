@@ -8,8 +8,10 @@ data is a Reshape of MatMulNBits' B, the same bytes), so the model stores one co
 lm_head is a weight like any other (:class:`qonnx.passes.weight_only.QuantizeWeightsPass`).
 
 Codes are rounded to nearest (GPTQ would fit the head's inputs at the cost of the rows the Gather returns).
-A table stays in floating point, with the reason, when another node still reads it in floating point, when
-its tied head is kept in floating point, or when quantizing would not make it smaller.
+An 8-bit tied head computes with int8 activations (accuracy_level 4, :data:`EIGHT_BIT_ACCURACY_LEVEL`) unless
+its config sets an accuracy level. A table stays in floating point, with the reason, when another node still
+reads it in floating point, when its tied head is kept in floating point, or when quantizing would not make it
+smaller.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ __all__ = ["EmbeddingTable", "QuantizeEmbeddingsPass", "gather_table", "plan_emb
 
 #: GatherBlockQuantized's and MatMulNBits' smallest block.
 MIN_BLOCK = 16
+#: The accuracy_level of an 8-bit tied head unless its config sets one: ONNX Runtime 1.31's CPU MatMulNBits runs
+#: 8-bit weights with float activations about 35x slower than with int8 ones (SmolLM2's head, 576 x 49152, one
+#: thread: 1.5 s vs 44 ms a token; the float MatMul ~60 ms): benchmarks/RESULTS.md, "Embeddings and tied heads".
+EIGHT_BIT_ACCURACY_LEVEL = 4
 
 
 @dataclasses.dataclass
@@ -247,8 +253,10 @@ class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
         record.bytes_before, record.bytes_after = int(tensor.nbytes), qw.nbytes
         for cand, head_cfg in table.heads:
             assert head_cfg is not None
+            if head_cfg.accuracy_level is None and cfg.embeddings == 8:
+                head_cfg = dataclasses.replace(head_cfg, accuracy_level=EIGHT_BIT_ACCURACY_LEVEL)
             QuantizeWeightsPass.replace_with_fused(cand, head_cfg, list(weights), qw, names)
-            self._mark_head(cand, cfg, record.node)
+            self._mark_head(cand, cfg, head_cfg, record.node)
         cleanup.remove_unused_weights([table.value])
 
     @staticmethod
@@ -278,8 +286,10 @@ class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
             out = cut.outputs[0]
         ir.convenience.replace_nodes_and_values(graph, gather, [gather], added, [gather.outputs[0]], [out])
 
-    def _mark_head(self, cand: WeightCandidate, cfg: WeightOnlyConfig, gather: str) -> None:
+    def _mark_head(self, cand: WeightCandidate, cfg: WeightOnlyConfig, head_cfg: WeightOnlyConfig, gather: str) -> None:
         """The head's record: quantized, sharing the table's arrays."""
         reason = f"tied to the embedding table: {cfg.embeddings}-bit MatMulNBits on the Gather's codes and scales"
+        if head_cfg.accuracy_level is not None:
+            reason += f", accuracy_level {head_cfg.accuracy_level}"
         key = (cand.node.name or "", cand.weight_name)
         self.heads[key] = LayerRecord(key[0], cand.node.op_type, key[1], (cand.k, cand.n), True, reason, 0, 0, gather)

@@ -90,6 +90,16 @@ def test_tied_head_reads_the_one_stored_copy(tmp_path, bits):
     )
     assert sum(sizes.values()) < table_bytes + scales_bytes + zp_bytes + h * h  # codes once, the mlp's 4-bit weight
     assert not any(t.data_type == TensorProto.FLOAT and list(t.dims) == [V, h] for t in q.graph.initializer)
+    level = {a.name: helper.get_attribute_value(a) for a in head.attribute}.get("accuracy_level")
+    assert level == (4 if bits == 8 else None)  # ONNX Runtime's 8-bit kernel is slow with float activations
+
+
+def test_tied_head_keeps_a_given_accuracy_level(tmp_path):
+    src, _ = lookup_model(tmp_path / "m.onnx", 64, tied=True)
+    out = tmp_path / "q" / "model.onnx"
+    qonnx.quantize(src, qonnx.W4A16(block_size=32, embeddings=8, accuracy_level=1), output=out, verify=False)
+    head = next(n for n in onnx.load(out).graph.node if n.output[0] == "logits")
+    assert {a.name: helper.get_attribute_value(a) for a in head.attribute}["accuracy_level"] == 1
 
 
 @pytest.fixture(scope="module")
