@@ -234,7 +234,8 @@ def test_embeddings_option_round_trip(tmp_path):
     assert res.returncode == 0, res.stderr
     inspected = json.loads(res.stdout)
     assert inspected["ops"]["com.microsoft::GatherBlockQuantized"] == 1
-    assert any(x["op_type"] == "GatherBlockQuantized" and "already quantized" in x["reason"] for x in inspected["layers"])
+    layers = inspected["layers"]
+    assert any(x["op_type"] == "GatherBlockQuantized" and "already quantized" in x["reason"] for x in layers)
     res = qonnx_cli("quantize", src, "-o", tmp_path / "f" / "model.onnx", "--embeddings", "float", "--json")
     assert res.returncode == 0 and "embeddings" not in json.loads(res.stdout)["config"], res.stderr
     res = qonnx_cli("quantize", src, "-o", tmp_path / "x.onnx", "--embeddings", "4", "--format", "qdq")

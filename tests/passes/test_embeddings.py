@@ -164,3 +164,14 @@ def test_default_keeps_the_table_float(tmp_path):
     ops = [n.op_type for n in onnx.load(summary.outputs[0]).graph.node]
     assert "Gather" in ops and "GatherBlockQuantized" not in ops
     assert not any(r.op_type == "Gather" for r in summary.layers)
+
+
+def test_embeddings_of_an_already_quantized_model(tmp_path):
+    src, _ = lookup_model(tmp_path / "m.onnx", 64, tied=True)
+    w4 = qonnx.quantize(src, qonnx.W4A16(block_size=32), output=tmp_path / "w4" / "model.onnx", verify=False)
+    again = qonnx.quantize(
+        w4.outputs[0], qonnx.W4A16(block_size=32, embeddings=8), output=tmp_path / "e8" / "model.onnx"
+    )
+    ops = [n.op_type for n in onnx.load(again.outputs[0]).graph.node]
+    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 2
+    assert again.bytes_after < w4.bytes_after and {r.op_type for r in again.quantized} == {"Gather", "MatMul"}
