@@ -1,8 +1,8 @@
 """The tied lm_head alone, as each quantized model stores it: one token (M=1) on the CPU, interleaved runs.
 
-Usage: python benchmarks/bench_tied_head.py DIR [DIR ...] [--threads 1] [--runs 100]
+Usage: python benchmarks/bench_tied_head.py DIR [DIR ...] [--threads 1] [--runs 100] [--tokens 1]
 
-For each model folder, the node producing ``logits`` is run alone on a random [1, 1, K] input: a float MatMul
+For each model folder, the node producing ``logits`` is run alone on a random [1, tokens, K] input: a float MatMul
 reading the table through a Transpose (the Transpose applied first, as ONNX Runtime folds it), or the
 MatMulNBits that shares the embedding's codes (``qonnx quantize --embeddings``), at its own accuracy_level and
 at accuracy_level 4. Sessions run in turn, so load from other work hits them alike; min and median in ms.
@@ -49,7 +49,7 @@ def head_models(folder: str) -> dict[str, bytes]:
         graph = helper.make_graph(
             nodes,
             "head",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, k])],
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
             weights,
         )
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("folders", nargs="+")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--tokens", type=int, default=1, help="rows of the input (1: decode; 128: a prompt)")
     args = parser.parse_args()
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
@@ -74,7 +75,7 @@ def main() -> None:
         for label, blob in head_models(folder).items():
             sessions[label] = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
     k = next(iter(sessions.values())).get_inputs()[0].shape[-1]
-    feed = {"x": np.random.default_rng(0).standard_normal((1, 1, k)).astype(np.float32)}
+    feed = {"x": np.random.default_rng(0).standard_normal((1, args.tokens, k)).astype(np.float32)}
     times: dict[str, list[float]] = {label: [] for label in sessions}
     for _ in range(args.runs):
         for label, session in sessions.items():
@@ -82,7 +83,7 @@ def main() -> None:
             session.run(None, feed)
             times[label].append(time.perf_counter() - start)
     for label, t in times.items():
-        print(f"{label}: min {1e3 * min(t):.2f} ms, median {1e3 * statistics.median(t):.2f} ms ({args.threads} thread)")
+        print(f"{label}: min {1e3 * min(t):.2f} ms, median {1e3 * statistics.median(t):.2f} ms (M={args.tokens})")
 
 
 if __name__ == "__main__":
