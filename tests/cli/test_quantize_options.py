@@ -219,6 +219,7 @@ def test_sequential_refusals(stack_feeds, tmp_path):
     assert_one_line_error(res, "--sequential applies to weight-only schemes")
 
 
+@pytest.mark.slow
 def test_embeddings_option_round_trip(tmp_path):
     src, _ = lookup_model(tmp_path / "m.onnx", 64, tied=True)
     out = tmp_path / "q" / "model.onnx"
@@ -238,6 +239,10 @@ def test_embeddings_option_round_trip(tmp_path):
     assert any(x["op_type"] == "GatherBlockQuantized" and "already quantized" in x["reason"] for x in layers)
     res = qonnx_cli("quantize", src, "-o", tmp_path / "f" / "model.onnx", "--embeddings", "float", "--json")
     assert res.returncode == 0 and "embeddings" not in json.loads(res.stdout)["config"], res.stderr
+
+
+def test_embeddings_option_refusals(tmp_path):
+    src, _ = lookup_model(tmp_path / "m.onnx", 64, tied=True)
     res = qonnx_cli("quantize", src, "-o", tmp_path / "x.onnx", "--embeddings", "4", "--format", "qdq")
     assert_one_line_error(res, "embeddings", "matmulnbits")
     res = qonnx_cli("quantize", src, "-o", tmp_path / "x.onnx", "--scheme", "w8a8", "--embeddings", "8")
