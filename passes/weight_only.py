@@ -363,12 +363,13 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 node.attributes["transB"] = ir.AttrInt64("transB", 0)
                 node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
             return
-        self._replace_with_fused(cand, cfg, weight_inputs, qw, names)
+        self.replace_with_fused(cand, cfg, weight_inputs, qw, names)
 
     @staticmethod
-    def _replace_with_fused(
+    def replace_with_fused(
         cand: WeightCandidate, cfg: WeightOnlyConfig, weight_inputs: list, qw: formats.QuantizedWeight, names: set[str]
     ) -> None:
+        """Replace the candidate's MatMul/Gemm by the fused op of ``qw``'s format over ``weight_inputs``."""
         graph, node = cand.graph, cand.node
         dtype = act_dtype(cand)
         bias_value = None

@@ -33,6 +33,7 @@ _QUANTIZED = {
     ("", "QLinearMatMul"),
     ("", "QLinearConv"),
     ("com.microsoft", "MatMulNBits"),
+    ("com.microsoft", "GatherBlockQuantized"),
     ("com.microsoft", "QAttention"),
     ("com.microsoft", "DynamicQuantizeMatMul"),
 }

@@ -526,3 +526,67 @@ def tiny_llama_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def tie_lm_head(path: Path) -> Path:
+    """Tie an exported LM's head to its embedding table in place, as SmolLM2's export is tied.
+
+    torch.onnx writes a tiny tied model's head as a transposed copy of the table; here the head's MatMul reads
+    the Gather's table through a Transpose node instead, and the copy is dropped (one stored table).
+    """
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    table = next(n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits)
+    rows = numpy_helper.to_array(inits[table])
+    heads = [
+        n
+        for n in graph.node
+        if n.op_type == "MatMul"
+        and n.input[1] in inits
+        and np.array_equal(numpy_helper.to_array(inits[n.input[1]]), rows.T)
+    ]
+    if len(heads) != 1:
+        raise ValueError(f"{len(heads)} MatMuls read the transposed table")
+    head = heads[0]
+    graph.initializer.remove(inits[head.input[1]])
+    head.input[1] = f"{table}_T"
+    graph.node.insert(list(graph.node).index(head), helper.make_node("Transpose", [table], [f"{table}_T"], perm=[1, 0]))
+    onnx.save(model, str(path))
+    return path
+
+
+#: Rows of the tables of :func:`lookup_model`.
+EMBEDDING_ROWS = V = 256
+
+
+def lookup_model(path, h, *, tied, extra_reader=False, seed=0, dtype=np.float32):
+    """ids -> Gather(table [V, h]) -> MatMul(w [h, h]) -> (tied: MatMul(table.T); untied: MatMul(head)) -> logits."""
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal((V, h)).astype(dtype)
+    w = (rng.standard_normal((h, h)) / 8).astype(dtype)
+    inits = [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")]
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed", axis=0),
+        helper.make_node("MatMul", ["emb", "w"], ["hid"], name="mlp"),
+    ]
+    if tied:
+        nodes += [
+            helper.make_node("Transpose", ["table"], ["table_t"], name="t", perm=[1, 0]),
+            helper.make_node("MatMul", ["hid", "table_t"], ["logits"], name="lm_head"),
+        ]
+    else:
+        inits.append(numpy_helper.from_array(rng.standard_normal((h, V)).astype(dtype), "head"))
+        nodes.append(helper.make_node("MatMul", ["hid", "head"], ["logits"], name="lm_head"))
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    outputs = [helper.make_tensor_value_info("logits", elem, ["b", "s", V])]
+    if extra_reader:  # the float table also leaves the graph: it must stay
+        nodes.append(helper.make_node("Identity", ["table"], ["table_out"], name="keep"))
+        outputs.append(helper.make_tensor_value_info("table_out", elem, [V, h]))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])], outputs, inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path, table

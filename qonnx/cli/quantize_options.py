@@ -50,6 +50,13 @@ def options(f: F) -> F:
             help="MatMulNBits compute hint: 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (default: unset, the "
             "activations' own float type).",
         ),
+        click.option(
+            "--embeddings",
+            type=click.Choice(["4", "8", "float"]),
+            default=None,
+            help="Embedding tables (Gather) in 4 or 8 bits as GatherBlockQuantized, a tied lm_head as MatMulNBits "
+            "on the same codes (one copy), or float (default: float).",
+        ),
         opt.algo(opt.ALGOS),
         click.option(
             "--sequential",
@@ -189,6 +196,7 @@ class QuantizeOptions:
     symmetric: bool
     fmt: str | None
     accuracy_level: int | None
+    embeddings: str | None
     algo: str | None
     sequential: bool
     calib_samples: int | None
@@ -261,6 +269,8 @@ class QuantizeOptions:
                 raise click.UsageError(f"--{name} applies to --scheme {'/'.join(ACTIVATION_SCHEMES)} only")
         given = {"symmetric": self.symmetric or None, "format": self.fmt, "accuracy_level": self.accuracy_level}
         options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}  # else the scheme's own
+        if self.embeddings is not None:
+            options["embeddings"] = None if self.embeddings == "float" else int(self.embeddings)
         if self.block_size is not None:
             options["block_size"] = None if self.block_size == 0 else self.block_size
         options["algo"] = algo_from_name(self.algo or "rtn")
@@ -287,8 +297,10 @@ class QuantizeOptions:
 
     def _activation_config(self) -> SchemeConfig:
         """The config of a weight+activation scheme (weight-only options refused)."""
-        if self.fmt is not None or self.accuracy_level is not None:
-            raise click.UsageError("--format and --accuracy-level apply to weight-only schemes (w4a16, w8a16)")
+        if self.fmt is not None or self.accuracy_level is not None or self.embeddings is not None:
+            raise click.UsageError(
+                "--format, --accuracy-level and --embeddings apply to weight-only schemes (w4a16, w8a16)"
+            )
         act, calib = self._act(), self._calib()
         if self.scheme.lower() == "dynamic":
             used = [k for k, v in {**act, "symmetric": self.symmetric or None, **calib}.items() if v is not None]

@@ -81,6 +81,11 @@ class WeightOnlyConfig(SchemeConfig):
         kv_cache: ``"int8"`` or ``"int4"``: also keep the KV cache quantized (:data:`KV_CACHES`; a model lowered
             with GroupQueryAttention only), with per-channel scales from a calibration pass of the float model
             (:mod:`qonnx.passes.kv_cache`); ``None`` (default): the cache stays floating point.
+
+        embeddings: bits (4 or 8) of the embedding tables that Gather nodes read, stored for ONNX Runtime's
+            GatherBlockQuantized in MatMulNBits' layout, so that a tied lm_head's MatMulNBits reads the same
+            codes and scales (one copy of the table); rounded to nearest, blocks of ``block_size`` along the
+            hidden axis. None keeps the tables (and a tied lm_head) in floating point.
     """
 
     name: ClassVar[str] = "weight-only"
@@ -94,6 +99,7 @@ class WeightOnlyConfig(SchemeConfig):
     target: str = "generic"
     strict: bool = False
     kv_cache: str | None = None
+    embeddings: int | None = None
 
     def __post_init__(self) -> None:
         if self.kv_cache is not None and self.kv_cache not in KV_CACHES:
@@ -135,6 +141,18 @@ class WeightOnlyConfig(SchemeConfig):
                 raise ConfigError(f"{self.name}: accuracy_level applies to format='matmulnbits' only")
             if self.accuracy_level not in (0, 1, 2, 3, 4):
                 raise ConfigError(f"{self.name}: accuracy_level must be 0..4, got {self.accuracy_level}")
+        self._check_embeddings()
+
+    def _check_embeddings(self) -> None:
+        if self.embeddings is None:
+            return
+        if self.embeddings not in (4, 8) or isinstance(self.embeddings, bool):
+            raise ConfigError(f"{self.name}: embeddings must be 4, 8 or None (floating point), got {self.embeddings!r}")
+        if self.format != "matmulnbits" or self.grid != "int":
+            raise ConfigError(
+                f"{self.name}: embeddings are stored for GatherBlockQuantized in MatMulNBits' layout: they need "
+                f"format='matmulnbits' and integer codes, not format={self.format!r}, grid={self.grid!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, with the scheme name."""
@@ -145,7 +163,8 @@ class WeightOnlyConfig(SchemeConfig):
         out["float8"] = grid == "fp8"  # the key qonnx 0.1's metadata has for the two grids it knew
         if grid not in ("int", "fp8"):
             out["grid"] = grid
-        for key, default in (("target", "generic"), ("strict", False), ("kv_cache", None)):  # as before for defaults
+        defaults = (("target", "generic"), ("strict", False), ("kv_cache", None), ("embeddings", None))
+        for key, default in defaults:  # metadata as before for the defaults
             if out[key] == default:
                 del out[key]
         return out

@@ -39,6 +39,8 @@ __all__ = [
     "emit",
     "emits",
     "emitter",
+    "gather_block_quantized",
+    "GatherLayout",
     "grid_kind",
     "reader",
 ]
@@ -242,6 +244,38 @@ def matmulnbits_arrays(qm: quant.QuantizedMatrix, dtype: np.dtype) -> QuantizedW
         arrays["zero_points"] = packing.pack_matmulnbits_zero_points(qm)
     attrs = {"K": qm.k, "N": qm.n, "bits": qm.bits, "block_size": qm.block_size}
     return QuantizedWeight("matmulnbits", arrays, attrs, qm.k, qm.n, qm.bits)
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherLayout:
+    """How ONNX Runtime's GatherBlockQuantized reads a table stored as MatMulNBits arrays (a tied lm_head's).
+
+    GatherBlockQuantized with uint8 ``data`` takes MatMulNBits' conventions: codes packed low bits first along
+    the last axis, ``scales`` [rows, nblocks], ``zero_points`` packed per row as MatMulNBits packs them (default
+    2^(bits-1)). So the [V, H] table quantized as the [K=H, N=V] weight of ``logits = h @ table.T`` is read by
+    both ops from the same initializers: the Gather's ``data`` is MatMulNBits' ``B`` [V, nblocks, blob]
+    reshaped to ``data_shape`` [V, nblocks * blob] (the same bytes), ``scales`` and ``zero_points`` as they are.
+
+    Attributes:
+        data_shape: the 2-D shape of the Gather's data.
+        attrs: the op's attributes.
+        width: the row width the op returns, ``nblocks * block_size``; rows of H < width (a ragged last
+            block, zero-padded in B) are sliced to H.
+    """
+
+    data_shape: tuple[int, int]
+    attrs: dict[str, int]
+    width: int
+
+
+def gather_block_quantized(qw: QuantizedWeight) -> GatherLayout:
+    """The GatherBlockQuantized view of a MatMulNBits weight [K, N] of a table [N, K] (:class:`GatherLayout`)."""
+    if qw.format != "matmulnbits" or ("zero_points" in qw.arrays and qw.arrays["zero_points"].dtype != np.uint8):
+        raise ValueError("GatherBlockQuantized reads MatMulNBits arrays with integer (packed) zero points only")
+    bits, bs = qw.attrs["bits"], qw.attrs["block_size"]
+    n, nb, blob = qw.arrays["B"].shape
+    attrs = {"bits": bits, "block_size": bs, "quantize_axis": 1, "gather_axis": 0}
+    return GatherLayout((n, nb * blob), attrs, nb * bs)
 
 
 @emitter("int", "qdq")

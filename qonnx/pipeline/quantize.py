@@ -24,12 +24,14 @@ from qonnx.core.errors import (
     NothingToQuantizeError,
     OutputPathError,
     escape_name,
+    escape_text,
     warn,
 )
 from qonnx.core.schemes import Targets
 from qonnx.core.sizes import human_bytes
 from qonnx.core.targets import warn_if_slow
 from qonnx.passes.cleanup import RemoveUnusedInitializersPass
+from qonnx.passes.embeddings import QuantizeEmbeddingsPass, plan_embeddings
 from qonnx.passes.kv_cache import QuantizeKVCachePass
 from qonnx.passes.opset import OpsetConversionError, UpgradeOpsetPass
 from qonnx.passes.weight_only import QuantizeWeightsPass
@@ -223,7 +225,8 @@ def quantize(
     hessians: dict[str, np.ndarray] = {}
     presolved: dict[tuple, Any] = {}
     todo = [cfg for _, cfg, _ in plan if cfg is not None]
-    if not todo:
+    tables = _check_embeddings(ir_model, resolved, source)
+    if not todo and not tables:
         reasons = sorted({r for _, cfg, r in plan if cfg is None})
         detail = f" ({'; '.join(reasons[:3])})" if reasons else " (no MatMul or Gemm nodes)"
         raise NothingToQuantizeError(f"nothing to quantize in the model{detail}")
@@ -273,7 +276,10 @@ def quantize(
         presolved=presolved,
         progress=(lambda record: bar.update()) if bar is not None else None,
     )
-    steps = ir.passes.PassManager([qpass, RemoveUnusedNodesPass(), RemoveUnusedInitializersPass()])  # subgraphs too
+    embeddings = QuantizeEmbeddingsPass(resolved)  # after qpass: the tied heads it kept in floating point
+    steps = ir.passes.PassManager(  # subgraphs too
+        [qpass, embeddings, RemoveUnusedNodesPass(), RemoveUnusedInitializersPass()]
+    )
     try:
         with phase("quantization"):
             steps(ir_model)
@@ -286,6 +292,8 @@ def quantize(
         kv_pass = QuantizeKVCachePass(kv_format, cache_ranges)
         kv_pass(ir_model)
         kv_info = {"format": kv_format, "layers": kv_pass.layers, "bytes_per_token": kv_pass.cache_bytes_per_token}
+
+    qpass.records = embeddings.update(qpass.records)
     if qpass.nonfinite:
         total, first = sum(qpass.nonfinite.values()), next(iter(qpass.nonfinite))
         layers = len(qpass.nonfinite)
@@ -371,6 +379,23 @@ def quantize(
         phases=phases,
         passes=[repr(p) for p in steps.passes],
     )
+
+
+def _check_embeddings(model: ir.Model, targets: Targets, source: Path | None) -> int:
+    """How many embedding tables will be quantized; refuse when the scheme asks for embeddings and none can be."""
+    default = targets.default.weight_config() if targets.default is not None else None
+    if default is None or default.embeddings is None:
+        return 0
+    tables = plan_embeddings(model, targets)
+    doable = sum(1 for t in tables if t.cfg is not None)
+    if not doable:
+        why = (
+            f"table '{escape_name(tables[0].name)}': {escape_text(tables[0].reason)}"
+            if tables
+            else "no Gather reads a constant 2-D float table"
+        )
+        raise ConfigError(f"{source or 'model'}: embeddings={default.embeddings} cannot be done: {why}")
+    return doable
 
 
 def _carry_hessians(hessians: dict[str, np.ndarray], renamed: dict[str, tuple[str, np.ndarray | None]]) -> None:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from builders import OUTLIER, outlier_stack, tiny_causal_lm, tiny_tokenizer
+from builders import OUTLIER, lookup_model, outlier_stack, tiny_causal_lm, tiny_tokenizer
 from helpers import assert_one_line_error, qonnx_cli, run, sqnr_db
 from onnx import TensorProto, numpy_helper
 
@@ -217,3 +217,35 @@ def test_sequential_refusals(stack_feeds, tmp_path):
     assert_one_line_error(res, "--sequential applies to --algo gptq only")
     res = qonnx_cli("quantize", path, "-o", tmp_path / "q.onnx", "--scheme", "w8a8", "--sequential")
     assert_one_line_error(res, "--sequential applies to weight-only schemes")
+
+
+@pytest.mark.slow
+def test_embeddings_option_round_trip(tmp_path):
+    src, _ = lookup_model(tmp_path / "m.onnx", 64, tied=True)
+    out = tmp_path / "q" / "model.onnx"
+    res = qonnx_cli("quantize", src, "-o", out, "--block-size", "32", "--embeddings", "4", "--no-verify", "--json")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["config"]["embeddings"] == 4
+    gather = next(r for r in summary["layers"] if r["op_type"] == "Gather")
+    assert gather["quantized"] and gather["bytes_after"] < gather["bytes_before"] / 6
+    meta = {p.key: p.value for p in onnx.load(out, load_external_data=False).metadata_props}
+    assert json.loads(meta["qonnx.config"])["embeddings"] == 4
+    res = qonnx_cli("inspect", out, "--json")
+    assert res.returncode == 0, res.stderr
+    inspected = json.loads(res.stdout)
+    assert inspected["ops"]["com.microsoft::GatherBlockQuantized"] == 1
+    layers = inspected["layers"]
+    assert any(x["op_type"] == "GatherBlockQuantized" and "already quantized" in x["reason"] for x in layers)
+    res = qonnx_cli("quantize", src, "-o", tmp_path / "f" / "model.onnx", "--embeddings", "float", "--json")
+    assert res.returncode == 0 and "embeddings" not in json.loads(res.stdout)["config"], res.stderr
+
+
+def test_embeddings_option_refusals(tmp_path):
+    src, _ = lookup_model(tmp_path / "m.onnx", 64, tied=True)
+    res = qonnx_cli("quantize", src, "-o", tmp_path / "x.onnx", "--embeddings", "4", "--format", "qdq")
+    assert_one_line_error(res, "embeddings", "matmulnbits")
+    res = qonnx_cli("quantize", src, "-o", tmp_path / "x.onnx", "--scheme", "w8a8", "--embeddings", "8")
+    assert_one_line_error(res, "--embeddings apply to weight-only schemes")
+    res = qonnx_cli("quantize", src, "-o", tmp_path / "x.onnx", "--embeddings", "4", "--exclude", "lm_head")
+    assert_one_line_error(res, "embeddings=4 cannot be done", "kept in floating point")

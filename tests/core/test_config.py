@@ -78,3 +78,15 @@ def test_sequential_gptq_config():
         W4A8(algo=GPTQ(sequential=True))
     with pytest.raises(ConfigError, match="sequential must be True or False"):
         GPTQ(sequential=1)
+
+
+def test_embeddings_config():
+    assert W4A16().embeddings is None and "embeddings" not in W4A16().to_dict()  # metadata as before by default
+    assert W4A16(embeddings=8).to_dict()["embeddings"] == 8
+    for bad in (3, 16, True, "4"):
+        with pytest.raises(ConfigError, match="embeddings must be 4, 8 or None"):
+            W4A16(embeddings=bad)
+    with pytest.raises(ConfigError, match="need format='matmulnbits'"):
+        W4A16(embeddings=4, format="qdq")
+    with pytest.raises(ConfigError, match="need format='matmulnbits'"):
+        qonnx.NF4(embeddings=4)
