@@ -42,10 +42,9 @@ from qonnx.core.errors import QonnxError, escape_name
 from qonnx.core.hadamard import kron_factors, random_orthogonal, randomized_hadamard
 from qonnx.passes.activations import unique_name
 
-__all__ = ["ROTATIONS", "RotateResidualPass", "RotationError"]
+__all__ = ["RotateResidualPass", "RotationError"]
 
-Rotation = Literal["none", "hadamard", "random"]
-ROTATIONS: tuple[str, ...] = ("none", "hadamard", "random")
+Rotation = Literal["hadamard", "random"]
 _NORM_OPS = {("", "RMSNormalization"), ("", "SimplifiedLayerNormalization"), ("com.microsoft", "SimplifiedLayerNormalization")}
 _UNARY = {"Sqrt", "Reciprocal", "Cast", "Identity"}
 
@@ -188,6 +187,7 @@ class RotateResidualPass(ir.passes.InPlacePass):
         self.seed = seed
         self.kept_float: list[str] = []
         self.notes: list[str] = []
+        self._shared: dict[str, ir.Value] = {}  # constants the added nodes share (one Hadamard per size)
 
     def __repr__(self) -> str:
         return f"RotateResidualPass(rotation={self.rotation!r}, online={self.online}, seed={self.seed})"
@@ -378,15 +378,15 @@ class RotateResidualPass(ir.passes.InPlacePass):
         base = f"{mm.name or 'down_proj'}_hadamard"
         taken = {n.name for n in graph if n.name} | set(graph.initializers)
         shape = ir.node("Shape", [x], name=unique_name(f"{base}_shape", taken))
-        dims = _initializer(graph, f"rotate_hadamard_{m}x{p}_dims", np.array([-1, m, p], dtype=np.int64))
+        dims = self._constant(graph, f"rotate_hadamard_{m}x{p}_dims", np.array([-1, m, p], dtype=np.int64))
         flat = ir.node("Reshape", [x, dims], name=unique_name(f"{base}_reshape", taken))
-        hp_v = _initializer(graph, f"rotate_hadamard_{p}", hp.astype(dtype))
+        hp_v = self._constant(graph, f"rotate_hadamard_{p}", hp.astype(dtype))
         mm_p = ir.node("MatMul", [flat.outputs[0], hp_v], name=unique_name(f"{base}_p", taken))
         new = [shape, flat, mm_p]
         last = mm_p
         self.kept_float.append(mm_p.name or "")
         if m > 1 and not np.array_equal(hm, np.eye(m)):
-            hm_v = _initializer(graph, f"rotate_hadamard_{m}", hm.astype(dtype))
+            hm_v = self._constant(graph, f"rotate_hadamard_{m}", hm.astype(dtype))
             mm_m = ir.node("MatMul", [hm_v, mm_p.outputs[0]], name=unique_name(f"{base}_m", taken))
             new.append(mm_m)
             last = mm_m
@@ -403,6 +403,12 @@ class RotateResidualPass(ir.passes.InPlacePass):
         if not self.notes or "online Hadamard" not in self.notes[-1]:
             self.notes.append(f"online Hadamard {m}x{p} (K={k}) in front of each down projection")
         return np.kron(hm.T, hp)
+
+    def _constant(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+        key = f"{name}:{array.dtype}"
+        if key not in self._shared:
+            self._shared[key] = _initializer(graph, name, array)
+        return self._shared[key]
 
     def _head_matmul(self, graph: ir.Graph, norm: _Norm, g: np.ndarray) -> None:
         """The tied head keeps its table: the final norm's weight as ``x @ (Q^T diag(g) Q)`` in front of it."""

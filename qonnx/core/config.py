@@ -14,6 +14,7 @@ from qonnx.core import numerics
 from qonnx.core.algos import ALGOS, AWQ, GPTQ, HQQ, Algo, algo_from_name
 from qonnx.core.errors import ConfigError
 from qonnx.core.formats import FORMATS
+from qonnx.core.hadamard import check_rotation
 from qonnx.core.targets import TARGETS, weight_only_form
 
 __all__ = [
@@ -36,10 +37,19 @@ GRIDS: dict[str, numerics.Float8Grid | numerics.LookupGrid | None] = {
 }
 
 
+def rotation(scheme: str, rotate: object) -> None:
+    """Refuse a ``rotate`` value that is not one of :data:`qonnx.core.hadamard.ROTATIONS`."""
+    try:
+        check_rotation(scheme, rotate)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 class SchemeConfig:
     """Base of every scheme config (weight-only and weight+activation); ``name`` is the CLI name."""
 
     name: ClassVar[str] = "scheme"
+    rotate: str = "none"  # overridden by a field in each config (see WeightOnlyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, with the scheme name."""
@@ -72,6 +82,9 @@ class WeightOnlyConfig(SchemeConfig):
             storage that target's fast kernel needs. The session options that kernel wants are written with
             the model.
         strict: refuse (instead of a warning) a scheme measured slower than floating point on ``target``.
+        rotate: rotate the residual stream before quantizing (QuaRot-style, exact in floating point; see
+            :mod:`qonnx.passes.rotate`): ``"hadamard"`` (a randomized Hadamard matrix), ``"random"`` (a random
+            orthogonal one) or ``"none"``. Decoders with RMSNorm only; the whole model, from the default config.
     """
 
     name: ClassVar[str] = "weight-only"
@@ -84,8 +97,10 @@ class WeightOnlyConfig(SchemeConfig):
     grid: str = "int"
     target: str = "generic"
     strict: bool = False
+    rotate: str = "none"
 
     def __post_init__(self) -> None:
+        rotation(self.name, self.rotate)
         if self.target not in TARGETS:
             raise ConfigError(f"{self.name}: target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if isinstance(self.algo, str):
@@ -131,7 +146,7 @@ class WeightOnlyConfig(SchemeConfig):
         out["float8"] = grid == "fp8"  # the key qonnx 0.1's metadata has for the two grids it knew
         if grid not in ("int", "fp8"):
             out["grid"] = grid
-        for key, default in (("target", "generic"), ("strict", False)):  # metadata as before for the defaults
+        for key, default in (("target", "generic"), ("strict", False), ("rotate", "none")):  # as before for defaults
             if out[key] == default:
                 del out[key]
         return out

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any, ClassVar, Literal, get_args
 
 from qonnx.core.algos import GPTQ
-from qonnx.core.config import SchemeConfig, WeightOnlyConfig
+from qonnx.core.config import SchemeConfig, WeightOnlyConfig, rotation
 from qonnx.core.errors import ConfigError
 from qonnx.core.targets import TARGETS, WeightForm, weight_form
 
@@ -102,6 +102,7 @@ class ActivationConfig(SchemeConfig):
         target: the runtime to lower for (``"cpu"``, ``"cuda"``, ``"tensorrt"`` or ``"generic"`` QDQ);
             a scheme that measured slower than floating point there gets a warning (``strict``: an error).
         strict: refuse a scheme that is slower than floating point on the target.
+        rotate: rotate the residual stream first (:attr:`qonnx.core.config.WeightOnlyConfig.rotate`).
     """
 
     name: ClassVar[str] = "activations"
@@ -117,8 +118,10 @@ class ActivationConfig(SchemeConfig):
     algo: Literal["rtn", "gptq"] | GPTQ = "rtn"
     target: str = "generic"  # a key of qonnx.core.targets.TARGETS
     strict: bool = False
+    rotate: str = "none"
 
     def __post_init__(self) -> None:
+        rotation(self.name, self.rotate)
         if self.weight_bits not in (4, 8):
             raise ConfigError(f"{self.name}: weight_bits must be 4 or 8, got {self.weight_bits!r}")
         if self.act_type not in ("int8", "fp8"):
@@ -197,6 +200,8 @@ class ActivationConfig(SchemeConfig):
             out["emitted_as"] = self.form.note
             for unused in ("smooth_quant", "calibration", "keep_float", "act_symmetric"):
                 out.pop(unused, None)
+        if out["rotate"] == "none":  # metadata as before for the default
+            del out["rotate"]
         return out
 
 
@@ -244,12 +249,15 @@ class Dynamic(SchemeConfig):
 
     Attributes:
         block_size: weights (and activations) per scale along K.
+        rotate: rotate the residual stream first (:attr:`qonnx.core.config.WeightOnlyConfig.rotate`).
     """
 
     name: ClassVar[str] = "dynamic"
     block_size: int = 32
+    rotate: str = "none"
 
     def __post_init__(self) -> None:
+        rotation(self.name, self.rotate)
         WeightOnlyConfig(bits=8, block_size=self.block_size)  # validates the block size for MatMulNBits
 
     def weight_config(self) -> WeightOnlyConfig:
@@ -258,4 +266,7 @@ class Dynamic(SchemeConfig):
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, with the scheme name."""
-        return {"scheme": self.name, **dataclasses.asdict(self)}
+        out = {"scheme": self.name, **dataclasses.asdict(self)}
+        if out["rotate"] == "none":
+            del out["rotate"]
+        return out

@@ -18,7 +18,18 @@ import functools
 import numpy as np
 import scipy.linalg
 
-__all__ = ["hadamard", "hadamard_factors", "kron_factors", "random_orthogonal", "randomized_hadamard"]
+__all__ = ["ROTATIONS", "check_rotation", "hadamard", "hadamard_factors", "kron_factors", "random_orthogonal", "randomized_hadamard"]
+
+
+#: The residual-stream rotations a scheme config can ask for (``rotate``): none, a randomized Hadamard
+#: matrix, or a random orthogonal matrix (both seeded, so a model quantizes the same way twice).
+ROTATIONS: tuple[str, ...] = ("none", "hadamard", "random")
+
+
+def check_rotation(scheme: str, rotate: object) -> None:
+    """Refuse a ``rotate`` value that is not one of :data:`ROTATIONS` (ValueError; configs wrap it)."""
+    if rotate not in ROTATIONS:
+        raise ValueError(f"{scheme}: rotate must be one of {', '.join(map(repr, ROTATIONS))}, got {rotate!r}")
 
 
 def _is_prime(q: int) -> bool:
