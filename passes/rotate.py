@@ -45,7 +45,11 @@ from qonnx.passes.activations import unique_name
 __all__ = ["RotateResidualPass", "RotationError"]
 
 Rotation = Literal["hadamard", "random"]
-_NORM_OPS = {("", "RMSNormalization"), ("", "SimplifiedLayerNormalization"), ("com.microsoft", "SimplifiedLayerNormalization")}
+_NORM_OPS = {
+    ("", "RMSNormalization"),
+    ("", "SimplifiedLayerNormalization"),
+    ("com.microsoft", "SimplifiedLayerNormalization"),
+}
 _UNARY = {"Sqrt", "Reciprocal", "Cast", "Identity"}
 
 
@@ -132,7 +136,7 @@ def _find_norms(graph: ir.Graph) -> dict[int, list[_Norm]]:
                 if x is None or square is None:
                     continue
                 out, scale, g = node.outputs[0], None, None
-                uses = out.uses()
+                uses = list(out.uses())
                 if len(uses) == 1 and uses[0][0].op_type == "Mul" and not out.is_graph_output():
                     mul, other = uses[0][0], 1 - uses[0][1]
                     c = _const(mul.inputs[other])
@@ -166,7 +170,12 @@ def _weight_slot(node: ir.Node, index: int) -> tuple[ir.Node, int, ir.Value, boo
     if p is not None and p.op_type == "Transpose" and p.domain == "" and len(v.uses()) == 1:
         perm = p.attributes.get_ints("perm")
         src = p.inputs[0]
-        if (perm is None or list(perm) == [1, 0]) and src is not None and src.producer() is None and _const(src) is not None:
+        if (
+            (perm is None or list(perm) == [1, 0])
+            and src is not None
+            and src.producer() is None
+            and _const(src) is not None
+        ):
             return p, 0, src, True
     return None
 
@@ -197,8 +206,10 @@ class RotateResidualPass(ir.passes.InPlacePass):
         graph = model.graph
         norms = _find_norms(graph)
         if not norms:
-            raise RotationError("rotation: no RMSNorm found (Pow/ReduceMean/.../Mul over the last axis, or RMSNormalization)")
-        stream, embeds, adds, writers = self._trace(graph, norms)
+            raise RotationError(
+                "rotation: no RMSNorm found (Pow/ReduceMean/.../Mul over the last axis, or RMSNormalization)"
+            )
+        stream, embeds, _adds, writers = self._trace(graph, norms)
         d = int(_const(embeds[0][2]).shape[1])  # type: ignore[union-attr]
         q = self._matrix(d)
         slots: list[tuple[_Slot, np.ndarray]] = []  # (slot, the new array)
@@ -209,11 +220,12 @@ class RotateResidualPass(ir.passes.InPlacePass):
 
         for node, index, table in embeds:
             add(node, index, table, ("right",), _const(table).astype(np.float64) @ q)  # type: ignore[union-attr]
-        online_inputs: dict[int, tuple[ir.Node, np.ndarray]] = {}
         for mm, w, bias in writers:
             wv = _const(w.value).astype(np.float64)  # type: ignore[union-attr]
             if wv.ndim != 2 or wv.shape[1] != d:
-                raise RotationError(f"rotation: '{_name(mm)}' writes the stream with a weight of shape {wv.shape}, not [K, {d}]")
+                raise RotationError(
+                    f"rotation: '{_name(mm)}' writes the stream with a weight of shape {wv.shape}, not [K, {d}]"
+                )
             key: tuple = ("right",)
             if self.online and self._glu_input(mm):
                 h = self._online(graph, mm, wv.shape[0])
@@ -276,11 +288,11 @@ class RotateResidualPass(ir.passes.InPlacePass):
             if table is None or table.ndim != 2 or gather.inputs[0].producer() is not None:  # type: ignore[union-attr]
                 continue
             start = gather.outputs[0]
-            while len(start.uses()) == 1 and _scale_op(start.uses()[0][0]):
-                start = start.uses()[0][0].outputs[0]
+            while len(start.uses()) == 1 and _scale_op(next(iter(start.uses()))[0]):
+                start = next(iter(start.uses()))[0].outputs[0]
             if id(start) not in norms:  # a table lookup that no norm reads (a rotary cache, say)
                 continue
-            embeds.append((gather, 0, gather.inputs[0]))
+            embeds.append((gather, 0, gather.inputs[0]))  # type: ignore[arg-type]
             pending = [gather.outputs[0]]
             while pending:
                 v = pending.pop()
@@ -326,8 +338,8 @@ class RotateResidualPass(ir.passes.InPlacePass):
             slot = _weight_slot(user, 1) if user.op_type == "MatMul" and user.domain == "" and index == 0 else None
             if slot is None:
                 raise RotationError(
-                    f"rotation: the output of an RMSNorm is read by {user.op_type} '{_name(user)}', not a MatMul with a "
-                    "constant weight"
+                    f"rotation: the output of an RMSNorm is read by {user.op_type} '{_name(user)}', "
+                    "not a MatMul with a constant weight"
                 )
             w = _const(slot[2])
             assert w is not None
@@ -348,7 +360,8 @@ class RotateResidualPass(ir.passes.InPlacePass):
         h = randomized_hadamard(d, self.seed)
         if h is None:
             raise RotationError(
-                f"rotation: no Hadamard matrix of order {d} is known to qonnx (Paley x Sylvester); use rotation 'random'"
+                f"rotation: no Hadamard matrix of order {d} is known to qonnx (Paley x Sylvester); "
+                "use rotation 'random'"
             )
         return h
 
@@ -396,7 +409,7 @@ class RotateResidualPass(ir.passes.InPlacePass):
         for n in new:
             for o in n.outputs:
                 o.name = unique_name(f"{n.name}_out", taken)
-        back.outputs[0].dtype = x.dtype
+        back.outputs[0].dtype = x.dtype  # type: ignore[assignment]
         back.outputs[0].shape = x.shape
         graph.insert_before(mm, new)
         mm.replace_input_with(0, back.outputs[0])
@@ -418,7 +431,7 @@ class RotateResidualPass(ir.passes.InPlacePass):
         readers = list(norm.out.uses())
         node = ir.node("MatMul", [norm.out, w], name=unique_name("rotate_tied_head_norm_MatMul", taken))
         node.outputs[0].name = unique_name("rotate_tied_head_norm_out", taken)
-        node.outputs[0].dtype = norm.out.dtype
+        node.outputs[0].dtype = norm.out.dtype  # type: ignore[assignment]
         node.outputs[0].shape = norm.out.shape
         first = next(n for n in graph if any(n is u for u, _ in readers))
         graph.insert_before(first, node)

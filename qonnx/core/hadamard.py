@@ -18,7 +18,15 @@ import functools
 import numpy as np
 import scipy.linalg
 
-__all__ = ["ROTATIONS", "check_rotation", "hadamard", "hadamard_factors", "kron_factors", "random_orthogonal", "randomized_hadamard"]
+__all__ = [
+    "ROTATIONS",
+    "check_rotation",
+    "hadamard",
+    "hadamard_factors",
+    "kron_factors",
+    "random_orthogonal",
+    "randomized_hadamard",
+]
 
 
 #: The residual-stream rotations a scheme config can ask for (``rotate``): none, a randomized Hadamard

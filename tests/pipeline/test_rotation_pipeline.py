@@ -1,4 +1,4 @@
-"""``quantize(..., rotate=...)`` and ``qonnx quantize --rotate``: the rotated model is quantized, refusals are one line."""
+"""``quantize(..., rotate=...)`` and ``qonnx quantize --rotate``: a rotated model is quantized; refusals in one line."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_quantize_rotated_keeps_the_online_transforms_float(llama, tmp_path):
     assert summary.passes[0].startswith("RotateResidualPass")
     hadamards = [r for r in summary.layers if "hadamard" in r.node]
     assert len(hadamards) == 4 and not any(r.quantized for r in hadamards)  # 2 layers x (H_p, H_m)
-    assert sum(r.quantized for r in summary.layers) == 2 * 7  # q k v o gate up down per layer
+    assert sum(r.quantized for r in summary.layers) == 2 * 7 + 1  # q k v o gate up down per layer, the head
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "q.onnx"), load_external_data=False).metadata_props}
     assert "hadamard" in meta["qonnx.config"], meta.keys()
     ref, out = run(llama, _feeds(llama))[0], run(tmp_path / "q.onnx", _feeds(llama))[0]
