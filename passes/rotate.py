@@ -36,10 +36,9 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-import scipy.linalg
 
 from qonnx.core.errors import QonnxError, escape_name
-from qonnx.core.hadamard import kron_factors, random_orthogonal, randomized_hadamard
+from qonnx.core.hadamard import kron_factors, random_orthogonal, randomized_hadamard, sylvester
 from qonnx.passes.activations import unique_name
 
 __all__ = ["RotateResidualPass", "RotationError"]
@@ -380,7 +379,7 @@ class RotateResidualPass(ir.passes.InPlacePass):
             if p < 8:
                 self.notes.append(f"no online Hadamard for '{_name(mm)}' (K={k} has no usable factor)")
                 return None
-            hm, hp = np.eye(k // p), scipy.linalg.hadamard(p) / np.sqrt(p)
+            hm, hp = np.eye(k // p), sylvester(p) / np.sqrt(p)
             self.notes.append(f"'{_name(mm)}': K={k} has no Hadamard construction; block-diagonal Hadamard of {p}")
         else:
             hm, hp = factors

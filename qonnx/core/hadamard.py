@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import scipy.linalg
 
 __all__ = [
     "ROTATIONS",
@@ -26,6 +25,7 @@ __all__ = [
     "kron_factors",
     "random_orthogonal",
     "randomized_hadamard",
+    "sylvester",
 ]
 
 
@@ -81,6 +81,16 @@ def _paley(m: int) -> np.ndarray | None:
     return None
 
 
+def sylvester(p: int) -> np.ndarray:
+    """Sylvester's Hadamard matrix of order p, a power of two (entries +-1)."""
+    h = np.ones((1, 1), dtype=np.int64)
+    while h.shape[0] < p:
+        h = np.block([[h, h], [h, -h]])
+    if h.shape[0] != p:
+        raise ValueError(f"Sylvester's construction needs a power of two, got {p}")
+    return h
+
+
 def hadamard_factors(n: int) -> tuple[int, int] | None:
     """(m, p): a Paley order m and a power of two p with ``m p = n`` and the smallest ``m + p``, or None."""
     best: tuple[int, int] | None = None
@@ -101,8 +111,7 @@ def kron_factors(n: int) -> tuple[np.ndarray, np.ndarray] | None:
     m, p = found
     hm = _paley(m)
     assert hm is not None
-    hp = scipy.linalg.hadamard(p)
-    return hm / np.sqrt(m), hp / np.sqrt(p)
+    return hm / np.sqrt(m), sylvester(p) / np.sqrt(p)
 
 
 def hadamard(n: int) -> np.ndarray | None:
