@@ -200,4 +200,3 @@ def compare_outputs(name: str, ref: np.ndarray, out: np.ndarray) -> OutputMetric
     acc = OutputComparison(name)
     acc.add(ref, out)
     return acc.finalize()
-

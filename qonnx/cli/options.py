@@ -18,6 +18,7 @@ import click
 from qonnx.core.config import KV_CACHES
 from qonnx.core.errors import escape_name, escape_text
 from qonnx.core.formats import FORMATS
+from qonnx.core.hadamard import ROTATIONS
 from qonnx.core.schemes import SCHEMES
 from qonnx.core.sizes import human_bytes  # kept importable from here: inspection.py uses opt.human_bytes
 
@@ -26,6 +27,7 @@ __all__ = [
     "SchemeCommand",
     "algo",
     "block_size",
+    "rotate",
     "calibration",
     "device",
     "echo",
@@ -112,6 +114,14 @@ block_size = click.option(
     default=None,
     help="Weights per scale along K; 0 for one scale per output channel (--format qdq, w8a8, w4a8, fp8) "
     "(default: 128; w8a8 and fp8: per output channel; dynamic: 32).",
+)
+rotate = click.option(
+    "--rotate",
+    type=click.Choice(ROTATIONS),
+    default=None,
+    help="Rotate the residual stream first (QuaRot-style, exact in float; decoders with RMSNorm): a randomized "
+    "Hadamard matrix, a random orthogonal one, or none; an online Hadamard goes in front of each down projection "
+    "(default: none).",
 )
 storage = together(
     click.option(

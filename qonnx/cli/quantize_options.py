@@ -42,6 +42,7 @@ def options(f: F) -> F:
     return opt.together(
         opt.scheme(SCHEMES),
         opt.block_size,
+        opt.rotate,
         opt.storage,
         click.option(
             "--accuracy-level",
@@ -193,6 +194,7 @@ class QuantizeOptions:
 
     scheme: str
     block_size: int | None
+    rotate: str | None
     symmetric: bool
     fmt: str | None
     accuracy_level: int | None
@@ -271,6 +273,9 @@ class QuantizeOptions:
         options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}  # else the scheme's own
         if self.embeddings is not None:
             options["embeddings"] = None if self.embeddings == "float" else int(self.embeddings)
+
+        if self.rotate is not None:
+            options["rotate"] = self.rotate
         if self.block_size is not None:
             options["block_size"] = None if self.block_size == 0 else self.block_size
         options["algo"] = algo_from_name(self.algo or "rtn")
@@ -310,8 +315,11 @@ class QuantizeOptions:
                 raise click.UsageError(
                     f"--{used[0].replace('_', '-')} does not apply to --scheme dynamic (no calibration)"
                 )
-            return scheme_from_name(self.scheme, **({} if self.block_size is None else {"block_size": self.block_size}))
+            dyn = {} if self.block_size is None else {"block_size": self.block_size}
+            return scheme_from_name(self.scheme, **dyn, **({} if self.rotate is None else {"rotate": self.rotate}))
         options: dict[str, Any] = {} if self.algo is None else {"algo": self.algo}  # None: the scheme's default
+        if self.rotate is not None:
+            options["rotate"] = self.rotate
         if self.block_size is not None:
             options["block_size"] = None if self.block_size == 0 else self.block_size
         if self.symmetric:

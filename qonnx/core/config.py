@@ -14,6 +14,7 @@ from qonnx.core import numerics
 from qonnx.core.algos import ALGOS, AWQ, GPTQ, HQQ, Algo, algo_from_name
 from qonnx.core.errors import ConfigError
 from qonnx.core.formats import FORMATS
+from qonnx.core.hadamard import check_rotation
 from qonnx.core.targets import TARGETS, weight_only_form
 
 __all__ = [
@@ -40,10 +41,19 @@ GRIDS: dict[str, numerics.Float8Grid | numerics.LookupGrid | None] = {
 KV_CACHES = ("int8", "int4")
 
 
+def rotation(scheme: str, rotate: object) -> None:
+    """Refuse a ``rotate`` value that is not one of :data:`qonnx.core.hadamard.ROTATIONS`."""
+    try:
+        check_rotation(scheme, rotate)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 class SchemeConfig:
     """Base of every scheme config (weight-only and weight+activation); ``name`` is the CLI name."""
 
     name: ClassVar[str] = "scheme"
+    rotate: str = "none"  # overridden by a field in each config (see WeightOnlyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, with the scheme name."""
@@ -86,6 +96,9 @@ class WeightOnlyConfig(SchemeConfig):
             GatherBlockQuantized in MatMulNBits' layout, so that a tied lm_head's MatMulNBits reads the same
             codes and scales (one copy of the table); rounded to nearest, blocks of ``block_size`` along the
             hidden axis. None keeps the tables (and a tied lm_head) in floating point.
+        rotate: rotate the residual stream before quantizing (QuaRot-style, exact in floating point; see
+            :mod:`qonnx.passes.rotate`): ``"hadamard"`` (a randomized Hadamard matrix), ``"random"`` (a random
+            orthogonal one) or ``"none"``. Decoders with RMSNorm only; the whole model, from the default config.
     """
 
     name: ClassVar[str] = "weight-only"
@@ -100,8 +113,10 @@ class WeightOnlyConfig(SchemeConfig):
     strict: bool = False
     kv_cache: str | None = None
     embeddings: int | None = None
+    rotate: str = "none"
 
     def __post_init__(self) -> None:
+        rotation(self.name, self.rotate)
         if self.kv_cache is not None and self.kv_cache not in KV_CACHES:
             raise ConfigError(
                 f"{self.name}: kv_cache must be one of {', '.join(KV_CACHES)} or None, got {self.kv_cache!r}"
@@ -163,7 +178,13 @@ class WeightOnlyConfig(SchemeConfig):
         out["float8"] = grid == "fp8"  # the key qonnx 0.1's metadata has for the two grids it knew
         if grid not in ("int", "fp8"):
             out["grid"] = grid
-        defaults = (("target", "generic"), ("strict", False), ("kv_cache", None), ("embeddings", None))
+        defaults = (
+            ("target", "generic"),
+            ("strict", False),
+            ("kv_cache", None),
+            ("embeddings", None),
+            ("rotate", "none"),
+        )
         for key, default in defaults:  # metadata as before for the defaults
             if out[key] == default:
                 del out[key]

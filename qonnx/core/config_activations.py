@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any, ClassVar, Literal, get_args
 
 from qonnx.core.algos import GPTQ
-from qonnx.core.config import SchemeConfig, WeightOnlyConfig
+from qonnx.core.config import SchemeConfig, WeightOnlyConfig, rotation
 from qonnx.core.errors import ConfigError
 from qonnx.core.targets import TARGETS, WeightForm, weight_form
 
@@ -106,6 +106,7 @@ class ActivationConfig(SchemeConfig):
             where the target may be an x86 CPU without VNNI (``cpu``, ``generic``), whose ONNX Runtime kernels
             saturate on full-range weights (see :class:`qonnx.core.targets.Target`); full on ``cuda`` and
             ``tensorrt``. Use ``"full"`` for CPUs with VNNI (AVX512-VNNI, AVX-VNNI, AMX) or ARM.
+        rotate: rotate the residual stream first (:attr:`qonnx.core.config.WeightOnlyConfig.rotate`).
     """
 
     name: ClassVar[str] = "activations"
@@ -122,8 +123,10 @@ class ActivationConfig(SchemeConfig):
     target: str = "generic"  # a key of qonnx.core.targets.TARGETS
     strict: bool = False
     weight_range: Literal["auto", "full", "7bit"] = "auto"
+    rotate: str = "none"
 
     def __post_init__(self) -> None:
+        rotation(self.name, self.rotate)
         if self.weight_range not in ("auto", "full", "7bit"):
             raise ConfigError(f"{self.name}: weight_range must be 'auto', 'full' or '7bit', got {self.weight_range!r}")
         if self.weight_bits not in (4, 8):
@@ -211,6 +214,8 @@ class ActivationConfig(SchemeConfig):
             out["emitted_as"] = self.form.note
             for unused in ("smooth_quant", "calibration", "keep_float", "act_symmetric"):
                 out.pop(unused, None)
+        if out["rotate"] == "none":  # metadata as before for the default
+            del out["rotate"]
         return out
 
 
@@ -258,12 +263,15 @@ class Dynamic(SchemeConfig):
 
     Attributes:
         block_size: weights (and activations) per scale along K.
+        rotate: rotate the residual stream first (:attr:`qonnx.core.config.WeightOnlyConfig.rotate`).
     """
 
     name: ClassVar[str] = "dynamic"
     block_size: int = 32
+    rotate: str = "none"
 
     def __post_init__(self) -> None:
+        rotation(self.name, self.rotate)
         WeightOnlyConfig(bits=8, block_size=self.block_size)  # validates the block size for MatMulNBits
 
     def weight_config(self) -> WeightOnlyConfig:
@@ -272,4 +280,7 @@ class Dynamic(SchemeConfig):
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, with the scheme name."""
-        return {"scheme": self.name, **dataclasses.asdict(self)}
+        out = {"scheme": self.name, **dataclasses.asdict(self)}
+        if out["rotate"] == "none":
+            del out["rotate"]
+        return out

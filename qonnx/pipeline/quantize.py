@@ -49,6 +49,7 @@ from qonnx.pipeline.calibrate import (
 from qonnx.pipeline.deploy import METADATA_KEY, session_options, write_sidecar
 from qonnx.pipeline.gptq_sequential import solve_sequential
 from qonnx.pipeline.mixed_precision import Budget, MixedPrecision, mixed_precision
+from qonnx.pipeline.rotation import RotatedSource, rotate
 from qonnx.pipeline.verification import Verification, VerifyOptions, check_shapes, start_reference, start_verify
 from qonnx.pipeline.verification import metadata as verification_metadata
 from qonnx.pipeline.verification import verify as run_verify
@@ -88,6 +89,7 @@ class QuantizeSummary:
     kv_cache: dict[str, Any] | None = None
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
     passes: list[str] = dataclasses.field(default_factory=list)
+    rotation: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def quantized(self) -> list[LayerRecord]:
@@ -112,6 +114,7 @@ class QuantizeSummary:
             "seconds": round(self.seconds, 3),
             "phases": {k: round(v, 3) for k, v in self.phases.items()},
             "passes": self.passes,
+            "rotation": self.rotation,
             "outputs": [str(p) for p in self.outputs],
             "verification": self.verification.to_dict(),
             "activations": self.activations,
@@ -183,6 +186,8 @@ def quantize(
         finally:
             phases[name] = phases.get(name, 0.0) + time.perf_counter() - begin
 
+    if budget is not None and config.rotate != "none":
+        raise ConfigError("a mixed-precision budget is measured on the unrotated model: use it without rotate")
     if budget is not None:  # measured on the float model, before anything changes it
         with phase("budget"):
             mixed = mixed_precision(model, config, budget, targets=targets, progress=progress)
@@ -219,6 +224,16 @@ def quantize(
         original = modelfile.to_bytes(ir_model)
     # The original runs in ONNX Runtime in the background, while the weights are quantized.
     reference = start_reference(original, options) if wants_check and original is not None else None
+    with phase("rotation"):
+        rotated = rotate(ir_model, config.rotate)  # exact in float: the original stays the reference
+    if rotated is None:
+        phases.pop("rotation")
+    else:  # the MatMuls it adds (Hadamard transforms) stay float
+        resolved = Targets(config, {**(targets or {}), **dict.fromkeys(rotated.kept_float)})
+    # Calibration runs the rotated model: a file of it is written on first need (removed at the end; a
+    # TemporaryDirectory also removes itself when an error ends the run).
+    copy = RotatedSource(ir_model, source, protect) if rotated is not None else None
+    calib_source = copy.path if copy is not None else (lambda: source)
 
     planner = QuantizeWeightsPass(resolved)  # plans only; the pass that quantizes gets what calibration found
     plan = planner.plan(ir_model)
@@ -233,15 +248,15 @@ def quantize(
     if any(cfg.calibrated is not None for cfg in todo):  # before any rewrite: ONNX Runtime runs the float model
         reuse = mixed.hessians if mixed is not None else {}  # the budget's measurements collected them already
         with phase("calibration"):
-            hessians = reuse or layer_hessians(ir_model, source, plan, progress)
+            hessians = reuse or layer_hessians(ir_model, calib_source(), plan, progress)
         if any(is_sequential(cfg) for cfg in todo):  # calibrated and solved stage by stage
             with phase("sequential gptq"):
-                presolved = solve_sequential(ir_model, source, plan, planner, progress)
+                presolved = solve_sequential(ir_model, calib_source(), plan, planner, progress)
     kv_format = config.kv_cache if isinstance(config, WeightOnlyConfig) else None
     cache_ranges: dict[str, np.ndarray] = {}
     if kv_format is not None and isinstance(config, WeightOnlyConfig):  # on the float model, as the Hessians
         with phase("kv cache"):
-            cache_ranges = kv_ranges(ir_model, source, config, progress)  # ConfigError: not lowered
+            cache_ranges = kv_ranges(ir_model, calib_source(), config, progress)  # ConfigError: not lowered
     if any(c.format == "qdq" for c in todo) and ir_model.opset_imports.get("", 1) < QDQ_OPSET:
         try:
             UpgradeOpsetPass(QDQ_OPSET)(ir_model)
@@ -262,11 +277,13 @@ def quantize(
     if activations is not None:
         warn_if_slow(activations.config)
         with phase("activations"):
-            act_info, renamed = apply_activation_scheme(ir_model, source, activations, progress=progress)
+            act_info, renamed = apply_activation_scheme(ir_model, calib_source(), activations, progress=progress)
         _carry_hessians(hessians, renamed)
     elif isinstance(config, WeightOnlyConfig):
         warn_if_slow(config)
 
+    if copy is not None:
+        copy.close()
     bar = tqdm(total=len(todo), unit="layer", desc="quantizing", leave=False) if progress else None
     qpass = QuantizeWeightsPass(
         resolved,
@@ -377,7 +394,8 @@ def quantize(
         mixed_precision=mixed_info,
         kv_cache=kv_info,
         phases=phases,
-        passes=[repr(p) for p in steps.passes],
+        passes=([repr(rotated)] if rotated is not None else []) + [repr(p) for p in steps.passes],
+        rotation=rotated.notes if rotated is not None else [],
     )
 
 
