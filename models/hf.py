@@ -169,17 +169,18 @@ def _one_gguf_parse() -> Iterator[None]:
     original = gguf.GGUFReader
     readers: dict[tuple[str, str], Any] = {}
 
-    def reader(path: str | os.PathLike, mode: str = "r") -> Any:
+    def reader(path: str | os.PathLike, mode: Any = "r") -> Any:
         key = (os.path.realpath(path), mode)
         if key not in readers:
             readers[key] = original(path, mode)
         return readers[key]
 
-    gguf.GGUFReader = reader  # transformers looks it up on each call (`from gguf import GGUFReader`)
+    # transformers looks it up on each call (`from gguf import GGUFReader`)
+    gguf.GGUFReader = reader  # type: ignore[misc,assignment]
     try:
         yield
     finally:
-        gguf.GGUFReader = original
+        gguf.GGUFReader = original  # type: ignore[misc]
 
 
 def load_causal_lm(source: str | os.PathLike) -> tuple[Any, Any | None]:

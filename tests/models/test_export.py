@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import warnings
 
 import numpy as np
 import onnx
@@ -155,3 +156,26 @@ def test_reference_model_export(tmp_path):
     assert len([n for n in inputs if n.startswith("past_key_values.")]) == 2 * 30
     diff = verify_export(path, model)
     assert diff < 1e-2 and math.isfinite(diff)
+
+
+@pytest.mark.slow
+def test_export_says_its_stages_and_no_library_warnings(tmp_path, capfd):
+    model = tiny_causal_lm("llama")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_causal_lm(model, tmp_path / "a", tokenizer=tiny_tokenizer())
+    err = capfd.readouterr().err
+    stages = [line.split(": ", 2)[2].removesuffix(" ...") for line in err.splitlines() if line.endswith(" ...")]
+    assert [s.split(" /")[0] for s in stages] == [
+        "tracing with torch.export",
+        "decomposing into ATen ops",
+        "translating into ONNX",
+        "optimizing (onnxscript)",
+        "saving",
+        "checking against PyTorch",
+    ], err
+    seconds = [float(line.split()[1]) for line in err.splitlines() if line.endswith(" ...")]
+    assert seconds == sorted(seconds)
+    assert "deprecated" not in err.lower() and not caught, (err, [str(w.message) for w in caught])
+    export_causal_lm(model, tmp_path / "b", tokenizer=tiny_tokenizer(), quiet=True)
+    assert capfd.readouterr().err == ""
