@@ -258,7 +258,7 @@ def verify_export(model_path: str | os.PathLike, model: Any, *, batch: int = 2, 
     arrays += [t.numpy().astype(_ORT_TYPES[i.type]) for t, i in zip(past, session.get_inputs()[3:], strict=True)]
     feed = dict(zip(names, arrays, strict=True))
     onnx_out = session.run(None, feed)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_torch():  # transformers deprecates its own past_key_values argument
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=kv_cache)
     diff = max_diff(onnx_out[0], ref.logits)
     if not kv_cache:
@@ -269,7 +269,7 @@ def verify_export(model_path: str | os.PathLike, model: Any, *, batch: int = 2, 
     pos = torch.full((batch, 1), seq, dtype=torch.long)
     feed = dict(zip(names, [next_ids.numpy(), mask.numpy(), pos.numpy(), *onnx_out[1:]], strict=True))
     onnx_step = session.run(None, feed)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_torch():  # transformers deprecates its own past_key_values argument
         ref_step = model(
             input_ids=next_ids,
             attention_mask=mask,
