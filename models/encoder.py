@@ -17,18 +17,24 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-import onnxscript.optimizer
 import torch
 
-from qonnx.core.errors import ConfigError, OutputPathError, quiet_logger
+from qonnx.core.errors import ConfigError, OutputPathError, escape_name
 from qonnx.core.modelfile import MODEL_FILENAME, save
-from qonnx.models.export_common import DTYPES, cpu_session, max_diff, report_export, save_hf_files
-from qonnx.models.hf import load_encoder
+from qonnx.models.export_common import (
+    DTYPES,
+    Stages,
+    cpu_session,
+    max_diff,
+    quiet_torch,
+    report_export,
+    save_hf_files,
+    torch_to_onnx,
+)
+from qonnx.models.hf import load_encoder, source_name
 
 __all__ = ["export_encoder", "verify_encoder_export", "encoder_io"]
 
@@ -73,7 +79,7 @@ def _feeds(batch: int, seq: int, vocab: int, inputs: list[str], seed: int) -> tu
     return (ids, mask, *types)
 
 
-def _to_onnx(model: Any, opset: int | None) -> Any:
+def _to_onnx(model: Any, opset: int | None, stages: Stages) -> Any:
     """Export with torch.onnx (dynamo) and optimize with onnxscript; returns an onnx_ir Model."""
     inputs, outputs = encoder_io(model)
     args = _feeds(2, 5, model.config.vocab_size, inputs, 0)
@@ -81,26 +87,15 @@ def _to_onnx(model: Any, opset: int | None) -> Any:
     dynamic: dict[str, Any] = {"input_ids": axes, "attention_mask": axes, "token_type_ids": (axes,)}
     if "token_type_ids" not in inputs:
         del dynamic["token_type_ids"]
-    with torch.no_grad(), warnings.catch_warnings(), quiet_logger("torch.onnx._internal.exporter._registration"):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            _make_wrapper(model, outputs),
-            args,
-            dynamo=True,
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_shapes=dynamic,
-            opset_version=opset,
-            optimize=False,
-            verbose=False,
-            report=False,
-        )
-    if program is None:  # only when exporting to a file-like destination, which we never do
-        raise RuntimeError("torch.onnx.export returned no program")
-    onnx_model = program.model
-    onnxscript.optimizer.optimize(onnx_model)
-    onnx_model.producer_name = "qonnx"
-    return onnx_model
+    return torch_to_onnx(
+        _make_wrapper(model, outputs),
+        args,
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_shapes=dynamic,
+        opset=opset,
+        stages=stages,
+    )
 
 
 def export_encoder(
@@ -112,6 +107,7 @@ def export_encoder(
     opset: int | None = None,
     verify: bool = True,
     quiet: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Export an encoder to ``out_dir/model.onnx`` plus its tokenizer and config files.
 
@@ -124,6 +120,7 @@ def export_encoder(
         opset: ONNX opset (default: the exporter's).
         verify: compare ONNX Runtime's outputs with PyTorch's and print the max difference on stderr.
         quiet: print nothing.
+        progress: say each stage on stderr with the seconds so far (loading, tracing, ..., checking).
 
     Returns:
         The path of the written ``model.onnx``.
@@ -135,13 +132,15 @@ def export_encoder(
     """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    start = time.perf_counter()
+    stages = Stages(quiet or not progress)
     out = Path(out_dir)
     if isinstance(source, (str, os.PathLike)):
         src = Path(source)
         if out.exists() and src.is_dir() and out.resolve() == src.resolve():
             raise OutputPathError(f"{out}: is the source folder; choose another output folder")
-        model, found_tokenizer = load_encoder(source)
+        stages(f"loading {escape_name(source_name(source))}")
+        with quiet_torch():
+            model, found_tokenizer = load_encoder(source)
         tokenizer = tokenizer if tokenizer is not None else found_tokenizer
     else:
         model = source
@@ -150,14 +149,17 @@ def export_encoder(
         raise OutputPathError(f"{out}: exists and is not a folder")
     # An fp16 export converts a copy: the fp32 model stays the reference that verification compares with.
     exported = model if dtype == "fp32" else copy.deepcopy(model).to(getattr(torch, DTYPES[dtype]))
-    onnx_model = _to_onnx(exported, opset)
+    onnx_model = _to_onnx(exported, opset, stages)
     path = out / MODEL_FILENAME
+    stages(f"saving {escape_name(str(path))}")
     save(onnx_model, path)
     del onnx_model, exported
     save_hf_files(out, model, tokenizer, dtype, None)
+    if verify:
+        stages("checking against PyTorch")
     report_export(
         path,
-        time.perf_counter() - start,
+        stages.elapsed(),
         dtype=dtype,
         quiet=quiet,
         what="hidden states",

@@ -19,22 +19,28 @@ from __future__ import annotations
 
 import copy
 import os
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import onnxscript.optimizer
 import torch
 from transformers import DynamicCache
 
-from qonnx.core.errors import ConfigError, OutputPathError, quiet_logger
+from qonnx.core.errors import ConfigError, OutputPathError, escape_name
 from qonnx.core.modelfile import MODEL_FILENAME, save
 from qonnx.models.encoder import export_encoder
-from qonnx.models.export_common import DTYPES, cpu_session, max_diff, report_export, save_hf_files
-from qonnx.models.hf import load_causal_lm, reference_model_path, source_is_encoder
+from qonnx.models.export_common import (
+    DTYPES,
+    Stages,
+    cpu_session,
+    max_diff,
+    quiet_torch,
+    report_export,
+    save_hf_files,
+    torch_to_onnx,
+)
+from qonnx.models.hf import load_causal_lm, reference_model_path, source_is_encoder, source_name
 
 __all__ = ["DTYPES", "export_model", "export_causal_lm", "verify_export", "reference_model_path"]
 
@@ -78,7 +84,7 @@ def _make_wrapper(model: Any, kv_cache: bool) -> Any:
 
 def _cache_shapes(model: Any) -> list[tuple[int, int]]:
     """(kv_heads, head_dim) of every layer's cache, read from one tiny forward pass."""
-    with torch.no_grad():
+    with torch.no_grad(), quiet_torch():
         out = model(input_ids=torch.zeros((1, 2), dtype=torch.long), use_cache=True)
     return [(int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in out.past_key_values.layers]
 
@@ -110,7 +116,7 @@ def _feeds(
     return (ids, mask, pos, *past)
 
 
-def _to_onnx(model: Any, kv_cache: bool, opset: int | None) -> Any:
+def _to_onnx(model: Any, kv_cache: bool, opset: int | None, stages: Stages) -> Any:
     """Export with torch.onnx (dynamo) and optimize with onnxscript; returns an onnx_ir Model."""
     shapes = _cache_shapes(model)
     inputs, past, outputs = _io_names(len(shapes), kv_cache)
@@ -128,28 +134,18 @@ def _to_onnx(model: Any, kv_cache: bool, opset: int | None) -> Any:
     }
     if not kv_cache:
         del dynamic["past"]
-    with torch.no_grad(), warnings.catch_warnings(), quiet_logger("torch.onnx._internal.exporter._registration"):
-        warnings.simplefilter("ignore")  # deprecations and the exporter's notes on renamed dimensions
-        program = torch.onnx.export(
-            _make_wrapper(model, kv_cache),
-            args,
-            dynamo=True,
-            input_names=inputs + past,
-            output_names=outputs,
-            dynamic_shapes=dynamic,
-            opset_version=opset,
-            optimize=False,
-            verbose=False,
-            report=False,
-        )
-    if program is None:  # only when exporting to a file-like destination, which we never do
-        raise RuntimeError("torch.onnx.export returned no program")
-    onnx_model = program.model
-    onnxscript.optimizer.optimize(onnx_model)
+    onnx_model = torch_to_onnx(
+        _make_wrapper(model, kv_cache),
+        args,
+        input_names=inputs + past,
+        output_names=outputs,
+        dynamic_shapes=dynamic,
+        opset=opset,
+        stages=stages,
+    )
     if kv_cache:  # Optimum's name for the mask length; the present outputs already carry it
         mask = onnx_model.graph.inputs[1]
         mask.shape = ir.Shape(["batch_size", "past_sequence_length + sequence_length"])
-    onnx_model.producer_name = "qonnx"
     return onnx_model
 
 
@@ -162,6 +158,7 @@ def export_model(
     opset: int | None = None,
     verify: bool = True,
     quiet: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Export ``source`` as an encoder or as a causal LM, as its config says (see :mod:`qonnx.models.hf`).
 
@@ -169,8 +166,10 @@ def export_model(
     else to :func:`export_causal_lm`. The arguments are theirs.
     """
     if source_is_encoder(source):
-        return export_encoder(source, out_dir, dtype=dtype, opset=opset, verify=verify, quiet=quiet)
-    return export_causal_lm(source, out_dir, dtype=dtype, kv_cache=kv_cache, opset=opset, verify=verify, quiet=quiet)
+        return export_encoder(source, out_dir, dtype=dtype, opset=opset, verify=verify, quiet=quiet, progress=progress)
+    return export_causal_lm(
+        source, out_dir, dtype=dtype, kv_cache=kv_cache, opset=opset, verify=verify, quiet=quiet, progress=progress
+    )
 
 
 def export_causal_lm(
@@ -183,6 +182,7 @@ def export_causal_lm(
     opset: int | None = None,
     verify: bool = True,
     quiet: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Export a causal LM to ``out_dir/model.onnx`` plus its tokenizer and config files.
 
@@ -196,6 +196,7 @@ def export_causal_lm(
         opset: ONNX opset (default: the exporter's).
         verify: compare ONNX Runtime's logits with PyTorch's and print the max difference on stderr.
         quiet: print nothing.
+        progress: say each stage on stderr with the seconds so far (loading, tracing, ..., checking).
 
     Returns:
         The path of the written ``model.onnx``.
@@ -207,14 +208,16 @@ def export_causal_lm(
     """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    start = time.perf_counter()
+    stages = Stages(quiet or not progress)
     out = Path(out_dir)
     if isinstance(source, (str, os.PathLike)):
         src = Path(source)
         src_dir = src if src.is_dir() else src.parent
         if out.exists() and src_dir.exists() and out.resolve() == src_dir.resolve():
             raise OutputPathError(f"{out}: is the source folder; choose another output folder")
-        model, found_tokenizer = load_causal_lm(source)
+        stages(f"loading {escape_name(source_name(source))}")
+        with quiet_torch():
+            model, found_tokenizer = load_causal_lm(source)
         tokenizer = tokenizer if tokenizer is not None else found_tokenizer
     else:
         model = source
@@ -223,14 +226,17 @@ def export_causal_lm(
         raise OutputPathError(f"{out}: exists and is not a folder")
     # An fp16 export converts a copy: the fp32 model stays the reference that verification compares with.
     exported = model if dtype == "fp32" else copy.deepcopy(model).to(getattr(torch, DTYPES[dtype]))
-    onnx_model = _to_onnx(exported, kv_cache, opset)
+    onnx_model = _to_onnx(exported, kv_cache, opset, stages)
     path = out / MODEL_FILENAME
+    stages(f"saving {escape_name(str(path))}")
     save(onnx_model, path)
     del onnx_model, exported
     save_hf_files(out, model, tokenizer, dtype, kv_cache)
+    if verify:
+        stages("checking against PyTorch")
     report_export(
         path,
-        time.perf_counter() - start,
+        stages.elapsed(),
         dtype=dtype,
         quiet=quiet,
         what="logits",
@@ -257,7 +263,7 @@ def verify_export(model_path: str | os.PathLike, model: Any, *, batch: int = 2, 
     arrays += [t.numpy().astype(_ORT_TYPES[i.type]) for t, i in zip(past, session.get_inputs()[3:], strict=True)]
     feed = dict(zip(names, arrays, strict=True))
     onnx_out = session.run(None, feed)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_torch():  # transformers deprecates its own past_key_values argument
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=kv_cache)
     diff = max_diff(onnx_out[0], ref.logits)
     if not kv_cache:
@@ -268,7 +274,7 @@ def verify_export(model_path: str | os.PathLike, model: Any, *, batch: int = 2, 
     pos = torch.full((batch, 1), seq, dtype=torch.long)
     feed = dict(zip(names, [next_ids.numpy(), mask.numpy(), pos.numpy(), *onnx_out[1:]], strict=True))
     onnx_step = session.run(None, feed)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_torch():  # transformers deprecates its own past_key_values argument
         ref_step = model(
             input_ids=next_ids,
             attention_mask=mask,

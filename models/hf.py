@@ -12,9 +12,11 @@ A folder is an encoder (BERT-like, loaded with ``AutoModel``) when its config's 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ __all__ = [
     "source_is_encoder",
     "load_causal_lm",
     "load_encoder",
+    "source_name",
     "load_tokenizer",
 ]
 
@@ -150,6 +153,47 @@ def _check_gguf(path: Path) -> None:
         raise ModelLoadError(f"{path}: not a GGUF file qonnx reads (version {version}, {tensors} tensors, damaged?)")
 
 
+def source_name(source: str | os.PathLike) -> str:
+    """What ``source`` names, for messages: ``GGUF <file>`` or the model folder.
+
+    Raises:
+        ModelLoadError: the source is missing.
+    """
+    folder, gguf = _resolve_source(source)
+    return f"GGUF {folder / gguf}" if gguf else str(folder)
+
+
+@contextlib.contextmanager
+def _one_gguf_parse() -> Iterator[None]:
+    """Within the block, ``gguf.GGUFReader`` parses a file once, however often transformers opens it.
+
+    For architectures without its newer reader (Llama among them), transformers parses a GGUF's metadata with
+    ``gguf.GGUFReader`` for the config, again for the weights, and again for the tokenizer's config: on SmolLM2,
+    98,000 vocabulary strings read one numpy view at a time, about 8 s each on an idle core. The readers are
+    only read from (fields, memory-mapped tensors), so one serves the three.
+    """
+    try:
+        import gguf  # optional (the `reference` extra): without it transformers reads no GGUF either
+    except ImportError:
+        yield
+        return
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: str | os.PathLike, mode: Any = "r") -> Any:
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    # transformers looks it up on each call (`from gguf import GGUFReader`)
+    gguf.GGUFReader = reader  # type: ignore[misc,assignment]
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original  # type: ignore[misc]
+
+
 def load_causal_lm(source: str | os.PathLike) -> tuple[Any, Any | None]:
     """Load a causal LM in float32 and its tokenizer (None when the folder holds no tokenizer).
 
@@ -170,15 +214,16 @@ def load_causal_lm(source: str | os.PathLike) -> tuple[Any, Any | None]:
     where = folder / gguf if gguf else folder
     if gguf:
         _check_gguf(where)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-    except Exception as e:  # the files are input: a truncated GGUF fails in struct.unpack, a reshape, ...
-        if (refused := refuses_remote_code(where, e)) is not None:
-            raise refused from None
-        first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
-        damaged = " (truncated or damaged)" if gguf else ""
-        raise ModelLoadError(f"{where}: transformers cannot load it as a causal LM{damaged}: {first}") from None
-    return model.eval(), load_tokenizer(folder, gguf_file=gguf, required=False)
+    with _one_gguf_parse():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+        except Exception as e:  # the files are input: a truncated GGUF fails in struct.unpack, a reshape, ...
+            if (refused := refuses_remote_code(where, e)) is not None:
+                raise refused from None
+            first = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
+            damaged = " (truncated or damaged)" if gguf else ""
+            raise ModelLoadError(f"{where}: transformers cannot load it as a causal LM{damaged}: {first}") from None
+        return model.eval(), load_tokenizer(folder, gguf_file=gguf, required=False)
 
 
 def is_encoder_config(config: Any) -> bool:

