@@ -39,11 +39,13 @@ from qonnx.pipeline.calibrate import (
     ModelLike,
     calibration_data,
     is_sequential,
+    is_streamed,
     layer_hessians,
     load_model,
 )
 from qonnx.pipeline.deploy import METADATA_KEY, session_options, write_sidecar
 from qonnx.pipeline.gptq_sequential import solve_sequential
+from qonnx.pipeline.gptq_stream import solve_streamed
 from qonnx.pipeline.mixed_precision import Budget, MixedPrecision, mixed_precision
 from qonnx.pipeline.verification import Verification, VerifyOptions, check_shapes, start_reference, start_verify
 from qonnx.pipeline.verification import metadata as verification_metadata
@@ -229,6 +231,9 @@ def quantize(
         if any(is_sequential(cfg) for cfg in todo):  # calibrated and solved stage by stage
             with phase("sequential gptq"):
                 presolved = solve_sequential(ir_model, source, plan, planner, progress)
+        if any(is_streamed(cfg) for cfg in todo):  # calibrated and solved decoder layer by decoder layer
+            with phase("streamed gptq"):
+                presolved.update(solve_streamed(ir_model, source, plan, planner, progress))
     if any(c.format == "qdq" for c in todo) and ir_model.opset_imports.get("", 1) < QDQ_OPSET:
         try:
             UpgradeOpsetPass(QDQ_OPSET)(ir_model)
