@@ -67,19 +67,23 @@ class LayerCut:
         index = {layer: i + 1 for i, layer in enumerate(self.layers)}
         last = len(self.layers)
         self.segments = last + 2
-        known = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+        inputs = {i.name for i in graph.input}
+        known = inputs | {t.name for t in graph.initializer}
         producer: dict[str, int] = {}  # value name -> segment that computes it
+        static: set[str] = set()  # values computed from initializers alone (a transposed tied embedding, ...)
         self.node_segment: list[int] = []
         for node, layer in zip(graph.node, found, strict=True):
-            lo = 0
+            lo, dynamic = 0, False
             for name in node.input:
                 if not name or name in known:
+                    dynamic = dynamic or name in inputs
                     continue
                 if name not in producer:
                     raise UncuttableError(
                         f"{source}: cannot cut into layers: node '{escape_name(node.name)}' reads "
                         f"'{escape_name(name)}' before it is computed (the graph is not topologically sorted)"
                     )
+                dynamic = dynamic or name not in static
                 lo = max(lo, producer[name])
             if layer is not None:
                 seg = index[layer]
@@ -90,10 +94,26 @@ class LayerCut:
                     )
             else:
                 seg = self.segments - 1 if lo == last else lo
+                if not dynamic:
+                    static.update(o for o in node.output if o)
             self.node_segment.append(seg)
             for out in node.output:
                 if out:
                     producer[out] = seg
+        # A layer-less node computed from initializers alone runs where it is first read, not in the prefix:
+        # its value, the same for every batch, is not handed on per batch through the layers in between.
+        outputs = {o.name for o in graph.output}
+        first_use: dict[str, int] = {}
+        for i in reversed(range(len(graph.node))):
+            node = graph.node[i]
+            if node.output and all(o in static or not o for o in node.output):
+                uses = [first_use[o] for o in node.output if o in first_use]
+                uses += [self.segments - 1 for o in node.output if o in outputs]
+                self.node_segment[i] = min(uses, default=self.node_segment[i])
+                producer.update({o: self.node_segment[i] for o in node.output if o})
+            for name in node.input:
+                if name:
+                    first_use[name] = min(first_use.get(name, self.segments), self.node_segment[i])
         self.producer = producer
         self.last_use: dict[str, int] = {}  # value name -> last segment that reads it (graph outputs: the suffix)
         for node, seg in zip(graph.node, self.node_segment, strict=True):
