@@ -55,7 +55,9 @@ class LayerCut:
     def __init__(self, proto: onnx.ModelProto, source: str = "model") -> None:
         graph = proto.graph
         self.proto = proto
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        if any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute
+        ):
             raise UncuttableError(f"{source}: cannot cut into layers: the graph holds control flow (If/Loop/Scan)")
         found = [node_layer(n) for n in graph.node]
         self.layers = sorted({x for x in found if x is not None})

@@ -80,7 +80,11 @@ def calibration_run(model: ir.Model, source: Path | None, layers: list) -> Itera
 def is_sequential(cfg: WeightOnlyConfig | None) -> bool:
     """Whether a layer's GPTQ is solved stage by stage (:mod:`qonnx.pipeline.gptq_sequential`)."""
     return (
-        cfg is not None and cfg.gptq is not None and cfg.awq is None and cfg.gptq.sequential and not cfg.gptq.stream_layers
+        cfg is not None
+        and cfg.gptq is not None
+        and cfg.awq is None
+        and cfg.gptq.sequential
+        and not cfg.gptq.stream_layers
     )
 
 

@@ -20,6 +20,7 @@ already unlinked files. The solved layers' dequantized weights are dropped when 
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
 from collections.abc import Callable
@@ -127,12 +128,15 @@ def streamed_gptq(
                 handed = cut.handed_on(segment)
                 if handed:
                     spilling = sum(sum(a.nbytes for a in c.values()) for c in carried) > CARRY_BUDGET
+                    folder = tempfile.mkdtemp(dir=tmp) if spilling else None  # one per segment: names repeat
 
-                    def keep(b: int, values: list[np.ndarray], handed: list = handed, spilling: bool = spilling) -> None:
+                    def keep(
+                        b: int, values: list[np.ndarray], handed: list = handed, spill_to: str | None = None
+                    ) -> None:
                         for n, v in zip(handed, values, strict=True):
-                            carried[b][n] = spill(v, Path(tmp), f"a{segment}-{b}-{n}") if spilling else v
+                            carried[b][n] = v if spill_to is None else spill(v, Path(spill_to), f"a{n}-{b}")
 
-                    run(segment, handed, keep)
+                    run(segment, handed, functools.partial(keep, spill_to=folder))
                 for c in carried:  # what no later layer reads
                     for n in [n for n in c if not cut.needed_after(n, segment)]:
                         del c[n]

@@ -38,7 +38,9 @@ def test_pieces_chain_reproduce_the_model(llama):
     for s in range(cut.segments):
         outputs = ["logits"] if s == cut.segments - 1 else cut.handed_on(s)
         piece = cut.piece(s, outputs)
-        layers = {w.split("layers.")[1].split(".")[0] for w in (t.name for t in piece.graph.initializer) if "layers." in w}
+        layers = {
+            w.split("layers.")[1].split(".")[0] for w in (t.name for t in piece.graph.initializer) if "layers." in w
+        }
         assert layers == ({str(s - 1)} if s in (1, 2) else set())  # a layer's piece holds its own weights alone
         session = make_session(piece.SerializeToString(), external_data_dir=llama.parent, optimization=EXACT)
         wanted = {i.name for i in session.get_inputs()}
