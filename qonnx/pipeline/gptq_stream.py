@@ -20,7 +20,9 @@ already unlinked files. The solved layers' dequantized weights are dropped when 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -31,9 +33,13 @@ import onnx
 import onnx_ir as ir
 from tqdm import tqdm
 
+from qonnx.core import modelfile
+from qonnx.core.algos import GPTQ
+from qonnx.core.config import SchemeConfig, WeightOnlyConfig
+from qonnx.core.errors import warn
 from qonnx.core.formats import QuantizedWeight
 from qonnx.passes.hessian import HessianAccumulator
-from qonnx.passes.layer_cut import LayerCut
+from qonnx.passes.layer_cut import LayerCut, UncuttableError
 from qonnx.passes.weight_only import QuantizeWeightsPass, gptq_batches
 from qonnx.passes.weight_plan import Plan, hessian_key, share_key
 from qonnx.pipeline.calibrate import calibration_run, is_streamed
@@ -41,9 +47,9 @@ from qonnx.pipeline.fake_quant import plan_layers, to_stored
 from qonnx.pipeline.gptq_sequential import Layer, stages
 from qonnx.runtime.calibration import spill
 from qonnx.runtime.sensitivity import with_weight_inputs
-from qonnx.runtime.session import make_session
+from qonnx.runtime.session import make_session, resolve_device
 
-__all__ = ["CARRY_BUDGET", "solve_streamed", "streamed_gptq"]
+__all__ = ["CARRY_BUDGET", "gpu_free_bytes", "solve_streamed", "stream_if_too_big", "streamed_gptq"]
 
 #: Bytes of values handed on between layers kept in memory; beyond it they are spilled to unlinked files.
 CARRY_BUDGET = 1 << 30
@@ -179,3 +185,42 @@ def solve_streamed(
             stages_in_layer=per_stage,
             progress=progress,
         )
+
+
+def gpu_free_bytes() -> int | None:
+    """Free memory of the GPU ONNX Runtime would calibrate on; None when it would run on the CPU."""
+    if resolve_device("auto", quiet=True) != "cuda":
+        return None
+    import torch  # deferred: heavy (~1 s); only asked when ONNX Runtime has a GPU
+
+    return int(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else None
+
+
+def stream_if_too_big(config: SchemeConfig, model: ir.Model, source: Path | None) -> SchemeConfig:
+    """``config`` with layer streaming on when its GPTQ would calibrate on a GPU too small for the weights.
+
+    Only a weight-only scheme with GPTQ as its algorithm, a model from a file whose graph can be cut, and
+    weights larger than the GPU's free memory; never on the CPU. Said in one line on stderr.
+    """
+    algo = getattr(config, "algo", None)
+    if not isinstance(config, WeightOnlyConfig) or not isinstance(algo, GPTQ) or algo.stream_layers or source is None:
+        return config
+    free = gpu_free_bytes()
+    if free is None:
+        return config
+    weights = sum(int(t.nbytes) for _, t in modelfile.iter_tensors(model))
+    if weights <= free:
+        return config
+    try:
+        LayerCut(onnx.load(os.fspath(source), load_external_data=False), str(source))
+    except UncuttableError as e:
+        warn(
+            f"{e}; calibrating the whole model on the GPU although its weights ({weights / 1e9:.1f} GB) exceed "
+            f"its free memory ({free / 1e9:.1f} GB)"
+        )
+        return config
+    warn(
+        f"the weights ({weights / 1e9:.1f} GB) exceed the GPU's free memory ({free / 1e9:.1f} GB): GPTQ "
+        "calibrates and solves one decoder layer at a time (--stream-layers)"
+    )
+    return dataclasses.replace(config, algo=dataclasses.replace(algo, stream_layers=True))

@@ -45,7 +45,7 @@ from qonnx.pipeline.calibrate import (
 )
 from qonnx.pipeline.deploy import METADATA_KEY, session_options, write_sidecar
 from qonnx.pipeline.gptq_sequential import solve_sequential
-from qonnx.pipeline.gptq_stream import solve_streamed
+from qonnx.pipeline.gptq_stream import solve_streamed, stream_if_too_big
 from qonnx.pipeline.mixed_precision import Budget, MixedPrecision, mixed_precision
 from qonnx.pipeline.verification import Verification, VerifyOptions, check_shapes, start_reference, start_verify
 from qonnx.pipeline.verification import metadata as verification_metadata
@@ -184,6 +184,8 @@ def quantize(
         targets = {**(targets or {}), **mixed.targets}
     resolved = Targets(config, targets)
     ir_model, source = load_model(model)
+    if (streamed := stream_if_too_big(config, ir_model, source)) is not config:
+        config, resolved = streamed, Targets(streamed, targets)
     check_shapes(options, ir_model)
     protect = modelfile.model_files(ir_model, source) if source is not None else []
     out_path, mirror = (None, None) if output is None else outputs.output_paths(output, source, model, protect)

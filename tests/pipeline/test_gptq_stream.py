@@ -14,7 +14,9 @@ import qonnx
 from qonnx.core.algos import GPTQ
 from qonnx.core.errors import ConfigError
 from qonnx.passes.layer_cut import UncuttableError
-from qonnx.runtime.session import make_session
+from qonnx.pipeline import gptq_stream
+from qonnx.pipeline.gptq_stream import gpu_free_bytes
+from qonnx.runtime.session import cuda_usable, make_session
 
 
 def llama_npz(llama, folder, n=4, seq=16):
@@ -89,3 +91,24 @@ def test_cli_round_trip(llama, tmp_path):
     feeds = dict(np.load(npz))
     logits = run(out, {k: v[0] for k, v in feeds.items()})[0]
     assert logits.shape == (1, 16, 128) and np.isfinite(logits).all()
+
+
+def test_streamed_when_the_gpu_is_too_small(llama, tmp_path, rng, monkeypatch, capsys):
+    """GPTQ streams on its own when the weights exceed the GPU's free memory (here pretended), and calibrates
+    the whole model, with a warning, when the graph cannot be cut; with room, or on the CPU, it does not."""
+    npz = llama_npz(llama, tmp_path)
+    cfg = qonnx.W4A16(block_size=32, algo=GPTQ(calib_data=str(npz), calib_samples=4))
+    if not cuda_usable():
+        assert gpu_free_bytes() is None  # on the CPU: never automatic
+    monkeypatch.setattr(gptq_stream, "gpu_free_bytes", lambda: 1000)
+    summary = qonnx.quantize(llama, cfg, output=tmp_path / "small" / "model.onnx", verify=False)
+    assert "streamed gptq" in summary.phases and summary.config["algo"]["stream_layers"] is True
+    assert "GPTQ calibrates and solves one decoder layer at a time" in capsys.readouterr().err
+    path = matmul_model(tmp_path / "m.onnx", rng.standard_normal((64, 32)).astype(np.float32))
+    np.savez(tmp_path / "f.npz", x=rng.standard_normal((2, 8, 64)).astype(np.float32))
+    plain = qonnx.W4A16(block_size=32, algo=GPTQ(calib_data=str(tmp_path / "f.npz"), calib_samples=2))
+    summary = qonnx.quantize(path, plain, output=tmp_path / "q.onnx", verify=False)
+    assert "streamed gptq" not in summary.phases and "cannot cut into layers" in capsys.readouterr().err
+    monkeypatch.setattr(gptq_stream, "gpu_free_bytes", lambda: 1 << 40)
+    summary = qonnx.quantize(llama, cfg, output=tmp_path / "room" / "model.onnx", verify=False)
+    assert "streamed gptq" not in summary.phases
