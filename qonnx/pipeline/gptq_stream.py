@@ -90,10 +90,8 @@ def streamed_gptq(
     carried: list[dict[str, np.ndarray]] = [{} for _ in feeds]  # values handed on, per batch
     fed: dict[str, np.ndarray] = {}  # dequantized weights of solved layers still read
     solved: dict[tuple, QuantizedWeight] = {}
-    runs = 0
 
     def run(segment: int, outputs: list[str], per_batch: Callable[[int, list[np.ndarray]], None]) -> None:
-        nonlocal runs
         session = make_session(
             cut.piece(segment, outputs).SerializeToString(), device, external_data_dir=path.parent, lean=True
         )
@@ -101,7 +99,6 @@ def streamed_gptq(
         for b, feed in enumerate(feeds):
             values = {k: v for k, v in {**feed, **carried[b], **fed}.items() if k in wanted}
             per_batch(b, session.run(outputs, values))
-            runs += 1
             bar.update()
 
     bar = tqdm(total=None, desc="gptq (streamed)", unit="run", file=sys.stderr, disable=not progress)
