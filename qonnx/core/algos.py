@@ -116,7 +116,7 @@ class AWQ:
                 raise ConfigError(f"awq: gptq must be a GPTQ(...) config or None, got {self.gptq!r}")
             if self.gptq.sequential or self.gptq.stream_layers:
                 raise ConfigError(
-                    "awq: sequential or layer-streamed GPTQ applies to algo 'gptq' alone, not after AWQ's scaling"
+                    "awq: sequential GPTQ applies to algo 'gptq' alone (layer-streamed too), not after AWQ's scaling"
                 )
             # one calibration run serves both: GPTQ uses AWQ's data
             object.__setattr__(
