@@ -65,6 +65,13 @@ def options(f: F) -> F:
             help="--algo gptq: take each layer's Hessian from the model whose earlier layers are already quantized, "
             "stage by stage (one calibration pass per stage: slower, usually more accurate).",
         ),
+        click.option(
+            "--stream-layers",
+            is_flag=True,
+            help="--algo gptq: cut the model at its decoder layers and calibrate and solve one layer at a time, "
+            "each fed the quantized earlier layers (one pass; ONNX Runtime holds one layer's weights). With "
+            "--sequential, the stages within each layer too.",
+        ),
         opt.calibration(),
         _ACTIVATIONS,
         opt.exclude("kept in floating point"),
@@ -201,6 +208,7 @@ class QuantizeOptions:
     embeddings: str | None
     algo: str | None
     sequential: bool
+    stream_layers: bool
     calib_samples: int | None
     calib_seq_len: int | None
     calib_data: str | None
@@ -261,8 +269,10 @@ class QuantizeOptions:
     def config(self) -> SchemeConfig:
         """The scheme config these options ask for."""
         if self.activations:
-            if self.sequential:
-                raise click.UsageError("--sequential applies to weight-only schemes with --algo gptq")
+            for flag in ("sequential", "stream_layers"):
+                if getattr(self, flag):
+                    name = flag.replace("_", "-")
+                    raise click.UsageError(f"--{name} applies to weight-only schemes with --algo gptq")
             if self.kv_cache is not None:
                 raise click.UsageError("--kv-cache applies to weight-only schemes (w4a16, w8a16, ...)")
             return self._activation_config()
@@ -281,8 +291,9 @@ class QuantizeOptions:
         options["algo"] = algo_from_name(self.algo or "rtn")
         if self.kv_cache is not None:
             options["kv_cache"] = self.kv_cache
-        if self.sequential and not isinstance(options["algo"], GPTQ):
-            raise click.UsageError("--sequential applies to --algo gptq only")
+        for flag in ("sequential", "stream_layers"):
+            if getattr(self, flag) and not isinstance(options["algo"], GPTQ):
+                raise click.UsageError(f"--{flag.replace('_', '-')} applies to --algo gptq only")
         calib = self._calib()
         if isinstance(options["algo"], (GPTQ, AWQ)):
             options["algo"] = dataclasses.replace(options["algo"], **calib)
@@ -290,8 +301,10 @@ class QuantizeOptions:
             raise click.UsageError(
                 f"--{next(iter(calib)).replace('_', '-')} applies to --algo gptq, awq and awq+gptq only"
             )
-        if self.sequential:
-            options["algo"] = dataclasses.replace(options["algo"], sequential=True)
+        if self.sequential or self.stream_layers:
+            options["algo"] = dataclasses.replace(
+                options["algo"], sequential=self.sequential, stream_layers=self.stream_layers
+            )
         config = scheme_from_name(self.scheme, **options)
         if self.strict and self.target is None:
             raise click.UsageError("--strict applies with --target")

@@ -39,6 +39,11 @@ class GPTQ:
         sequential: take each layer's Hessian from the model whose earlier layers are already quantized, stage
             by stage (:mod:`qonnx.pipeline.gptq_sequential`; one calibration pass per stage) instead of all from the
             float model in one pass.
+        stream_layers: cut the graph at its decoder-layer boundaries and calibrate and solve one layer at a
+            time, in one pass over the data, each layer fed the quantized earlier layers' outputs
+            (:mod:`qonnx.pipeline.gptq_stream`): ONNX Runtime holds one layer's weights at a time. With
+            ``sequential`` the stages within each layer are solved in turn too; without, a layer's Hessians
+            come from one run.
     """
 
     name: ClassVar[str] = "gptq"
@@ -50,6 +55,7 @@ class GPTQ:
     act_order: bool = True
     clip_search: bool = True
     sequential: bool = False
+    stream_layers: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
@@ -60,7 +66,7 @@ class GPTQ:
             raise ConfigError(f"gptq: calib_samples must be a positive integer, got {self.calib_samples!r}")
         if not isinstance(self.calib_seq_len, int) or self.calib_seq_len < 2:
             raise ConfigError(f"gptq: calib_seq_len must be an integer >= 2, got {self.calib_seq_len!r}")
-        for flag in ("act_order", "clip_search", "sequential"):
+        for flag in ("act_order", "clip_search", "sequential", "stream_layers"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"gptq: {flag} must be True or False, got {getattr(self, flag)!r}")
 
@@ -108,8 +114,10 @@ class AWQ:
         if self.gptq is not None:
             if not isinstance(self.gptq, GPTQ):
                 raise ConfigError(f"awq: gptq must be a GPTQ(...) config or None, got {self.gptq!r}")
-            if self.gptq.sequential:
-                raise ConfigError("awq: sequential GPTQ applies to algo 'gptq' alone, not after AWQ's scaling")
+            if self.gptq.sequential or self.gptq.stream_layers:
+                raise ConfigError(
+                    "awq: sequential GPTQ applies to algo 'gptq' alone (layer-streamed too), not after AWQ's scaling"
+                )
             # one calibration run serves both: GPTQ uses AWQ's data
             object.__setattr__(
                 self,

@@ -149,8 +149,10 @@ class ActivationConfig(SchemeConfig):
             raise ConfigError(f"{self.name}: keep_float must be a non-negative integer or 'auto', got {kf!r}")
         if not (self.algo in ("rtn", "gptq") or isinstance(self.algo, GPTQ)):
             raise ConfigError(f"{self.name}: algo must be 'rtn', 'gptq' or a GPTQ(...) config, got {self.algo!r}")
-        if isinstance(self.algo, GPTQ) and self.algo.sequential:
-            raise ConfigError(f"{self.name}: sequential GPTQ applies to weight-only schemes (w4a16, w8a16, ...)")
+        if isinstance(self.algo, GPTQ) and (self.algo.sequential or self.algo.stream_layers):
+            raise ConfigError(
+                f"{self.name}: sequential GPTQ applies to weight-only schemes (w4a16, w8a16, ...), layer-streamed too"
+            )
         if self.target not in TARGETS:
             raise ConfigError(f"{self.name}: target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if TARGETS[self.target].symmetric_activations:

@@ -31,6 +31,7 @@ __all__ = [
     "calibration_data",
     "calibration_run",
     "is_sequential",
+    "is_streamed",
     "kv_ranges",
     "layer_hessians",
     "load_model",
@@ -83,18 +84,29 @@ def calibration_run(model: ir.Model, source: Path | None, layers: list) -> Itera
 
 def is_sequential(cfg: WeightOnlyConfig | None) -> bool:
     """Whether a layer's GPTQ is solved stage by stage (:mod:`qonnx.pipeline.gptq_sequential`)."""
-    return cfg is not None and cfg.gptq is not None and cfg.awq is None and cfg.gptq.sequential
+    return (
+        cfg is not None
+        and cfg.gptq is not None
+        and cfg.awq is None
+        and cfg.gptq.sequential
+        and not cfg.gptq.stream_layers
+    )
+
+
+def is_streamed(cfg: WeightOnlyConfig | None) -> bool:
+    """Whether a layer's GPTQ is solved decoder layer by decoder layer (:mod:`qonnx.pipeline.gptq_stream`)."""
+    return cfg is not None and cfg.gptq is not None and cfg.awq is None and cfg.gptq.stream_layers
 
 
 def layer_hessians(model: ir.Model, source: Path | None, plan: Plan, progress: bool) -> dict[str, np.ndarray]:
-    """The Hessians of the inputs of the layers that GPTQ (not sequential) or AWQ quantize.
+    """The Hessians of the inputs of the layers that GPTQ (neither sequential nor streamed) or AWQ quantize.
 
     They come from calibration runs of the float model.
     """
     layers = [
         (cand, cfg.calibrated)
         for cand, cfg, _ in plan
-        if cfg is not None and cfg.calibrated is not None and not is_sequential(cfg)
+        if cfg is not None and cfg.calibrated is not None and not is_sequential(cfg) and not is_streamed(cfg)
     ]
     if not layers:
         return {}

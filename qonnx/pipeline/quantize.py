@@ -42,12 +42,14 @@ from qonnx.pipeline.calibrate import (
     ModelLike,
     calibration_data,
     is_sequential,
+    is_streamed,
     kv_ranges,
     layer_hessians,
     load_model,
 )
 from qonnx.pipeline.deploy import METADATA_KEY, session_options, write_sidecar
 from qonnx.pipeline.gptq_sequential import solve_sequential
+from qonnx.pipeline.gptq_stream import solve_streamed, stream_if_too_big
 from qonnx.pipeline.mixed_precision import Budget, MixedPrecision, mixed_precision
 from qonnx.pipeline.rotation import RotatedSource, rotate
 from qonnx.pipeline.verification import Verification, VerifyOptions, check_shapes, start_reference, start_verify
@@ -194,6 +196,8 @@ def quantize(
         targets = {**(targets or {}), **mixed.targets}
     resolved = Targets(config, targets)
     ir_model, source = load_model(model)
+    if (streamed := stream_if_too_big(config, ir_model, source)) is not config:
+        config, resolved = streamed, Targets(streamed, targets)
     check_shapes(options, ir_model)
     protect = modelfile.model_files(ir_model, source) if source is not None else []
     out_path, mirror = (None, None) if output is None else outputs.output_paths(output, source, model, protect)
@@ -252,6 +256,9 @@ def quantize(
         if any(is_sequential(cfg) for cfg in todo):  # calibrated and solved stage by stage
             with phase("sequential gptq"):
                 presolved = solve_sequential(ir_model, calib_source(), plan, planner, progress)
+        if any(is_streamed(cfg) for cfg in todo):  # calibrated and solved decoder layer by decoder layer
+            with phase("streamed gptq"):
+                presolved.update(solve_streamed(ir_model, calib_source(), plan, planner, progress))
     kv_format = config.kv_cache if isinstance(config, WeightOnlyConfig) else None
     cache_ranges: dict[str, np.ndarray] = {}
     if kv_format is not None and isinstance(config, WeightOnlyConfig):  # on the float model, as the Hessians
