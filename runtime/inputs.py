@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AUDIO_SAMPLES",
     "IMAGE_SIZES",
+    "ORT_TO_NUMPY",
     "OTHER_SIZES",
     "declared_sizes",
     "describe_shapes",
@@ -37,7 +38,7 @@ __all__ = [
     "size_trials",
 ]
 
-_ORT_TO_NUMPY = {
+ORT_TO_NUMPY = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
@@ -204,7 +205,7 @@ def make_inputs(
     for inp in session.get_inputs():
         if inp.name in feeds:
             continue
-        dtype = _ORT_TO_NUMPY.get(inp.type)
+        dtype = ORT_TO_NUMPY.get(inp.type)
         if dtype is None:
             raise ValueError(f"input {inp.name!r} has type {inp.type}; give verification inputs explicitly")
         shape = shapes.get(inp.name) or tuple(_dim(d, inp, i, sizes) for i, d in enumerate(inp.shape or []))
@@ -251,7 +252,7 @@ def size_trials(
                     fixed.setdefault(d.lower(), int(size))
     roles: dict[str, str] = {}
     for inp in session.get_inputs():
-        if inp.name in shapes or inp.type not in _ORT_TO_NUMPY:
+        if inp.name in shapes or inp.type not in ORT_TO_NUMPY:
             continue
         for axis, d in enumerate(inp.shape or []):
             if isinstance(d, int) and d >= 0:

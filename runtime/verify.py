@@ -29,8 +29,14 @@ from qonnx.core.paths import resolve_model_path
 from qonnx.core.tokenizer import bos_token_id
 from qonnx.runtime.compare import OutputComparison, OutputMetrics, compare_outputs, degenerate, is_logits, kl_rows
 from qonnx.runtime.data import PYDOC, npz_batch, npz_batches, read_text
-from qonnx.runtime.inputs import _ORT_TO_NUMPY as ORT_TO_NUMPY
-from qonnx.runtime.inputs import declared_sizes, describe_shapes, make_inputs, parse_shape_overrides, size_trials
+from qonnx.runtime.inputs import (
+    ORT_TO_NUMPY,
+    declared_sizes,
+    describe_shapes,
+    make_inputs,
+    parse_shape_overrides,
+    size_trials,
+)
 from qonnx.runtime.session import InMemoryModel
 from qonnx.runtime.single_run import feed_weights, untranspose_weights, verification_session
 
