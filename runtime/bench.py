@@ -35,14 +35,12 @@ import onnxruntime as ort
 
 from qonnx.core.errors import ConfigError
 from qonnx.core.modelfile import resolve_model_path
-from qonnx.runtime.decode import FixedShapeDecoder, fixed_shape_decodable
+from qonnx.runtime.decode import KV_DTYPES, FixedShapeDecoder, fixed_shape_decodable
 from qonnx.runtime.evaluate import check_seq_len, model_config
 from qonnx.runtime.session import make_session, resolve_device
 
 __all__ = ["GRAPH", "GROWING", "SHARED", "BenchRow", "bench_model", "session_config_of"]
 
-#: KV cache types; int8 and uint8 (int4 codes, two a byte): a quantized cache (qonnx.passes.kv_cache).
-_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
 
 #: The decode loops a row can name.
 GROWING = "growing KV"  # past in, present out: a new cache every step
@@ -99,9 +97,10 @@ class _Decoder:
         if not self.past:
             raise ConfigError(f"{path}: bench measures decoding with a KV cache; this model has no past_key_values")
         self.present = [n.replace("past_key_values.", "present.") for n in self.past]
-        odd = sorted({self.inputs[n].type for n in self.past} - set(_NP))
+        odd = sorted({self.inputs[n].type for n in self.past} - set(KV_DTYPES))
         if odd:
-            raise ConfigError(f"{path}: bench feeds float32/float16 KV caches; this model's are {', '.join(odd)}")
+            kinds = "float32/float16/float64 or quantized int8/uint8"
+            raise ConfigError(f"{path}: bench feeds {kinds} KV caches; this model's are {', '.join(odd)}")
         outputs = {o.name for o in session.get_outputs()}
         if "logits" not in outputs or any(p not in outputs for p in self.present):
             raise ConfigError(f"{path}: the model's outputs are not logits and present.* for its past inputs")
@@ -115,7 +114,7 @@ class _Decoder:
             info = self.inputs[name]
             dims = [d if isinstance(d, int) else 0 for d in info.shape]
             dims[0], dims[2] = batch, 0
-            out[name] = self._value(np.zeros(dims, _NP[info.type]))
+            out[name] = self._value(np.zeros(dims, KV_DTYPES[info.type]))
         return out
 
     def step(self, ids: np.ndarray, past: dict[str, ort.OrtValue], length: int) -> tuple[float, dict]:

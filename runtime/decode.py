@@ -32,10 +32,11 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-__all__ = ["FixedShapeDecoder", "fixed_shape_decodable", "kv_buffer_shareable", "rotary_cache_positions"]
+__all__ = ["KV_DTYPES", "FixedShapeDecoder", "fixed_shape_decodable", "kv_buffer_shareable", "rotary_cache_positions"]
 
-#: KV cache types; int8 and uint8 (int4 codes, two a byte): a quantized cache (qonnx.passes.kv_cache).
-_NP = {
+#: KV cache types (also qonnx generate's and bench's); int8 and uint8 (int4 codes, two a byte): a quantized cache
+#: (qonnx.passes.kv_cache).
+KV_DTYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
@@ -151,7 +152,7 @@ class FixedShapeDecoder:
             shape = (batch, info.shape[1], max_len, info.shape[3])
             # zeros, not uninitialized memory: positions past the lengths are masked, but a NaN left there by
             # chance could still reach a masked product
-            self.kv[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, _NP[info.type]), self.device, 0)
+            self.kv[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, KV_DTYPES[info.type]), self.device, 0)
         self.mask = np.zeros((batch, max_len), np.int64)
         self.length = 0  # positions filled in every row
         self._step_io: Any = None
@@ -222,7 +223,7 @@ class FixedShapeDecoder:
             for name, value in self._values.items():
                 io.bind_ortvalue_input(name, value)
             logits = next(o for o in self.session.get_outputs() if o.name == "logits")
-            vocab, dtype = logits.shape[-1], _NP[logits.type]
+            vocab, dtype = logits.shape[-1], KV_DTYPES[logits.type]
             if not isinstance(vocab, int):
                 raise ValueError("the model's logits have no fixed vocabulary size")
             self._values["logits"] = ort.OrtValue.ortvalue_from_shape_and_type(

@@ -33,22 +33,19 @@ import onnxruntime as ort
 from qonnx.core.errors import ConfigError, ModelLoadError, escape_name
 from qonnx.core.modelfile import resolve_model_path
 from qonnx.core.tokenizer import bos_token_id, load_tokenizer, tokenizer_bos_token_id
-from qonnx.runtime.decode import FixedShapeDecoder, fixed_shape_decodable, kv_buffer_shareable, rotary_cache_positions
+from qonnx.runtime.decode import (
+    KV_DTYPES,
+    FixedShapeDecoder,
+    fixed_shape_decodable,
+    kv_buffer_shareable,
+    rotary_cache_positions,
+)
 from qonnx.runtime.session import make_session, resolve_device
 
 __all__ = ["Generator", "GenerationResult", "kv_buffer_shareable"]
 
 #: The inputs of a causal LM export that generate() feeds, besides the KV cache (past_key_values.*).
 _FED = ("input_ids", "attention_mask", "position_ids")
-
-#: KV cache types; int8 and uint8 (int4 codes, two a byte): a quantized cache (qonnx.passes.kv_cache).
-_NP = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-}
 
 
 @dataclasses.dataclass
@@ -134,7 +131,7 @@ class Generator:
         if missing:
             raise ValueError(f"model has past inputs but no outputs {missing[:2]}")
         shareable = bool(self.past_names) and all(
-            self.inputs[n].type in _NP and all(isinstance(self.inputs[n].shape[i], int) for i in (1, 3))
+            self.inputs[n].type in KV_DTYPES and all(isinstance(self.inputs[n].shape[i], int) for i in (1, 3))
             for n in self.past_names
         )
         shareable = shareable and kv_buffer_shareable(model)
@@ -172,7 +169,7 @@ class Generator:
         for name in self.past_names:
             info = self.inputs[name]
             shape = (batch, info.shape[1], max_len, info.shape[3])
-            buffers[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, _NP[info.type]), self.device, 0)
+            buffers[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, KV_DTYPES[info.type]), self.device, 0)
         return buffers
 
     def _run_shared(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -195,7 +192,7 @@ class Generator:
             info = self.inputs[name]
             dims = [batch if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(info.shape)]
             dims[2] = 0
-            feeds[name] = np.zeros(dims, dtype=_NP.get(info.type, np.float32))
+            feeds[name] = np.zeros(dims, dtype=KV_DTYPES.get(info.type, np.float32))
         return feeds
 
     def _feeds(self, ids: np.ndarray, mask: np.ndarray, start: int) -> dict[str, np.ndarray]:
