@@ -43,7 +43,7 @@ from qonnx.runtime.calibration import spill
 from qonnx.runtime.sensitivity import with_weight_inputs
 from qonnx.runtime.session import make_session
 
-__all__ = ["stages", "sequential_gptq"]
+__all__ = ["gptq_layers", "sequential_gptq", "stage_solver", "stages"]
 
 Layer = tuple[WeightCandidate, WeightOnlyConfig]
 
@@ -187,22 +187,35 @@ def solve_sequential(
     model: ir.Model, source: Path | None, plan: Plan, qpass: QuantizeWeightsPass, progress: bool
 ) -> dict[tuple, QuantizedWeight]:
     """Arrays of the layers GPTQ rounds sequentially (:mod:`qonnx.pipeline.gptq_sequential`), by share key."""
-    layers, keys = [], set()
-    for cand, cfg, _ in plan:
-        if is_sequential(cfg) and cand.axis is None and share_key(cand, cfg) not in keys:
-            keys.add(share_key(cand, cfg))
-            layers.append((cand, cfg))
+    layers = gptq_layers(plan, is_sequential)
     if not layers:
         return {}
     feedable = {layer.name for layer in plan_layers(model, plan)[0]}
+    with calibration_run(model, source, [(c, cfg.gptq) for c, cfg in layers]) as (path, feeds):
+        return sequential_gptq(
+            model, path, layers, feeds, solve=stage_solver(qpass), key=hessian_key, feedable=feedable, progress=progress
+        )
 
-    def solve(stage: list, hessians: dict[str, np.ndarray]) -> dict[tuple, QuantizedWeight]:
+
+def gptq_layers(plan: Plan, chosen: Callable[[WeightOnlyConfig | None], bool]) -> list[Layer]:
+    """The layers of ``plan`` whose config ``chosen`` selects, one per share key (shared weights solved once)."""
+    layers, keys = [], set()
+    for cand, cfg, _ in plan:
+        if cfg is not None and chosen(cfg) and cand.axis is None and share_key(cand, cfg) not in keys:
+            keys.add(share_key(cand, cfg))
+            layers.append((cand, cfg))
+    return layers
+
+
+def stage_solver(
+    qpass: QuantizeWeightsPass,
+) -> Callable[[list[Layer], dict[str, np.ndarray]], dict[tuple, QuantizedWeight]]:
+    """GPTQ for one stage's layers from their Hessians, batched by shape (:func:`gptq_batches`)."""
+
+    def solve(stage: list[Layer], hessians: dict[str, np.ndarray]) -> dict[tuple, QuantizedWeight]:
         out: dict[tuple, QuantizedWeight] = {}
         for batch in {id(b): b for b in gptq_batches(stage).values()}.values():
             out.update(qpass.solve(batch, hessians))
         return out
 
-    with calibration_run(model, source, [(c, cfg.gptq) for c, cfg in layers]) as (path, feeds):
-        return sequential_gptq(
-            model, path, layers, feeds, solve=solve, key=hessian_key, feedable=feedable, progress=progress
-        )
+    return solve

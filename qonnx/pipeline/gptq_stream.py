@@ -40,11 +40,11 @@ from qonnx.core.errors import warn
 from qonnx.core.formats import QuantizedWeight
 from qonnx.passes.hessian import HessianAccumulator
 from qonnx.passes.layer_cut import LayerCut, UncuttableError
-from qonnx.passes.weight_only import QuantizeWeightsPass, gptq_batches
+from qonnx.passes.weight_only import QuantizeWeightsPass
 from qonnx.passes.weight_plan import Plan, hessian_key, share_key
 from qonnx.pipeline.calibrate import calibration_run, is_streamed
 from qonnx.pipeline.fake_quant import plan_layers, to_stored
-from qonnx.pipeline.gptq_sequential import Layer, stages
+from qonnx.pipeline.gptq_sequential import Layer, gptq_layers, stage_solver, stages
 from qonnx.runtime.calibration import spill
 from qonnx.runtime.sensitivity import with_weight_inputs
 from qonnx.runtime.session import make_session, resolve_device
@@ -154,22 +154,12 @@ def solve_streamed(
     model: ir.Model, source: Path | None, plan: Plan, qpass: QuantizeWeightsPass, progress: bool
 ) -> dict[tuple, QuantizedWeight]:
     """Arrays of the layers GPTQ rounds layer by layer (:mod:`qonnx.pipeline.gptq_stream`), by share key."""
-    layers, keys, per_stage = [], set(), False
-    for cand, cfg, _ in plan:
-        if is_streamed(cfg) and cand.axis is None and share_key(cand, cfg) not in keys:
-            keys.add(share_key(cand, cfg))
-            layers.append((cand, cfg))
-            per_stage = per_stage or bool(cfg.gptq and cfg.gptq.sequential)
+    layers = gptq_layers(plan, is_streamed)
     if not layers:
         return {}
+    per_stage = any(cfg.gptq and cfg.gptq.sequential for _, cfg in layers)
     feedable = {layer.name for layer in plan_layers(model, plan)[0]}
-
-    def solve(stage: list, hessians: dict[str, np.ndarray]) -> dict[tuple, QuantizedWeight]:
-        out: dict[tuple, QuantizedWeight] = {}
-        for batch in {id(b): b for b in gptq_batches(stage).values()}.values():
-            out.update(qpass.solve(batch, hessians))
-        return out
-
+    solve = stage_solver(qpass)
     with calibration_run(model, source, [(c, cfg.gptq) for c, cfg in layers]) as (path, feeds):
         return streamed_gptq(
             model,
