@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gguf
+
 from qonnx.core.errors import ModelLoadError
 from qonnx.core.tokenizer import HF_LOCAL, load_tokenizer, refuses_remote_code
 
@@ -172,11 +174,6 @@ def _one_gguf_parse() -> Iterator[None]:
     98,000 vocabulary strings read one numpy view at a time, about 8 s each on an idle core. The readers are
     only read from (fields, memory-mapped tensors), so one serves the three.
     """
-    try:
-        import gguf  # optional (the `reference` extra): without it transformers reads no GGUF either
-    except ImportError:
-        yield
-        return
     original = gguf.GGUFReader
     readers: dict[tuple[str, str], Any] = {}
 

